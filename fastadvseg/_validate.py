@@ -1,0 +1,198 @@
+"""Argument checks, done once in the public layer so that no backend repeats them.
+
+Backends receive tensors that passed these checks, with discriminator-sized maps normalised to (N, H, W) views.
+Label-range validation reads the whole target (and, on CUDA, synchronises); it is on by default and can be switched
+off for speed with :func:`set_label_validation` or ``FASTADVSEG_VALIDATE_LABELS=0``. With it off, every kernel
+treats a label outside ``[0, C)`` as ignored, so no kernel ever reads or writes out of bounds.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional, Union
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_validate_labels = os.environ.get("FASTADVSEG_VALIDATE_LABELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_label_validation(enabled: bool) -> bool:
+    """Turn the label-range check on or off for the whole process; returns the previous setting."""
+    global _validate_labels
+    previous, _validate_labels = _validate_labels, bool(enabled)
+    return previous
+
+
+def label_validation_enabled() -> bool:
+    return _validate_labels
+
+
+@contextlib.contextmanager
+def label_validation(enabled: bool) -> Iterator[None]:
+    """Context manager form of :func:`set_label_validation`."""
+    previous = set_label_validation(enabled)
+    try:
+        yield
+    finally:
+        set_label_validation(previous)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_logits(logits, name: str = "logits") -> torch.Tensor:
+    check_tensor(logits, name)
+    if logits.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {_shape(logits)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {logits.dtype}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one channel, got shape {_shape(logits)}")
+    return logits
+
+
+def check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
+    if a.device != b.device:
+        raise ValueError(
+            f"{a_name} {_shape(a)} is on {a.device} but {b_name} {_shape(b)} is on {b.device}; "
+            "move them to the same device"
+        )
+
+
+def check_target(target, logits: torch.Tensor, name: str = "target") -> torch.Tensor:
+    """Class-index map (N, H, W) of an integer type; returned as int64 (a copy only if it was not int64)."""
+    check_tensor(target, name)
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"{name} must hold integer class indices (int64, int32, int16, uint8), got {target.dtype}")
+    n, _, h, w = logits.shape
+    if target.dim() != 3 or tuple(target.shape) != (n, h, w):
+        raise ValueError(
+            f"{name} must have shape (N, H, W) = ({n}, {h}, {w}) to match logits {_shape(logits)}, "
+            f"got {_shape(target)}"
+        )
+    check_same_device(logits, "logits", target, name)
+    return target if target.dtype == torch.int64 else target.long()
+
+
+def check_label_range(target: torch.Tensor, num_classes: int, ignore_index: int, name: str = "target") -> None:
+    """Raise ValueError naming a label outside [0, C) that is not ignore_index (when validation is on)."""
+    if not _validate_labels or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        count = int(bad.sum())
+        raise ValueError(
+            f"{name} holds label {value} ({count} pixel(s) in all) outside [0, {num_classes}) that is not "
+            f"ignore_index={ignore_index}; fix the labels or pass the right ignore_index "
+            "(fastadvseg.set_label_validation(False) skips this check; such pixels are then ignored)"
+        )
+
+
+def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tuple] = None) -> torch.Tensor:
+    """Discriminator-sized float map (N, 1, H, W) or (N, H, W); returns an (N, H, W) view (no copy)."""
+    check_tensor(d, name)
+    if not d.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16, float64), got {d.dtype}")
+    if d.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {d.dtype}")
+    if d.dim() == 4:
+        if d.shape[1] != 1:
+            raise ValueError(f"{name} must be (N, 1, H, W) or (N, H, W), got {_shape(d)} (channel dim is not 1)")
+        view = d[:, 0]
+    elif d.dim() == 3:
+        view = d
+    else:
+        raise ValueError(f"{name} must be (N, 1, H, W) or (N, H, W), got {_shape(d)}")
+    if logits is not None:
+        n, _, h, w = logits.shape
+        if tuple(view.shape) != (n, h, w):
+            raise ValueError(
+                f"{name} {_shape(d)} does not match logits {_shape(logits)}: need N, H, W = ({n}, {h}, {w})"
+            )
+        check_same_device(logits, "logits", d, name)
+    elif n_h_w is not None and tuple(view.shape) != tuple(n_h_w):
+        raise ValueError(f"{name} {_shape(d)} does not match the expected (N, H, W) = {tuple(n_h_w)}")
+    return view
+
+
+def check_mask(mask, ref: torch.Tensor, ref_name: str, name: str = "ignore_mask") -> Optional[torch.Tensor]:
+    """Optional bool mask, (N, 1, H, W) or (N, H, W), matching ``ref`` (an (N, H, W) view); True = ignored."""
+    if mask is None:
+        return None
+    check_tensor(mask, name)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = ignored), got {mask.dtype}")
+    view = mask[:, 0] if (mask.dim() == 4 and mask.shape[1] == 1) else mask
+    if view.dim() != 3 or tuple(view.shape) != tuple(ref.shape):
+        raise ValueError(
+            f"{name} {_shape(mask)} does not match {ref_name} {_shape(ref)}: need (N, H, W) or (N, 1, H, W)"
+        )
+    check_same_device(ref, ref_name, mask, name)
+    return view
+
+
+def check_bce_target(target, d: torch.Tensor, name: str = "target") -> Union[float, torch.Tensor]:
+    """A python number (0. or 1., any float in [0, 1]) or a float map matching ``d`` (an (N, H, W) view)."""
+    if isinstance(target, bool):
+        return float(target)
+    if isinstance(target, (int, float)):
+        t = float(target)
+        if not (0.0 <= t <= 1.0):
+            raise ValueError(f"{name} must lie in [0, 1], got {target}")
+        return t
+    check_tensor(target, name)
+    if not target.is_floating_point():
+        raise TypeError(f"{name} must be a float (0. or 1.) or a floating tensor, got a {target.dtype} tensor")
+    if target.dim() == 0:
+        return target  # a 0-dim tensor target broadcasts, like F.binary_cross_entropy_with_logits allows
+    view = target[:, 0] if (target.dim() == 4 and target.shape[1] == 1) else target
+    if tuple(view.shape) != tuple(d.shape):
+        raise ValueError(f"{name} {_shape(target)} does not match d_logits (N, H, W) = {tuple(d.shape)}")
+    check_same_device(d, "d_logits", target, name)
+    return view
+
+
+def check_weight(weight, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    if weight is None:
+        return None
+    check_tensor(weight, "weight")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    c = logits.shape[1]
+    if weight.dim() != 1 or weight.shape[0] != c:
+        raise ValueError(f"weight must have shape (C,) = ({c},) to match logits {_shape(logits)}, got {_shape(weight)}")
+    check_same_device(logits, "logits", weight, "weight")
+    return weight
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_threshold(threshold) -> float:
+    if isinstance(threshold, torch.Tensor):
+        threshold = float(threshold)
+    if not isinstance(threshold, (int, float)) or not (0.0 <= float(threshold) < 1.0):
+        raise ValueError(f"threshold must be a number in [0, 1) (sigmoid(d) > threshold keeps a pixel), got {threshold!r}")
+    return float(threshold)
+
+
+def check_number(value, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a python number, got {type(value).__name__}")
+    return float(value)

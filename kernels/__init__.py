@@ -1,0 +1,1 @@
+"""Kernel sources, installed as ``fastadvseg.kernels``: Triton kernels in ``triton/``, CUDA device code in ``cuda/``."""
