@@ -3,11 +3,9 @@
 ``kernels/`` (Triton sources in kernels/triton, CUDA device code in kernels/cuda) is installed as the subpackage
 ``fastadvseg.kernels``; ``csrc/`` holds the C++ bindings and CPU code of the native extensions.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "fastadvseg",
-    "fastadvseg.backends",
+PACKAGES = find_packages(include=["fastadvseg", "fastadvseg.*"]) + [
     "fastadvseg.kernels",
     "fastadvseg.kernels.triton",
 ]
@@ -21,6 +19,7 @@ setup(
     python_requires=">=3.9",
     packages=PACKAGES,
     package_dir={"fastadvseg": "fastadvseg", "fastadvseg.kernels": "kernels"},
+    package_data={"fastadvseg": ["configs/*.yaml", "configs/*.json"], "fastadvseg.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     # No upper pins and no CUDA-specific wheels: a CPU machine keeps its CPU torch.
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
