@@ -41,7 +41,7 @@ def label_validation(enabled: bool) -> Iterator[None]:
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def check_tensor(x, name: str) -> torch.Tensor:

@@ -1,0 +1,24 @@
+"""Test session setup.
+
+Without a GPU, TRITON_INTERPRET=1 is set before any Triton kernel is defined, so the ``triton`` backend runs the
+very kernels that run on GPUs, interpreted on CPU tensors (slowly: keep shapes small).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import BACKEND_CASES  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"fastadvseg backends under test: {BACKEND_CASES} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})"
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator per test: fresh random inputs for each test, reproducible failures."""
+    return torch.Generator().manual_seed(1234)
