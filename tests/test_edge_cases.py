@@ -153,3 +153,16 @@ def test_out_of_range_labels_without_validation_are_ignored(case, gen):
     g_ref = oracle.generator_loss(x.detach().cpu(), d.detach().cpu(), clean.cpu(), 0.1, 0.1)
     assert_close(g_ours.total, g_ref[0], torch.float32, "generator with out-of-range labels ignored")
     assert torch.equal(oh.cpu().double(), oracle.one_hot2d(clean.cpu(), 6))
+
+
+def test_threshold_is_strict(case, gen):
+    """sigmoid(d) > T keeps a pixel: sigmoid(0) == 0.5 exactly is not kept at T = 0.5, nor sigmoid(-200) == 0 at T = 0."""
+    backend, device = case
+    x = make_logits((1, 3, 2, 2), torch.float32, "contiguous", device, generator=gen)
+    for value, threshold in ((0.0, 0.5), (-200.0, 0.0)):
+        d = torch.full((1, 2, 2), value, device=device)
+        d[0, 0, 0] = 3.0  # one kept pixel
+        loss, ratio = fas.semi_cross_entropy2d(x, d, threshold=threshold, return_ratio=True, backend=backend)
+        assert float(ratio) == 0.25, (value, threshold, ratio)
+        assert_close(loss, oracle.cross_entropy2d(x.detach().cpu()[..., :1, :1],
+                                                  x.detach().cpu()[..., :1, :1].argmax(1)), torch.float32, "strict")
