@@ -1,0 +1,87 @@
+"""Binary cross-entropy with logits over discriminator maps, value and gradient in one pass.
+
+Per pixel of an (N, H, W) map z (any strides, any float dtype) with target t (a constant, or a float map of any
+strides and dtype), counted unless ``ignore_mask`` is True::
+
+    bce  = max(z, 0) - z * t + log1p(exp(-|z|))       (stable for every finite z; log1p written by hand)
+    G    = sigmoid(z) - t                              (gradient of the unnormalised sum; 0 where ignored)
+
+One (loss_sum, count) row per program; the autograd layer sums them with torch and scales G in backward.
+
+Bytes moved: reads N·H·W z (+ N·H·W target, + N·H·W mask bytes), writes N·H·W gradient (+ N·H·W float32 loss map
+for reduction="none").
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import flat_pixels, load_map, log1p, map_arg, map_block, map_offsets, partials, sigmoid
+
+
+@triton.jit
+def bce_block(
+    pid, d_ptr, t_ptr, t_value, m_ptr, g_ptr, map_ptr,
+    W, HW, NHW,
+    sd_n, sd_h, sd_w, st_n, st_h, st_w, sm_n, sm_h, sm_w, sg_n, sg_h, sg_w,
+    BLOCK: tl.constexpr, T_TENSOR: tl.constexpr, HAS_MASK: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STORE_MAP: tl.constexpr,
+):
+    """BCE over one block of a map; stores the gradient / loss map if asked; returns (loss sum, count)."""
+    offs, inb, n, h, w = flat_pixels(pid, NHW, HW, W, BLOCK)
+    z = load_map(d_ptr, n, h, w, inb, sd_n, sd_h, sd_w, 0.0)
+    if T_TENSOR:
+        t = load_map(t_ptr, n, h, w, inb, st_n, st_h, st_w, 0.0)
+    else:
+        t = t_value
+    counted = inb
+    if HAS_MASK:
+        ignored = tl.load(m_ptr + map_offsets(n, h, w, sm_n, sm_h, sm_w), mask=inb, other=1)
+        counted = counted & (ignored == 0)
+    loss = tl.where(counted, tl.maximum(z, 0.0) - z * t + log1p(tl.exp(-tl.abs(z))), 0.0)
+    if STORE_MAP:
+        tl.store(map_ptr + offs, loss, mask=inb)
+    if STORE_GRAD:
+        grad = tl.where(counted, sigmoid(z) - t, 0.0)
+        tl.store(g_ptr + map_offsets(n, h, w, sg_n, sg_h, sg_w), grad.to(g_ptr.dtype.element_ty), mask=inb)
+    return tl.sum(loss, axis=0), tl.sum(counted.to(tl.float32), axis=0)
+
+
+@triton.jit
+def bce_kernel(
+    d_ptr, t_ptr, t_value, m_ptr, g_ptr, map_ptr, partial_ptr,
+    W, HW, NHW,
+    sd_n, sd_h, sd_w, st_n, st_h, st_w, sm_n, sm_h, sm_w, sg_n, sg_h, sg_w,
+    BLOCK: tl.constexpr, T_TENSOR: tl.constexpr, HAS_MASK: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STORE_MAP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    loss, count = bce_block(pid, d_ptr, t_ptr, t_value, m_ptr, g_ptr, map_ptr, W, HW, NHW,
+                            sd_n, sd_h, sd_w, st_n, st_h, st_w, sm_n, sm_h, sm_w, sg_n, sg_h, sg_w,
+                            BLOCK, T_TENSOR, HAS_MASK, STORE_GRAD, STORE_MAP)
+    tl.store(partial_ptr + pid * 2, loss)
+    tl.store(partial_ptr + pid * 2 + 1, count)
+
+
+def bce_forward(d, target, ignore_mask, *, store_grad: bool, store_map: bool):
+    """d: (N, H, W) view. Returns (loss_sum, count, loss_map or None, gradient of the sum or None)."""
+    n, h, w = d.shape
+    nhw = d.numel()
+    block, num_warps = map_block(nhw)
+    blocks = triton.cdiv(nhw, block)
+    part = partials(blocks, 2, d.device)
+    grad = torch.empty_like(d) if store_grad else None
+    loss_map = torch.empty((n, h, w), dtype=torch.float32, device=d.device) if store_map else None
+    t_tensor = isinstance(target, torch.Tensor)
+    if t_tensor and target.dim() == 0:
+        target = target.expand(d.shape)  # stride 0: read in place, no copy
+    t, *st = map_arg(target if t_tensor else None)
+    m, *sm = map_arg(ignore_mask)
+    sg = grad.stride() if store_grad else (0, 0, 0)
+    bce_kernel[(blocks,)](
+        d, t, 0.0 if t_tensor else float(target), m, grad, loss_map, part,
+        w, h * w, nhw, *d.stride(), *st, *sm, *sg,
+        BLOCK=block, T_TENSOR=t_tensor, HAS_MASK=ignore_mask is not None,
+        STORE_GRAD=store_grad, STORE_MAP=store_map, num_warps=num_warps,
+    )
+    sums = part.sum(dim=0)
+    return sums[0], sums[1], loss_map, grad

@@ -1,0 +1,196 @@
+"""Building blocks shared by the Triton kernels: tile geometry, the logits tile, stable scalar math.
+
+Every loss kernel works on a ``[BLOCK_C, BLOCK_P]`` tile: all channels of a block of ``BLOCK_P`` pixels of one
+image (grid = (pixel blocks, N)). Offsets are computed from (n, c, h, w) and the four strides in int64, so any
+layout (contiguous NCHW, channels_last, sliced views, large storage offsets) is read in place, and N·C·H·W may
+exceed 2**31. Values are converted to float32 right after the load (under ``TRITON_INTERPRET=1`` arithmetic on
+bfloat16 gives NaN) and cast to the destination pointer's element type on store.
+
+No libdevice: ``log1p``, ``softplus`` and ``sigmoid`` are written here with ``tl.exp``/``tl.log`` in stable forms.
+"""
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile size target (elements of the [BLOCK_C, BLOCK_P] tile): big enough to hide latency, small enough to stay in
+# registers for C up to 256 (and to degrade to BLOCK_P = 1 for very large C rather than spill catastrophically).
+TILE_ELEMS = 4096
+MAP_BLOCK = 1024  # pixels per program for the kernels that only read (N, H, W) maps
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tile_shape(num_classes: int, num_pixels: int) -> tuple:
+    """(BLOCK_C, BLOCK_P, num_warps) for a [all channels x block of pixels] tile of about TILE_ELEMS elements."""
+    block_c = triton.next_power_of_2(num_classes)
+    block_p = max(1, min(TILE_ELEMS // block_c, triton.next_power_of_2(max(num_pixels, 1))))
+    num_warps = 8 if block_c * block_p >= 8192 else 4
+    return block_c, block_p, num_warps
+
+
+def map_block(num_pixels: int) -> tuple:
+    """(BLOCK, num_warps) for the kernels over discriminator-sized (N, H, W) maps."""
+    block = max(16, min(MAP_BLOCK, triton.next_power_of_2(max(num_pixels, 1))))
+    return block, 4
+
+
+@triton.jit
+def log1p(u):
+    """log(1 + u) accurate for small u (Goldberg's trick), without libdevice."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def softplus(z):
+    """log(1 + exp(z)) = max(z, 0) + log1p(exp(-|z|)), finite for every finite z."""
+    return tl.maximum(z, 0.0) + log1p(tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def sigmoid(z):
+    """1 / (1 + exp(-z)) without overflow: exp is only taken of -|z|."""
+    e = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def pixel_block(pid_p, HW, W, BLOCK_P: tl.constexpr):
+    """Flat pixel indices of this program's block (int64), their in-bounds mask, and their (h, w)."""
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mask_p = offs_p < HW
+    h = offs_p // W
+    w = offs_p - h * W
+    return offs_p, mask_p, h, w
+
+
+@triton.jit
+def flat_pixels(pid, NHW, HW, W, BLOCK: tl.constexpr):
+    """Block ``pid`` of the flat pixel range [0, N·H·W): flat indices (int64), in-bounds mask, and (n, h, w)."""
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < NHW
+    n = offs // HW
+    r = offs - n * HW
+    h = r // W
+    return offs, mask, n, h, r - h * W
+
+
+@triton.jit
+def map_offsets(n, h, w, stride_n, stride_h, stride_w):
+    """Element offsets (int64) of pixels (n, h, w) in an (N, H, W) map of the given strides."""
+    return n * stride_n + h * stride_h + w * stride_w
+
+
+@triton.jit
+def load_map(ptr, n, h, w, mask_p, stride_n, stride_h, stride_w, other):
+    """A float32 vector of an (N, H, W) map at the block's pixels (``other`` where out of bounds)."""
+    offs = map_offsets(n, h, w, stride_n, stride_h, stride_w)
+    return tl.load(ptr + offs, mask=mask_p, other=other).to(tl.float32)
+
+
+@triton.jit
+def tile_offsets(n, h, w, offs_c, s_n, s_c, s_h, s_w):
+    """Element offsets (int64, [BLOCK_C, BLOCK_P]) of channels ``offs_c`` at pixels (n, h, w) of an NCHW tensor."""
+    return offs_c[:, None] * s_c + (n * s_n + h * s_h + w * s_w)[None, :]
+
+
+@triton.jit
+def load_logits_tile(x_ptr, n, h, w, mask_p, C, stride_n, stride_c, stride_h, stride_w, BLOCK_C: tl.constexpr):
+    """The [BLOCK_C, BLOCK_P] float32 logits tile; padded channels hold -inf, out-of-range pixels hold 0.
+
+    Returns (x, offs_c, mask_c). Out-of-range pixels get finite values so that no NaN is produced for them.
+    """
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_c = offs_c < C
+    ptrs = x_ptr + tile_offsets(n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w)
+    x = tl.load(ptrs, mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+    x = tl.where(mask_c[:, None], x, float("-inf"))
+    return x, offs_c, mask_c
+
+
+@triton.jit
+def store_tile(ptr, val, n, h, w, offs_c, mask_c, mask_p, stride_n, stride_c, stride_h, stride_w):
+    """Store a [BLOCK_C, BLOCK_P] float32 tile into an (N, C, H, W) buffer of the given strides and dtype."""
+    ptrs = ptr + tile_offsets(n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w)
+    tl.store(ptrs, val.to(ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def softmax_tile(x):
+    """Channel softmax of a logits tile: (p, lse) with p [BLOCK_C, BLOCK_P] and lse [BLOCK_P] = log sum exp."""
+    m = tl.max(x, axis=0)
+    e = tl.exp(x - m[None, :])
+    s = tl.sum(e, axis=0)
+    return e / s[None, :], m + tl.log(s)
+
+
+@triton.jit
+def first_argmax(x, offs_c, BLOCK_C: tl.constexpr):
+    """Index of the first maximum over channels (torch.argmax's tie rule); a NaN counts as the maximum."""
+    is_nan = x != x
+    m = tl.max(tl.where(is_nan, float("-inf"), x), axis=0)
+    hit = (x == m[None, :]) | is_nan
+    idx = tl.where(hit, offs_c[:, None], BLOCK_C)
+    # a NaN anywhere wins over every number: take the first NaN if there is one
+    first_nan = tl.min(tl.where(is_nan, offs_c[:, None], BLOCK_C), axis=0)
+    return tl.where(first_nan < BLOCK_C, first_nan, tl.min(idx, axis=0))
+
+
+@triton.jit
+def nll_tile(x, labels, counted, offs_c):
+    """Cross-entropy of a logits tile against ``labels`` ([BLOCK_P] int64), only where ``counted``.
+
+    Returns (nll, p, onehot): nll = lse - x[label] ([BLOCK_P], 0 where not counted, selected with ``tl.where`` so a
+    NaN/Inf logit at an uncounted pixel never reaches the loss), the softmax tile p and the boolean one-hot tile.
+    The gradient of the nll sum is ``p - onehot`` at counted pixels (see :func:`ce_grad`).
+    """
+    p, lse = softmax_tile(x)
+    onehot = offs_c[:, None] == labels[None, :]
+    x_y = tl.sum(tl.where(onehot, x, 0.0), axis=0)
+    nll = tl.where(counted, lse - x_y, 0.0)
+    return nll, p, onehot
+
+
+@triton.jit
+def ce_grad(p, onehot, counted):
+    """Gradient of sum(nll) w.r.t. the logits tile: softmax - onehot at counted pixels, 0 elsewhere."""
+    return tl.where(counted[None, :], p - tl.where(onehot, 1.0, 0.0), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- host-side helpers
+
+class TileLaunch(NamedTuple):
+    """Launch geometry of a tile kernel over (N, C, H, W) logits: grid (pixel blocks, N)."""
+
+    grid: tuple
+    blocks: int  # pixel blocks per image; program (p, n) writes partial row n * blocks + p
+    meta: dict  # BLOCK_C, BLOCK_P, num_warps
+
+
+def tile_launch(shape) -> TileLaunch:
+    n, c, h, w = shape
+    block_c, block_p, num_warps = tile_shape(c, h * w)
+    blocks = triton.cdiv(h * w, block_p)
+    return TileLaunch((blocks, n), blocks, dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps))
+
+
+def map_arg(t):
+    """(tensor, stride_n, stride_h, stride_w) of an optional (N, H, W) map; bool masks are read as uint8.
+
+    A missing map becomes a dummy pointer that the kernel never dereferences (its HAS_* flag is off).
+    """
+    if t is None:
+        return None, 0, 0, 0
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return (t, *t.stride())
+
+
+def partials(rows: int, cols: int, device) -> torch.Tensor:
+    """The per-program partial-sum buffer (float32 [rows, cols]), summed with torch afterwards: no atomics."""
+    return torch.empty((rows, cols), dtype=torch.float32, device=device)

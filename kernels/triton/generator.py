@@ -1,0 +1,97 @@
+"""The generator's whole loss in one pass: every logit and every discriminator logit read once.
+
+Labelled form (LABELLED, target y given), per pixel with counted = (y != ignore_index and 0 <= y < C)::
+
+    ce   = logsumexp_c(x) - x[y]            Gx[c] = softmax(x)[c] - [c == y]       at counted pixels
+    adv  = softplus(-z) = BCE(z, 1)         Gz    = sigmoid(z) - 1 = -sigmoid(-z)   at counted pixels
+
+Unlabelled form, per pixel (all pixels count for adv)::
+
+    adv  = softplus(-z)                     Gz    = -sigmoid(-z)
+    keep = sigmoid(z) > threshold, pseudo = argmax_c x (first max)
+    semi = logsumexp_c(x) - x[pseudo]       Gx[c] = softmax(x)[c] - [c == pseudo]  at kept pixels
+
+Gx / Gz are gradients of the unnormalised sums, stored in the logits' / d_logits' dtype and layout (STORE_GX /
+STORE_GZ off when no gradient is needed). One row per program: (ce-or-semi sum, its count, adv sum, adv count);
+the autograd layer forms the means and, in backward, scales Gx and Gz by the incoming gradients of total and of
+each term.
+
+Bytes moved: reads N·C·H·W logits + N·H·W z (+ N·H·W labels), writes N·C·H·W Gx + N·H·W Gz.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import ce_grad, first_argmax, load_logits_tile, load_map, map_offsets, nll_tile, partials, \
+    pixel_block, sigmoid, softplus, store_tile, tile_launch
+from .semi import confident
+
+
+@triton.jit
+def generator_kernel(
+    x_ptr, d_ptr, y_ptr, gx_ptr, gz_ptr, partial_ptr,
+    C, W, HW, ignore_index, threshold,
+    sx_n, sx_c, sx_h, sx_w,
+    sd_n, sd_h, sd_w,
+    sy_n, sy_h, sy_w,
+    sgx_n, sgx_c, sgx_h, sgx_w,
+    sgz_n, sgz_h, sgz_w,
+    num_pblocks,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    LABELLED: tl.constexpr, STORE_GX: tl.constexpr, STORE_GZ: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    offs_p, mask_p, h, w = pixel_block(pid_p, HW, W, BLOCK_P)
+
+    z = load_map(d_ptr, n, h, w, mask_p, sd_n, sd_h, sd_w, 0.0)
+    x, offs_c, mask_c = load_logits_tile(x_ptr, n, h, w, mask_p, C, sx_n, sx_c, sx_h, sx_w, BLOCK_C)
+    if LABELLED:
+        labels = tl.load(y_ptr + map_offsets(n, h, w, sy_n, sy_h, sy_w), mask=mask_p, other=ignore_index)
+        labels = labels.to(tl.int64)
+        counted = mask_p & (labels != ignore_index) & (labels >= 0) & (labels < C)
+        adv_counted = counted
+    else:
+        labels = first_argmax(x, offs_c, BLOCK_C)
+        counted = confident(z, mask_p, threshold)
+        adv_counted = mask_p
+    nll, p, onehot = nll_tile(x, labels, counted, offs_c)
+    adv = tl.where(adv_counted, softplus(-z), 0.0)
+
+    if STORE_GX:
+        store_tile(gx_ptr, ce_grad(p, onehot, counted), n, h, w, offs_c, mask_c, mask_p, sgx_n, sgx_c, sgx_h, sgx_w)
+    if STORE_GZ:
+        gz = tl.where(adv_counted, -sigmoid(-z), 0.0)
+        tl.store(gz_ptr + map_offsets(n, h, w, sgz_n, sgz_h, sgz_w), gz.to(gz_ptr.dtype.element_ty), mask=mask_p)
+
+    row = (n * num_pblocks + pid_p) * 4
+    tl.store(partial_ptr + row, tl.sum(nll, axis=0))
+    tl.store(partial_ptr + row + 1, tl.sum(counted.to(tl.float32), axis=0))
+    tl.store(partial_ptr + row + 2, tl.sum(adv, axis=0))
+    tl.store(partial_ptr + row + 3, tl.sum(adv_counted.to(tl.float32), axis=0))
+
+
+def generator_forward(x, d, target, ignore_index: int, threshold: float, *, store_gx: bool, store_gz: bool):
+    """x: (N, C, H, W), d: (N, H, W) view, target (N, H, W) int64 or None (unlabelled form).
+
+    Returns (term_sum, term_count, adv_sum, adv_count, Gx or None, Gz or None); the term is ce (labelled) or
+    semi (unlabelled).
+    """
+    n, c, h, w = x.shape
+    launch = tile_launch(x.shape)
+    part = partials(n * launch.blocks, 4, x.device)
+    gx = torch.empty_like(x) if store_gx else None
+    gz = torch.empty_like(d) if store_gz else None
+    labelled = target is not None
+    generator_kernel[launch.grid](
+        x, d, target, gx, gz, part,
+        c, w, h * w, int(ignore_index), float(threshold),
+        *x.stride(), *d.stride(),
+        *(target.stride() if labelled else (0, 0, 0)),
+        *(gx.stride() if store_gx else (0, 0, 0, 0)),
+        *(gz.stride() if store_gz else (0, 0, 0)),
+        launch.blocks,
+        LABELLED=labelled, STORE_GX=store_gx, STORE_GZ=store_gz, **launch.meta,
+    )
+    s = part.sum(dim=0)
+    return s[0], s[1], s[2], s[3], gx, gz
