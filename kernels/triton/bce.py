@@ -3,7 +3,7 @@
 Per pixel of an (N, H, W) map z (any strides, any float dtype) with target t (a constant, or a float map of any
 strides and dtype), counted unless ``ignore_mask`` is True::
 
-    bce  = max(z, 0) - z * t + log1p(exp(-|z|))       (stable for every finite z; log1p written by hand)
+    bce  = (1 - t) * z + softplus(-z),  softplus(-z) = max(-z, 0) + log1p(exp(-|z|))  (stable; by hand)
     G    = sigmoid(z) - t                              (gradient of the unnormalised sum; 0 where ignored)
 
 One (loss_sum, count) row per program; the autograd layer sums them with torch and scales G in backward.
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import flat_pixels, load_map, log1p, map_arg, map_block, map_offsets, partials, sigmoid
+from .common import bce_logits, flat_pixels, load_map, map_arg, map_block, map_offsets, partials, sigmoid
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def bce_block(
     if HAS_MASK:
         ignored = tl.load(m_ptr + map_offsets(n, h, w, sm_n, sm_h, sm_w), mask=inb, other=1)
         counted = counted & (ignored == 0)
-    loss = tl.where(counted, tl.maximum(z, 0.0) - z * t + log1p(tl.exp(-tl.abs(z))), 0.0)
+    loss = tl.where(counted, bce_logits(z, t), 0.0)
     if STORE_MAP:
         tl.store(map_ptr + offs, loss, mask=inb)
     if STORE_GRAD:

@@ -53,6 +53,13 @@ def softplus(z):
 
 
 @triton.jit
+def bce_logits(z, t):
+    """BCE(sigmoid(z), t) = (1 - t) * z + softplus(-z), PyTorch's form, so infinities give what PyTorch gives
+    (inf for z = +inf, t = 0; NaN for 0 * inf)."""
+    return (1.0 - t) * z + softplus(-z)
+
+
+@triton.jit
 def sigmoid(z):
     """1 / (1 + exp(-z)) without overflow: exp is only taken of -|z|."""
     e = tl.exp(-tl.abs(z))

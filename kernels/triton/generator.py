@@ -3,11 +3,11 @@
 Labelled form (LABELLED, target y given), per pixel with counted = (y != ignore_index and 0 <= y < C)::
 
     ce   = logsumexp_c(x) - x[y]            Gx[c] = softmax(x)[c] - [c == y]       at counted pixels
-    adv  = softplus(-z) = BCE(z, 1)         Gz    = sigmoid(z) - 1 = -sigmoid(-z)   at counted pixels
+    adv  = BCE(z, 1) = 0 * z + softplus(-z) Gz    = sigmoid(z) - 1 = -sigmoid(-z)   at counted pixels
 
 Unlabelled form, per pixel (all pixels count for adv)::
 
-    adv  = softplus(-z)                     Gz    = -sigmoid(-z)
+    adv  = BCE(z, 1)                        Gz    = -sigmoid(-z)
     keep = sigmoid(z) > threshold, pseudo = argmax_c x (first max)
     semi = logsumexp_c(x) - x[pseudo]       Gx[c] = softmax(x)[c] - [c == pseudo]  at kept pixels
 
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ce_grad, first_argmax, load_logits_tile, load_map, map_offsets, nll_tile, partials, \
-    pixel_block, sigmoid, softplus, store_tile, tile_launch
+from .common import bce_logits, ce_grad, first_argmax, load_logits_tile, load_map, map_offsets, nll_tile, partials, \
+    pixel_block, sigmoid, store_tile, tile_launch
 from .semi import confident
 
 
@@ -56,7 +56,7 @@ def generator_kernel(
         counted = confident(z, mask_p, threshold)
         adv_counted = mask_p
     nll, p, onehot = nll_tile(x, labels, counted, offs_c)
-    adv = tl.where(adv_counted, softplus(-z), 0.0)
+    adv = tl.where(adv_counted, bce_logits(z, 1.0), 0.0)
 
     if STORE_GX:
         store_tile(gx_ptr, ce_grad(p, onehot, counted), n, h, w, offs_c, mask_c, mask_p, sgx_n, sgx_c, sgx_h, sgx_w)
