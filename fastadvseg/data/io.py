@@ -36,7 +36,7 @@ def _open(path, kind: str):
 def read_image(path) -> np.ndarray:
     """An RGB image as a (H, W, 3) uint8 array."""
     img = _open(path, "image")
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
 
 
 def read_mask(path) -> np.ndarray:
