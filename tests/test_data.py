@@ -189,6 +189,11 @@ def test_cityscapes_layout_and_trainid_mapping(tmp_path):
     assert name == "lindau/lindau_000000_000010" and x.shape == (3, H, W)
     assert (y[:, :10] == 0).all() and (y[:, 10:15] == 13).all() and (y[:, 15:20] == 18).all()
     assert (y[:, 20:] == 255).all()
+    # the paper's protocol: every item resized to a fixed size first (here 10x15, label by nearest)
+    b = build_data("cityscapes", str(tmp_path), image_size=(10, 15), crop_size=(10, 15), scale_range=(1, 1))
+    x, y, _ = b.val[0]
+    assert x.shape == (3, 10, 15) and (y[:, :5] == 0).all() and (y[:, 10:] == 255).all()
+    assert b.labelled[0][0].shape == (3, 10, 15)
 
 
 def test_folder_dataset(tmp_path):

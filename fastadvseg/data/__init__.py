@@ -76,7 +76,7 @@ def build_source(dataset: str, root: Optional[str] = None, *, ignore_index: int 
 def build_data(dataset: str, root: Optional[str] = None, *, crop_size=(321, 321), labelled_fraction: float = 0.125,
                labelled_count: Optional[int] = None, split_seed: int = 0, split_file: Optional[str] = None,
                scale_range=(0.5, 1.5), mirror: bool = True, val_pad: Optional[int] = None,
-               val_limit: Optional[int] = None, ignore_index: int = 255, synthetic_seed: int = 0,
+               val_limit: Optional[int] = None, ignore_index: int = 255, image_size=None, synthetic_seed: int = 0,
                synthetic_size: int = 96, synthetic_num_train: int = 1000, synthetic_num_val: int = 200) -> DataBundle:
     """Build the labelled / unlabelled / val datasets of ``dataset``.
 
@@ -86,6 +86,9 @@ def build_data(dataset: str, root: Optional[str] = None, *, crop_size=(321, 321)
     ``unlabelled = None``. Training items are augmented (random scale in ``scale_range``, pad with ignore,
     random crop to ``crop_size``, random mirror) with torch's RNG; val items are not, and are padded to
     ``val_pad`` x ``val_pad`` when it is given. ``val_limit`` keeps the first ``val_limit`` val ids.
+    ``image_size`` (h, w), when given, resizes every train and val item to that size first (image bilinear,
+    label nearest): the paper's Cityscapes protocol is ``image_size=(512, 1024)``, ``scale_range=(1, 1)``,
+    ``crop_size=(512, 1024)``; metrics are then computed at that resolution.
     The ``synthetic_*`` options set the embedded dataset's seed, image size and number of items.
     """
     if isinstance(crop_size, int):
@@ -108,11 +111,14 @@ def build_data(dataset: str, root: Optional[str] = None, *, crop_size=(321, 321)
         if int(val_limit) < 1:
             raise ValueError(f"val_limit must be >= 1, got {val_limit}")
         val_ids = val_ids[: int(val_limit)]
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
     train_kw = dict(train=True, crop_size=crop_size, scale_range=tuple(scale_range), mirror=mirror,
-                    ignore_index=ignore_index)
+                    ignore_index=ignore_index, image_size=image_size)
     labelled = SegmentationSet(source, split["labelled"], **train_kw)
     unlabelled = SegmentationSet(source, split["unlabelled"], **train_kw) if split["unlabelled"] else None
-    val = SegmentationSet(source, val_ids, train=False, val_pad=val_pad, ignore_index=ignore_index)
+    val = SegmentationSet(source, val_ids, train=False, val_pad=val_pad, ignore_index=ignore_index,
+                          image_size=image_size)
     return DataBundle(labelled=labelled, unlabelled=unlabelled, val=val, num_classes=source.num_classes,
                       class_names=list(source.class_names), ignore_index=ignore_index, split=split,
                       mean=tuple(source.mean), std=tuple(source.std),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import to_tensors, train_augment, val_transform
+from .transforms import resize, to_tensors, train_augment, val_transform
 
 __all__ = ["Source", "SegmentationSet", "IMAGENET_MEAN", "IMAGENET_STD", "default_palette", "colorize", "denormalize"]
 
@@ -76,12 +76,17 @@ class Source:
 
 
 class SegmentationSet(Dataset):
-    """Items ``(image, label, name)`` of ``source`` for ``ids``; augmented when ``train`` is True."""
+    """Items ``(image, label, name)`` of ``source`` for ``ids``; augmented when ``train`` is True.
+
+    ``image_size`` (h, w) first resizes every item to that size (image bilinear, label nearest), e.g.
+    Cityscapes at 512x1024 as in the paper; then the train augmentation or the val padding applies.
+    """
 
     def __init__(self, source: Source, ids: Sequence[str], *, train: bool, crop_size=(321, 321),
                  scale_range=(0.5, 1.5), mirror: bool = True, val_pad: Optional[int] = None,
-                 ignore_index: int = 255):
+                 ignore_index: int = 255, image_size=None):
         self.source = source
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.ids = list(ids)
         self.train = train
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
@@ -100,6 +105,8 @@ class SegmentationSet(Dataset):
             raise ValueError(f"item {name!r} of {self.source.name}: image is {image.shape[0]}x{image.shape[1]} "
                              f"but its label is {label.shape[0]}x{label.shape[1]}")
         image, label = to_tensors(image, label, self.source.mean, self.source.std)
+        if self.image_size is not None:
+            image, label = resize(image, label, *self.image_size)
         if self.train:
             image, label = train_augment(image, label, self.crop_size, self.scale_range, self.mirror,
                                          self.ignore_index)

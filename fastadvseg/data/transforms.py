@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["to_tensors", "rescale", "pad_to", "random_crop", "train_augment", "val_transform"]
+__all__ = ["to_tensors", "rescale", "resize", "pad_to", "random_crop", "train_augment", "val_transform"]
 
 
 def to_tensors(image: np.ndarray, label: np.ndarray, mean, std) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +30,12 @@ def to_tensors(image: np.ndarray, label: np.ndarray, mean, std) -> Tuple[torch.T
 def rescale(image: torch.Tensor, label: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Resize by ``scale``: image bilinearly, label by nearest neighbour (class ids are never blended)."""
     h, w = label.shape
-    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    return resize(image, label, max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+
+
+def resize(image: torch.Tensor, label: torch.Tensor, nh: int, nw: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Resize to (nh, nw): image bilinearly, label by nearest neighbour."""
+    h, w = label.shape
     if (nh, nw) == (h, w):
         return image, label
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
