@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bce_logits, flat_pixels, load_map, map_arg, map_block, map_offsets, partials, sigmoid
+from .common import bce_logits, flat_pixels, map_arg, map_block, map_offsets, maps_flat, partials, sigmoid
 
 
 @triton.jit
@@ -23,26 +23,27 @@ def bce_block(
     pid, d_ptr, t_ptr, t_value, m_ptr, g_ptr, map_ptr,
     W, HW, NHW,
     sd_n, sd_h, sd_w, st_n, st_h, st_w, sm_n, sm_h, sm_w, sg_n, sg_h, sg_w,
-    BLOCK: tl.constexpr, T_TENSOR: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr, FLAT: tl.constexpr, T_TENSOR: tl.constexpr, HAS_MASK: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_MAP: tl.constexpr,
 ):
     """BCE over one block of a map; stores the gradient / loss map if asked; returns (loss sum, count)."""
     offs, inb, n, h, w = flat_pixels(pid, NHW, HW, W, BLOCK)
-    z = load_map(d_ptr, n, h, w, inb, sd_n, sd_h, sd_w, 0.0)
+    z = tl.load(d_ptr + map_offsets(offs, n, h, w, sd_n, sd_h, sd_w, FLAT), mask=inb, other=0.0).to(tl.float32)
     if T_TENSOR:
-        t = load_map(t_ptr, n, h, w, inb, st_n, st_h, st_w, 0.0)
+        t = tl.load(t_ptr + map_offsets(offs, n, h, w, st_n, st_h, st_w, FLAT), mask=inb, other=0.0).to(tl.float32)
     else:
         t = t_value
     counted = inb
     if HAS_MASK:
-        ignored = tl.load(m_ptr + map_offsets(n, h, w, sm_n, sm_h, sm_w), mask=inb, other=1)
+        ignored = tl.load(m_ptr + map_offsets(offs, n, h, w, sm_n, sm_h, sm_w, FLAT), mask=inb, other=1)
         counted = counted & (ignored == 0)
     loss = tl.where(counted, bce_logits(z, t), 0.0)
     if STORE_MAP:
         tl.store(map_ptr + offs, loss, mask=inb)
     if STORE_GRAD:
         grad = tl.where(counted, sigmoid(z) - t, 0.0)
-        tl.store(g_ptr + map_offsets(n, h, w, sg_n, sg_h, sg_w), grad.to(g_ptr.dtype.element_ty), mask=inb)
+        g_ptrs = g_ptr + map_offsets(offs, n, h, w, sg_n, sg_h, sg_w, FLAT)
+        tl.store(g_ptrs, grad.to(g_ptr.dtype.element_ty), mask=inb)
     return tl.sum(loss, axis=0), tl.sum(counted.to(tl.float32), axis=0)
 
 
@@ -51,13 +52,13 @@ def bce_kernel(
     d_ptr, t_ptr, t_value, m_ptr, g_ptr, map_ptr, partial_ptr,
     W, HW, NHW,
     sd_n, sd_h, sd_w, st_n, st_h, st_w, sm_n, sm_h, sm_w, sg_n, sg_h, sg_w,
-    BLOCK: tl.constexpr, T_TENSOR: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr, FLAT: tl.constexpr, T_TENSOR: tl.constexpr, HAS_MASK: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_MAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     loss, count = bce_block(pid, d_ptr, t_ptr, t_value, m_ptr, g_ptr, map_ptr, W, HW, NHW,
                             sd_n, sd_h, sd_w, st_n, st_h, st_w, sm_n, sm_h, sm_w, sg_n, sg_h, sg_w,
-                            BLOCK, T_TENSOR, HAS_MASK, STORE_GRAD, STORE_MAP)
+                            BLOCK, FLAT, T_TENSOR, HAS_MASK, STORE_GRAD, STORE_MAP)
     tl.store(partial_ptr + pid * 2, loss)
     tl.store(partial_ptr + pid * 2 + 1, count)
 
@@ -80,7 +81,7 @@ def bce_forward(d, target, ignore_mask, *, store_grad: bool, store_map: bool):
     bce_kernel[(blocks,)](
         d, t, 0.0 if t_tensor else float(target), m, grad, loss_map, part,
         w, h * w, nhw, *d.stride(), *st, *sm, *sg,
-        BLOCK=block, T_TENSOR=t_tensor, HAS_MASK=ignore_mask is not None,
+        BLOCK=block, FLAT=maps_flat(d, t, m, grad), T_TENSOR=t_tensor, HAS_MASK=ignore_mask is not None,
         STORE_GRAD=store_grad, STORE_MAP=store_map, num_warps=num_warps,
     )
     sums = part.sum(dim=0)

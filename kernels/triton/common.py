@@ -8,7 +8,6 @@ bfloat16 gives NaN) and cast to the destination pointer's element type on store.
 
 No libdevice: ``log1p``, ``softplus`` and ``sigmoid`` are written here with ``tl.exp``/``tl.log`` in stable forms.
 """
-import os
 from typing import NamedTuple
 
 import torch
@@ -19,10 +18,6 @@ import triton.language as tl
 # registers for C up to 256 (and to degrade to BLOCK_P = 1 for very large C rather than spill catastrophically).
 TILE_ELEMS = 4096
 MAP_BLOCK = 1024  # pixels per program for the kernels that only read (N, H, W) maps
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def tile_shape(num_classes: int, num_pixels: int) -> tuple:
@@ -68,17 +63,33 @@ def sigmoid(z):
 
 @triton.jit
 def pixel_block(pid_p, HW, W, BLOCK_P: tl.constexpr):
-    """Flat pixel indices of this program's block (int64), their in-bounds mask, and their (h, w)."""
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    """This program's block of pixels of one image: flat indices in [0, H·W), in-bounds mask, and (h, w).
+
+    Pixel indices of one image fit int32 (the host checks H·W < 2**31); memory offsets are int64
+    (:func:`pix_offsets`).
+    """
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < HW
     h = offs_p // W
-    w = offs_p - h * W
-    return offs_p, mask_p, h, w
+    return offs_p, mask_p, h, offs_p - h * W
+
+
+@triton.jit
+def pix_offsets(n, offs_p, h, w, s_n, s_h, s_w, FLAT: tl.constexpr):
+    """Element offsets (int64) of the block's pixels in a tensor with strides (s_n, [s_c,] s_h, s_w).
+
+    FLAT: every tensor of the launch has s_h == W * s_w (contiguous NCHW, channels_last, (N, H, W) maps): the
+    offset is then ``n * s_n + p * s_w``, with no (h, w) split, and Triton sees the contiguity (vector loads).
+    """
+    if FLAT:
+        return n * s_n + offs_p.to(tl.int64) * s_w
+    else:
+        return n * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
 
 
 @triton.jit
 def flat_pixels(pid, NHW, HW, W, BLOCK: tl.constexpr):
-    """Block ``pid`` of the flat pixel range [0, N·H·W): flat indices (int64), in-bounds mask, and (n, h, w)."""
+    """Block ``pid`` of the flat pixel range [0, N·H·W) of a map: flat indices (int64), mask, and (n, h, w)."""
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < NHW
     n = offs // HW
@@ -88,42 +99,33 @@ def flat_pixels(pid, NHW, HW, W, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def map_offsets(n, h, w, stride_n, stride_h, stride_w):
-    """Element offsets (int64) of pixels (n, h, w) in an (N, H, W) map of the given strides."""
-    return n * stride_n + h * stride_h + w * stride_w
+def map_offsets(offs, n, h, w, s_n, s_h, s_w, FLAT: tl.constexpr):
+    """Element offsets (int64) of flat map pixels ``offs`` = (n, h, w); FLAT: the map is ``offs * s_w``."""
+    if FLAT:
+        return offs * s_w
+    else:
+        return n * s_n + h * s_h + w * s_w
 
 
 @triton.jit
-def load_map(ptr, n, h, w, mask_p, stride_n, stride_h, stride_w, other):
-    """A float32 vector of an (N, H, W) map at the block's pixels (``other`` where out of bounds)."""
-    offs = map_offsets(n, h, w, stride_n, stride_h, stride_w)
-    return tl.load(ptr + offs, mask=mask_p, other=other).to(tl.float32)
+def load_logits_tile(x_ptr, pix, stride_c, mask_p, C, BLOCK_C: tl.constexpr):
+    """The [BLOCK_C, BLOCK_P] float32 logits tile at pixel offsets ``pix`` (from :func:`pix_offsets`).
 
-
-@triton.jit
-def tile_offsets(n, h, w, offs_c, s_n, s_c, s_h, s_w):
-    """Element offsets (int64, [BLOCK_C, BLOCK_P]) of channels ``offs_c`` at pixels (n, h, w) of an NCHW tensor."""
-    return offs_c[:, None] * s_c + (n * s_n + h * s_h + w * s_w)[None, :]
-
-
-@triton.jit
-def load_logits_tile(x_ptr, n, h, w, mask_p, C, stride_n, stride_c, stride_h, stride_w, BLOCK_C: tl.constexpr):
-    """The [BLOCK_C, BLOCK_P] float32 logits tile; padded channels hold -inf, out-of-range pixels hold 0.
-
-    Returns (x, offs_c, mask_c). Out-of-range pixels get finite values so that no NaN is produced for them.
+    Padded channels hold -inf (so they vanish from max and logsumexp), out-of-range pixels hold 0 (finite: no NaN
+    is made for them). Returns (x, offs_c, mask_c).
     """
-    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    ptrs = x_ptr + tile_offsets(n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w)
+    ptrs = x_ptr + (offs_c.to(tl.int64)[:, None] * stride_c + pix[None, :])
     x = tl.load(ptrs, mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
     x = tl.where(mask_c[:, None], x, float("-inf"))
     return x, offs_c, mask_c
 
 
 @triton.jit
-def store_tile(ptr, val, n, h, w, offs_c, mask_c, mask_p, stride_n, stride_c, stride_h, stride_w):
-    """Store a [BLOCK_C, BLOCK_P] float32 tile into an (N, C, H, W) buffer of the given strides and dtype."""
-    ptrs = ptr + tile_offsets(n, h, w, offs_c, stride_n, stride_c, stride_h, stride_w)
+def store_tile(ptr, val, pix, stride_c, offs_c, mask_c, mask_p):
+    """Store a [BLOCK_C, BLOCK_P] float32 tile at pixel offsets ``pix``, cast to the buffer's dtype."""
+    ptrs = ptr + (offs_c.to(tl.int64)[:, None] * stride_c + pix[None, :])
     tl.store(ptrs, val.to(ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
@@ -141,11 +143,11 @@ def first_argmax(x, offs_c, BLOCK_C: tl.constexpr):
     """Index of the first maximum over channels (torch.argmax's tie rule); a NaN counts as the maximum."""
     is_nan = x != x
     m = tl.max(tl.where(is_nan, float("-inf"), x), axis=0)
-    hit = (x == m[None, :]) | is_nan
-    idx = tl.where(hit, offs_c[:, None], BLOCK_C)
-    # a NaN anywhere wins over every number: take the first NaN if there is one
-    first_nan = tl.min(tl.where(is_nan, offs_c[:, None], BLOCK_C), axis=0)
-    return tl.where(first_nan < BLOCK_C, first_nan, tl.min(idx, axis=0))
+    # rank: a NaN channel c -> c, a maximal channel c -> BLOCK_C + c, others -> 2 * BLOCK_C; the smallest wins
+    c = offs_c[:, None]
+    rank = tl.where(is_nan, c, tl.where(x == m[None, :], c + BLOCK_C, 2 * BLOCK_C))
+    best = tl.min(rank, axis=0)
+    return tl.where(best >= BLOCK_C, best - BLOCK_C, best)
 
 
 @triton.jit
@@ -181,9 +183,32 @@ class TileLaunch(NamedTuple):
 
 def tile_launch(shape) -> TileLaunch:
     n, c, h, w = shape
+    if h * w >= 2 ** 31:
+        raise ValueError(f"an image of {h}x{w} pixels is too large for the triton kernels (H*W must be < 2**31)")
     block_c, block_p, num_warps = tile_shape(c, h * w)
     blocks = triton.cdiv(h * w, block_p)
     return TileLaunch((blocks, n), blocks, dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps))
+
+
+def plane_flat(t) -> bool:
+    """Whether the (H, W) planes of an NCHW tensor or (N, H, W) map are flat: stride_h == W * stride_w."""
+    return t.shape[-2] == 1 or t.stride(-2) == t.shape[-1] * t.stride(-1)
+
+
+def map_flat(t) -> bool:
+    """Whether a whole (N, H, W) map is flat: element (n, h, w) sits at ((n * H + h) * W + w) * stride_w."""
+    n, h, w = t.shape
+    return plane_flat(t) and (n == 1 or t.stride(0) == h * w * t.stride(-1))
+
+
+def maps_flat(*maps) -> bool:
+    """The FLAT flag of a map kernel: every (N, H, W) map it addresses is flat as a whole."""
+    return all(map_flat(t) for t in maps if t is not None)
+
+
+def all_flat(*tensors) -> bool:
+    """The FLAT flag of a tile kernel: every tensor it addresses per pixel has flat (H, W) planes."""
+    return all(plane_flat(t) for t in tensors if t is not None)
 
 
 def map_arg(t):

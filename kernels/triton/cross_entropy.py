@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ce_grad, load_logits_tile, map_offsets, nll_tile, partials, pixel_block, \
+from .common import all_flat, ce_grad, load_logits_tile, nll_tile, partials, pix_offsets, pixel_block, \
     store_tile, tile_launch
 
 
@@ -31,17 +31,18 @@ def cross_entropy_kernel(
     sy_n, sy_h, sy_w,
     sg_n, sg_c, sg_h, sg_w,
     num_pblocks,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, STORE_GRAD: tl.constexpr, STORE_MAP: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     offs_p, mask_p, h, w = pixel_block(pid_p, HW, W, BLOCK_P)
 
-    y = tl.load(y_ptr + map_offsets(n, h, w, sy_n, sy_h, sy_w), mask=mask_p, other=ignore_index).to(tl.int64)
+    y = tl.load(y_ptr + pix_offsets(n, offs_p, h, w, sy_n, sy_h, sy_w, FLAT), mask=mask_p, other=ignore_index)
     counted = mask_p & (y != ignore_index) & (y >= 0) & (y < C)
 
-    x, offs_c, mask_c = load_logits_tile(x_ptr, n, h, w, mask_p, C, sx_n, sx_c, sx_h, sx_w, BLOCK_C)
+    px = pix_offsets(n, offs_p, h, w, sx_n, sx_h, sx_w, FLAT)
+    x, offs_c, mask_c = load_logits_tile(x_ptr, px, sx_c, mask_p, C, BLOCK_C)
     nll, p, onehot = nll_tile(x, y, counted, offs_c)
     if HAS_WEIGHT:
         wy = tl.load(weight_ptr + tl.where(counted, y, 0), mask=counted, other=0.0).to(tl.float32)
@@ -53,7 +54,7 @@ def cross_entropy_kernel(
         tl.store(loss_map_ptr + n * HW + offs_p, loss, mask=mask_p)
     if STORE_GRAD:
         grad = ce_grad(p, onehot, counted) * wy[None, :]
-        store_tile(grad_ptr, grad, n, h, w, offs_c, mask_c, mask_p, sg_n, sg_c, sg_h, sg_w)
+        store_tile(grad_ptr, grad, pix_offsets(n, offs_p, h, w, sg_n, sg_h, sg_w, FLAT), sg_c, offs_c, mask_c, mask_p)
 
     row = (n * num_pblocks + pid_p) * 2
     tl.store(partial_ptr + row, tl.sum(loss, axis=0))
@@ -74,7 +75,8 @@ def cross_entropy_forward(x, target, weight, ignore_index: int, *, store_grad: b
         x, target, weight, grad, loss_map, part,
         c, w, h * w, ignore_index,
         *x.stride(), *target.stride(), *sg, launch.blocks,
-        HAS_WEIGHT=weight is not None, STORE_GRAD=store_grad, STORE_MAP=store_map, **launch.meta,
+        FLAT=all_flat(x, target, grad), HAS_WEIGHT=weight is not None, STORE_GRAD=store_grad, STORE_MAP=store_map,
+        **launch.meta,
     )
     sums = part.sum(dim=0)
     return sums[0], sums[1], loss_map, grad

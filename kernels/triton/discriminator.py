@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .bce import bce_block
-from .common import map_arg, map_block, partials
+from .common import map_arg, map_block, maps_flat, partials
 
 
 @triton.jit
@@ -21,18 +21,18 @@ def discriminator_kernel(
     Wf, HWf, NHWf, sf_n, sf_h, sf_w, sfm_n, sfm_h, sfm_w, sfg_n, sfg_h, sfg_w,
     Wr, HWr, NHWr, sr_n, sr_h, sr_w, srm_n, srm_h, srm_w, srg_n, srg_h, srg_w,
     blocks_fake,
-    BLOCK: tl.constexpr, MASK_FAKE: tl.constexpr, MASK_REAL: tl.constexpr,
+    BLOCK: tl.constexpr, FLAT_FAKE: tl.constexpr, FLAT_REAL: tl.constexpr, MASK_FAKE: tl.constexpr, MASK_REAL: tl.constexpr,
     GRAD_FAKE: tl.constexpr, GRAD_REAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < blocks_fake:
         loss, count = bce_block(pid, f_ptr, f_ptr, 0.0, fm_ptr, fg_ptr, f_ptr, Wf, HWf, NHWf,
                                 sf_n, sf_h, sf_w, 0, 0, 0, sfm_n, sfm_h, sfm_w, sfg_n, sfg_h, sfg_w,
-                                BLOCK, False, MASK_FAKE, GRAD_FAKE, False)
+                                BLOCK, FLAT_FAKE, False, MASK_FAKE, GRAD_FAKE, False)
     else:
         loss, count = bce_block(pid - blocks_fake, r_ptr, r_ptr, 1.0, rm_ptr, rg_ptr, r_ptr, Wr, HWr, NHWr,
                                 sr_n, sr_h, sr_w, 0, 0, 0, srm_n, srm_h, srm_w, srg_n, srg_h, srg_w,
-                                BLOCK, False, MASK_REAL, GRAD_REAL, False)
+                                BLOCK, FLAT_REAL, False, MASK_REAL, GRAD_REAL, False)
     tl.store(partial_ptr + pid * 2, loss)
     tl.store(partial_ptr + pid * 2 + 1, count)
 
@@ -65,7 +65,7 @@ def discriminator_forward(fake, real, mask_fake, mask_real, *, grad_fake: bool, 
         ptr_r, geo_r = ptr_f, geo_f
     discriminator_kernel[(blocks_fake + blocks_real,)](
         *ptr_f, *ptr_r, part, *geo_f, *geo_r, blocks_fake,
-        BLOCK=block, MASK_FAKE=ptr_f[1] is not None, MASK_REAL=ptr_r[1] is not None,
+        BLOCK=block, FLAT_FAKE=maps_flat(*ptr_f), FLAT_REAL=maps_flat(*ptr_r), MASK_FAKE=ptr_f[1] is not None, MASK_REAL=ptr_r[1] is not None,
         GRAD_FAKE=ptr_f[2] is not None, GRAD_REAL=ptr_r[2] is not None, num_warps=num_warps,
     )
     f = part[:blocks_fake].sum(dim=0)

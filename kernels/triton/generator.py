@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bce_logits, ce_grad, first_argmax, load_logits_tile, load_map, map_offsets, nll_tile, partials, \
-    pixel_block, sigmoid, store_tile, tile_launch
+from .common import all_flat, bce_logits, ce_grad, first_argmax, load_logits_tile, nll_tile, partials, \
+    pix_offsets, pixel_block, sigmoid, store_tile, tile_launch
 from .semi import confident
 
 
@@ -37,18 +37,20 @@ def generator_kernel(
     sgx_n, sgx_c, sgx_h, sgx_w,
     sgz_n, sgz_h, sgz_w,
     num_pblocks,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
     LABELLED: tl.constexpr, STORE_GX: tl.constexpr, STORE_GZ: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     offs_p, mask_p, h, w = pixel_block(pid_p, HW, W, BLOCK_P)
 
-    z = load_map(d_ptr, n, h, w, mask_p, sd_n, sd_h, sd_w, 0.0)
-    x, offs_c, mask_c = load_logits_tile(x_ptr, n, h, w, mask_p, C, sx_n, sx_c, sx_h, sx_w, BLOCK_C)
+    pz = pix_offsets(n, offs_p, h, w, sd_n, sd_h, sd_w, FLAT)
+    z = tl.load(d_ptr + pz, mask=mask_p, other=0.0).to(tl.float32)
+    px = pix_offsets(n, offs_p, h, w, sx_n, sx_h, sx_w, FLAT)
+    x, offs_c, mask_c = load_logits_tile(x_ptr, px, sx_c, mask_p, C, BLOCK_C)
     if LABELLED:
-        labels = tl.load(y_ptr + map_offsets(n, h, w, sy_n, sy_h, sy_w), mask=mask_p, other=ignore_index)
-        labels = labels.to(tl.int64)
+        py = pix_offsets(n, offs_p, h, w, sy_n, sy_h, sy_w, FLAT)
+        labels = tl.load(y_ptr + py, mask=mask_p, other=ignore_index).to(tl.int32)
         counted = mask_p & (labels != ignore_index) & (labels >= 0) & (labels < C)
         adv_counted = counted
     else:
@@ -59,10 +61,12 @@ def generator_kernel(
     adv = tl.where(adv_counted, bce_logits(z, 1.0), 0.0)
 
     if STORE_GX:
-        store_tile(gx_ptr, ce_grad(p, onehot, counted), n, h, w, offs_c, mask_c, mask_p, sgx_n, sgx_c, sgx_h, sgx_w)
+        pg = pix_offsets(n, offs_p, h, w, sgx_n, sgx_h, sgx_w, FLAT)
+        store_tile(gx_ptr, ce_grad(p, onehot, counted), pg, sgx_c, offs_c, mask_c, mask_p)
     if STORE_GZ:
         gz = tl.where(adv_counted, -sigmoid(-z), 0.0)
-        tl.store(gz_ptr + map_offsets(n, h, w, sgz_n, sgz_h, sgz_w), gz.to(gz_ptr.dtype.element_ty), mask=mask_p)
+        pgz = pix_offsets(n, offs_p, h, w, sgz_n, sgz_h, sgz_w, FLAT)
+        tl.store(gz_ptr + pgz, gz.to(gz_ptr.dtype.element_ty), mask=mask_p)
 
     row = (n * num_pblocks + pid_p) * 4
     tl.store(partial_ptr + row, tl.sum(nll, axis=0))
@@ -91,7 +95,7 @@ def generator_forward(x, d, target, ignore_index: int, threshold: float, *, stor
         *(gx.stride() if store_gx else (0, 0, 0, 0)),
         *(gz.stride() if store_gz else (0, 0, 0)),
         launch.blocks,
-        LABELLED=labelled, STORE_GX=store_gx, STORE_GZ=store_gz, **launch.meta,
+        FLAT=all_flat(x, d, target, gx, gz), LABELLED=labelled, STORE_GX=store_gx, STORE_GZ=store_gz, **launch.meta,
     )
     s = part.sum(dim=0)
     return s[0], s[1], s[2], s[3], gx, gz

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import map_offsets, pixel_block, store_tile, tile_launch
+from .common import all_flat, pix_offsets, pixel_block, store_tile, tile_launch
 
 # dtypes the kernel stores directly; anything else is produced in float32 and converted
 STORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -22,17 +22,17 @@ def one_hot_kernel(
     C, W, HW, ignore_index,
     sy_n, sy_h, sy_w,
     so_n, so_c, so_h, so_w,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     offs_p, mask_p, h, w = pixel_block(pid_p, HW, W, BLOCK_P)
-    y = tl.load(y_ptr + map_offsets(n, h, w, sy_n, sy_h, sy_w), mask=mask_p, other=ignore_index).to(tl.int64)
+    y = tl.load(y_ptr + pix_offsets(n, offs_p, h, w, sy_n, sy_h, sy_w, FLAT), mask=mask_p, other=ignore_index)
     valid = (y != ignore_index) & (y >= 0) & (y < C)
-    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     hot = tl.where((offs_c[:, None] == y[None, :]) & valid[None, :], 1.0, 0.0)
-    store_tile(out_ptr, hot, n, h, w, offs_c, mask_c, mask_p, so_n, so_c, so_h, so_w)
+    store_tile(out_ptr, hot, pix_offsets(n, offs_p, h, w, so_n, so_h, so_w, FLAT), so_c, offs_c, mask_c, mask_p)
 
 
 def one_hot(target, num_classes: int, ignore_index: int, dtype):
@@ -44,6 +44,7 @@ def one_hot(target, num_classes: int, ignore_index: int, dtype):
     out = torch.empty((n, num_classes, h, w), dtype=dtype, device=target.device)
     launch = tile_launch(out.shape)
     one_hot_kernel[launch.grid](
-        target, out, num_classes, w, h * w, int(ignore_index), *target.stride(), *out.stride(), **launch.meta,
+        target, out, num_classes, w, h * w, int(ignore_index), *target.stride(), *out.stride(),
+        FLAT=all_flat(target, out), **launch.meta,
     )
     return out

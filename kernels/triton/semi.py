@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ce_grad, first_argmax, load_logits_tile, load_map, map_arg, map_offsets, nll_tile, \
-    partials, pixel_block, sigmoid, store_tile, tile_launch
+from .common import all_flat, ce_grad, first_argmax, load_logits_tile, map_arg, nll_tile, partials, pix_offsets, \
+    pixel_block, sigmoid, store_tile, tile_launch
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def semi_kernel(
     sm_n, sm_h, sm_w,
     sg_n, sg_c, sg_h, sg_w,
     num_pblocks,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
     HAS_MASK: tl.constexpr, STORE_GRAD: tl.constexpr, STORE_MAP: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -45,19 +45,21 @@ def semi_kernel(
 
     considered = mask_p
     if HAS_MASK:
-        ignored = tl.load(m_ptr + map_offsets(n, h, w, sm_n, sm_h, sm_w), mask=mask_p, other=1)
+        ignored = tl.load(m_ptr + pix_offsets(n, offs_p, h, w, sm_n, sm_h, sm_w, FLAT), mask=mask_p, other=1)
         considered = considered & (ignored == 0)
-    z = load_map(d_ptr, n, h, w, mask_p, sd_n, sd_h, sd_w, 0.0)
+    z = tl.load(d_ptr + pix_offsets(n, offs_p, h, w, sd_n, sd_h, sd_w, FLAT), mask=mask_p, other=0.0).to(tl.float32)
     keep = confident(z, considered, threshold)
 
-    x, offs_c, mask_c = load_logits_tile(x_ptr, n, h, w, mask_p, C, sx_n, sx_c, sx_h, sx_w, BLOCK_C)
+    px = pix_offsets(n, offs_p, h, w, sx_n, sx_h, sx_w, FLAT)
+    x, offs_c, mask_c = load_logits_tile(x_ptr, px, sx_c, mask_p, C, BLOCK_C)
     pseudo = first_argmax(x, offs_c, BLOCK_C)
     nll, p, onehot = nll_tile(x, pseudo, keep, offs_c)
 
     if STORE_MAP:
         tl.store(loss_map_ptr + n * HW + offs_p, nll, mask=mask_p)
     if STORE_GRAD:
-        store_tile(grad_ptr, ce_grad(p, onehot, keep), n, h, w, offs_c, mask_c, mask_p, sg_n, sg_c, sg_h, sg_w)
+        pg = pix_offsets(n, offs_p, h, w, sg_n, sg_h, sg_w, FLAT)
+        store_tile(grad_ptr, ce_grad(p, onehot, keep), pg, sg_c, offs_c, mask_c, mask_p)
 
     row = (n * num_pblocks + pid_p) * 3
     tl.store(partial_ptr + row, tl.sum(nll, axis=0))
@@ -78,7 +80,7 @@ def semi_forward(x, d, threshold: float, ignore_mask, *, store_grad: bool, store
         x, d, m, grad, loss_map, part,
         c, w, h * w, float(threshold),
         *x.stride(), *d.stride(), *sm, *sg, launch.blocks,
-        HAS_MASK=ignore_mask is not None, STORE_GRAD=store_grad, STORE_MAP=store_map, **launch.meta,
+        FLAT=all_flat(x, d, m, grad), HAS_MASK=ignore_mask is not None, STORE_GRAD=store_grad, STORE_MAP=store_map, **launch.meta,
     )
     sums = part.sum(dim=0)
     return sums[0], sums[1], sums[2], loss_map, grad
