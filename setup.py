@@ -3,12 +3,94 @@
 ``kernels/`` (Triton sources in kernels/triton, CUDA device code in kernels/cuda) is installed as the subpackage
 ``fastadvseg.kernels``; ``csrc/`` holds the C++ bindings and CPU code of the native extensions.
 """
-from setuptools import find_packages, setup
+import os
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 PACKAGES = find_packages(include=["fastadvseg", "fastadvseg.*"]) + [
     "fastadvseg.kernels",
     "fastadvseg.kernels.triton",
 ]
+
+
+# --- native extensions -------------------------------------------------------------------------------------------
+# The cpu backend (csrc/cpu -> fastadvseg._C_cpu): a plain pybind11 extension without torch headers, so it builds
+# in seconds and needs no torch at build time. Flags: -O3 -fopenmp -std=c++17 and -fno-trapping-math (lets the
+# compiler vectorise selects; NaN/Inf propagation is unchanged). No -ffast-math: NaN/Inf propagation is specified
+# behaviour. Portable by default; FASTADVSEG_CPU_NATIVE=1 adds -march=native. FASTADVSEG_NO_CPU_EXT=1 skips it.
+CPU_EXT = "fastadvseg._C_cpu"
+
+
+def _env_on(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _cpu_extensions():
+    if _env_on("FASTADVSEG_NO_CPU_EXT"):
+        print("fastadvseg: FASTADVSEG_NO_CPU_EXT is set; the cpu backend is not built", file=sys.stderr)
+        return []
+    try:
+        import pybind11
+    except ImportError:
+        print("fastadvseg: pybind11 is not installed; the cpu backend is not built "
+              "(pip install pybind11, then pip install -e . again)", file=sys.stderr)
+        return []
+    return [Extension(
+        CPU_EXT,
+        sources=["csrc/cpu/kernels.cpp", "csrc/cpu/bindings.cpp"],
+        include_dirs=[pybind11.get_include(), "csrc/cpu"],
+        depends=["csrc/cpu/kernels.h", "csrc/cpu/dtypes.h"],
+        language="c++",
+    )]
+
+
+def _cpu_flags(compiler_type, openmp=True):
+    if compiler_type == "msvc":
+        return ["/O2", "/std:c++17"] + (["/openmp"] if openmp else []), []
+    compile_args = ["-O3", "-g0", "-std=c++17", "-fno-trapping-math", "-fvisibility=hidden"]
+    if _env_on("FASTADVSEG_CPU_NATIVE"):
+        compile_args.append("-march=native")
+    return compile_args + (["-fopenmp"] if openmp else []), (["-fopenmp"] if openmp else [])
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext where a native extension that fails to build is reported and skipped, never fatal.
+
+    The library then runs without that backend (fastadvseg.unavailable_reason(name) says why at runtime).
+    """
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # e.g. no C++ compiler at all
+            self._report("native extensions", exc)
+
+    def build_extension(self, ext):
+        if ext.name != CPU_EXT:
+            try:
+                return super().build_extension(ext)
+            except Exception as exc:
+                return self._report(ext.name, exc)
+        for openmp in (True, False):  # a compiler without OpenMP still gets a (single-threaded) cpu backend
+            ext.extra_compile_args, ext.extra_link_args = _cpu_flags(self.compiler.compiler_type, openmp)
+            try:
+                return super().build_extension(ext)
+            except Exception as exc:
+                if not openmp:
+                    return self._report(ext.name, exc)
+                print(f"fastadvseg: building {ext.name} with OpenMP failed ({exc}); retrying without",
+                      file=sys.stderr)
+
+    @staticmethod
+    def _report(what, exc):
+        print(f"fastadvseg: WARNING: {what} not built ({type(exc).__name__}: {exc}); "
+              "the library falls back to the other backends", file=sys.stderr)
+
+
+EXT_MODULES = _cpu_extensions()
+CMDCLASS = {"build_ext": OptionalBuildExt}
 
 setup(
     name="fastadvseg",
@@ -27,4 +109,6 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
     },
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

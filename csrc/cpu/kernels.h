@@ -1,0 +1,80 @@
+// The cpu backend's kernels: plain C++ over raw pointers, sizes and strides (in elements), OpenMP over pixels.
+//
+// fastadvseg/backends/cpu.py passes tensor.data_ptr(), sizes and strides; bindings.cpp converts the arguments.
+// Every reduction is deterministic and independent of the thread count: pixels are cut into fixed blocks that
+// depend on the shape only, each block sums in double, and the block sums are added in block order.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fas {
+
+// A (N, C, H, W) tensor: data pointer, dtype code (dtypes.h) and strides in elements.
+struct Tensor4 {
+  void* ptr = nullptr;
+  int dtype = 0;
+  int64_t sN = 0, sC = 0, sH = 0, sW = 0;
+};
+
+// An (N, H, W) map of a fixed element type (int64 labels, float32 maps, bool masks): pointer and strides.
+struct Map3 {
+  const void* ptr = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0;
+  template <class E>
+  inline E at(int64_t n, int64_t h, int64_t w) const {
+    return static_cast<const E*>(ptr)[n * s0 + h * s1 + w * s2];
+  }
+};
+
+// The fused one-pass loss over logits (cross-entropy, L_semi, the generator loss).
+struct FusedArgs {
+  int64_t N = 0, C = 0, H = 0, W = 0;
+  Tensor4 x;                 // logits (read once)
+  Tensor4 grad;              // gradient output (same dtype as x), ptr == nullptr: no gradient wanted
+  float grad_scale = 1.f;    // grad = grad_scale * d(weighted sum of nll)/dx
+  int label_mode = 0;        // 0: labels from `labels`; 1: pseudo-label argmax_c x (first max)
+  Map3 labels;               // int64; labels outside [0, C) or == ignore_index are not counted
+  int64_t ignore_index = 255;
+  const float* weight = nullptr;  // optional class weights (C,), float32
+  Map3 z;                    // float32 discriminator logits (keep mask and adversarial term)
+  Map3 mask;                 // bool ignore mask (keep_mode only), ptr == nullptr: none
+  int keep_mode = 0;         // 1: count pixel iff not masked and sigmoid(z) > threshold
+  float threshold = 0.f;
+  int adv_mode = 0;          // 0: none; 1: BCE(z, 1) over pixels with a valid label; 2: over all pixels
+  float* loss_map = nullptr;  // optional (N, H, W) contiguous float32 per-pixel loss (0 where not counted)
+  float* grad_z = nullptr;   // optional (N, H, W) contiguous float32 gradient of the adversarial sum
+  float grad_z_scale = 1.f;
+  bool maps_only = false;    // only read the maps (counts for the gradient scale); do not touch the logits
+  int num_threads = 1;
+};
+
+// Sums returned by fused_loss, in this order.
+enum FusedSum { kLossSum = 0, kWeightSum, kAdvSum, kAdvCount, kKept, kConsidered, kNumSums };
+
+std::vector<double> fused_loss(const FusedArgs& a);
+
+void softmax_forward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& x, const Tensor4& y,
+                     int num_threads);
+void softmax_backward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& y, const Tensor4& gy,
+                      const Tensor4& gx, int num_threads);
+
+// out: contiguous (N, C, H, W) of elem_size bytes; `one` is the bit pattern of 1 in that dtype.
+void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int64_t ignore_index, void* out,
+             int elem_size, uint64_t one, int num_threads);
+
+// BCE with logits over one float32 map: loss = (1 - t) z - log_sigmoid(z), grad = sigmoid(z) - t (unnormalised).
+struct BceArgs {
+  int64_t N = 0, H = 0, W = 0;
+  Map3 z;             // float32
+  Map3 target;        // float32 map, or ptr == nullptr: the constant target_value
+  float target_value = 0.f;
+  Map3 mask;          // bool, True = not counted
+  float* loss_map = nullptr;  // optional contiguous (N, H, W)
+  float* grad = nullptr;      // optional contiguous (N, H, W), 0 where not counted
+};
+
+// Returns {loss sum, count} for each map.
+std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads);
+
+}  // namespace fas

@@ -1,0 +1,375 @@
+"""The ``cpu`` backend: C++/OpenMP kernels (``csrc/cpu``, the pybind11 extension ``fastadvseg._C_cpu``).
+
+This module is the thin autograd layer. Each op makes one kernel call that reads every logit once and returns the
+loss sums together with the gradient, stored in a separate buffer of the logits' dtype (the logits are never
+written). The gradient is stored already multiplied by the factor a plain ``loss.backward()`` needs (1/count for
+a mean, times lambda for the generator's weighted terms), computed from a cheap pre-pass over the label / mask
+maps; ``backward`` then rescales by what actually arrived, and hands the buffer back unchanged when that is 1.
+``reduction="none"`` stores the per-pixel gradient and scales it by the incoming map. Counts of 0 give a loss of
+0 and a zero gradient.
+
+Kernels get raw pointers, sizes, strides in elements and a dtype code, so any strides work (contiguous,
+channels_last, sliced views with a storage offset) without copying the logits. Discriminator maps, BCE targets
+and class weights (1/C of the logits' size or less) are converted to float32 when they are not float32 already.
+Threads: ``torch.get_num_threads()`` at each call; results do not depend on it (fixed blocks, ordered sums).
+
+Importing raises ImportError with the reason when the extension was not built, fails to load, or is switched
+off with ``FASTADVSEG_DISABLE_CPU_EXT=1``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .._types import GeneratorLoss
+
+ENV_DISABLE = "FASTADVSEG_DISABLE_CPU_EXT"
+
+if os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no", "off"):
+    raise ImportError(f"the cpu backend is switched off by {ENV_DISABLE}={os.environ[ENV_DISABLE]}")
+
+try:
+    from .. import _C_cpu as _ext
+except ImportError as exc:  # not built (no C++ compiler at install time) or fails to load
+    raise ImportError(
+        f"the C++ extension fastadvseg._C_cpu is not available ({exc}); it is built by `pip install -e .` "
+        "(or `python setup.py build_ext --inplace`) on a machine with a C++17 compiler"
+    ) from exc
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu/dtypes.h
+
+
+def supports_device(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument packing: what csrc/cpu/bindings.cpp expects.
+
+def _t4(t: Optional[torch.Tensor]) -> tuple:
+    """(ptr, dtype code, sN, sC, sH, sW) of a 4-D tensor, () for None."""
+    if t is None:
+        return ()
+    return (t.data_ptr(), _CODES[t.dtype]) + tuple(t.stride())
+
+
+def _m3(t: Optional[torch.Tensor]) -> tuple:
+    """(ptr, s0, s1, s2) of an (N, H, W) map, () for None."""
+    if t is None:
+        return ()
+    return (t.data_ptr(),) + tuple(t.stride())
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _inv(count: float) -> float:
+    return 1.0 / count if count > 0 else 0.0
+
+
+def _g(grad: Optional[torch.Tensor]) -> float:
+    """An incoming 0-dim gradient as a number (None: the output was not used)."""
+    return 0.0 if grad is None else float(grad)
+
+
+def _rescale(stored: Optional[torch.Tensor], factor: float) -> Optional[torch.Tensor]:
+    """stored * factor; the buffer itself when factor is 1 (the common ``loss.backward()``)."""
+    if stored is None:
+        return None
+    if factor == 1.0:
+        return stored
+    return stored * factor
+
+
+def _scale_by_map(stored: torch.Tensor, grad_map: torch.Tensor) -> torch.Tensor:
+    """Per-pixel gradient (N, C, H, W) times an incoming (N, H, W) map, in float32, back to the stored dtype."""
+    return (stored.float() * grad_map.float().unsqueeze(1)).to(stored.dtype)
+
+
+def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor] = None, grad_scale: float = 1.0,
+           labels: Optional[torch.Tensor] = None, ignore_index: int = -1, weight: Optional[torch.Tensor] = None,
+           z: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, keep: bool = False,
+           threshold: float = 0.0, adv_mode: int = 0, loss_map: Optional[torch.Tensor] = None,
+           grad_z: Optional[torch.Tensor] = None, grad_z_scale: float = 1.0, maps_only: bool = False):
+    """One call of the fused kernel; returns [loss sum, weight sum, adv sum, adv count, kept, considered]."""
+    return _ext.fused_loss(
+        tuple(sizes), _t4(logits), _t4(grad), float(grad_scale), 0 if labels is not None else 1, _m3(labels),
+        int(ignore_index), _ptr(weight), _m3(z), _m3(mask), int(keep), float(threshold), int(adv_mode),
+        _ptr(loss_map), _ptr(grad_z), float(grad_z_scale), bool(maps_only), torch.get_num_threads())
+
+
+def _map_buffer(n: int, h: int, w: int) -> torch.Tensor:
+    return torch.empty((n, h, w), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# softmax2d
+
+class _Softmax2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits):
+        y = torch.empty_like(logits)  # same memory format for dense inputs, contiguous for sliced views
+        _ext.softmax_forward(tuple(logits.shape), _t4(logits), _t4(y), torch.get_num_threads())
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        grad_y = grad_y if grad_y.dtype == y.dtype else grad_y.to(y.dtype)
+        grad_x = torch.empty_like(y)
+        _ext.softmax_backward(tuple(y.shape), _t4(y), _t4(grad_y), _t4(grad_x), torch.get_num_threads())
+        return grad_x
+
+
+def softmax2d(logits: torch.Tensor) -> torch.Tensor:
+    return _Softmax2d.apply(logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cross_entropy2d
+
+class _CrossEntropy2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction):
+        n, c, h, w = logits.shape
+        need_grad = ctx.needs_input_grad[0]
+        weight32 = None if weight is None else _f32(weight.detach()).contiguous()
+        common = dict(sizes=logits.shape, labels=target, ignore_index=ignore_index, weight=weight32)
+        grad_scale = 1.0
+        if need_grad and reduction == "mean":  # pre-pass over the labels: the mean's 1/count
+            grad_scale = _inv(_fused(None, maps_only=True, **common)[1])
+        grad = torch.empty_like(logits) if need_grad else None
+        loss_map = _map_buffer(n, h, w) if reduction == "none" else None
+        sums = _fused(logits, grad=grad, grad_scale=grad_scale, loss_map=loss_map, **common)
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad)
+        if reduction == "none":
+            return loss_map
+        if reduction == "sum":
+            return _scalar(sums[0])
+        return _scalar(sums[0] * _inv(sums[1]))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None
+        if ctx.reduction == "none":
+            return _scale_by_map(grad, grad_out), None, None, None, None
+        return _rescale(grad, _g(grad_out)), None, None, None, None
+
+
+def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                    ignore_index: int, reduction: str) -> torch.Tensor:
+    return _CrossEntropy2d.apply(logits, target, weight, ignore_index, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bce_with_logits2d and discriminator_loss: per-pixel maps (float32), gradient of the sum stored unnormalised
+
+def _bce_job(z: torch.Tensor, target: Union[float, torch.Tensor], mask: Optional[torch.Tensor],
+             loss_map: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> tuple:
+    t_map, t_value = ((), float(target)) if isinstance(target, float) else (_m3(target), 0.0)
+    return (tuple(z.shape), _m3(z), t_map, t_value, _m3(mask), _ptr(loss_map), _ptr(grad))
+
+
+class _BceWithLogits2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, target_map, target_value, mask, reduction):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad else None
+        loss_map = _map_buffer(*z.shape) if reduction == "none" else None
+        target = target_map if target_map is not None else target_value
+        loss_sum, count = _ext.bce_maps([_bce_job(z, target, mask, loss_map, grad)], torch.get_num_threads())
+        ctx.reduction, ctx.count = reduction, count
+        ctx.save_for_backward(z, mask, grad)
+        if reduction == "none":
+            return loss_map
+        return _scalar(loss_sum if reduction == "sum" else loss_sum * _inv(count))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, mask, grad = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None
+        if ctx.reduction == "none":
+            scale = grad_out.float()
+        else:
+            scale = grad_out.float() * (_inv(ctx.count) if ctx.reduction == "mean" else 1.0)
+        grad_z = grad * scale if ctx.needs_input_grad[0] else None
+        grad_t = None
+        if ctx.needs_input_grad[1]:  # d/dt of (1 - t) z - log_sigmoid(z) is -z
+            grad_t = -z * scale
+            if mask is not None:
+                grad_t = torch.where(mask, torch.zeros((), dtype=grad_t.dtype), grad_t)
+        return grad_z, grad_t, None, None, None
+
+
+def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor],
+                      ignore_mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    z = _f32(d_logits)  # differentiable: autograd casts the gradient back to d_logits' dtype
+    if isinstance(target, torch.Tensor):
+        return _BceWithLogits2d.apply(z, _f32(target).expand_as(z), 0.0, ignore_mask, reduction)
+    return _BceWithLogits2d.apply(z, None, float(target), ignore_mask, reduction)
+
+
+class _DiscriminatorLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fake, real, mask_fake, mask_real):
+        grads = []
+        for i, z in enumerate((fake, real)):
+            grads.append(torch.empty_like(z, memory_format=torch.contiguous_format)
+                         if ctx.needs_input_grad[i] else None)
+        sums = _ext.bce_maps([_bce_job(fake, 0.0, mask_fake, None, grads[0]),
+                              _bce_job(real, 1.0, mask_real, None, grads[1])], torch.get_num_threads())
+        ctx.inv = (_inv(sums[1]), _inv(sums[3]))
+        ctx.save_for_backward(*grads)
+        return _scalar(sums[0] * ctx.inv[0]) + _scalar(sums[2] * ctx.inv[1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g = _g(grad_out)
+        return tuple(_rescale(s, g * inv) for s, inv in zip(ctx.saved_tensors, ctx.inv)) + (None, None)
+
+
+def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_fake: Optional[torch.Tensor],
+                       ignore_mask_real: Optional[torch.Tensor]) -> torch.Tensor:
+    return _DiscriminatorLoss.apply(_f32(d_fake), _f32(d_real), ignore_mask_fake, ignore_mask_real)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# semi_cross_entropy2d
+
+class _SemiCrossEntropy2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, z, threshold, mask, reduction):
+        n, c, h, w = logits.shape
+        need_grad = ctx.needs_input_grad[0]
+        common = dict(sizes=logits.shape, z=z, mask=mask, keep=True, threshold=threshold)
+        grad_scale = 1.0
+        if need_grad and reduction == "mean":  # pre-pass over the D map: 1/kept
+            grad_scale = _inv(_fused(None, maps_only=True, **common)[4])
+        grad = torch.empty_like(logits) if need_grad else None
+        loss_map = _map_buffer(n, h, w) if reduction == "none" else None
+        sums = _fused(logits, grad=grad, grad_scale=grad_scale, loss_map=loss_map, **common)
+        kept, considered = sums[4], sums[5]
+        ratio = _scalar(kept) / max(considered, 1.0)
+        ctx.mark_non_differentiable(ratio)
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad)
+        if reduction == "none":
+            loss = loss_map
+        else:
+            loss = _scalar(sums[0] if reduction == "sum" else sums[0] * _inv(kept))
+        return loss, ratio
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_ratio):
+        (grad,) = ctx.saved_tensors
+        if grad is None or grad_out is None:
+            return None, None, None, None, None
+        if ctx.reduction == "none":
+            return _scale_by_map(grad, grad_out), None, None, None, None
+        return _rescale(grad, _g(grad_out)), None, None, None, None
+
+
+def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold: float,
+                         ignore_mask: Optional[torch.Tensor], reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _SemiCrossEntropy2d.apply(logits, _f32(d_logits.detach()), threshold, ignore_mask, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one_hot2d
+
+def one_hot2d(target: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    n, h, w = target.shape
+    out = torch.empty((n, num_classes, h, w), dtype=dtype)
+    size = out.element_size()
+    if size not in (1, 2, 4, 8):  # e.g. complex128: no kernel for 16-byte elements
+        from . import reference
+        return reference.one_hot2d(target, num_classes, ignore_index, dtype)
+    one = int.from_bytes(torch.ones((), dtype=dtype).reshape(1).view(torch.uint8).numpy().tobytes(), "little")
+    _ext.one_hot((n, num_classes, h, w), _m3(target), int(ignore_index), out.data_ptr(), size, one,
+                 torch.get_num_threads())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generator_loss: one pass for (total, ce, adv, semi, semi_ratio)
+
+def _lam(value: float) -> float:
+    """The factor folded into a stored gradient: lambda itself, or 1 when lambda is 0."""
+    return value if value != 0.0 else 1.0
+
+
+class _GeneratorLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, z, target, lambda_adv, lambda_semi, threshold, ignore_index):
+        need_x, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        labelled = target is not None
+        n, c, h, w = logits.shape
+        if labelled:
+            common = dict(sizes=logits.shape, labels=target, ignore_index=ignore_index, z=z, adv_mode=1)
+            count_index = 1  # the adversarial term counts the same pixels as the cross-entropy
+        else:
+            common = dict(sizes=logits.shape, z=z, keep=True, threshold=threshold,
+                          adv_mode=2)
+            count_index = 4
+        k_x = 1.0 if labelled else _lam(lambda_semi)
+        k_z = _lam(lambda_adv)
+        grad_scale, grad_z_scale = 1.0, 1.0
+        if need_x or need_z:
+            count = _fused(None, maps_only=True, **common)[count_index]
+            grad_scale = k_x * _inv(count)
+            grad_z_scale = k_z * _inv(count if labelled else float(n * h * w))
+        grad = torch.empty_like(logits) if need_x else None
+        grad_z = _map_buffer(n, h, w) if need_z else None
+        sums = _fused(logits, grad=grad, grad_scale=grad_scale, grad_z=grad_z, grad_z_scale=grad_z_scale, **common)
+        loss_sum, weight_sum, adv_sum, adv_count, kept, considered = sums
+        ctx.labelled, ctx.lambdas, ctx.k = labelled, (lambda_adv, lambda_semi), (k_x, k_z)
+        ctx.save_for_backward(grad, grad_z)
+        adv = _scalar(adv_sum * _inv(adv_count))
+        if labelled:
+            ce = _scalar(loss_sum * _inv(weight_sum))
+            semi, ratio = _scalar(0.0), _scalar(0.0)
+            total = ce + lambda_adv * adv
+        else:
+            ce = _scalar(0.0)
+            semi = _scalar(loss_sum * _inv(kept))
+            ratio = _scalar(kept) / max(considered, 1.0)
+            total = lambda_adv * adv + lambda_semi * semi
+        ctx.mark_non_differentiable(ratio)
+        return total, ce, adv, semi, ratio
+
+    @staticmethod
+    def backward(ctx, g_total, g_ce, g_adv, g_semi, _g_ratio):
+        grad, grad_z = ctx.saved_tensors
+        lambda_adv, lambda_semi = ctx.lambdas
+        k_x, k_z = ctx.k
+        gt = _g(g_total)
+        if ctx.labelled:
+            factor_x = gt + _g(g_ce)
+        else:
+            factor_x = (lambda_semi * gt + _g(g_semi)) / k_x
+        factor_z = (lambda_adv * gt + _g(g_adv)) / k_z
+        return _rescale(grad, factor_x), _rescale(grad_z, factor_z), None, None, None, None, None
+
+
+def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor],
+                   lambda_adv: float, lambda_semi: float, threshold: float, ignore_index: int) -> GeneratorLoss:
+    z = _f32(d_logits)  # differentiable: the gradient returns to D in d_logits' dtype
+    return GeneratorLoss(*_GeneratorLoss.apply(logits, z, target, float(lambda_adv), float(lambda_semi),
+                                               float(threshold), int(ignore_index)))
