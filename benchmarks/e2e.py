@@ -1,0 +1,168 @@
+"""End-to-end figure: images/s of one training iteration of the paper's method, fused losses vs reference losses.
+
+One iteration (as in the authors' loop, SPEC section 4): G update on a labelled batch (``generator_loss`` with
+targets, lambda_adv = 0.01) and an unlabelled batch (lambda_adv = 0.001, lambda_semi = 0.1), then a D update with
+``discriminator_loss`` on G's detached predictions (fake) and the one-hot ground truth (real, ignore pixels
+masked). "fused" calls fastadvseg (backend auto); "reference" calls :mod:`benchmarks.reference_ops`. Both run the
+same G, D and optimizers on the same device in the same process, steps interleaved (fused, reference, fused, ...)
+so that a change in machine load hits both alike; the figure is the ratio of median step times.
+
+G and D are the project's ``fastadvseg.models`` when that package is present: ``build_segmenter(name, C)`` (default
+``deeplabv2_compact`` on CPU, ``deeplabv2_resnet101``, the paper's G, on GPU; its stride-8 logits upsampled to
+the input as in the authors' loop) and ``FCDiscriminator(C)``; otherwise the small stand-ins below, and the
+report says so.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference_ops as R
+from .cases import IGNORE, LAMBDA_ADV, LAMBDA_SEMI, LAMBDA_SEMI_ADV, THRESHOLD
+from .timing import summarize, sync
+
+# (N labelled = N unlabelled, C, H, W) per device type; "tiny" for smoke tests
+E2E_SIZES = {"cpu": (2, 21, 129, 129), "cuda": (10, 21, 321, 321), "tiny": (1, 5, 33, 33)}
+E2E_REPEATS = {"cpu": 6, "cuda": 20, "tiny": 2}
+DEFAULT_SEGMENTER = {"cpu": "deeplabv2_compact", "cuda": "deeplabv2_resnet101"}
+
+
+class StandInSegmenter(nn.Module):
+    """STAND-IN G (not DeepLab-v2): a small dilated conv net, output stride 4, logits upsampled to the input."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, num_classes, 1))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.body(img), size=img.shape[-2:], mode="bilinear", align_corners=True)
+
+
+class StandInDiscriminator(nn.Module):
+    """STAND-IN D: the paper's D (5 convs 4x4 stride 2, LeakyReLU 0.2, output upsampled), narrower (``width``)."""
+
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+        chans = [num_classes, width, 2 * width, 4 * width, 8 * width]
+        layers = []
+        for cin, cout in zip(chans, chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        self.body = nn.Sequential(*layers, nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1))
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.body(p), size=p.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def build_models(num_classes: int, segmenter: Optional[str]) -> Tuple[nn.Module, nn.Module, str]:
+    """(G, D, description). The project's models when available and asked for, else the stand-ins."""
+    try:
+        from fastadvseg import models
+    except ImportError:
+        models = None
+    notes = []
+    if models is not None and segmenter in getattr(models, "SEGMENTERS", ()):
+        g = models.build_segmenter(segmenter, num_classes)
+        notes.append(f"G = fastadvseg.models.build_segmenter({segmenter!r})")
+    else:
+        g = StandInSegmenter(num_classes)
+        why = "fastadvseg.models missing" if models is None else f"no segmenter {segmenter!r} in fastadvseg.models"
+        notes.append(f"G = STAND-IN small conv net ({why})")
+    if models is not None and hasattr(models, "FCDiscriminator"):
+        d = models.FCDiscriminator(num_classes)
+        notes.append("D = fastadvseg.models.FCDiscriminator")
+    else:
+        d = StandInDiscriminator(num_classes)
+        notes.append("D = STAND-IN paper-shaped D at width 16 (fastadvseg.models missing)")
+    return g, d, "; ".join(notes)
+
+
+def _upsampled(net: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """``net(inp)`` at the input's resolution (the authors' ``interp`` after G; a no-op for a D that upsamples)."""
+    out = net(inp)
+    if out.shape[-2:] != inp.shape[-2:]:
+        out = F.interpolate(out, size=inp.shape[-2:], mode="bilinear", align_corners=True)
+    return out
+
+
+def _loss_set(kind: str) -> Dict[str, Callable]:
+    if kind == "fused":
+        import fastadvseg as fas
+
+        return {
+            "softmax": fas.softmax2d,
+            "gen": lambda x, z, y, la, ls: fas.generator_loss(x, z, y, lambda_adv=la, lambda_semi=ls,
+                                                              threshold=THRESHOLD).total,
+            "one_hot": lambda y, c: fas.one_hot2d(y, c),
+            "disc": lambda f, r, m: fas.discriminator_loss(f, r, ignore_mask_real=m),
+        }
+    return {
+        "softmax": R.softmax2d,
+        "gen": lambda x, z, y, la, ls: R.generator_loss(x, z, y, la, ls, THRESHOLD),
+        "one_hot": lambda y, c: R.one_hot2d(y, c),
+        "disc": lambda f, r, m: R.discriminator_loss(f, r, m),
+    }
+
+
+def train_step(g, d, opt_g, opt_d, batch, losses: Dict[str, Callable], num_classes: int) -> None:
+    img_l, y, img_u = batch
+    opt_g.zero_grad(set_to_none=True)
+    opt_d.zero_grad(set_to_none=True)
+    for p in d.parameters():
+        p.requires_grad_(False)
+    pred = _upsampled(g, img_l)
+    losses["gen"](pred, _upsampled(d, losses["softmax"](pred)), y, LAMBDA_ADV, 0.0).backward()
+    pred_u = _upsampled(g, img_u)
+    losses["gen"](pred_u, _upsampled(d, losses["softmax"](pred_u)), None, LAMBDA_SEMI_ADV, LAMBDA_SEMI).backward()
+    opt_g.step()
+    for p in d.parameters():
+        p.requires_grad_(True)
+    fake = _upsampled(d, losses["softmax"](torch.cat([pred, pred_u]).detach()))
+    real = _upsampled(d, losses["one_hot"](y, num_classes))
+    losses["disc"](fake, real, y == IGNORE).backward()
+    opt_d.step()
+
+
+def run_e2e(device: torch.device, n: int, num_classes: int, h: int, w: int, *, segmenter: Optional[str] = None,
+            warmup: int = 2, repeats: int = 10, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    segmenter = segmenter or DEFAULT_SEGMENTER.get(device.type)
+    g, d, models_note = build_models(num_classes, segmenter)
+    g, d = g.to(device).train(), d.to(device).train()
+    opt_g = torch.optim.SGD(g.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
+    opt_d = torch.optim.Adam(d.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    y = torch.randint(0, num_classes, (n, h, w))
+    y[torch.rand(n, h, w) < 0.05] = IGNORE
+    batch = (torch.randn(n, 3, h, w, device=device), y.to(device), torch.randn(n, 3, h, w, device=device))
+    kinds = ("fused", "reference")
+    losses = {k: _loss_set(k) for k in kinds}
+    samples = {k: [] for k in kinds}
+    for step in range(warmup + repeats):
+        for k in kinds:  # interleaved: load drift hits both
+            sync(device)
+            t0 = time.perf_counter()
+            train_step(g, d, opt_g, opt_d, batch, losses[k], num_classes)
+            sync(device)
+            if step >= warmup:
+                samples[k].append(time.perf_counter() - t0)
+    stats = {k: summarize(v) for k, v in samples.items()}
+    images = 2 * n  # labelled + unlabelled batch per iteration
+    result = {"shape": f"N={n}+{n}, C={num_classes}, {h}x{w}", "dtype": "float32", "models": models_note,
+              "images_per_iter": images, "fused_backend": "auto"}
+    try:
+        import fastadvseg
+
+        result["fused_backend"] = "auto -> " + ",".join(fastadvseg.available_backends(device)[:1])
+    except Exception:  # reported as plain "auto"
+        pass
+    for k in kinds:
+        result[k] = dict(stats[k], images_per_s=images / (stats[k]["median_ms"] / 1e3))
+    result["speedup"] = stats["reference"]["median_ms"] / stats["fused"]["median_ms"]
+    return result

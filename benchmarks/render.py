@@ -1,0 +1,142 @@
+"""Markdown table and PNG plot of a report's result dict (the JSON written next to them)."""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+IMPL_ORDER = ("eager", "compile", "reference", "cpu", "cuda", "triton")
+
+
+def _f(v: Optional[float], fmt: str = "{:.3f}", none: str = "n/a") -> str:
+    return none if v is None else fmt.format(v)
+
+
+def _x(v: Optional[float]) -> str:
+    return _f(v, "{:.2f}x")
+
+
+def table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _impl_rank(impl: str) -> int:
+    return IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER)
+
+
+def result_rows(rows: List[dict]) -> List[List[str]]:
+    out = []
+    for r in sorted(rows, key=lambda r: (r["dtype"], r["op"], r["direction"], _impl_rank(r["impl"]))):
+        if r["status"] != "ok":
+            out.append([r["op"], r["dtype"], r["direction"], r["impl"], f"not run: {r['status']}"] + [""] * 8)
+            continue
+        out.append([
+            r["op"], r["dtype"], r["direction"], r["impl"], f"{r['median_ms']:.3f}",
+            f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f} (n={r['n']})",
+            _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")),
+            _f(None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2**20, "{:.1f}"),
+            _x(r.get("mem_vs_eager")), f"{r['GBps']:.1f}", _f(r.get("bw_pct"), "{:.0f}%"),
+            _f(r.get("diff_vs_eager"), "{:.1e}", "-"),
+        ])
+    return out
+
+
+RESULT_HEADER = ("op", "dtype", "dir", "impl", "median ms", "p10-p90 ms", "x eager", "x compile", "peak MiB",
+                 "mem/eager", "GB/s", "% copy BW", "max diff vs eager")
+
+
+def render_markdown(result: dict) -> str:
+    m = result["meta"]
+    md = [f"# fastadvseg benchmark: {m['device']}, {m['date']}\n"]
+    md.append(table(("key", "value"), [
+        ("device", m["device"]), ("CPU", m["cpu"]), ("threads (torch.set_num_threads)", m["threads"]),
+        ("python / torch / triton", f"{m['python']} / {m['torch']} / {m['triton']}"),
+        ("CUDA (torch build)", m["cuda"]), ("git commit", m["git_commit"]), ("date", m["date"]),
+        ("fastadvseg backends listed", ", ".join(m.get("backends", [])) or "none"),
+        ("not timed", "; ".join(f"{k}: {v}" for k, v in m.get("unavailable", {}).items()) or "-"),
+        ("label validation", m.get("label_validation")), ("shape set", m["shape_set"]),
+        ("measured copy bandwidth", f"{m['copy_bandwidth']['GBps']:.1f} GB/s (read + write of "
+                                    f"{m['copy_bandwidth']['bytes'] // 2**20} MiB)"),
+        ("load average (1/5/15 min) at start / end", f"{m['load_average_start']} / {m['load_average_end']}"),
+        ("run time", f"{m['elapsed_s']} s"), ("command", f"`{m['argv']}`"),
+    ]))
+    for note in result.get("notes", []):
+        md.append(f"\n**Note.** {note}\n")
+    md.append("\nSpeed-ups and memory ratios are measured within this run (same process, same inputs). Times are "
+              "medians of per-call times over rotating input copies; `fwd` is the training forward (inputs require "
+              "grad), `fwdbwd` adds `torch.autograd.grad`. `eager` = benchmarks/reference_ops.py, `compile` = the "
+              "same under torch.compile, other impls = `fastadvseg` with that `backend=`. Peak memory is "
+              "torch.cuda.max_memory_allocated above the inputs (n/a on CPU).\n")
+    md.append("\n## SPEC section 5 targets\n\n")
+    checks = result.get("targets", [])
+    if checks:
+        md.append(table(("target", "op", "shape", "dtype", "impl", "measured", "met", "gap"), [
+            (c["target"], c["op"], c["shape"], c["dtype"], c["impl"], _f(c["value"], "{:.2f}"),
+             {True: "met", False: "NOT met", None: "not measured"}[c["met"]], c["gap"]) for c in checks]))
+        met = sum(1 for c in checks if c["met"])
+        md.append(f"\n{met} of {len(checks)} checks met.\n")
+    else:
+        md.append("No target applies to what this run measured (targets: GPU at VOC/Cityscapes; CPU `cpu` backend "
+                  "at N=2; see benchmarks/README.md).\n")
+    shapes = []
+    for r in result["rows"]:
+        if r["shape"] not in shapes:
+            shapes.append(r["shape"])
+    for s in shapes:
+        rows = [r for r in result["rows"] if r["shape"] == s]
+        r0 = rows[0]
+        md.append(f"\n## {s}: N={r0['N']}, C={r0['C']}, {r0['H']}x{r0['W']}\n\n")
+        md.append(table(RESULT_HEADER, result_rows(rows)))
+    e2e = result.get("e2e")
+    if e2e:
+        md.append("\n## Training iteration (end to end)\n\n")
+        md.append(f"{e2e['shape']}, {e2e['dtype']}; {e2e['models']}. One iteration = G update on a labelled and "
+                  "an unlabelled batch + D update; steps interleaved fused/reference.\n\n")
+        md.append(table(("losses", "median ms / iter", "p10-p90 ms", "images/s", "speed-up"), [
+            (k if k == "reference" else f"fused ({e2e['fused_backend']})", f"{e2e[k]['median_ms']:.1f}",
+             f"{e2e[k]['p10_ms']:.1f}-{e2e[k]['p90_ms']:.1f} (n={e2e[k]['n']})", f"{e2e[k]['images_per_s']:.2f}",
+             f"{e2e['speedup']:.2f}x" if k == "fused" else "1.00x") for k in ("fused", "reference")]))
+    md.append("\n## Byte model (fewest bytes each op must move)\n\nP = N*H*W, C classes, e = bytes per logit; "
+              "labels int64 (8 B), masks bool (1 B). `fwdbwd` adds the `+bwd` part.\n\n")
+    md.append(table(("op", "bytes"), sorted(result.get("byte_model", {}).items())))
+    return "".join(md)
+
+
+def render_plot(result: dict, path: str) -> None:
+    """Speed-up over eager (log scale) per op, one panel per (shape, dtype), forward+backward (fwd for one_hot2d)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok" and r["impl"] != "eager"
+            and (r["direction"] == "fwdbwd" or r["op"] == "one_hot2d")]
+    panels = sorted({(r["shape"], r["dtype"]) for r in result["rows"]})
+    impls = sorted({r["impl"] for r in rows}, key=_impl_rank)
+    ops = []
+    for r in result["rows"]:
+        if r["op"] not in ops:
+            ops.append(r["op"])
+    fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(max(8, 1.3 * len(ops)), 3.2 * max(1, len(panels))),
+                             squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    for ax, (shape, dtype) in zip(axes[:, 0], panels):
+        for j, impl in enumerate(impls):
+            vals = []
+            for op in ops:
+                hit = [r for r in rows if (r["shape"], r["dtype"], r["op"], r["impl"]) == (shape, dtype, op, impl)]
+                vals.append(hit[0].get("speedup_vs_eager") or 0 if hit else 0)
+            ax.bar([i + (j - (len(impls) - 1) / 2) * width for i in range(len(ops))], vals, width, label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("x eager")
+        ax.set_title(f"{shape}, {dtype}, forward+backward", fontsize=9)
+        ax.set_xticks(range(len(ops)))
+        ax.set_xticklabels(ops, rotation=20, ha="right", fontsize=7)
+    axes[0, 0].legend(fontsize=7, ncol=len(impls) or 1)
+    m = result["meta"]
+    fig.suptitle(f"fastadvseg speed-up over eager PyTorch: {m['device']}, {m['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,215 @@
+"""Run the benchmark and write ``<out>/<machine>-<date>.{md,json,png}``.
+
+    python -m benchmarks.report --shapes small --device cpu            # CPU, about 5 minutes on 2 idle cores
+    python -m benchmarks.report --shapes full --device cuda --e2e      # GPU: VOC, Cityscapes, ADE20K-like
+
+Every ratio in the output is measured within this one run (same process, same inputs); absolute times from
+different runs are never compared. See benchmarks/README.md for what each column means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+SHAPE_CHOICES = ("smoke", "small", "voc", "cityscapes", "ade", "full")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="small", choices=SHAPE_CHOICES,
+                   help="shape set: small = smoke + VOC at N=2 (CPU); full = VOC, Cityscapes, ADE20K-like (GPU)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--ops", nargs="+", default=None, help="op rows or API names (default: all)")
+    p.add_argument("--dtypes", nargs="+", default=None,
+                   help="default: float32 bfloat16 (+ float16 on cuda)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--name", default=None, help="file stem (default: <machine>-<date>)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU (default: all cores)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (cap; default 30 CPU, 100 GPU)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per measurement (default 1.0 CPU, 2.0 GPU); never fewer than 5 calls")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (smoke tests)")
+    p.add_argument("--include-triton-cpu", action="store_true",
+                   help="on CPU, also time the Triton backend under TRITON_INTERPRET=1, tiny shapes only")
+    p.add_argument("--no-validate-labels", action="store_true",
+                   help="switch fastadvseg's label-range check off (default: on, as users get it)")
+    p.add_argument("--e2e", action="store_true", help="also time one training iteration, fused vs reference losses")
+    p.add_argument("--e2e-tiny", action="store_true", help="--e2e at a tiny size, 2 timed steps (smoke tests)")
+    p.add_argument("--e2e-segmenter", default=None,
+                   help="fastadvseg.models.build_segmenter name for the e2e G (default: deeplabv2_compact on CPU, "
+                        "deeplabv2_resnet101 on GPU; a labelled stand-in when fastadvseg.models is missing)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        args.dtypes = [DTYPES[d] for d in args.dtypes] if args.dtypes else None
+    except KeyError as exc:
+        p.error(f"unknown dtype {exc}; choose from {', '.join(DTYPES)}")
+    return args
+
+
+def _mib(b: Optional[int]) -> Optional[float]:
+    return None if b is None else b / 2**20
+
+
+def run_cases(args, device, shapes, dtypes, cases, log) -> List[dict]:
+    import torch
+
+    from . import cases as C
+    from .timing import num_copies, peak_memory_bytes, summarize, time_calls
+
+    rows: List[dict] = []
+    repeats = args.repeats or (100 if device.type == "cuda" else 30)
+    budget = args.budget or (2.0 if device.type == "cuda" else 1.0)
+    for shape in shapes:
+        backends = C.fused_backends(device, shape, args.include_triton_cpu)
+        impls = ["eager"] + ([] if args.no_compile else ["compile"]) + backends
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            for case in cases:
+                torch._dynamo.reset()  # compile once per case: no recompilation limit, no stale graphs
+                sets = [C.make_inputs(case, shape, dtype, device, 0)]
+                k_sets = num_copies(C.input_bytes(sets[0]), device)
+                sets += [C.make_inputs(case, shape, dtype, device, seed) for seed in range(1, k_sets)]
+                directions = ("fwd", "fwdbwd") if case.has_backward else ("fwd",)
+                eager_out = case.eager(sets[0])
+                for impl in impls:
+                    forward = C.impl_function(case, impl)
+                    for direction in directions:
+                        fn = forward if direction == "fwd" else C.forward_backward(case, forward)
+                        row = {"op": case.name, "api": case.api, "shape": shape.name, "N": shape.n, "C": shape.c,
+                               "H": shape.h, "W": shape.w, "dtype": dtype_name, "direction": direction,
+                               "impl": impl, "bytes": case.bytes(shape, dtype, direction), "copies": k_sets}
+                        t0 = time.perf_counter()
+                        try:
+                            out = fn(sets[0])  # first call: JIT / compile, and the check against eager
+                            if direction == "fwd":
+                                row["diff_vs_eager"] = float((out.float() - eager_out.float()).abs().max())
+                            del out
+                            row["first_call_s"] = time.perf_counter() - t0
+                            samples = time_calls(lambda k: fn(sets[k % k_sets]), device, repeats=repeats,
+                                                 budget_s=budget)
+                            row.update(summarize(samples))
+                            row["peak_mem_bytes"] = peak_memory_bytes(lambda: fn(sets[0]), device)
+                            row["status"] = "ok"
+                        except Exception as exc:  # unsupported dtype, backend bug: recorded, the run goes on
+                            row["status"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                        rows.append(row)
+                        log(_row_line(row))
+                del sets, eager_out
+    _add_ratios(rows)
+    return rows
+
+
+def _row_line(row: dict) -> str:
+    head = f"{row['shape']:>10} {row['dtype']:>8} {row['op']:<27} {row['direction']:<6} {row['impl']:<9}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']}"
+    return f"{head} {row['median_ms']:9.3f} ms  (p10 {row['p10_ms']:.3f}, p90 {row['p90_ms']:.3f}, n={row['n']})"
+
+
+def _add_ratios(rows: List[dict]) -> None:
+    """Speed-ups over eager and compile, memory vs eager: all within this run, same case and direction."""
+    base: Dict[tuple, dict] = {}
+    for r in rows:
+        if r["impl"] in ("eager", "compile") and r["status"] == "ok":
+            base[(r["op"], r["shape"], r["dtype"], r["direction"], r["impl"])] = r
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        key = (r["op"], r["shape"], r["dtype"], r["direction"])
+        for b in ("eager", "compile"):
+            ref = base.get(key + (b,))
+            r[f"speedup_vs_{b}"] = ref["median_ms"] / r["median_ms"] if ref else None
+        eager = base.get(key + ("eager",))
+        if r.get("peak_mem_bytes") is not None and eager and eager.get("peak_mem_bytes"):
+            r["mem_vs_eager"] = r["peak_mem_bytes"] / eager["peak_mem_bytes"]
+        else:
+            r["mem_vs_eager"] = None
+        r["GBps"] = r["bytes"] / (r["median_ms"] / 1e3) / 1e9
+
+
+def add_bandwidth_pct(rows: List[dict], copy_gbps: Optional[float]) -> None:
+    for r in rows:
+        if r["status"] == "ok":
+            r["bw_pct"] = 100 * r["GBps"] / copy_gbps if copy_gbps else None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.include_triton_cpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by fastadvseg's triton backend)
+    import torch
+
+    import fastadvseg
+
+    from . import cases as C
+    from . import env, targets
+    from .render import render_markdown, render_plot
+    from .shapes import shape_set
+    from .timing import copy_bandwidth
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    if args.no_validate_labels:
+        fastadvseg.set_label_validation(False)
+    dtypes = args.dtypes or (["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else []))
+    shapes = shape_set(args.shapes)
+    cases = C.select_cases(args.ops)
+
+    meta = env.collect(device, threads)
+    meta["shape_set"] = args.shapes
+    meta["unavailable"] = {b: fastadvseg.unavailable_reason(b) or f"cannot run on {device.type} tensors"
+                           for b in fastadvseg.BACKEND_NAMES if b not in meta.get("backends", [])}
+    if device.type == "cpu" and "triton" in meta.get("backends", []) and not args.include_triton_cpu:
+        meta["unavailable"]["triton"] = "excluded on CPU (interpreter); --include-triton-cpu times it on tiny shapes"
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | threads {threads} | "
+        f"backends {meta.get('backends')} | load {meta['load_average_start']}")
+    t_start = time.perf_counter()
+    meta["copy_bandwidth"] = copy_bandwidth(device)
+    log(f"# measured copy bandwidth: {meta['copy_bandwidth']['GBps']:.1f} GB/s")
+    rows = run_cases(args, device, shapes, dtypes, cases, log)
+    add_bandwidth_pct(rows, meta["copy_bandwidth"]["GBps"])
+    e2e = None
+    if args.e2e or args.e2e_tiny:
+        from .e2e import E2E_REPEATS, E2E_SIZES, run_e2e
+
+        size = "tiny" if args.e2e_tiny else device.type
+        n, c, h, w = E2E_SIZES[size]
+        e2e = run_e2e(device, n, c, h, w, segmenter=args.e2e_segmenter, repeats=E2E_REPEATS[size],
+                      warmup=1 if args.e2e_tiny else 2)
+        log(f"# e2e: fused {e2e['fused']['images_per_s']:.2f} img/s, reference {e2e['reference']['images_per_s']:.2f}"
+            f" img/s, x{e2e['speedup']:.2f} ({e2e['models']})")
+    meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    meta["load_average_end"] = env.load_average()
+    checks = targets.evaluate(rows, device.type, e2e)
+    notes = [n for n in (targets.missing_backend_note(device.type, meta.get("backends", []), meta["unavailable"]),)
+             if n]
+    result = {"meta": meta, "rows": rows, "e2e": e2e, "targets": checks, "notes": notes,
+              "byte_model": {c.name: c.byte_model for c in cases}}
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, args.name or f"{meta['machine']}-{meta['stamp']}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(render_markdown(result))
+    if not args.no_plot:
+        render_plot(result, stem + ".png")
+    log(f"# wrote {stem}.md, .json" + ("" if args.no_plot else ", .png") + f" in {meta['elapsed_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

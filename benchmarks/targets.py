@@ -1,0 +1,78 @@
+"""SPEC section 5, as checks over a report's rows: each target met or not, with the gap.
+
+* GPU (cuda), shapes VOC and Cityscapes, float32 and bfloat16, forward+backward, every fused backend:
+  >= 4x the eager reference, >= 1.5x torch.compile of it, >= 80% of the measured copy bandwidth for the bytes
+  the op must move, peak memory <= 1/2 of eager's.
+* CPU, the same ops at N=2 (shape ``voc-n2``), forward+backward: the ``cpu`` backend >= 3x eager.
+* Training iteration (``--e2e``) on GPU: fused losses >= 1.2x the images/s of the reference losses.
+
+Only measured ratios are judged: a ratio that was not measured (backend missing, op failed) is listed as
+"not measured" with the reason, never as met.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from .shapes import TARGET_SHAPES
+
+BASELINES = ("eager", "compile")
+NON_FUSED = BASELINES + ("reference",)
+TARGET_DTYPES = ("float32", "bfloat16")
+
+GPU_TARGETS = (  # (name, row field, threshold, higher is better)
+    ("fused >= 4x eager", "speedup_vs_eager", 4.0, True),
+    ("fused >= 1.5x torch.compile", "speedup_vs_compile", 1.5, True),
+    (">= 80% of copy bandwidth", "bw_pct", 80.0, True),
+    ("peak memory <= 1/2 eager", "mem_vs_eager", 0.5, False),
+)
+CPU_TARGETS = (("cpu backend >= 3x eager", "speedup_vs_eager", 3.0, True),)
+E2E_TARGET = 1.2
+
+
+def _judge(value: Optional[float], threshold: float, higher: bool) -> Dict[str, object]:
+    if value is None:
+        return {"value": None, "met": None, "gap": "not measured"}
+    met = value >= threshold if higher else value <= threshold
+    if met:
+        gap = "-"
+    elif higher:
+        gap = f"needs {threshold / value:.2f}x more" if value > 0 else "needs > 0"
+    else:
+        gap = f"{value / threshold:.2f}x over"
+    return {"value": value, "met": met, "gap": gap}
+
+
+def evaluate(rows: List[dict], device_type: str, e2e: Optional[dict] = None) -> List[dict]:
+    """One check per (target, op, shape, dtype, fused backend) the SPEC names and this run covered."""
+    checks = []
+    shapes = TARGET_SHAPES.get(device_type, ())
+    targets = GPU_TARGETS if device_type == "cuda" else CPU_TARGETS
+    for row in rows:
+        if (row["shape"] not in shapes or row["dtype"] not in TARGET_DTYPES or row["direction"] != "fwdbwd"
+                or row["impl"] in NON_FUSED or (device_type == "cpu" and row["impl"] != "cpu")):
+            continue
+        for name, field, threshold, higher in targets:
+            check = {"target": name, "op": row["op"], "shape": row["shape"], "dtype": row["dtype"],
+                     "impl": row["impl"], "threshold": threshold}
+            check.update(_judge(row.get(field) if row["status"] == "ok" else None, threshold, higher))
+            if row["status"] != "ok":
+                check["gap"] = f"not measured ({row['status']})"
+            checks.append(check)
+    if e2e and device_type == "cuda" and e2e.get("speedup") is not None:
+        check = {"target": "training iteration >= 1.2x images/s", "op": "train step", "shape": e2e.get("shape", ""),
+                 "dtype": e2e.get("dtype", ""), "impl": e2e.get("fused_backend", "auto"), "threshold": E2E_TARGET}
+        check.update(_judge(e2e["speedup"], E2E_TARGET, True))
+        checks.append(check)
+    return checks
+
+
+def missing_backend_note(device_type: str, backends: List[str], reasons: Dict[str, str]) -> Optional[str]:
+    """A sentence for the report when the backend a target is about did not run at all."""
+    wanted = ("cpu",) if device_type == "cpu" else ("triton", "cuda")
+    absent = [b for b in wanted if b not in backends]
+    if device_type == "cpu" and absent:
+        return (f"The `cpu` backend is not available ({reasons.get('cpu', 'not listed')}): this run compares "
+                "fastadvseg's `reference` backend with eager and torch.compile only; the CPU target is not measured.")
+    if device_type == "cuda" and absent:
+        return "Not available on this run: " + "; ".join(f"`{b}` ({reasons.get(b, 'not listed')})" for b in absent)
+    return None

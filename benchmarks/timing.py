@@ -1,0 +1,133 @@
+"""Timers, peak memory and the copy-bandwidth ceiling.
+
+Discipline: warm up first (JIT, compile, allocator), then time many calls one by one and report order statistics
+(median, p10/p90, quartiles), never a mean. On CUDA each call sits between two CUDA events and the time is read
+after a synchronize; on CPU a ``perf_counter`` pair brackets each call. Calls rotate over several input sets
+(together larger than the last-level cache, see :func:`num_copies`) so that no call finds its inputs in cache
+because the previous call just touched them.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+DEFAULT_LLC_BYTES = 32 << 20
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", DEFAULT_LLC_BYTES))
+    for index in (3, 2):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        return int(text.rstrip("KMG")) * scale
+    return DEFAULT_LLC_BYTES
+
+
+def num_copies(bytes_per_set: int, device: torch.device, lo: int = 2, hi: int = 8) -> int:
+    """How many input sets to rotate over: together at least twice the last-level cache, 2 to 8 of them."""
+    need = math.ceil(2 * last_level_cache_bytes(device) / max(bytes_per_set, 1))
+    return max(lo, min(hi, need))
+
+
+def summarize(samples_s: List[float]) -> Dict[str, float]:
+    """Order statistics of per-call times, in milliseconds."""
+    ms = sorted(s * 1e3 for s in samples_s)
+
+    def q(p: float) -> float:  # linear interpolation between order statistics
+        k = (len(ms) - 1) * p
+        lo, hi = math.floor(k), math.ceil(k)
+        return ms[lo] + (ms[hi] - ms[lo]) * (k - lo)
+
+    return {"median_ms": statistics.median(ms), "p10_ms": q(0.10), "p90_ms": q(0.90), "q1_ms": q(0.25),
+            "q3_ms": q(0.75), "min_ms": ms[0], "n": len(ms)}
+
+
+def warm_up(fn: Callable[[int], object], device: torch.device, min_calls: int = 3, min_s: float = 0.1,
+            max_calls: int = 1000) -> float:
+    """Call ``fn(k)`` at least ``min_calls`` times and for at least ``min_s`` seconds (the first calls after a
+    switch of op pay for thread-pool wake-up, allocator growth and lazy initialisation); returns the seconds per
+    call of the second half of the warm-up."""
+    start = time.perf_counter()
+    stamps = [start]
+    k = 0
+    while k < max_calls and (k < min_calls or stamps[-1] - start < min_s):
+        fn(k)
+        sync(device)
+        stamps.append(time.perf_counter())
+        k += 1
+    half = len(stamps) // 2
+    return (stamps[-1] - stamps[half]) / max(1, len(stamps) - 1 - half)
+
+
+def time_calls(fn: Callable[[int], object], device: torch.device, *, warmup: int = 3, repeats: int = 50,
+               min_repeats: int = 5, budget_s: Optional[float] = None) -> List[float]:
+    """Per-call seconds of ``fn(k)``, k = 0, 1, 2, ... (``fn`` picks its input set from k), after :func:`warm_up`.
+
+    ``budget_s`` caps the timed calls at about that much wall time (estimated from the warm-up), never fewer than
+    ``min_repeats``.
+    """
+    per_call = warm_up(fn, device, min_calls=warmup)
+    if budget_s is not None:
+        repeats = max(min_repeats, min(repeats, int(budget_s / max(per_call, 1e-7))))
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for k, (start, end) in enumerate(events):
+            start.record()
+            fn(k)
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    samples = []
+    for k in range(repeats):
+        start = time.perf_counter()
+        fn(k)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak device memory one call allocates above what was allocated before it (CUDA); None elsewhere.
+
+    Whatever the call returns (outputs, gradients) is counted, as it is in a training step. There is no honest
+    equivalent on the CPU without an allocator hook, so the CPU reports n/a.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return int(peak)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> Dict[str, float]:
+    """Measured memory bandwidth of a large device-to-device copy (bytes read + bytes written per second).
+
+    The buffer is 1 GiB on CUDA (far beyond L2) and 256 MiB on CPU (beyond any last-level cache here).
+    """
+    if device.type != "cuda":
+        nbytes = min(nbytes, 256 << 20)
+        repeats = min(repeats, 10)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    samples = time_calls(lambda k: dst.copy_(src), device, warmup=3, repeats=repeats)
+    stats = summarize(samples)
+    return {"bytes": 2 * nbytes, "median_ms": stats["median_ms"],
+            "GBps": 2 * nbytes / (stats["median_ms"] / 1e3) / 1e9}
