@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional
 
+from .targets import E2E_OP, compact_rows, verdict
+
 IMPL_ORDER = ("eager", "compile", "reference", "cpu", "cuda", "triton")
 
 
@@ -71,11 +73,15 @@ def render_markdown(result: dict) -> str:
     md.append("\n## SPEC section 5 targets\n\n")
     checks = result.get("targets", [])
     if checks:
-        md.append(table(("target", "op", "shape", "dtype", "impl", "measured", "met", "gap"), [
-            (c["target"], c["op"], c["shape"], c["dtype"], c["impl"], _f(c["value"], "{:.2f}"),
-             {True: "met", False: "NOT met", None: "not measured"}[c["met"]], c["gap"]) for c in checks]))
+        header, *lines = compact_rows(checks)
+        if lines:
+            md.append(table(header, lines))
+        for c in checks:
+            if c["op"] == E2E_OP:
+                md.append(f"\n{c['target']}: {verdict(c)}.\n")
         met = sum(1 for c in checks if c["met"])
-        md.append(f"\n{met} of {len(checks)} checks met.\n")
+        unmeasured = sum(1 for c in checks if c["met"] is None)
+        md.append(f"\n{met} of {len(checks)} checks met ({unmeasured} not measured).\n")
     else:
         md.append("No target applies to what this run measured (targets: GPU at VOC/Cityscapes; CPU `cpu` backend "
                   "at N=2; see benchmarks/README.md).\n")
@@ -88,6 +94,12 @@ def render_markdown(result: dict) -> str:
         r0 = rows[0]
         md.append(f"\n## {s}: N={r0['N']}, C={r0['C']}, {r0['H']}x{r0['W']}\n\n")
         md.append(table(RESULT_HEADER, result_rows(rows)))
+    versus = [r for r in result["rows"] if r.get("cuda_vs_triton") is not None]
+    if versus:
+        md.append("\n## cuda vs triton (same run; > 1: the CUDA C++ kernel is faster)\n\n")
+        md.append(table(("shape", "op", "dtype", "dir", "cuda ms", "triton / cuda"), [
+            (r["shape"], r["op"], r["dtype"], r["direction"], f"{r['median_ms']:.3f}", f"{r['cuda_vs_triton']:.2f}x")
+            for r in sorted(versus, key=lambda r: (r["shape"], r["dtype"], r["op"], r["direction"]))]))
     e2e = result.get("e2e")
     if e2e:
         md.append("\n## Training iteration (end to end)\n\n")

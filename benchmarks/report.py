@@ -36,6 +36,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed calls per measurement (default 1.0 CPU, 2.0 GPU); never fewer than 5 calls")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (smoke tests)")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="time only these fastadvseg backends (default: every one available_backends lists)")
     p.add_argument("--include-triton-cpu", action="store_true",
                    help="on CPU, also time the Triton backend under TRITON_INTERPRET=1, tiny shapes only")
     p.add_argument("--no-validate-labels", action="store_true",
@@ -68,7 +70,8 @@ def run_cases(args, device, shapes, dtypes, cases, log) -> List[dict]:
     repeats = args.repeats or (100 if device.type == "cuda" else 30)
     budget = args.budget or (2.0 if device.type == "cuda" else 1.0)
     for shape in shapes:
-        backends = C.fused_backends(device, shape, args.include_triton_cpu)
+        backends = [b for b in C.fused_backends(device, shape, args.include_triton_cpu)
+                    if args.backends is None or b in args.backends]
         impls = ["eager"] + ([] if args.no_compile else ["compile"]) + backends
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
@@ -133,6 +136,12 @@ def _add_ratios(rows: List[dict]) -> None:
         else:
             r["mem_vs_eager"] = None
         r["GBps"] = r["bytes"] / (r["median_ms"] / 1e3) / 1e9
+    # GPU: the two kernel backends against each other (> 1: cuda is faster)
+    by_impl = {(r["op"], r["shape"], r["dtype"], r["direction"], r["impl"]): r for r in rows if r["status"] == "ok"}
+    for key, r in by_impl.items():
+        triton = by_impl.get(key[:4] + ("triton",))
+        if key[4] == "cuda" and triton:
+            r["cuda_vs_triton"] = triton["median_ms"] / r["median_ms"]
 
 
 def add_bandwidth_pct(rows: List[dict], copy_gbps: Optional[float]) -> None:

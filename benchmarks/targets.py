@@ -15,10 +15,9 @@ from typing import Dict, List, Optional
 
 from .shapes import TARGET_SHAPES
 
-BASELINES = ("eager", "compile")
-NON_FUSED = BASELINES + ("reference",)
 TARGET_DTYPES = ("float32", "bfloat16")
 
+FUSED = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}  # the backends each device's targets are about
 GPU_TARGETS = (  # (name, row field, threshold, higher is better)
     ("fused >= 4x eager", "speedup_vs_eager", 4.0, True),
     ("fused >= 1.5x torch.compile", "speedup_vs_compile", 1.5, True),
@@ -26,7 +25,9 @@ GPU_TARGETS = (  # (name, row field, threshold, higher is better)
     ("peak memory <= 1/2 eager", "mem_vs_eager", 0.5, False),
 )
 CPU_TARGETS = (("cpu backend >= 3x eager", "speedup_vs_eager", 3.0, True),)
+UNITS = {"bw_pct": "{:.0f}%"}  # everything else is a ratio, printed as 1.23x
 E2E_TARGET = 1.2
+E2E_OP = "training iteration"
 
 
 def _judge(value: Optional[float], threshold: float, higher: bool) -> Dict[str, object]:
@@ -49,17 +50,17 @@ def evaluate(rows: List[dict], device_type: str, e2e: Optional[dict] = None) -> 
     targets = GPU_TARGETS if device_type == "cuda" else CPU_TARGETS
     for row in rows:
         if (row["shape"] not in shapes or row["dtype"] not in TARGET_DTYPES or row["direction"] != "fwdbwd"
-                or row["impl"] in NON_FUSED or (device_type == "cpu" and row["impl"] != "cpu")):
+                or row["impl"] not in FUSED.get(device_type, ())):
             continue
         for name, field, threshold, higher in targets:
-            check = {"target": name, "op": row["op"], "shape": row["shape"], "dtype": row["dtype"],
+            check = {"target": name, "field": field, "op": row["op"], "shape": row["shape"], "dtype": row["dtype"],
                      "impl": row["impl"], "threshold": threshold}
             check.update(_judge(row.get(field) if row["status"] == "ok" else None, threshold, higher))
             if row["status"] != "ok":
                 check["gap"] = f"not measured ({row['status']})"
             checks.append(check)
     if e2e and device_type == "cuda" and e2e.get("speedup") is not None:
-        check = {"target": "training iteration >= 1.2x images/s", "op": "train step", "shape": e2e.get("shape", ""),
+        check = {"target": "training iteration >= 1.2x images/s", "field": "speedup", "op": E2E_OP, "shape": e2e.get("shape", ""),
                  "dtype": e2e.get("dtype", ""), "impl": e2e.get("fused_backend", "auto"), "threshold": E2E_TARGET}
         check.update(_judge(e2e["speedup"], E2E_TARGET, True))
         checks.append(check)
@@ -76,3 +77,28 @@ def missing_backend_note(device_type: str, backends: List[str], reasons: Dict[st
     if device_type == "cuda" and absent:
         return "Not available on this run: " + "; ".join(f"`{b}` ({reasons.get(b, 'not listed')})" for b in absent)
     return None
+
+
+def verdict(check: dict) -> str:
+    return f"{format_value(check)} " + {True: "met", False: f"NOT met ({check['gap']})", None: check["gap"]}[check["met"]]
+
+
+def format_value(check: dict) -> str:
+    if check["value"] is None:
+        return "n/a"
+    return UNITS.get(check["field"], "{:.2f}x").format(check["value"])
+
+
+def compact_rows(checks: List[dict]) -> List[List[str]]:
+    """One line per (op, shape, dtype, backend), one cell per target: "5.10x met" / "2.00x NOT met (needs 2.00x
+    more)" / "n/a not measured"."""
+    checks = [c for c in checks if c["op"] != E2E_OP]
+    lines: Dict[tuple, Dict[str, str]] = {}
+    for c in checks:
+        lines.setdefault((c["op"], c["shape"], c["dtype"], c["impl"]), {})[c["target"]] = verdict(c)
+    names = []
+    for c in checks:
+        if c["target"] not in names:
+            names.append(c["target"])
+    return [["op", "shape", "dtype", "impl"] + names] + [list(k) + [cells.get(n, "") for n in names]
+                                                         for k, cells in lines.items()]
