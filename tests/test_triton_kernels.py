@@ -328,3 +328,24 @@ def test_every_kernel_compiles_for_sm90():
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_labels_beyond_int32_are_ignored_not_truncated(gen):
+    """With validation off, 2**32 + 1 must not alias class 1 (a kernel narrowing labels to int32 would)."""
+    shape = (1, 4, 2, 3)
+    x = make_logits(shape, torch.float32, "contiguous", DEVICE, generator=gen)
+    d = make_d_logits((1, 2, 3), torch.float32, DEVICE, generator=gen)
+    t = make_target(shape, DEVICE, ignore_frac=0.0, generator=gen)
+    bad = t.clone()
+    bad[0, 0, :2] = torch.tensor([2 ** 32 + 1, -(2 ** 32) + 2])
+    clean = bad.clone()
+    clean[0, 0, :2] = 255
+    with fas.label_validation(False):
+        for backend_target, ref_target in ((bad, clean),):
+            _check_against_reference(
+                lambda b, x, d: fas.generator_loss(x, d, backend_target if b == T else ref_target, lambda_adv=0.3,
+                                                   backend=b).total, torch.float32, x, d, what="generator")
+            _check_against_reference(
+                lambda b, x: fas.cross_entropy2d(x, backend_target if b == T else ref_target, reduction="none",
+                                                 backend=b), torch.float32, x, what="ce")
+            assert torch.equal(fas.one_hot2d(bad, 4, backend=T), fas.one_hot2d(clean, 4, backend="reference"))

@@ -51,7 +51,7 @@ def _wants_grad(t: torch.Tensor) -> bool:
 
 def _nonzero(count: torch.Tensor) -> torch.Tensor:
     """The divisor of a mean: count, or 1 where nothing was counted (the sum is then 0 and so is its gradient)."""
-    return torch.where(count > 0, count, torch.ones_like(count))
+    return torch.where(count > 0, count, 1.0)
 
 
 def _g(grad: Optional[torch.Tensor]) -> Union[torch.Tensor, float]:

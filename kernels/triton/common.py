@@ -135,7 +135,7 @@ def softmax_tile(x):
     m = tl.max(x, axis=0)
     e = tl.exp(x - m[None, :])
     s = tl.sum(e, axis=0)
-    return e / s[None, :], m + tl.log(s)
+    return e * (1.0 / s)[None, :], m + tl.log(s)
 
 
 @triton.jit
@@ -183,8 +183,9 @@ class TileLaunch(NamedTuple):
 
 def tile_launch(shape) -> TileLaunch:
     n, c, h, w = shape
-    if h * w >= 2 ** 31:
-        raise ValueError(f"an image of {h}x{w} pixels is too large for the triton kernels (H*W must be < 2**31)")
+    if h * w >= 2 ** 31 or n > 65535:
+        raise ValueError(f"logits of shape {tuple(shape)} exceed the triton kernels' grid: need H*W < 2**31 "
+                         "and N <= 65535 (split the batch)")
     block_c, block_p, num_warps = tile_shape(c, h * w)
     blocks = triton.cdiv(h * w, block_p)
     return TileLaunch((blocks, n), blocks, dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps))

@@ -50,7 +50,7 @@ def generator_kernel(
     x, offs_c, mask_c = load_logits_tile(x_ptr, px, sx_c, mask_p, C, BLOCK_C)
     if LABELLED:
         py = pix_offsets(n, offs_p, h, w, sy_n, sy_h, sy_w, FLAT)
-        labels = tl.load(y_ptr + py, mask=mask_p, other=ignore_index).to(tl.int32)
+        labels = tl.load(y_ptr + py, mask=mask_p, other=ignore_index)  # int64: no truncation before the check
         counted = mask_p & (labels != ignore_index) & (labels >= 0) & (labels < C)
         adv_counted = counted
     else:
