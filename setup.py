@@ -39,9 +39,9 @@ def _cpu_extensions():
         return []
     return [Extension(
         CPU_EXT,
-        sources=["csrc/cpu/kernels.cpp", "csrc/cpu/bindings.cpp"],
+        sources=["csrc/cpu/bindings.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"],
         include_dirs=[pybind11.get_include(), "csrc/cpu"],
-        depends=["csrc/cpu/kernels.h", "csrc/cpu/dtypes.h"],
+        depends=["csrc/cpu/kernels.h", "csrc/cpu/kernels_impl.h", "csrc/cpu/dtypes.h"],
         language="c++",
     )]
 
@@ -89,8 +89,72 @@ class OptionalBuildExt(build_ext):
               "the library falls back to the other backends", file=sys.stderr)
 
 
-EXT_MODULES = _cpu_extensions()
-CMDCLASS = {"build_ext": OptionalBuildExt}
+# The cuda backend (csrc/cuda/binding.cpp + kernels/cuda/*.cu -> fastadvseg._cuda_kernels): a torch CUDAExtension,
+# built only where torch itself has CUDA and finds a CUDA toolkit (CUDA_HOME) of the same major version; anywhere
+# else (a CPU build of torch, an isolated build without torch, no toolkit) it is skipped, and the library runs the
+# other backends. On a GPU machine build it with `pip install -e . --no-build-isolation`. Targets sm_80 and sm_90
+# (+ PTX for newer GPUs) unless TORCH_CUDA_ARCH_LIST is set. FASTADVSEG_NO_CUDA_EXT=1 skips it.
+CUDA_EXT = "fastadvseg._cuda_kernels"
+
+
+def _cuda_extensions():
+    if _env_on("FASTADVSEG_NO_CUDA_EXT"):
+        print("fastadvseg: FASTADVSEG_NO_CUDA_EXT is set; the cuda backend is not built", file=sys.stderr)
+        return []
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception:  # an isolated build (no torch): the cuda backend needs a CUDA torch at build time
+        return []
+    if torch.version.cuda is None:
+        return []  # a CPU build of torch (its CUDA_HOME is None even with nvcc on the PATH)
+    if cpp_extension.CUDA_HOME is None:
+        print("fastadvseg: torch has CUDA but no CUDA toolkit was found (set CUDA_HOME); the cuda backend is not "
+              "built", file=sys.stderr)
+        return []
+    import glob
+    import re
+    import subprocess
+    try:
+        nvcc_version = subprocess.run([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"],
+                                      capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"fastadvseg: nvcc in {cpp_extension.CUDA_HOME} does not run ({exc}); the cuda backend is not built",
+              file=sys.stderr)
+        return []
+    release = re.search(r"release (\d+)\.(\d+)", nvcc_version)
+    if release and release.group(1) != torch.version.cuda.split(".")[0]:
+        print(f"fastadvseg: the CUDA toolkit (nvcc {release.group(1)}.{release.group(2)}) and torch's CUDA "
+              f"({torch.version.cuda}) differ in "
+              "major version; the cuda backend is not built", file=sys.stderr)
+        return []
+    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                       "-gencode=arch=compute_90,code=compute_90"]
+    return [cpp_extension.CUDAExtension(
+        CUDA_EXT,
+        sources=["csrc/cuda/binding.cpp"] + sorted(glob.glob("kernels/cuda/*.cu")),
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "cuda")],
+        depends=sorted(glob.glob("kernels/cuda/*.cuh")),
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )]
+
+
+def _with_cuda_build(base, extensions):
+    """``base``, plus torch's BuildExtension (which compiles the .cu sources with nvcc) when the cuda backend is built."""
+    if not any(ext.name == CUDA_EXT for ext in extensions):
+        return base
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExtWithCuda(base, BuildExtension):
+        pass
+
+    return BuildExtWithCuda
+
+
+EXT_MODULES = _cpu_extensions() + _cuda_extensions()
+CMDCLASS = {"build_ext": _with_cuda_build(OptionalBuildExt, EXT_MODULES)}
 
 setup(
     name="fastadvseg",

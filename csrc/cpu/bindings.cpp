@@ -58,6 +58,7 @@ PYBIND11_MODULE(_C_cpu, m) {
 #else
   m.attr("openmp") = false;
 #endif
+  m.def("isa", &fas::isa, "the kernel build in use: 'avx2' (AVX2 + FMA) or 'base' (portable)");
 
   m.def(
       "fused_loss",

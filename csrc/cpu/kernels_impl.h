@@ -1,0 +1,578 @@
+// Kernels of the cpu backend (see kernels.h for the contract), compiled once per instruction set:
+// kernels_base.cpp (the portable build) and kernels_avx2.cpp (AVX2 + FMA), namespace fas::FAS_ISA; kernels.cpp
+// picks one at runtime.
+//
+// Work is cut into blocks of B pixels along a "row" (an image when H and W can be merged into one pixel axis
+// of constant stride in every 4-D tensor involved, else one image row). A block of logits is converted to
+// float32 into a per-thread scratch laid out [C][B]: whatever the memory layout (NCHW, channels_last, sliced),
+// the arithmetic then runs in loops with the channel loop outside and a contiguous inner loop over pixels,
+// which the compiler vectorises. Each logit is read from memory once; max, argmax, sum of exp, the target
+// logit, the loss and the gradient all come from the block in cache.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "dtypes.h"
+#include "kernels.h"
+
+#ifndef FAS_ISA
+#error "define FAS_ISA (the namespace of this instruction-set variant) before including kernels_impl.h"
+#endif
+
+#if defined(__FMA__)
+#define FAS_FMA(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define FAS_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+namespace fas {
+namespace FAS_ISA {
+namespace {
+
+// exp(x) for x <= 0 (or NaN), ~1 ulp, branch-free so that loops over it vectorise. Cephes-style range
+// reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n added to the exponent bits.
+// exp(x) < 1.2e-37 for x < -85: returned as 0 (softmax terms that small do not change a float32 sum).
+inline float exp_nonpositive(float x) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+  const float xc = x < -85.0f ? -85.0f : x;
+  const float t = xc * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = FAS_FMA(p, r, 1.3981999507e-3f);
+  p = FAS_FMA(p, r, 8.3334519073e-3f);
+  p = FAS_FMA(p, r, 4.1665795894e-2f);
+  p = FAS_FMA(p, r, 1.6666665459e-1f);
+  p = FAS_FMA(p, r, 5.0000001201e-1f);
+  p = FAS_FMA(p, r * r, r) + 1.0f;
+  const uint32_t shift = (bits_of(t) - bits_of(magic)) << 23;
+  float e = float_of(bits_of(p) + shift);
+  e = x < -85.0f ? 0.0f : e;
+  return x != x ? x : e;  // NaN in, NaN out
+}
+
+// log(x) for x > 0 (normal numbers; NaN in, NaN out), ~1 ulp, branch-free. Cephes-style: x = 2^k m,
+// m in [sqrt(1/2), sqrt(2)), degree-9 polynomial in m - 1.
+inline float log_positive(float x) {
+  const uint32_t bits = bits_of(x);
+  int32_t k = static_cast<int32_t>(bits >> 23) - 126;              // x = 2^k * m, m in [0.5, 1)
+  float m = float_of((bits & 0x007fffffu) | 0x3f000000u);
+  const bool small = m < 0.707106781186547524f;
+  k = small ? k - 1 : k;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = FAS_FMA(y, m, -1.1514610310e-1f);
+  y = FAS_FMA(y, m, 1.1676998740e-1f);
+  y = FAS_FMA(y, m, -1.2420140846e-1f);
+  y = FAS_FMA(y, m, 1.4249322787e-1f);
+  y = FAS_FMA(y, m, -1.6668057665e-1f);
+  y = FAS_FMA(y, m, 2.0000714765e-1f);
+  y = FAS_FMA(y, m, -2.4999993993e-1f);
+  y = FAS_FMA(y, m, 3.3333331174e-1f);
+  y = y * m * z;
+  const float kf = static_cast<float>(k);
+  y = FAS_FMA(kf, -2.12194440e-4f, y);
+  y = FAS_FMA(z, -0.5f, y);
+  float r = m + y;
+  r = FAS_FMA(kf, 0.693359375f, r);
+  return x != x ? x : r;
+}
+
+// log1p(u) for u in [0, 1] (or NaN): log(1 + u) corrected for the rounding of 1 + u.
+inline float log1p_unit(float u) {
+  const float w = 1.0f + u;
+  const float d = w - 1.0f;
+  const float r = log_positive(w) * (u / (d == 0.0f ? 1.0f : d));
+  return d == 0.0f ? u : r;
+}
+
+// Per-pixel discriminator terms from e = exp(-|z|) (one exp per pixel):
+// sigmoid(z) = 1 / (1 + e) for z >= 0, e / (1 + e) otherwise (exact 0.5 at z = 0, 0 for very negative z);
+// BCE(z, t) = (1 - t) z - log_sigmoid(z), log_sigmoid(z) = min(z, 0) - log1p(e): PyTorch's formula.
+inline float sigmoid_from(float z, float e) { return (z >= 0.0f ? 1.0f : e) / (1.0f + e); }
+
+inline float bce_from(float z, float e, float t) {
+  const float m = z < 0.0f ? z : 0.0f;
+  const float log_sig = (z != z ? z : m) - log1p_unit(e);
+  return (1.0f - t) * z - log_sig;
+}
+
+inline float exp_neg_abs(float z) { return exp_nonpositive(-std::fabs(z)); }
+
+// Sum of v[0..len) in double, in a fixed order (8 interleaved lanes, then the lanes in order): deterministic,
+// and not a serial chain of dependent additions.
+inline double sum_fixed(const float* v, int64_t len) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t b = 0;
+  for (; b + 8 <= len; b += 8)
+    for (int k = 0; k < 8; ++k) lane[k] += static_cast<double>(v[b + k]);
+  for (int k = 0; b < len; ++b, ++k) lane[k] += static_cast<double>(v[b]);
+  double total = 0;
+  for (int k = 0; k < 8; ++k) total += lane[k];
+  return total;
+}
+
+inline int64_t count_nonzero(const int32_t* v, int64_t len) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < len; ++b) total += v[b] != 0;
+  return total;
+}
+
+constexpr int64_t kMaxBlock = 256;  // pixels per block
+constexpr int64_t kScratchFloats = 16384;  // target size of one [C][B] float32 block (64 KiB)
+constexpr int64_t kSerialBelow = 32768;  // elements below which one thread does all the work
+
+// The block decomposition of an (N, ., H, W) pixel grid; a function of the shape and layout only.
+struct Geometry {
+  int64_t N, H, W;
+  bool merged;       // H and W form one pixel axis of stride sW in every tensor
+  int64_t L;         // pixels per row
+  int64_t B;         // pixels per block
+  int64_t BS;        // scratch row stride (B rounded up to 16)
+  int64_t per_row;   // blocks per row
+  int64_t nblocks;
+
+  Geometry(int64_t N_, int64_t C, int64_t H_, int64_t W_, std::initializer_list<const Tensor4*> tensors)
+      : N(N_), H(H_), W(W_) {
+    merged = true;
+    for (const Tensor4* t : tensors)
+      if (t && t->ptr && H > 1 && t->sH != W * t->sW) merged = false;
+    L = merged ? H * W : W;
+    const int64_t rows = merged ? N : N * H;
+    B = std::max<int64_t>(8, std::min<int64_t>(kMaxBlock, kScratchFloats / std::max<int64_t>(C, 1)));
+    B = std::min<int64_t>(B, std::max<int64_t>(L, 1));
+    BS = (B + 15) / 16 * 16;
+    per_row = L > 0 ? (L + B - 1) / B : 0;
+    nblocks = rows * per_row;
+  }
+
+  // First pixel (n, h, w) and length of block `blk`.
+  inline void block(int64_t blk, int64_t& n, int64_t& h, int64_t& w, int64_t& len) const {
+    const int64_t row = blk / per_row;
+    const int64_t j0 = (blk % per_row) * B;
+    len = std::min(B, L - j0);
+    if (merged) {
+      n = row;
+      h = j0 / W;
+      w = j0 % W;
+    } else {
+      n = row / H;
+      h = row % H;
+      w = j0;
+    }
+  }
+};
+
+inline int64_t offset(const Tensor4& t, int64_t n, int64_t h, int64_t w) { return n * t.sN + h * t.sH + w * t.sW; }
+
+// buf[c * BS + b] = float(t[pixel b of the block, channel c]); the pixel stride within a block is t.sW.
+template <class Tag>
+void load_block(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, float* buf) {
+  using S = typename Tag::S;
+  const S* p = static_cast<const S*>(t.ptr) + base;
+  const int64_t sC = t.sC, sP = t.sW;
+  if (sP == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      const S* pc = p + c * sC;
+      float* bc = buf + c * BS;
+      for (int64_t b = 0; b < len; ++b) bc[b] = Tag::load(pc[b]);
+    }
+  } else if (sC == 1) {
+    for (int64_t b = 0; b < len; ++b) {
+      const S* pb = p + b * sP;
+      for (int64_t c = 0; c < C; ++c) buf[c * BS + b] = Tag::load(pb[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t b = 0; b < len; ++b) buf[c * BS + b] = Tag::load(p[c * sC + b * sP]);
+  }
+}
+
+template <class Tag>
+void store_block(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, const float* buf) {
+  using S = typename Tag::S;
+  S* p = static_cast<S*>(t.ptr) + base;
+  const int64_t sC = t.sC, sP = t.sW;
+  if (sP == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      S* pc = p + c * sC;
+      const float* bc = buf + c * BS;
+      for (int64_t b = 0; b < len; ++b) pc[b] = Tag::store(bc[b]);
+    }
+  } else if (sC == 1) {
+    for (int64_t b = 0; b < len; ++b) {
+      S* pb = p + b * sP;
+      for (int64_t c = 0; c < C; ++c) pb[c] = Tag::store(buf[c * BS + b]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t b = 0; b < len; ++b) p[c * sC + b * sP] = Tag::store(buf[c * BS + b]);
+  }
+}
+
+inline int threads_for(int num_threads, int64_t work) {
+  return work < kSerialBelow ? 1 : std::max(1, num_threads);
+}
+
+// Runs body(block, scratch) for every block; each thread owns one scratch of `scratch_floats` floats.
+template <class Body>
+void for_blocks(int64_t nblocks, int nthreads, int64_t scratch_floats, const Body& body) {
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && nblocks > 1)
+  {
+    std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+#pragma omp for schedule(dynamic, 2)
+    for (int64_t blk = 0; blk < nblocks; ++blk) body(blk, scratch.data());
+  }
+}
+
+// Sums partial[k * nblocks + blk] over blk in block order (deterministic, thread-count independent).
+std::vector<double> sum_blocks(const std::vector<double>& partial, int64_t nblocks, int nsums) {
+  std::vector<double> out(nsums, 0.0);
+  for (int k = 0; k < nsums; ++k)
+    for (int64_t blk = 0; blk < nblocks; ++blk) out[k] += partial[k * nblocks + blk];
+  return out;
+}
+
+template <class Tag>
+void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scratch, double* sums) {
+  const int64_t C = a.C, BS = g.BS;
+  int64_t n, h0, w0, len;
+  g.block(blk, n, h0, w0, len);
+  float* buf = scratch;          // [C][BS] logits, then exp, then gradient
+  float* mx = buf + C * BS;      // max
+  float* se = mx + BS;           // sum of exp, then 1 / sum
+  float* xt = se + BS;           // logit of the label
+  float* wt = xt + BS;           // pixel weight (class weight, 1, or 0)
+  float* coef = wt + BS;         // gradient coefficient
+  int32_t* lab = reinterpret_cast<int32_t*>(coef + BS);   // label (or -1)
+  int32_t* cnt = lab + BS;                                // counted? (0 / 1)
+  int32_t* amax = cnt + BS;                               // argmax
+  int32_t* ign = amax + BS;                               // ignore mask (keep_mode)
+  float* zb = reinterpret_cast<float*>(ign + BS);         // discriminator logit
+  float* sg = zb + BS;                                    // sigmoid(z)
+  float* ad = sg + BS;                                    // BCE(z, 1)
+
+  double loss = 0, wsum = 0, adv = 0, adv_count = 0, kept = 0, considered = 0;
+
+  // 1. Per-pixel maps: labels, keep mask, adversarial term. Strided reads first, then the math in contiguous
+  //    loops (vectorised), then the counts. Output maps are contiguous: this block's pixels are pix0 + b.
+  const int64_t pix0 = (n * a.H + h0) * a.W + w0;
+  {
+    int64_t h = h0, w = w0;
+    for (int64_t b = 0; b < len; ++b) {
+      int32_t y = -1;
+      float wgt = 0.f;
+      if (a.label_mode == 0) {
+        const int64_t v = a.labels.at<int64_t>(n, h, w);
+        if (v != a.ignore_index && v >= 0 && v < C) {  // out-of-range labels are never used as an index
+          y = static_cast<int32_t>(v);
+          wgt = a.weight ? a.weight[v] : 1.f;
+        }
+      }
+      lab[b] = y;
+      cnt[b] = y >= 0;
+      wt[b] = wgt;
+      if (a.z.ptr) zb[b] = a.z.at<float>(n, h, w);
+      if (a.keep_mode) ign[b] = a.mask.ptr ? a.mask.at<uint8_t>(n, h, w) != 0 : 0;
+      if (++w == a.W) {
+        w = 0;
+        ++h;
+      }
+    }
+  }
+  const bool adv_terms = a.adv_mode != 0 && !a.maps_only;
+  if (a.keep_mode || adv_terms) {
+    for (int64_t b = 0; b < len; ++b) {
+      const float z = zb[b];
+      const float e = exp_neg_abs(z);
+      sg[b] = sigmoid_from(z, e);
+      ad[b] = bce_from(z, e, 1.0f);
+    }
+  }
+  if (a.keep_mode) {
+    for (int64_t b = 0; b < len; ++b) {
+      const int32_t k = !ign[b] && sg[b] > a.threshold;
+      cnt[b] = k;
+      wt[b] = k ? 1.f : 0.f;
+    }
+    considered = static_cast<double>(len - count_nonzero(ign, len));
+    kept = static_cast<double>(count_nonzero(cnt, len));
+  }
+  // labelled batches (adv_mode 1): the adversarial term counts the pixels with a valid label
+  if (a.adv_mode != 0) adv_count = static_cast<double>(a.adv_mode == 2 ? len : count_nonzero(cnt, len));
+  if (adv_terms) {
+    if (a.adv_mode == 1)
+      for (int64_t b = 0; b < len; ++b) ad[b] = lab[b] >= 0 ? ad[b] : 0.0f;  // a select: NaN stays out
+    adv = sum_fixed(ad, len);
+    if (a.grad_z) {
+      float* gz = a.grad_z + pix0;
+      const float scale = a.grad_z_scale;
+      for (int64_t b = 0; b < len; ++b) gz[b] = (a.adv_mode == 2 || lab[b] >= 0) ? (sg[b] - 1.0f) * scale : 0.0f;
+    }
+  }
+  if (a.weight) {
+    for (int64_t b = 0; b < len; ++b) sg[b] = cnt[b] ? wt[b] : 0.f;
+    wsum = sum_fixed(sg, len);  // (sg is free: class weights come without a discriminator map)
+  } else {
+    wsum = static_cast<double>(count_nonzero(cnt, len));
+  }
+
+  if (!a.maps_only) {
+    // 2. Logits of the block, once, into float32 scratch.
+    load_block<Tag>(a.x, offset(a.x, n, h0, w0), C, len, BS, buf);
+
+    // 3. Max over channels (and the first argmax for pseudo-labels).
+    for (int64_t b = 0; b < len; ++b) mx[b] = buf[b];
+    if (a.label_mode == 1) {
+      for (int64_t b = 0; b < len; ++b) amax[b] = 0;
+      for (int64_t c = 1; c < C; ++c) {
+        const float* bc = buf + c * BS;
+        const int32_t ci = static_cast<int32_t>(c);
+        for (int64_t b = 0; b < len; ++b) {  // selects on bit masks: SSE2 vectorises float/int blends
+          const uint32_t gt = 0u - static_cast<uint32_t>(bc[b] > mx[b]);
+          mx[b] = float_of((bits_of(bc[b]) & gt) | (bits_of(mx[b]) & ~gt));
+          amax[b] = static_cast<int32_t>((static_cast<uint32_t>(ci) & gt) | (static_cast<uint32_t>(amax[b]) & ~gt));
+        }
+      }
+      for (int64_t b = 0; b < len; ++b) lab[b] = cnt[b] ? amax[b] : -1;
+    } else {
+      for (int64_t c = 1; c < C; ++c) {
+        const float* bc = buf + c * BS;
+        for (int64_t b = 0; b < len; ++b) mx[b] = bc[b] > mx[b] ? bc[b] : mx[b];
+      }
+    }
+
+    // 4. exp(x - max) (kept in the scratch for the gradient), its sum, and the label's logit.
+    for (int64_t b = 0; b < len; ++b) {
+      se[b] = 0.f;
+      xt[b] = 0.f;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      float* bc = buf + c * BS;
+      const int32_t ci = static_cast<int32_t>(c);
+      for (int64_t b = 0; b < len; ++b) {
+        const float v = bc[b];
+        xt[b] = lab[b] == ci ? v : xt[b];
+        const float e = exp_nonpositive(v - mx[b]);
+        se[b] += e;
+        bc[b] = e;
+      }
+    }
+
+    // 5. Loss per pixel: nll = log(sum) - (x[y] - max), PyTorch's log_softmax rounding. Not-counted pixels
+    //    contribute an exact 0 (a select, so that a NaN there cannot leak in).
+    for (int64_t b = 0; b < len; ++b) {
+      const float nll = log_positive(se[b]) - (xt[b] - mx[b]);
+      xt[b] = cnt[b] ? nll * wt[b] : 0.f;  // the pixel's loss
+      se[b] = 1.0f / se[b];
+      coef[b] = wt[b] * a.grad_scale;
+    }
+    loss = sum_fixed(xt, len);
+    if (a.loss_map) std::copy(xt, xt + len, a.loss_map + pix0);
+
+    // 6. Gradient of grad_scale * sum(w * nll): coef * (softmax - onehot), exactly 0 where not counted.
+    if (a.grad.ptr) {
+      for (int64_t c = 0; c < C; ++c) {
+        float* bc = buf + c * BS;
+        const int32_t ci = static_cast<int32_t>(c);
+        for (int64_t b = 0; b < len; ++b) {
+          const float gv = (bc[b] * se[b] - (lab[b] == ci ? 1.0f : 0.0f)) * coef[b];
+          bc[b] = cnt[b] ? gv : 0.0f;
+        }
+      }
+      store_block<Tag>(a.grad, offset(a.grad, n, h0, w0), C, len, BS, buf);
+    }
+  }
+
+  sums[kLossSum] = loss;
+  sums[kWeightSum] = wsum;
+  sums[kAdvSum] = adv;
+  sums[kAdvCount] = adv_count;
+  sums[kKept] = kept;
+  sums[kConsidered] = considered;
+}
+
+template <class Tag>
+void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const Tensor4& y, int64_t blk,
+                           float* scratch) {
+  const int64_t BS = g.BS;
+  int64_t n, h0, w0, len;
+  g.block(blk, n, h0, w0, len);
+  float* buf = scratch;
+  float* mx = buf + C * BS;
+  float* se = mx + BS;
+  load_block<Tag>(x, offset(x, n, h0, w0), C, len, BS, buf);
+  for (int64_t b = 0; b < len; ++b) {
+    mx[b] = buf[b];
+    se[b] = 0.f;
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const float* bc = buf + c * BS;
+    for (int64_t b = 0; b < len; ++b) mx[b] = bc[b] > mx[b] ? bc[b] : mx[b];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    float* bc = buf + c * BS;
+    for (int64_t b = 0; b < len; ++b) {
+      const float e = exp_nonpositive(bc[b] - mx[b]);
+      se[b] += e;
+      bc[b] = e;
+    }
+  }
+  for (int64_t b = 0; b < len; ++b) se[b] = 1.0f / se[b];
+  for (int64_t c = 0; c < C; ++c) {
+    float* bc = buf + c * BS;
+    for (int64_t b = 0; b < len; ++b) bc[b] *= se[b];
+  }
+  store_block<Tag>(y, offset(y, n, h0, w0), C, len, BS, buf);
+}
+
+template <class Tag>
+void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, const Tensor4& gy, const Tensor4& gx,
+                            int64_t blk, float* scratch) {
+  const int64_t BS = g.BS;
+  int64_t n, h0, w0, len;
+  g.block(blk, n, h0, w0, len);
+  float* by = scratch;
+  float* bg = by + C * BS;
+  float* dot = bg + C * BS;
+  load_block<Tag>(y, offset(y, n, h0, w0), C, len, BS, by);
+  load_block<Tag>(gy, offset(gy, n, h0, w0), C, len, BS, bg);
+  for (int64_t b = 0; b < len; ++b) dot[b] = 0.f;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t b = 0; b < len; ++b) dot[b] += by[c * BS + b] * bg[c * BS + b];
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t b = 0; b < len; ++b) bg[c * BS + b] = by[c * BS + b] * (bg[c * BS + b] - dot[b]);
+  store_block<Tag>(gx, offset(gx, n, h0, w0), C, len, BS, bg);
+}
+
+template <class E>
+void one_hot_impl(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int64_t ignore_index, E* out,
+                  E one, int num_threads) {
+  const int64_t HW = H * W;
+  const int64_t B = 1024;
+  const int64_t per_row = (HW + B - 1) / B;
+  const int nt = threads_for(num_threads, N * C * HW);
+  for_blocks(N * per_row, nt, B, [&](int64_t blk, float* scratch) {
+    const int64_t n = blk / per_row, j0 = (blk % per_row) * B, len = std::min(B, HW - j0);
+    int32_t* lab = reinterpret_cast<int32_t*>(scratch);
+    int64_t h = j0 / W, w = j0 % W;
+    for (int64_t b = 0; b < len; ++b) {
+      const int64_t v = labels.at<int64_t>(n, h, w);
+      lab[b] = (v != ignore_index && v >= 0 && v < C) ? static_cast<int32_t>(v) : -1;
+      if (++w == W) {
+        w = 0;
+        ++h;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      E* oc = out + (n * C + c) * HW + j0;
+      const int32_t ci = static_cast<int32_t>(c);
+      for (int64_t b = 0; b < len; ++b) oc[b] = lab[b] == ci ? one : E(0);
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<double> fused_loss(const FusedArgs& a) {
+  const Geometry g(a.N, a.C, a.H, a.W, {&a.x, &a.grad});
+  const int64_t scratch = (a.C + 16) * g.BS;
+  const int nt = threads_for(a.num_threads, a.maps_only ? a.N * a.H * a.W : a.N * a.C * a.H * a.W);
+  std::vector<double> partial(static_cast<size_t>(kNumSums * g.nblocks), 0.0);
+  FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s) {
+    double sums[kNumSums];
+    fused_block<Tag>(a, g, blk, s, sums);
+    for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
+  }));
+  return sum_blocks(partial, g.nblocks, kNumSums);
+}
+
+void softmax_forward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& x, const Tensor4& y,
+                     int num_threads) {
+  const Geometry g(N, C, H, W, {&x, &y});
+  const int nt = threads_for(num_threads, N * C * H * W);
+  FAS_DISPATCH_DTYPE(x.dtype, for_blocks(g.nblocks, nt, C * g.BS + 2 * g.BS, [&](int64_t blk, float* s) {
+    softmax_forward_block<Tag>(C, g, x, y, blk, s);
+  }));
+}
+
+void softmax_backward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& y, const Tensor4& gy,
+                      const Tensor4& gx, int num_threads) {
+  if (y.dtype != gy.dtype || y.dtype != gx.dtype) throw std::invalid_argument("softmax_backward: mixed dtypes");
+  const Geometry g(N, C, H, W, {&y, &gy, &gx});
+  const int nt = threads_for(num_threads, N * C * H * W);
+  FAS_DISPATCH_DTYPE(y.dtype, for_blocks(g.nblocks, nt, 2 * C * g.BS + g.BS, [&](int64_t blk, float* s) {
+    softmax_backward_block<Tag>(C, g, y, gy, gx, blk, s);
+  }));
+}
+
+void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int64_t ignore_index, void* out,
+             int elem_size, uint64_t one, int num_threads) {
+  switch (elem_size) {
+    case 1: one_hot_impl(N, C, H, W, labels, ignore_index, static_cast<uint8_t*>(out), uint8_t(one), num_threads); break;
+    case 2: one_hot_impl(N, C, H, W, labels, ignore_index, static_cast<uint16_t*>(out), uint16_t(one), num_threads); break;
+    case 4: one_hot_impl(N, C, H, W, labels, ignore_index, static_cast<uint32_t*>(out), uint32_t(one), num_threads); break;
+    case 8: one_hot_impl(N, C, H, W, labels, ignore_index, static_cast<uint64_t*>(out), uint64_t(one), num_threads); break;
+    default: throw std::invalid_argument("one_hot: unsupported element size");
+  }
+}
+
+std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads) {
+  const int64_t B = 2048;
+  std::vector<int64_t> first(maps.size() + 1, 0);  // first block of each map
+  int64_t total = 0;
+  for (size_t i = 0; i < maps.size(); ++i) {
+    const int64_t np = maps[i].N * maps[i].H * maps[i].W;
+    first[i + 1] = first[i] + (np + B - 1) / B;
+    total += np;
+  }
+  const int64_t nblocks = first.back();
+  std::vector<double> partial(static_cast<size_t>(2 * nblocks), 0.0);
+  for_blocks(nblocks, threads_for(num_threads, 8 * total), 4 * B, [&](int64_t blk, float* scratch) {
+    size_t i = 0;
+    while (blk >= first[i + 1]) ++i;
+    const BceArgs& m = maps[i];
+    const int64_t HW = m.H * m.W, j0 = (blk - first[i]) * B, np = m.N * HW, end = std::min(np, j0 + B);
+    int64_t n = j0 / HW, h = (j0 % HW) / m.W, w = j0 % m.W;
+    float* zb = scratch;  // strided reads first, then the math in contiguous loops
+    float* tb = zb + B;
+    float* lb = tb + B;
+    int32_t* ib = reinterpret_cast<int32_t*>(lb + B);
+    const int64_t len = end - j0;
+    for (int64_t b = 0; b < len; ++b) {
+      zb[b] = m.z.at<float>(n, h, w);
+      tb[b] = m.target.ptr ? m.target.at<float>(n, h, w) : m.target_value;
+      ib[b] = m.mask.ptr ? m.mask.at<uint8_t>(n, h, w) != 0 : 0;
+      if (++w == m.W) {
+        w = 0;
+        if (++h == m.H) {
+          h = 0;
+          ++n;
+        }
+      }
+    }
+    float* gb = m.grad ? m.grad + j0 : nullptr;
+    for (int64_t b = 0; b < len; ++b) {
+      const float z = zb[b], t = tb[b], e = exp_neg_abs(z);
+      lb[b] = ib[b] ? 0.f : bce_from(z, e, t);  // a select: NaN at an ignored pixel does not leak in
+      if (gb) gb[b] = ib[b] ? 0.f : sigmoid_from(z, e) - t;
+    }
+    const double loss = sum_fixed(lb, len);
+    const double count = static_cast<double>(len - count_nonzero(ib, len));
+    if (m.loss_map) std::copy(lb, lb + len, m.loss_map + j0);
+    partial[blk] = loss;
+    partial[nblocks + blk] = count;
+  });
+  std::vector<double> out(2 * maps.size(), 0.0);
+  for (size_t i = 0; i < maps.size(); ++i)
+    for (int64_t blk = first[i]; blk < first[i + 1]; ++blk) {
+      out[2 * i] += partial[blk];
+      out[2 * i + 1] += partial[nblocks + blk];
+    }
+  return out;
+}
+
+}  // namespace FAS_ISA
+}  // namespace fas
