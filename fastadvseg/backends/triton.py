@@ -11,6 +11,7 @@ kernels then run in Triton's numpy interpreter: how CI without a GPU tests the G
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple, Union
 
@@ -43,6 +44,17 @@ def supports_device(device: Union[torch.device, str]) -> bool:
     if device.type == "cpu":
         return os.environ.get("TRITON_INTERPRET") == "1"
     return False
+
+
+def _on_tensor_device(op):
+    """Launch on the device of the op's first tensor (Triton launches on the *current* CUDA device otherwise)."""
+    @functools.wraps(op)
+    def wrapper(first, *args):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return op(first, *args)
+        return op(first, *args)
+    return wrapper
 
 
 def _wants_grad(t: torch.Tensor) -> bool:
@@ -94,6 +106,7 @@ class _Softmax2d(torch.autograd.Function):
         return _softmax.softmax_backward(p, grad_p)
 
 
+@_on_tensor_device
 def softmax2d(logits: torch.Tensor) -> torch.Tensor:
     if not _wants_grad(logits):
         return _softmax.softmax_forward(logits)
@@ -119,12 +132,14 @@ class _ReducedLoss(torch.autograd.Function):
                 *([None] * ctx.num_args))
 
 
+@_on_tensor_device
 def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                     ignore_index: int, reduction: str) -> torch.Tensor:
     return _ReducedLoss.apply(_ce.cross_entropy_forward, True, reduction, _wants_grad(logits),
                               logits, target, weight, ignore_index)
 
 
+@_on_tensor_device
 def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor],
                       ignore_mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
     return _ReducedLoss.apply(_bce.bce_forward, False, reduction, _wants_grad(d_logits),
@@ -151,6 +166,7 @@ class _SemiCrossEntropy2d(torch.autograd.Function):
         return _scale(grad, grad_out, kept, ctx.reduction, True), None, None, None, None, None
 
 
+@_on_tensor_device
 def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold: float,
                          ignore_mask: Optional[torch.Tensor], reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return _SemiCrossEntropy2d.apply(logits, d_logits, threshold, ignore_mask, reduction, _wants_grad(logits))
@@ -158,6 +174,7 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
 
 # ------------------------------------------------------------------------------------------------------ one_hot2d
 
+@_on_tensor_device
 def one_hot2d(target: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
     return _one_hot.one_hot(target, num_classes, ignore_index, dtype)
 
@@ -198,6 +215,7 @@ class _GeneratorLoss(torch.autograd.Function):
         return grad_x, grad_d, None, None, None, None, None, None, None
 
 
+@_on_tensor_device
 def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor],
                    lambda_adv: float, lambda_semi: float, threshold: float, ignore_index: int) -> GeneratorLoss:
     return GeneratorLoss(*_GeneratorLoss.apply(
@@ -222,6 +240,7 @@ class _DiscriminatorLoss(torch.autograd.Function):
                 None, None, None, None)
 
 
+@_on_tensor_device
 def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_fake: Optional[torch.Tensor],
                        ignore_mask_real: Optional[torch.Tensor]) -> torch.Tensor:
     return _DiscriminatorLoss.apply(d_fake, d_real, ignore_mask_fake, ignore_mask_real,
