@@ -1,0 +1,223 @@
+// Device helpers shared by the kernels: dtype conversion (float32 math for float/half/bfloat16 data), pixel
+// indexing, the per-pixel softmax statistics (one online pass over the C channels), the stable BCE and sigmoid,
+// and the deterministic block reduction + finalize launcher.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "launchers.cuh"
+
+namespace fastadvseg {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------- conversions
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Maps (discriminator logits, BCE targets, their gradients) are small next to the logits: their dtype is a
+// runtime code (uniform across the grid, so the branch costs nothing) instead of one more template parameter.
+__device__ __forceinline__ float load_map(const Strided3& m, int64_t off) {
+  switch (m.dtype) {
+    case kFloat16: return __half2float(static_cast<const __half*>(m.data)[off]);
+    case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[off]);
+    case kFloat64: return static_cast<float>(static_cast<const double*>(m.data)[off]);
+    default: return static_cast<const float*>(m.data)[off];
+  }
+}
+
+__device__ __forceinline__ void store_map(const Strided3& m, int64_t off, float v) {
+  switch (m.dtype) {
+    case kFloat16: static_cast<__half*>(m.data)[off] = __float2half_rn(v); break;
+    case kBFloat16: static_cast<__nv_bfloat16*>(m.data)[off] = __float2bfloat16_rn(v); break;
+    case kFloat64: static_cast<double*>(m.data)[off] = static_cast<double>(v); break;
+    default: static_cast<float*>(m.data)[off] = v; break;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------- indexing
+struct Pixel {
+  int64_t n, h, w;
+};
+
+// p in [0, N*H*W) -> (n, h, w) for a (.., H, W) grid with HW = H*W.
+__device__ __forceinline__ Pixel split_pixel(int64_t p, int64_t HW, int64_t W) {
+  Pixel px;
+  px.n = p / HW;
+  const int64_t hw = p - px.n * HW;
+  px.h = hw / W;
+  px.w = hw - px.h * W;
+  return px;
+}
+
+__device__ __forceinline__ int64_t offset3(const Strided3& m, const Pixel& px) {
+  return px.n * m.sn + px.h * m.sh + px.w * m.sw;
+}
+
+// Offset of channel 0 of pixel px; channel c is at + c * t.sc.
+__device__ __forceinline__ int64_t offset4(const Strided4& t, const Pixel& px) {
+  return px.n * t.sn + px.h * t.sh + px.w * t.sw;
+}
+
+__device__ __forceinline__ bool masked(const Strided3& mask, const Pixel& px) {
+  return mask.data != nullptr && static_cast<const uint8_t*>(mask.data)[offset3(mask, px)] != 0;
+}
+
+// Class label of px, or -1 when it does not count (ignore_index, or outside [0, C): never used as an index).
+__device__ __forceinline__ int64_t valid_label(const Strided3& target, const Pixel& px, int64_t C, int64_t ignore_index) {
+  const int64_t y = static_cast<const int64_t*>(target.data)[offset3(target, px)];
+  return (y != ignore_index && y >= 0 && y < C) ? y : -1;
+}
+
+#define FASTADVSEG_PIXEL_LOOP(p, P) \
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < (P); \
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// --------------------------------------------------------------------------------------------------- math
+// Softmax statistics of one pixel in one pass over the channels (online max / rescaled sum):
+// m = max_c x_c, s = sum_c exp(x_c - m), so log-sum-exp = m + log(s); xsel = x[sel];
+// arg = first index of the maximum (a NaN counts as the maximum, like torch.argmax) when kArgmax.
+struct RowStats {
+  float m, s, xsel;
+  int64_t arg;
+};
+
+template <typename T, bool kArgmax>
+__device__ __forceinline__ RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int64_t C, int64_t sel) {
+  float v = to_float(x[base]);
+  RowStats r;
+  r.m = v;
+  r.s = 1.f;
+  r.xsel = v;
+  r.arg = 0;
+  float best = v;
+  for (int64_t c = 1; c < C; ++c) {
+    v = to_float(x[base + c * sc]);
+    if (v > r.m) {
+      r.s = r.s * expf(r.m - v) + 1.f;
+      r.m = v;
+    } else {
+      r.s += expf(v - r.m);
+    }
+    if (!kArgmax && c == sel) r.xsel = v;
+    if (kArgmax && (v > best || (isnan(v) && !isnan(best)))) {
+      best = v;
+      r.arg = c;
+    }
+  }
+  if (kArgmax) r.xsel = best;
+  return r;
+}
+
+// d(-log softmax(x)[sel]) / dx_c = softmax(x)_c - [c == sel], times `scale`, written for every channel.
+template <typename T>
+__device__ __forceinline__ void write_nll_grad(const T* __restrict__ x, int64_t xbase, int64_t xsc, T* __restrict__ g,
+                                               int64_t gbase, int64_t gsc, int64_t C, const RowStats& r, int64_t sel,
+                                               float scale) {
+  const float inv_s = 1.f / r.s;
+  for (int64_t c = 0; c < C; ++c) {
+    const float p = expf(to_float(x[xbase + c * xsc]) - r.m) * inv_s;
+    g[gbase + c * gsc] = from_float<T>(scale * (p - (c == sel ? 1.f : 0.f)));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void write_zeros(T* __restrict__ g, int64_t gbase, int64_t gsc, int64_t C) {
+  const T zero = from_float<T>(0.f);
+  for (int64_t c = 0; c < C; ++c) g[gbase + c * gsc] = zero;
+}
+
+// torch's sigmoid formula (so the semi mask's `sigmoid(z) > threshold` matches it bit for bit); never NaN for
+// finite or infinite z.
+__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
+
+// BCE with logits in PyTorch's form (1 - t)*z + softplus(-z), softplus(-z) = max(-z, 0) + log1p(exp(-|z|)):
+// finite for finite z, and infinities give what PyTorch gives (inf for z = +inf, t = 0; NaN for 0 * inf).
+__device__ __forceinline__ float bce_logits(float z, float t) {
+  return (1.f - t) * z + (fmaxf(-z, 0.f) + log1pf(expf(-fabsf(z))));
+}
+
+// ------------------------------------------------------------------------------------ deterministic sums
+// Sum K per-thread values over the block (fixed shuffle tree, then warps in order) and write the block's sums
+// to partials[k * G + blockIdx.x]. Every thread of the block must call it (no early returns in the kernels).
+template <int K>
+__device__ __forceinline__ void block_sums_to_partials(const float (&v)[K], float* __restrict__ partials, int64_t G) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float warp_sums[K][kWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float s = v[k];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+    if (lane == 0) warp_sums[k][warp] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < K) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) s += warp_sums[threadIdx.x][i];
+    partials[threadIdx.x * G + blockIdx.x] = s;
+  }
+}
+
+// What the finalize block computes from the K column sums.
+enum EpilogueKind : int {
+  kEpiMean = 0,           // [sum, count] -> out0 = loss (mean or sum), out1 = denominator
+  kEpiSemi = 1,           // [sum, kept, considered] -> out0 = loss, out1 = denominator, out2 = kept ratio
+  kEpiDiscriminator = 2,  // [fake sum, fake count, real sum, real count] -> out0 = loss, out1/out2 = denominators
+  kEpiGenerator = 3,      // [ce sum, ce count, adv sum, adv count, semi sum, semi count] -> see launchers.cuh
+};
+
+struct Epilogue {
+  int kind;
+  int reduction;
+  int labelled;
+  double lambda_adv;
+  double lambda_semi;
+  double pixels;
+  Outputs out;
+};
+
+// One block reduces partials (K rows of G floats) in a fixed order and applies the epilogue. Defined in reduce.cu.
+cudaError_t launch_finalize(const float* partials, int64_t G, int K, const Epilogue& epi, cudaStream_t stream);
+
+inline Epilogue make_epilogue(int kind, int reduction, Outputs out) {
+  Epilogue epi{};
+  epi.kind = kind;
+  epi.reduction = reduction;
+  epi.out = out;
+  return epi;
+}
+
+// The main kernel's launch error, or else the finalize launch's.
+inline cudaError_t then_finalize(cudaError_t err, const float* partials, int64_t G, int K, const Epilogue& epi,
+                                 cudaStream_t stream) {
+  return err != cudaSuccess ? err : launch_finalize(partials, G, K, epi, stream);
+}
+
+// Calls launch(T{}) with T the logits' element type (float, __half, __nv_bfloat16): every logits kernel is
+// instantiated for exactly these three.
+template <typename F>
+inline cudaError_t dispatch_logits(int dtype, F&& launch) {
+  switch (dtype) {
+    case kFloat32: return launch(float{});
+    case kFloat16: return launch(__half{});
+    case kBFloat16: return launch(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+inline unsigned grid_of(int64_t blocks) { return static_cast<unsigned>(blocks); }
+
+}  // namespace cuda
+}  // namespace fastadvseg
