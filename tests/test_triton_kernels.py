@@ -346,3 +346,16 @@ def test_labels_beyond_int32_are_ignored_not_truncated(gen):
         _check_against_reference(lambda b, x: fas.cross_entropy2d(x, labels[b], reduction="none", backend=b),
                                  torch.float32, x, what="ce")
         assert torch.equal(fas.one_hot2d(bad, 4, backend=T), fas.one_hot2d(clean, 4, backend="reference"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_target_that_needs_a_gradient(reduction, gen):
+    """A soft-label target map that is itself trained gets its gradient (-z at counted pixels), like PyTorch's."""
+    d = make_d_logits((2, 3, 4), torch.float32, DEVICE, generator=gen)
+    target = torch.rand((2, 1, 3, 4), generator=gen).to(DEVICE)
+    mask = torch.rand((2, 3, 4), generator=gen).to(DEVICE) < 0.3
+    _check_against_reference(
+        lambda b, d, t: fas.bce_with_logits2d(d, t, ignore_mask=mask, reduction=reduction, backend=b),
+        torch.float32, d, target, what=f"bce soft target {reduction}")
+    _check_against_reference(lambda b, d, t: fas.bce_with_logits2d(d, t, reduction=reduction, backend=b),
+                             torch.float32, d, torch.tensor(0.7, device=DEVICE), what="bce 0-dim target")

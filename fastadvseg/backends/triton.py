@@ -139,9 +139,32 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
                               logits, target, weight, ignore_index)
 
 
+class _SoftTargetBCE(torch.autograd.Function):
+    """BCE whose target map needs a gradient too (a trained soft label, rare): BCE is linear in t with
+    dBCE/dt = -z at counted pixels, formed with torch ops in backward; d_logits' gradient is the kernel's."""
+
+    @staticmethod
+    def forward(ctx, d_logits, target, ignore_mask, reduction, store_grad):
+        total, count, loss_map, grad = _bce.bce_forward(
+            d_logits, target, ignore_mask, store_grad=store_grad, store_map=reduction == "none")
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad, count, d_logits, target, ignore_mask)
+        return _reduce(total, count, loss_map, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, count, z, target, ignore_mask = ctx.saved_tensors
+        neg_z = -z.float() if ignore_mask is None else torch.where(ignore_mask, 0.0, -z.float())
+        grad_t = _scale(neg_z, grad_out, count, ctx.reduction, False)
+        grad_t = (grad_t.sum() if target.dim() == 0 else grad_t).to(target.dtype)
+        return _scale(grad, grad_out, count, ctx.reduction, False), grad_t, None, None, None
+
+
 @_on_tensor_device
 def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor],
                       ignore_mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    if isinstance(target, torch.Tensor) and _wants_grad(target):
+        return _SoftTargetBCE.apply(d_logits, target, ignore_mask, reduction, _wants_grad(d_logits))
     return _ReducedLoss.apply(_bce.bce_forward, False, reduction, _wants_grad(d_logits),
                               d_logits, target, ignore_mask)
 
