@@ -1,0 +1,34 @@
+"""Networks: the DeepLab-v2 segmenter (dilated ResNet + ASPP) and the fully convolutional discriminator.
+
+    G = build_segmenter("deeplabv2_resnet101", 21, pretrained="resnet101COCO-41f33a49.pth")
+    D = FCDiscriminator(21)
+    opt = torch.optim.SGD(G.param_groups(2.5e-4), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .deeplab import ARCHS, ASPP, DeepLabV2, build_deeplab
+from .discriminator import FCDiscriminator
+from .resnet import DilatedResNet
+from .weights import LoadReport, detect_layout, load_pretrained, read_state_dict
+
+SEGMENTERS = tuple(ARCHS)
+
+__all__ = ["build_segmenter", "FCDiscriminator", "DeepLabV2", "ASPP", "DilatedResNet", "LoadReport",
+           "load_pretrained", "SEGMENTERS"]
+
+
+def build_segmenter(name: str, num_classes: int, pretrained: Optional[str] = None, *,
+                    freeze_bn: bool = True, stride_in_1x1: Optional[bool] = None) -> DeepLabV2:
+    """Build a segmenter by name (see ``SEGMENTERS``), optionally initialised from a local weights file.
+
+    ``model.load_report`` is the :class:`LoadReport` of the weights (None without ``pretrained``). The bottleneck stride sits where the
+    weights expect it: on the 1x1 conv for the authors' DeepLab layout (and without weights), on the 3x3 conv for
+    torchvision's ImageNet layout (``stride_in_1x1`` overrides this).
+    """
+    if stride_in_1x1 is None:
+        stride_in_1x1 = not pretrained or detect_layout(read_state_dict(pretrained)) != "torchvision"
+    model = build_deeplab(name, num_classes, freeze_bn=freeze_bn, stride_in_1x1=stride_in_1x1)
+    model.load_report = load_pretrained(model, pretrained) if pretrained else None
+    return model

@@ -1,0 +1,91 @@
+"""DeepLab-v2: a dilated ResNet and an ASPP classifier whose four branches are summed."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from .resnet import BasicBlock, Bottleneck, DilatedResNet
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling of DeepLab-v2: parallel 3x3 convs with dilations {6,12,18,24}, SUMMED.
+
+    (The authors' released Classifier_Module returned inside its loop, after adding only the second branch.)
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = (6, 12, 18, 24)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in dilations)
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+class DeepLabV2(nn.Module):
+    """Segmenter: ``backbone`` (dilated ResNet, frozen BN) -> ``classifier`` (ASPP). Logits at 1/8 of the input.
+
+    ``freeze_bn=True`` keeps every BatchNorm in eval mode (running statistics used, never updated) and its affine
+    parameters without gradient, whatever ``train()`` is called with.
+    """
+
+    def __init__(self, backbone: DilatedResNet, num_classes: int, freeze_bn: bool = True,
+                 dilations: Sequence[int] = (6, 12, 18, 24)):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = ASPP(backbone.out_channels, num_classes, dilations)
+        self.num_classes = num_classes
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> List[Dict]:
+        """Optimizer groups: the backbone at ``lr``, the classifier head at ``head_lr_mult * lr`` (paper: x10).
+
+        Each group carries ``lr_mult`` so a schedule can set ``group["lr"] = base_lr * group["lr_mult"]``.
+        """
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        head = [p for p in self.classifier.parameters() if p.requires_grad]
+        return [{"params": backbone, "lr": lr, "lr_mult": 1.0, "name": "backbone"},
+                {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "name": "head"}]
+
+
+# name -> (block, layers, widths, stem width)
+ARCHS = {
+    "deeplabv2_resnet101": (Bottleneck, (3, 4, 23, 3), (64, 128, 256, 512), 64),
+    "deeplabv2_resnet50": (Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), 64),
+    "deeplabv2_resnet18": (BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), 64),
+    # The CPU-sized default: a narrow ResNet-18-like backbone, one block per stage.
+    "deeplabv2_compact": (BasicBlock, (1, 1, 1, 1), (16, 32, 48, 64), 16),
+}
+
+
+def build_deeplab(name: str, num_classes: int, *, freeze_bn: bool = True, stride_in_1x1: bool = True) -> DeepLabV2:
+    if name not in ARCHS:
+        raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(ARCHS)}")
+    block, layers, widths, stem = ARCHS[name]
+    backbone = DilatedResNet(block, layers, widths, stem, stride_in_1x1=stride_in_1x1)
+    return DeepLabV2(backbone, num_classes, freeze_bn=freeze_bn)
