@@ -1,0 +1,281 @@
+"""The training configuration: ONE dataclass, loadable from YAML/JSON, every field overridable as ``--key value``.
+
+Field defaults are the paper's PASCAL VOC recipe (Hung et al. 2018, section 4) EXCEPT the few that size the run:
+with no arguments, ``python -m fastadvseg.train`` trains the compact model on the embedded synthetic data in a few
+minutes on 2 CPU cores. The shipped configs (``fastadvseg/configs/*.yaml``: ``voc_1_8`` ... ``cityscapes_1_4``)
+restore the paper's settings; ``--config NAME`` picks one, ``--config path.yaml`` reads a file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+MODES = ("baseline", "adv", "semi")
+AMP_MODES = ("none", "bf16", "fp16")
+LOSS_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    # --- run ---
+    name: Optional[str] = None  # run directory name under run_root (default: a timestamp)
+    run_root: str = "runs"
+    seed: int = 1234  # model init, batch order and augmentation all derive from it
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    # --- data (fastadvseg.data.build_data) ---
+    dataset: str = "synthetic"  # "synthetic" (embedded, no download), "voc", "cityscapes", "folder"
+    data_root: Optional[str] = None
+    crop_size: Tuple[int, int] = (64, 64)  # paper VOC: 321x321
+    scale_range: Tuple[float, float] = (0.5, 1.5)
+    mirror: bool = True
+    labelled_fraction: float = 0.125  # 1/8, 1/4, 1/2 or 1 of the training ids
+    labelled_count: Optional[int] = None  # an absolute count instead of the fraction
+    split_seed: int = 0  # the labelled/unlabelled split is drawn with this seed and saved with the run
+    split_file: Optional[str] = None  # reuse a saved split
+    val_pad: Optional[int] = None  # VOC protocol: 505
+    val_limit: Optional[int] = 96  # evaluate on the first N val images (None: all)
+    num_workers: int = 0
+    # --- models ---
+    model: str = "deeplabv2_compact"  # paper: deeplabv2_resnet101
+    pretrained: Optional[str] = None  # local weights file (torchvision ImageNet or the authors' COCO layout)
+    pretrained_d: Optional[str] = None  # local discriminator state_dict
+    freeze_bn: bool = True
+    # bottleneck stride on the 1x1 conv (authors' DeepLab/Caffe layout) or the 3x3 (torchvision); None: as the
+    # pretrained file's layout says (1x1 without a file). The run's config.yaml records the resolved value.
+    stride_in_1x1: Optional[bool] = None
+    ndf: int = 64
+    # --- method ---
+    mode: str = "semi"  # baseline (L_ce), adv (+L_adv), semi (+L_adv on unlabelled + L_semi)
+    batch_size: int = 8  # global batch (split over DDP ranks); paper: 10
+    steps: int = 500  # paper: 20000
+    lambda_adv: float = 0.01
+    lambda_semi: float = 0.1
+    lambda_semi_adv: float = 0.001
+    semi_threshold: float = 0.2  # T_semi
+    semi_start: int = 125  # paper: 5000 of 20000
+    d_unlabelled: bool = True  # D also sees the unlabelled predictions as fake (the authors' D_remain)
+    # --- optimisation ---
+    lr: float = 2.5e-4
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    power: float = 0.9
+    lr_d: float = 1e-4
+    betas_d: Tuple[float, float] = (0.9, 0.99)
+    # --- speed ---
+    amp: str = "none"  # "none", "bf16", "fp16" (fp16 uses a GradScaler on CUDA)
+    channels_last: bool = False
+    loss_backend: str = "auto"  # auto, reference, cpu, triton, cuda
+    # --- logging, evaluation, checkpoints ---
+    log_every: int = 10
+    eval_every: int = 250  # 0: only at the end
+    checkpoint_every: int = 100
+    eval_batch_size: int = 8
+    num_vis_images: int = 4
+    plots: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def bad(key, msg):
+            raise ConfigError(f"config {key}={getattr(self, key)!r}: {msg}")
+
+        if self.mode not in MODES:
+            bad("mode", f"choose one of {MODES}")
+        if self.amp not in AMP_MODES:
+            bad("amp", f"choose one of {AMP_MODES}")
+        if self.loss_backend not in LOSS_BACKENDS:
+            bad("loss_backend", f"choose one of {LOSS_BACKENDS}")
+        for key in ("batch_size", "steps", "log_every", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                bad(key, "must be >= 1")
+        for key in ("eval_every", "checkpoint_every", "semi_start", "num_workers", "num_vis_images"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if not 0 < self.labelled_fraction <= 1:
+            bad("labelled_fraction", "must be in (0, 1]")
+        if not 0 <= self.semi_threshold <= 1:
+            bad("semi_threshold", "must be in [0, 1]")
+        if min(self.crop_size) < 33:
+            bad("crop_size", "must be at least 33x33 (the discriminator downsamples by 32)")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names it."""
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` (from YAML/JSON or a command-line string) to the type of field ``key``."""
+    hint = _HINTS[key]
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) is typing.Union and type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    if isinstance(value, str) and hint is not str:
+        value = _parse_scalar(value)
+    if isinstance(value, str) and value.lower() in ("none", "null") and optional:
+        value = None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config {key}: None is not allowed (expected {_type_name(hint)})")
+    try:
+        if typing.get_origin(hint) is tuple:
+            elem = typing.get_args(hint)
+            n = len(elem)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value] * n  # "321" -> 321x321
+            if isinstance(value, str):
+                value = [_parse_scalar(v) for v in value.replace("x", ",").split(",")]
+            if not isinstance(value, (list, tuple)) or len(value) != n:
+                raise ValueError
+            return tuple(_scalar(e, v) for e, v in zip(elem, value))
+        return _scalar(hint, value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config {key}: cannot use {value!r} as {_type_name(_HINTS[key])}") from None
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _scalar(tp, value):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    if tp is str:
+        return str(value)
+    raise TypeError(tp)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def shipped_configs() -> List[str]:
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith((".yaml", ".yml", ".json")))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    for ext in (".yaml", ".yml", ".json", ""):
+        path = os.path.join(CONFIG_DIR, name_or_path + ext)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped config ({', '.join(shipped_configs())})")
+
+
+def read_config_file(name_or_path: str) -> Dict[str, Any]:
+    path = resolve_config_path(name_or_path)
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def from_dict(values: Dict[str, Any], base: Optional[TrainConfig] = None) -> TrainConfig:
+    """``base`` (default: the defaults) with ``values`` applied; unknown keys and bad values raise ConfigError."""
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown config key {key!r}" + _suggest(key))
+        setattr(cfg, key, _coerce(key, value))
+    return cfg.validate()
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(_FIELDS), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def parse_overrides(argv: Sequence[str]) -> Dict[str, Any]:
+    """``["--steps", "100", "--mirror", "--crop_size=65,65"]`` -> ``{"steps": "100", "mirror": True, ...}``.
+
+    A bool key given without a value means true. Values stay strings; :func:`from_dict` converts them.
+    """
+    out: Dict[str, Any] = {}
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected --key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown config key {key!r}" + _suggest(key))
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if _HINTS[key] is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None:
+                raise ConfigError(f"config {key}: missing value")
+            else:
+                value, i = nxt, i + 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    fields = ", ".join(_FIELDS)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Every TrainConfig field is also an option --key value: {fields}.\n"
+               f"Shipped configs: {', '.join(shipped_configs())}.")
+    parser.add_argument("--config", help="a YAML/JSON file or a shipped config name (e.g. voc_1_8)")
+    return parser
+
+
+def load_config(config: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+                base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Defaults (or ``base``) <- the config file <- the overrides."""
+    cfg = from_dict(read_config_file(config), base) if config else (base or TrainConfig())
+    return from_dict(overrides or {}, cfg)
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        if path.endswith(".json"):
+            json.dump(cfg.to_dict(), f, indent=2)
+        else:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
