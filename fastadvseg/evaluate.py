@@ -1,0 +1,145 @@
+"""Evaluate a segmenter: confusion matrix on the device, per-class IoU, mIoU (absent classes excluded), pixel accuracy.
+
+    python -m fastadvseg.evaluate --run runs/NAME                 # its config and best.pt (else last.pt)
+    python -m fastadvseg.evaluate --checkpoint G.pt --config voc_1_8 --data_root /data/VOCdevkit
+
+VOC protocol: single scale; with ``val_pad`` (505 in the VOC configs) images are padded bottom/right so they batch,
+the padded label pixels are ``ignore`` and predictions are cropped back to the label's original extent before
+scoring. Under torchrun every rank scores its share of the images and the confusion matrices are summed, so the
+numbers equal those of one process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import fastadvseg as fas
+
+from .config import TrainConfig, build_parser, from_dict, load_config, parse_overrides, read_config_file
+from .metrics import ConfusionMatrix, SegMetrics, format_table
+from .utils import distributed as dist_utils
+from .utils.builders import autocast, build_bundle, build_segmenter_for_eval, segment, to_device
+from .utils.checkpoint import BEST, LAST, load_checkpoint
+
+
+def _batches(dataset, indices: Sequence[int], batch_size: int):
+    """Items grouped into batches of equal-shaped images (different shapes go one by one)."""
+    group: List = []
+    for i in indices:
+        item = dataset[i]
+        if group and (len(group) == batch_size or group[0][0].shape != item[0].shape):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _valid_extent(label: torch.Tensor, ignore_index: int):
+    """(h, w) of the label without the bottom/right ignore padding added by val_pad."""
+    keep = label != ignore_index
+    rows = torch.nonzero(keep.any(1)).flatten()
+    cols = torch.nonzero(keep.any(0)).flatten()
+    if rows.numel() == 0:
+        return label.shape[-2:]
+    return int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+@torch.no_grad()
+def evaluate(G, dataset, num_classes: int, *, device, batch_size: int = 1, cfg: Optional[TrainConfig] = None,
+             info: Optional[dist_utils.DistInfo] = None, ignore_index: int = 255) -> SegMetrics:
+    """Score ``G`` on ``dataset`` (items (image, label, name)); all-reduces over ranks when distributed."""
+    info = info or dist_utils.DistInfo(device=torch.device(device))
+    cfg = cfg or TrainConfig()
+    was_training = G.training
+    G.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    indices = range(info.rank, len(dataset), info.world_size)
+    for group in _batches(dataset, indices, batch_size):
+        images = to_device(torch.stack([g[0] for g in group]), device, cfg.channels_last)
+        labels = torch.stack([g[1] for g in group]).to(device)
+        with autocast(cfg, device):
+            pred = segment(G, images, tuple(labels.shape[-2:])).argmax(1)
+        for p, t in zip(pred, labels):
+            if cfg.val_pad:  # crop the prediction back to the original image before scoring
+                h, w = _valid_extent(t, ignore_index)
+                p, t = p[:h, :w], t[:h, :w]
+            cm.update(p, t)
+    cm.all_reduce()
+    G.train(was_training)
+    return cm.compute()
+
+
+@torch.no_grad()
+def confidence_maps(G, D, images: torch.Tensor, size, cfg: TrainConfig):
+    """Predictions and sigmoid(D(softmax(logits))): where the discriminator trusts the prediction."""
+    was_training = G.training
+    G.eval()
+    with autocast(cfg, images.device):
+        logits = segment(G, images, size)
+        conf = torch.sigmoid(D(fas.softmax2d(logits, backend=cfg.loss_backend)).float())[:, 0]
+    G.train(was_training)
+    return logits.argmax(1), conf
+
+
+def write_report(result: SegMetrics, class_names, out_dir: str, stem: str = "eval", extra=None) -> str:
+    """``<stem>.md`` (the per-class table) and ``<stem>.json``; returns the table."""
+    table = format_table(class_names, result)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out_dir, stem + ".json"), "w", encoding="utf-8") as f:
+        json.dump({**(extra or {}), **result.to_dict(class_names)}, f, indent=2)
+    return table
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser("Evaluate a trained segmenter (mIoU, per-class IoU, pixel accuracy).")
+    parser.add_argument("--run", help="a run directory: uses its config.yaml and checkpoints/best.pt (else last.pt)")
+    parser.add_argument("--checkpoint", help="a checkpoint or a segmenter state_dict")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="with --run: which checkpoint")
+    parser.add_argument("--out", help="directory for eval.md / eval.json (default: the run directory)")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        overrides = parse_overrides(rest)
+        if args.run:
+            base = from_dict(read_config_file(os.path.join(args.run, "config.yaml")))
+            cfg = load_config(args.config, overrides, base=base)
+            ckpt = os.path.join(args.run, "checkpoints", BEST if args.which == "best" else LAST)
+            if not os.path.isfile(ckpt):
+                ckpt = os.path.join(args.run, "checkpoints", LAST)
+            split = os.path.join(args.run, "split.json")
+            if os.path.isfile(split) and "split_file" not in overrides:
+                cfg.split_file = split
+        elif args.checkpoint:
+            cfg, ckpt = load_config(args.config, overrides), args.checkpoint
+        else:
+            parser.error("give --run DIR or --checkpoint PATH")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = dist_utils.setup(cfg.device)
+    try:
+        bundle = build_bundle(cfg)
+        G = build_segmenter_for_eval(cfg, bundle.num_classes, ckpt, info.device)
+        result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
+                          cfg=cfg, info=info)
+        if info.is_main:
+            out = args.out or args.run or os.path.dirname(os.path.abspath(ckpt))
+            table = write_report(result, bundle.class_names, out, extra={"checkpoint": ckpt})
+            print(table)
+            print(f"mIoU {100 * result.miou:.2f}  pixel accuracy {100 * result.pixel_acc:.2f}  "
+                  f"({len(bundle.val)} images; report in {out}/eval.md, eval.json)")
+    finally:
+        dist_utils.teardown(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

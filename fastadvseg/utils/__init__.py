@@ -1,0 +1,10 @@
+"""What makes a training run trustworthy, kept out of the loop itself (``fastadvseg/train.py``):
+
+* ``builders``    - config -> data, networks, optimisers, poly schedule, autocast; the shared forward pass
+* ``sampling``    - batches and augmentation derived from (seed, step): exact resume, any number of workers
+* ``step``        - one G + D iteration of the paper's method
+* ``checkpoint``  - complete checkpoints (models, optimisers, RNG, step, best mIoU), written atomically
+* ``log``         - metrics.jsonl and the progress line
+* ``plots``       - loss / mIoU curves and the prediction + discriminator-confidence figure
+* ``distributed`` - torchrun / DDP setup and a clean teardown
+"""

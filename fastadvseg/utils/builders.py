@@ -1,0 +1,90 @@
+"""Turn a TrainConfig into data, networks, optimisers and schedules; the forward pass shared by train and evaluate."""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..models import FCDiscriminator, build_segmenter
+
+
+def build_bundle(cfg: TrainConfig):
+    from ..data import build_data
+
+    return build_data(cfg.dataset, cfg.data_root, crop_size=tuple(cfg.crop_size),
+                      labelled_fraction=cfg.labelled_fraction, labelled_count=cfg.labelled_count,
+                      split_seed=cfg.split_seed, split_file=cfg.split_file, scale_range=tuple(cfg.scale_range),
+                      mirror=cfg.mirror, val_pad=cfg.val_pad, val_limit=cfg.val_limit)
+
+
+def build_models(cfg: TrainConfig, num_classes: int, device: torch.device, log=print):
+    """G and D initialised from ``cfg.seed`` (so every rank and every resume builds the same ones)."""
+    torch.manual_seed(cfg.seed)
+    G = build_segmenter(cfg.model, num_classes, cfg.pretrained, freeze_bn=cfg.freeze_bn,
+                        stride_in_1x1=cfg.stride_in_1x1)
+    cfg.stride_in_1x1 = G.backbone.stride_in_1x1  # record the resolved layout with the run
+    if G.load_report is not None:
+        log(G.load_report.summary())
+    D = FCDiscriminator(num_classes, ndf=cfg.ndf)
+    if cfg.pretrained_d:
+        from ..models.weights import read_state_dict
+
+        D.load_state_dict(read_state_dict(cfg.pretrained_d))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
+
+
+def build_optimizers(cfg: TrainConfig, G, D):
+    opt_g = torch.optim.SGD(G.param_groups(cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
+    return opt_g, opt_d
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1.0 - step / total) ** power
+
+
+def set_lr(optimizer, base: float, step: int, total: int, power: float) -> float:
+    lr = poly_lr(base, step, total, power)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+
+
+def make_scaler(cfg: TrainConfig, device: torch.device):
+    """A GradScaler only where it is needed: fp16 on CUDA."""
+    if cfg.amp == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def segment(G, images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Logits at 1/8 of the input, upsampled bilinearly to ``size`` (the label's)."""
+    return F.interpolate(G(images), size=size, mode="bilinear", align_corners=True)
+
+
+def build_segmenter_for_eval(cfg: TrainConfig, num_classes: int, checkpoint: str, device: torch.device):
+    """G with the weights of ``checkpoint`` (a training checkpoint's "G", or a bare state_dict of any known layout)."""
+    from ..models.weights import load_pretrained
+
+    G = build_segmenter(cfg.model, num_classes, freeze_bn=cfg.freeze_bn, stride_in_1x1=cfg.stride_in_1x1)
+    report = load_pretrained(G, checkpoint)
+    if report.missing or report.mismatched:
+        raise ValueError(f"checkpoint {checkpoint} does not fit model {cfg.model} with {num_classes} classes:\n"
+                         + report.summary())
+    return G.to(device).eval()

@@ -1,0 +1,61 @@
+"""The run directory, and what a run leaves in it at the end: plots, the per-class table, summary.json."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from .distributed import broadcast_object
+from .log import fmt_duration, read_metrics
+from .plots import plot_curves, plot_samples
+
+
+def make_run_dir(cfg, info, existing=None) -> str:
+    """``run_root/name`` (default: a timestamp), chosen on rank 0 and shared; refuses to reuse a run's directory."""
+    if existing is not None:
+        return existing
+    path = None
+    if info.is_main:
+        name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
+        path = os.path.join(cfg.run_root, name)
+        if cfg.name is None:
+            k = 1
+            while os.path.exists(path):
+                path, k = os.path.join(cfg.run_root, f"{name}-{k}"), k + 1
+        elif os.path.exists(os.path.join(path, "checkpoints")):
+            raise FileExistsError(f"run directory {path} already holds a run: continue it with --resume {path}, "
+                                  f"or pick another --name")
+        os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+    return broadcast_object(path, info)
+
+
+def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s) -> dict:
+    """Rank 0: curves, the prediction/confidence figure, eval.md/json, summary.json; prints the IoU table."""
+    from ..evaluate import confidence_maps, write_report
+
+    summary = {"run_dir": run_dir, "step": cfg.steps, "interrupted": False, "miou": result.miou,
+               "pixel_acc": result.pixel_acc, "best_miou": best, "wall_s": wall_s}
+    if not info.is_main:
+        return summary
+    if cfg.plots:
+        plot_curves(read_metrics(os.path.join(run_dir, "metrics.jsonl")), run_dir)
+        n = min(cfg.num_vis_images, len(bundle.val))
+        if n:
+            items = [bundle.val[i] for i in range(n)]
+            shape = items[0][0].shape
+            items = [it for it in items if it[0].shape == shape]
+            images = torch.stack([it[0] for it in items]).to(info.device)
+            labels = torch.stack([it[1] for it in items])
+            preds, conf = confidence_maps(G, D, images, tuple(labels.shape[-2:]), cfg)
+            plot_samples(images, labels, preds, conf, bundle.palette, bundle.mean, bundle.std,
+                         os.path.join(run_dir, "samples.png"), titles=[it[2] for it in items])
+    table = write_report(result, bundle.class_names, run_dir, extra={"step": cfg.steps})
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    print(table)
+    print(f"mIoU {100 * result.miou:.2f} (best {100 * (best or 0):.2f})  pixel accuracy {100 * result.pixel_acc:.2f}  "
+          f"wall time {fmt_duration(wall_s)}  run directory {run_dir}", flush=True)
+    return summary
+

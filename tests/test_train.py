@@ -1,0 +1,214 @@
+"""The training loop, config, checkpoints, resume and evaluation, on tiny synthetic runs (33x33 crops, a few steps)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastadvseg.train as train_mod
+from fastadvseg import evaluate as evaluate_mod
+from fastadvseg.config import ConfigError, TrainConfig, load_config, parse_overrides, shipped_configs
+from fastadvseg.utils import checkpoint as ckpt_mod
+from fastadvseg.utils.log import read_metrics
+
+
+def tiny(tmp_path, name="run", **kw):
+    values = dict(run_root=str(tmp_path), name=name, crop_size="33,33", batch_size=2, steps=3, val_limit=4,
+                  eval_batch_size=4, ndf=8, log_every=1, checkpoint_every=2, eval_every=0, plots=False,
+                  num_vis_images=2, semi_start=1, loss_backend="reference", device="cpu")
+    values.update(kw)
+    return load_config(None, values)
+
+
+def _finite(records, key):
+    vals = [r[key] for r in records if r.get(key) is not None]
+    return vals and all(math.isfinite(v) for v in vals)
+
+
+@pytest.mark.parametrize("mode", ["baseline", "adv", "semi"])
+def test_every_mode_runs_and_writes_a_run_directory(tmp_path, mode):
+    cfg = tiny(tmp_path, mode=mode, plots=(mode == "semi"))
+    out = train_mod.train(cfg)
+    run = out["run_dir"]
+    assert not out["interrupted"] and 0.0 <= out["miou"] <= 1.0
+    for f in ("config.yaml", "split.json", "metrics.jsonl", "eval.md", "eval.json", "summary.json",
+              "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert os.path.isfile(os.path.join(run, f)), f
+    records = read_metrics(os.path.join(run, "metrics.jsonl"))
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3]
+    assert [r["kind"] for r in records].count("val") == 1
+    assert _finite(train_recs, "loss_ce") and _finite(train_recs, "lr")
+    assert train_recs[0]["lr"] == pytest.approx(2.5e-4) and train_recs[1]["lr"] < train_recs[0]["lr"]
+    if mode == "baseline":
+        assert all("loss_d" not in r and "loss_adv" not in r for r in train_recs)
+    else:
+        assert _finite(train_recs, "loss_d") and _finite(train_recs, "loss_adv")
+    if mode == "semi":
+        assert _finite(train_recs, "loss_semi_adv")
+        assert "loss_semi" not in train_recs[0] and "semi_ratio" in train_recs[1]  # semi_start=1
+        for png in ("losses.png", "miou.png", "samples.png"):
+            assert os.path.getsize(os.path.join(run, png)) > 1000, png
+    state = ckpt_mod.load_checkpoint(run)
+    assert state["step"] == 3 and set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["config"]["mode"] == mode and state["opt_g"]["param_groups"][1]["lr_mult"] == 10.0
+    table = open(os.path.join(run, "eval.md")).read()
+    assert "| background |" in table and "**mean**" in table
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    from fastadvseg.data import build_data
+    from fastadvseg.utils.builders import build_models, build_optimizers
+    from fastadvseg.utils.step import Nets, train_step
+
+    cfg = tiny(tmp_path, mode="adv", lr=2.5e-3)
+    bundle = build_data("synthetic", crop_size=(33, 33), val_limit=1)
+    images = torch.stack([bundle.labelled[i][0] for i in range(4)])
+    labels = torch.stack([bundle.labelled[i][1] for i in range(4)])
+    G, D = build_models(cfg, bundle.num_classes, torch.device("cpu"), log=lambda *a: None)
+    opt_g, opt_d = build_optimizers(cfg, G, D)
+    nets = Nets(G, D, D, opt_g, opt_d)
+    ce = [float(train_step(cfg, nets, s, images, labels)["loss_ce"]) for s in range(6)]
+    assert all(math.isfinite(v) for v in ce) and ce[-1] < ce[0]
+
+
+def _interrupt_at(monkeypatch, at_step):
+    real = train_mod.train_step
+
+    def step_then_signal(cfg, nets, step, *a, **k):
+        out = real(cfg, nets, step, *a, **k)
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run; the loop must finish the step and save
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
+    kw = dict(mode="semi", steps=4, eval_every=2, checkpoint_every=3)
+    full = train_mod.train(tiny(tmp_path, "full", **kw))
+    _interrupt_at(monkeypatch, 0)
+    part = train_mod.train(tiny(tmp_path, "part", **kw))
+    assert part["interrupted"] and part["step"] == 1
+    assert ckpt_mod.load_checkpoint(part["run_dir"])["step"] == 1
+    monkeypatch.undo()
+    cfg, resume = train_mod.parse_cli(["--resume", part["run_dir"]])
+    resumed = train_mod.train(cfg, resume)
+    a, b = ckpt_mod.load_checkpoint(full["run_dir"]), ckpt_mod.load_checkpoint(part["run_dir"])
+    assert a["step"] == b["step"] == 4
+    for net in ("G", "D"):
+        for k, v in a[net].items():
+            assert torch.equal(v, b[net][k]), f"{net}.{k} differs after resume"
+    for k, v in a["opt_d"]["state"].items():
+        assert torch.equal(v["exp_avg"], b["opt_d"]["state"][k]["exp_avg"])
+    assert resumed["miou"] == full["miou"] and a["best_miou"] == b["best_miou"]
+    strip = lambda recs: [{k: v for k, v in r.items()} for r in recs]
+    ra = strip(read_metrics(os.path.join(full["run_dir"], "metrics.jsonl")))
+    rb = strip(read_metrics(os.path.join(part["run_dir"], "metrics.jsonl")))
+    assert ra == rb  # the resumed run's log reads like the uninterrupted one (no duplicated steps)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    train_mod.train(tiny(tmp_path, "same", steps=1, mode="baseline"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_mod.train(tiny(tmp_path, "same", steps=1, mode="baseline"))
+
+
+def test_checkpoint_write_failing_midway_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    ckpt_mod.atomic_save({"step": 1, "w": torch.arange(10)}, path)
+    real_save = torch.save
+
+    def torn_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", torn_save)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt_mod.atomic_save({"step": 2, "w": torch.zeros(10)}, path)
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    state = torch.load(path, weights_only=False)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.arange(10))
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+
+
+def test_checkpoint_killed_during_write_keeps_a_loadable_file(tmp_path):
+    path = str(tmp_path / "last.pt")
+    child = textwrap.dedent(f"""
+        import sys, torch
+        from fastadvseg.utils.checkpoint import atomic_save
+        big = torch.randn(4_000_000)
+        atomic_save({{"step": 0, "w": big}}, {path!r})
+        print("ready", flush=True)
+        step = 1
+        while True:
+            atomic_save({{"step": step, "w": big}}, {path!r})
+            step += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        import time
+
+        time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    state = torch.load(path, weights_only=False)
+    assert state["w"].numel() == 4_000_000 and state["step"] >= 0
+
+
+# ---- config ----
+
+def test_config_file_overrides_and_errors(tmp_path):
+    cfg = load_config("voc_1_8")
+    assert (cfg.model, cfg.batch_size, cfg.crop_size, cfg.steps) == ("deeplabv2_resnet101", 10, (321, 321), 20000)
+    assert (cfg.lambda_adv, cfg.lambda_semi, cfg.lambda_semi_adv, cfg.semi_threshold) == (0.01, 0.1, 0.001, 0.2)
+    assert (cfg.semi_start, cfg.labelled_fraction, cfg.val_pad, cfg.mode) == (5000, 0.125, 505, "semi")
+    assert (cfg.lr, cfg.lr_d, cfg.betas_d, cfg.power, cfg.momentum) == (2.5e-4, 1e-4, (0.9, 0.99), 0.9, 0.9)
+    cs = load_config("cityscapes_1_4")
+    assert (cs.crop_size, cs.batch_size, cs.steps, cs.labelled_fraction) == ((512, 1024), 2, 40000, 0.25)
+    assert set(shipped_configs()) >= {"voc_1_8", "voc_1_4", "voc_1_2", "voc_full", "cityscapes_1_8",
+                                      "cityscapes_1_4", "synthetic"}
+    assert load_config("synthetic") == TrainConfig()  # the shipped file documents the no-argument default
+    path = tmp_path / "my.yaml"
+    path.write_text("steps: 7\nmode: adv\ncrop_size: [65, 97]\n")
+    ov = parse_overrides(["--steps", "9", "--mirror=false", "--val_pad", "none", "--channels_last", "--lr", "1e-3"])
+    cfg = load_config(str(path), ov)
+    assert (cfg.steps, cfg.mode, cfg.crop_size, cfg.mirror, cfg.val_pad, cfg.channels_last, cfg.lr) == \
+        (9, "adv", (65, 97), False, None, True, 1e-3)
+    assert load_config(None, {"crop_size": "65"}).crop_size == (65, 65)
+    with pytest.raises(ConfigError, match="unknown config key 'stpes'.*steps"):
+        parse_overrides(["--stpes", "3"])
+    with pytest.raises(ConfigError, match="steps.*'many'"):
+        load_config(None, {"steps": "many"})
+    with pytest.raises(ConfigError, match="mode='semisup'"):
+        load_config(None, {"mode": "semisup"})
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        load_config(str(path), {"bogus": 1})
+    with pytest.raises(ConfigError, match="neither a file nor a shipped config"):
+        load_config("voc_1_16")
+
+
+def test_cli_reports_a_bad_key(capsys):
+    assert train_mod.main(["--learning_rate", "0.1"]) == 2
+    assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_evaluate_cli_on_a_run(tmp_path, capsys):
+    out = train_mod.train(tiny(tmp_path, "ev", steps=2, mode="baseline"))
+    capsys.readouterr()
+    assert evaluate_mod.main(["--run", out["run_dir"], "--out", str(tmp_path / "ev_out")]) == 0
+    printed = capsys.readouterr().out
+    assert "| background |" in printed and "mIoU" in printed
+    report = json.load(open(tmp_path / "ev_out" / "eval.json"))
+    assert report["miou"] == pytest.approx(out["miou"], abs=0) and "background" in report["iou"]
+    assert evaluate_mod.main(["--checkpoint", os.path.join(out["run_dir"], "checkpoints", "last.pt"),
+                              "--config", os.path.join(out["run_dir"], "config.yaml"),
+                              "--out", str(tmp_path / "ev2")]) == 0
+    assert json.load(open(tmp_path / "ev2" / "eval.json"))["miou"] == report["miou"]
