@@ -49,8 +49,19 @@ struct Pixel {
 };
 
 // p in [0, N*H*W) -> (n, h, w) for a (.., H, W) grid with HW = H*W.
+// 32-bit division when p and H*W fit (the common case; a warp-uniform branch), int64 otherwise.
 __device__ __forceinline__ Pixel split_pixel(int64_t p, int64_t HW, int64_t W) {
   Pixel px;
+  if (p <= 0xffffffffll && HW <= 0xffffffffll) {
+    const uint32_t p32 = static_cast<uint32_t>(p), hw32 = static_cast<uint32_t>(HW), w32 = static_cast<uint32_t>(W);
+    const uint32_t n = p32 / hw32;
+    const uint32_t hw = p32 - n * hw32;
+    const uint32_t h = hw / w32;
+    px.n = n;
+    px.h = h;
+    px.w = hw - h * w32;
+    return px;
+  }
   px.n = p / HW;
   const int64_t hw = p - px.n * HW;
   px.h = hw / W;
@@ -82,9 +93,30 @@ __device__ __forceinline__ int64_t valid_label(const Strided3& target, const Pix
        p += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 // --------------------------------------------------------------------------------------------------- math
+// Channel values a thread loads back to back before using them: several loads in flight per thread (the channel
+// loop of one pixel is otherwise a chain of dependent load-use steps), which is what keeps DRAM busy.
+constexpr int kChunk = 4;
+
+// f(c, x[c]) for c = first .. C-1, in order, with the loads batched kChunk at a time.
+template <typename T, typename F>
+__device__ __forceinline__ void for_channels(const T* __restrict__ x, int64_t base, int64_t sc, int64_t first, int64_t C,
+                                             F&& f) {
+  int64_t c = first;
+  for (; c + kChunk <= C; c += kChunk) {
+    float v[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) v[j] = to_float(x[base + (c + j) * sc]);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) f(c + j, v[j]);
+  }
+  for (; c < C; ++c) f(c, to_float(x[base + c * sc]));
+}
+
 // Softmax statistics of one pixel in one pass over the channels (online max / rescaled sum):
 // m = max_c x_c, s = sum_c exp(x_c - m), so log-sum-exp = m + log(s); xsel = x[sel];
 // arg = first index of the maximum (a NaN counts as the maximum, like torch.argmax) when kArgmax.
+// Non-finite logits behave as in PyTorch: a NaN makes s NaN; -inf logits contribute 0 next to a finite maximum
+// (and a pixel whose logits are all -inf is NaN); a +inf logit makes the whole pixel NaN (x - max = inf - inf).
 struct RowStats {
   float m, s, xsel;
   int64_t arg;
@@ -92,27 +124,27 @@ struct RowStats {
 
 template <typename T, bool kArgmax>
 __device__ __forceinline__ RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int64_t C, int64_t sel) {
-  float v = to_float(x[base]);
+  const float x0 = to_float(x[base]);
   RowStats r;
-  r.m = v;
+  r.m = x0;
   r.s = 1.f;
-  r.xsel = v;
+  r.xsel = x0;
   r.arg = 0;
-  float best = v;
-  for (int64_t c = 1; c < C; ++c) {
-    v = to_float(x[base + c * sc]);
+  float best = x0;
+  for_channels(x, base, sc, 1, C, [&](int64_t c, float v) {
     if (v > r.m) {
       r.s = r.s * expf(r.m - v) + 1.f;
       r.m = v;
     } else {
-      r.s += expf(v - r.m);
+      r.s += (v == r.m) ? 1.f : expf(v - r.m);  // v == m: exp(0), also when both are -inf (not exp(NaN))
     }
     if (!kArgmax && c == sel) r.xsel = v;
     if (kArgmax && (v > best || (isnan(v) && !isnan(best)))) {
       best = v;
       r.arg = c;
     }
-  }
+  });
+  if (isinf(r.m) && r.m > 0.f) r.s = __int_as_float(0x7fc00000);  // NaN
   if (kArgmax) r.xsel = best;
   return r;
 }
@@ -123,10 +155,10 @@ __device__ __forceinline__ void write_nll_grad(const T* __restrict__ x, int64_t 
                                                int64_t gbase, int64_t gsc, int64_t C, const RowStats& r, int64_t sel,
                                                float scale) {
   const float inv_s = 1.f / r.s;
-  for (int64_t c = 0; c < C; ++c) {
-    const float p = expf(to_float(x[xbase + c * xsc]) - r.m) * inv_s;
+  for_channels(x, xbase, xsc, 0, C, [&](int64_t c, float v) {
+    const float p = expf(v - r.m) * inv_s;
     g[gbase + c * gsc] = from_float<T>(scale * (p - (c == sel ? 1.f : 0.f)));
-  }
+  });
 }
 
 template <typename T>

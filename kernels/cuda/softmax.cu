@@ -1,6 +1,7 @@
 // softmax2d: y[n,c,h,w] = exp(x_c - m) / sum_k exp(x_k - m), m = max_k x_k, per pixel over the C channels.
 // Backward: gx_c = y_c * (gy_c - sum_k y_k gy_k).
-// One thread per pixel, float32 math for float/half/bfloat16 data, any strides (int64).
+// One thread per pixel, float32 math for float/half/bfloat16 data, any strides (int64). Non-finite logits as in
+// PyTorch (see row_stats in common.cuh).
 // Bytes moved (E = bytes per element, N*C*H*W elements): forward reads the logits once from DRAM (the second
 // sweep of a pixel's C values hits L1/L2) and writes y: 2*E per element; backward reads y and gy, writes gx:
 // 3*E per element.
@@ -22,9 +23,8 @@ __global__ void __launch_bounds__(kThreads) softmax_forward_kernel(Shape4 s, Str
     const int64_t yb = offset4(y, px);
     const RowStats r = row_stats<T, false>(xp, xb, x.sc, s.C, -1);
     const float inv_s = 1.f / r.s;
-    for (int64_t c = 0; c < s.C; ++c) {
-      yp[yb + c * y.sc] = from_float<T>(expf(to_float(xp[xb + c * x.sc]) - r.m) * inv_s);
-    }
+    for_channels(xp, xb, x.sc, 0, s.C,
+                 [&](int64_t c, float v) { yp[yb + c * y.sc] = from_float<T>(expf(v - r.m) * inv_s); });
   }
 }
 
@@ -41,11 +41,10 @@ __global__ void __launch_bounds__(kThreads) softmax_backward_kernel(Shape4 s, St
     const int64_t gyb = offset4(gy, px);
     const int64_t gxb = offset4(gx, px);
     float dot = 0.f;
-    for (int64_t c = 0; c < s.C; ++c) dot += to_float(yp[yb + c * y.sc]) * to_float(gyp[gyb + c * gy.sc]);
-    for (int64_t c = 0; c < s.C; ++c) {
-      const float yc = to_float(yp[yb + c * y.sc]);
+    for_channels(yp, yb, y.sc, 0, s.C, [&](int64_t c, float yc) { dot += yc * to_float(gyp[gyb + c * gy.sc]); });
+    for_channels(yp, yb, y.sc, 0, s.C, [&](int64_t c, float yc) {
       gxp[gxb + c * gx.sc] = from_float<T>(yc * (to_float(gyp[gyb + c * gy.sc]) - dot));
-    }
+    });
   }
 }
 
