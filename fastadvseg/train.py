@@ -136,7 +136,13 @@ def _wrap(G, D, cfg: TrainConfig, info: dist_utils.DistInfo):
     if info.device.type == "cuda" and not cfg.freeze_bn:
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(G, device_ids=ids, broadcast_buffers=not cfg.freeze_bn), DDP(D, device_ids=ids)
+    kw = {}
+    if cfg.freeze_bn:  # frozen BN statistics never change: no need to re-broadcast them every forward
+        import inspect
+
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        kw[sync] = False
+    return DDP(G, device_ids=ids, **kw), DDP(D, device_ids=ids)
 
 
 def parse_cli(argv: Optional[Sequence[str]] = None):
