@@ -3,9 +3,11 @@
 # error cannot land unseen:
 #  1. every kernels/cuda/*.cu with nvcc alone (nvcc -c, sm_80 and sm_90 in one call per file, -O2), with the flags
 #     of torch's CUDAExtension build (C++17, no implicit half/bfloat16 conversions or operators), warnings as errors;
-#  2. the binding csrc/cuda/binding.cpp with `g++ -fsyntax-only` against the installed torch's headers (a CPU build
-#     of torch ships the c10/cuda headers but not the one generated at its CUDA build, cuda_cmake_macros.h: a
-#     one-line stand-in is used). Skipped when torch or g++ is missing; NVCC_CHECK_BINDING=0 skips it.
+#  2. the binding csrc/cuda/binding.cpp with `g++ -c` against the installed torch's headers (a CPU build of torch
+#     ships the c10/cuda headers but not the one generated at its CUDA build, cuda_cmake_macros.h: a one-line
+#     stand-in is used), then every launcher it calls is looked up among the symbols the .cu objects define (so a
+#     declaration that drifted from its definition fails here, not at link time on a GPU machine).
+#     Skipped when torch or g++ is missing; NVCC_CHECK_BINDING=0 skips it.
 # Exits 0 with a skip line when nvcc is not installed; exits 1 if any file fails.
 set -euo pipefail
 
@@ -60,9 +62,21 @@ if [ "${NVCC_CHECK_BINDING:-1}" != "0" ]; then
         inc=()
         for d in $torch_includes "$tmp/stub" "$py_include" "$cuda_include"; do inc+=(-isystem "$d"); done
         bstart=$SECONDS
-        if g++ -fsyntax-only -std=c++17 -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_cuda_kernels \
-               -DTORCH_API_INCLUDE_EXTENSION_H "${inc[@]}" -I "$root/kernels/cuda" "$root/csrc/cuda/binding.cpp"; then
-            echo "nvcc_check: ok   csrc/cuda/binding.cpp (g++ -fsyntax-only, $((SECONDS - bstart)) s)"
+        if g++ -c -O0 -fPIC -std=c++17 -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_cuda_kernels \
+               -DTORCH_API_INCLUDE_EXTENSION_H "${inc[@]}" -I "$root/kernels/cuda" "$root/csrc/cuda/binding.cpp" \
+               -o "$tmp/binding.o"; then
+            echo "nvcc_check: ok   csrc/cuda/binding.cpp (g++ -c against torch's headers, $((SECONDS - bstart)) s)"
+            # every launcher the binding calls must be defined, with the same signature, by the .cu objects
+            # (a declaration that drifted from its definition would otherwise only fail at link time on a GPU box)
+            missing="$(comm -23 <(nm -C --undefined-only "$tmp"/*.o | grep -o 'fastadvseg::cuda::.*' | sort -u) \
+                               <(nm -C --defined-only "$tmp"/*.o | grep -o 'fastadvseg::cuda::.*' | sort -u))"
+            if [ -n "$missing" ]; then
+                echo "nvcc_check: FAIL functions called (by the binding or a kernel file) but defined nowhere:" >&2
+                echo "$missing" >&2
+                status=1
+            else
+                echo "nvcc_check: ok   every launcher called by the binding or across kernel files is defined"
+            fi
         else
             echo "nvcc_check: FAIL csrc/cuda/binding.cpp" >&2
             status=1
