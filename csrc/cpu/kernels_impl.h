@@ -120,8 +120,8 @@ inline int64_t count_nonzero(const int32_t* v, int64_t len) {
   return total;
 }
 
-constexpr int64_t kMaxBlock = 256;  // pixels per block
-constexpr int64_t kScratchFloats = 16384;  // target size of one [C][B] float32 block (64 KiB)
+constexpr int64_t kMaxBlock = 128;  // pixels per block (a block and its per-pixel arrays stay in L1 for C ~ 20)
+constexpr int64_t kScratchFloats = 8192;  // target size of one [C][B] float32 block (32 KiB): B shrinks for large C
 constexpr int64_t kSerialBelow = 32768;  // elements below which one thread does all the work
 
 // The block decomposition of an (N, ., H, W) pixel grid; a function of the shape and layout only.
@@ -190,8 +190,11 @@ void load_block(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t 
   }
 }
 
+// t[pixel b, channel c] = keep[b] ? buf[c * BS + b] * scale[b] : 0 (keep == nullptr: always), written straight
+// from the scratch to memory: the products of the block's last pass are not stored twice.
 template <class Tag>
-void store_block(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, const float* buf) {
+void store_scaled(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, const float* buf,
+                  const float* scale, const int32_t* keep) {
   using S = typename Tag::S;
   S* p = static_cast<S*>(t.ptr) + base;
   const int64_t sC = t.sC, sP = t.sW;
@@ -199,16 +202,19 @@ void store_block(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t
     for (int64_t c = 0; c < C; ++c) {
       S* pc = p + c * sC;
       const float* bc = buf + c * BS;
-      for (int64_t b = 0; b < len; ++b) pc[b] = Tag::store(bc[b]);
-    }
-  } else if (sC == 1) {
-    for (int64_t b = 0; b < len; ++b) {
-      S* pb = p + b * sP;
-      for (int64_t c = 0; c < C; ++c) pb[c] = Tag::store(buf[c * BS + b]);
+      if (keep) {
+        for (int64_t b = 0; b < len; ++b) pc[b] = Tag::store(keep[b] ? bc[b] * scale[b] : 0.0f);
+      } else {
+        for (int64_t b = 0; b < len; ++b) pc[b] = Tag::store(bc[b] * scale[b]);
+      }
     }
   } else {
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t b = 0; b < len; ++b) p[c * sC + b * sP] = Tag::store(buf[c * BS + b]);
+    for (int64_t b = 0; b < len; ++b) {
+      S* pb = p + b * sP;
+      const float sb = scale[b];
+      const bool on = !keep || keep[b];
+      for (int64_t c = 0; c < C; ++c) pb[c * sC] = Tag::store(on ? buf[c * BS + b] * sb : 0.0f);
+    }
   }
 }
 
@@ -292,8 +298,9 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     }
   }
   if (a.keep_mode) {
+    const float threshold = a.threshold;  // locals, not fields of `a`: the float stores below cannot alias them
     for (int64_t b = 0; b < len; ++b) {
-      const int32_t k = !ign[b] && sg[b] > a.threshold;
+      const int32_t k = !ign[b] && sg[b] > threshold;
       cnt[b] = k;
       wt[b] = k ? 1.f : 0.f;
     }
@@ -309,7 +316,8 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     if (a.grad_z) {
       float* gz = a.grad_z + pix0;
       const float scale = a.grad_z_scale;
-      for (int64_t b = 0; b < len; ++b) gz[b] = (a.adv_mode == 2 || lab[b] >= 0) ? (sg[b] - 1.0f) * scale : 0.0f;
+      const bool all = a.adv_mode == 2;
+      for (int64_t b = 0; b < len; ++b) gz[b] = (all || lab[b] >= 0) ? (sg[b] - 1.0f) * scale : 0.0f;
     }
   }
   if (a.weight) {
@@ -361,28 +369,31 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
       }
     }
 
+    const float grad_scale = a.grad_scale;
     // 5. Loss per pixel: nll = log(sum) - (x[y] - max), PyTorch's log_softmax rounding. Not-counted pixels
     //    contribute an exact 0 (a select, so that a NaN there cannot leak in).
     for (int64_t b = 0; b < len; ++b) {
       const float nll = log_positive(se[b]) - (xt[b] - mx[b]);
       xt[b] = cnt[b] ? nll * wt[b] : 0.f;  // the pixel's loss
       se[b] = 1.0f / se[b];
-      coef[b] = wt[b] * a.grad_scale;
+      coef[b] = wt[b] * grad_scale;
     }
     loss = sum_fixed(xt, len);
     if (a.loss_map) std::copy(xt, xt + len, a.loss_map + pix0);
 
-    // 6. Gradient of grad_scale * sum(w * nll): coef * (softmax - onehot), exactly 0 where not counted.
+    // 6. Gradient of grad_scale * sum(w * nll): coef * (softmax - onehot), exactly 0 where not counted: every
+    //    entry is exp * (coef / sum), then the label's entry of each counted pixel is rewritten.
     if (a.grad.ptr) {
-      for (int64_t c = 0; c < C; ++c) {
-        float* bc = buf + c * BS;
-        const int32_t ci = static_cast<int32_t>(c);
-        for (int64_t b = 0; b < len; ++b) {
-          const float gv = (bc[b] * se[b] - (lab[b] == ci ? 1.0f : 0.0f)) * coef[b];
-          bc[b] = cnt[b] ? gv : 0.0f;
+      for (int64_t b = 0; b < len; ++b) coef[b] *= se[b];  // se holds 1 / sum here
+      store_scaled<Tag>(a.grad, offset(a.grad, n, h0, w0), C, len, BS, buf, coef, cnt);
+      using S = typename Tag::S;
+      S* g0 = static_cast<S*>(a.grad.ptr) + offset(a.grad, n, h0, w0);
+      for (int64_t b = 0; b < len; ++b) {
+        if (cnt[b]) {
+          const int64_t y = lab[b];
+          g0[y * a.grad.sC + b * a.grad.sW] = Tag::store((buf[y * BS + b] * se[b] - 1.0f) * (wt[b] * grad_scale));
         }
       }
-      store_block<Tag>(a.grad, offset(a.grad, n, h0, w0), C, len, BS, buf);
     }
   }
 
@@ -421,11 +432,7 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
     }
   }
   for (int64_t b = 0; b < len; ++b) se[b] = 1.0f / se[b];
-  for (int64_t c = 0; c < C; ++c) {
-    float* bc = buf + c * BS;
-    for (int64_t b = 0; b < len; ++b) bc[b] *= se[b];
-  }
-  store_block<Tag>(y, offset(y, n, h0, w0), C, len, BS, buf);
+  store_scaled<Tag>(y, offset(y, n, h0, w0), C, len, BS, buf, se, nullptr);
 }
 
 template <class Tag>
@@ -444,7 +451,8 @@ void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, cons
     for (int64_t b = 0; b < len; ++b) dot[b] += by[c * BS + b] * bg[c * BS + b];
   for (int64_t c = 0; c < C; ++c)
     for (int64_t b = 0; b < len; ++b) bg[c * BS + b] = by[c * BS + b] * (bg[c * BS + b] - dot[b]);
-  store_block<Tag>(gx, offset(gx, n, h0, w0), C, len, BS, bg);
+  for (int64_t b = 0; b < len; ++b) dot[b] = 1.0f;
+  store_scaled<Tag>(gx, offset(gx, n, h0, w0), C, len, BS, bg, dot, nullptr);
 }
 
 template <class E>

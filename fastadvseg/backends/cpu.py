@@ -4,9 +4,10 @@ This module is the thin autograd layer. Each op makes one kernel call that reads
 loss sums together with the gradient, stored in a separate buffer of the logits' dtype (the logits are never
 written). The gradient is stored already multiplied by the factor a plain ``loss.backward()`` needs (1/count for
 a mean, times lambda for the generator's weighted terms), computed from a cheap pre-pass over the label / mask
-maps; ``backward`` then rescales by what actually arrived, and hands the buffer back unchanged when that is 1.
-``reduction="none"`` stores the per-pixel gradient and scales it by the incoming map. Counts of 0 give a loss of
-0 and a zero gradient.
+maps; ``backward`` rescales it in place by what actually arrived (not at all when that is 1) and hands the buffer
+itself to autograd, so a leaf's ``.grad`` is that buffer, not a copy; a second backward through the same graph
+(``retain_graph=True``) recomputes it (:class:`_StoredGradients`). ``reduction="none"`` stores the per-pixel
+gradient and scales it by the incoming map. Counts of 0 give a loss of 0 and a zero gradient.
 
 Kernels get raw pointers, sizes, strides in elements and a dtype code, so any strides work (contiguous,
 channels_last, sliced views with a storage offset) without copying the logits. Discriminator maps, BCE targets
@@ -84,18 +85,38 @@ def _g(grad: Optional[torch.Tensor]) -> float:
     return 0.0 if grad is None else float(grad)
 
 
-def _rescale(stored: Optional[torch.Tensor], factor: float) -> Optional[torch.Tensor]:
-    """stored * factor; the buffer itself when factor is 1 (the common ``loss.backward()``)."""
-    if stored is None:
-        return None
-    if factor == 1.0:
-        return stored
-    return stored * factor
+def _scaled(grad: Optional[torch.Tensor], factor: float) -> Optional[torch.Tensor]:
+    """A stored gradient we own, times a number, in place (no copy when the factor is 1)."""
+    if grad is None or factor == 1.0:
+        return grad
+    return grad.mul_(factor)
 
 
-def _scale_by_map(stored: torch.Tensor, grad_map: torch.Tensor) -> torch.Tensor:
-    """Per-pixel gradient (N, C, H, W) times an incoming (N, H, W) map, in float32, back to the stored dtype."""
-    return (stored.float() * grad_map.float().unsqueeze(1)).to(stored.dtype)
+def _scaled_by_map(grad: torch.Tensor, grad_map: torch.Tensor) -> torch.Tensor:
+    """A stored per-pixel gradient (N, C, H, W) we own, times an incoming (N, H, W) map, in place."""
+    return grad.mul_(grad_map.unsqueeze(1))
+
+
+class _StoredGradients:
+    """The gradient buffers a forward pass filled, handed to backward once.
+
+    The first backward takes the buffers themselves (scaled in place): nothing else references them, so autograd
+    can use them as ``.grad`` without a copy. A second backward through the same graph (``retain_graph=True``)
+    finds them gone and recomputes them with ``recompute()``, one more pass of the same deterministic kernel.
+    """
+
+    def __init__(self, buffers, logits, recompute):
+        self._buffers, self._recompute = buffers, recompute
+        self._logits, self._version = logits, logits._version
+
+    def take(self):
+        buffers, self._buffers = self._buffers, None
+        if buffers is not None:
+            return buffers
+        if self._logits._version != self._version:
+            raise RuntimeError("fastadvseg (cpu backend): the logits were modified in place after the loss was "
+                               "computed; a second backward through the same graph cannot recompute the gradient")
+        return self._recompute()
 
 
 def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor] = None, grad_scale: float = 1.0,
@@ -112,6 +133,36 @@ def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor
 
 def _map_buffer(n: int, h: int, w: int) -> torch.Tensor:
     return torch.empty((n, h, w), dtype=torch.float32)
+
+
+def _logits_loss(ctx, logits: torch.Tensor, reduction: str, count_index: int, common: dict):
+    """Forward of a loss over the logits (cross-entropy, L_semi): the kernel's sums and the loss map.
+
+    With a gradient wanted, a pre-pass over the maps gives the mean's 1/count (sum ``count_index``), the kernel
+    writes the gradient already scaled by it, and ``ctx.stored`` keeps it for backward.
+    """
+    n, c, h, w = logits.shape
+    grad_scale = 1.0
+    if ctx.needs_input_grad[0] and reduction == "mean":
+        grad_scale = _inv(_fused(None, maps_only=True, **common)[count_index])
+    grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+    loss_map = _map_buffer(n, h, w) if reduction == "none" else None
+    sums = _fused(logits, grad=grad, grad_scale=grad_scale, loss_map=loss_map, **common)
+    ctx.reduction = reduction
+    if grad is not None:
+        def recompute():
+            again = torch.empty_like(logits)
+            _fused(logits, grad=again, grad_scale=grad_scale, **common)
+            return again
+        ctx.stored = _StoredGradients(grad, logits, recompute)
+    return sums, loss_map
+
+
+def _logits_loss_backward(ctx, grad_out) -> Optional[torch.Tensor]:
+    if not ctx.needs_input_grad[0] or grad_out is None:
+        return None
+    grad = ctx.stored.take()
+    return _scaled_by_map(grad, grad_out) if ctx.reduction == "none" else _scaled(grad, _g(grad_out))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,32 +195,16 @@ def softmax2d(logits: torch.Tensor) -> torch.Tensor:
 class _CrossEntropy2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction):
-        n, c, h, w = logits.shape
-        need_grad = ctx.needs_input_grad[0]
         weight32 = None if weight is None else _f32(weight.detach()).contiguous()
         common = dict(sizes=logits.shape, labels=target, ignore_index=ignore_index, weight=weight32)
-        grad_scale = 1.0
-        if need_grad and reduction == "mean":  # pre-pass over the labels: the mean's 1/count
-            grad_scale = _inv(_fused(None, maps_only=True, **common)[1])
-        grad = torch.empty_like(logits) if need_grad else None
-        loss_map = _map_buffer(n, h, w) if reduction == "none" else None
-        sums = _fused(logits, grad=grad, grad_scale=grad_scale, loss_map=loss_map, **common)
-        ctx.reduction = reduction
-        ctx.save_for_backward(grad)
+        sums, loss_map = _logits_loss(ctx, logits, reduction, 1, common)  # mean over the weight sum
         if reduction == "none":
             return loss_map
-        if reduction == "sum":
-            return _scalar(sums[0])
-        return _scalar(sums[0] * _inv(sums[1]))
+        return _scalar(sums[0] if reduction == "sum" else sums[0] * _inv(sums[1]))
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None
-        if ctx.reduction == "none":
-            return _scale_by_map(grad, grad_out), None, None, None, None
-        return _rescale(grad, _g(grad_out)), None, None, None, None
+        return _logits_loss_backward(ctx, grad_out), None, None, None, None
 
 
 def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
@@ -242,7 +277,7 @@ class _DiscriminatorLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         g = _g(grad_out)
-        return tuple(_rescale(s, g * inv) for s, inv in zip(ctx.saved_tensors, ctx.inv)) + (None, None)
+        return tuple(None if s is None else s * (g * inv) for s, inv in zip(ctx.saved_tensors, ctx.inv)) + (None, None)
 
 
 def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_fake: Optional[torch.Tensor],
@@ -256,34 +291,18 @@ def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_f
 class _SemiCrossEntropy2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, z, threshold, mask, reduction):
-        n, c, h, w = logits.shape
-        need_grad = ctx.needs_input_grad[0]
         common = dict(sizes=logits.shape, z=z, mask=mask, keep=True, threshold=threshold)
-        grad_scale = 1.0
-        if need_grad and reduction == "mean":  # pre-pass over the D map: 1/kept
-            grad_scale = _inv(_fused(None, maps_only=True, **common)[4])
-        grad = torch.empty_like(logits) if need_grad else None
-        loss_map = _map_buffer(n, h, w) if reduction == "none" else None
-        sums = _fused(logits, grad=grad, grad_scale=grad_scale, loss_map=loss_map, **common)
+        sums, loss_map = _logits_loss(ctx, logits, reduction, 4, common)  # mean over the kept pixels
         kept, considered = sums[4], sums[5]
         ratio = _scalar(kept) / max(considered, 1.0)
         ctx.mark_non_differentiable(ratio)
-        ctx.reduction = reduction
-        ctx.save_for_backward(grad)
         if reduction == "none":
-            loss = loss_map
-        else:
-            loss = _scalar(sums[0] if reduction == "sum" else sums[0] * _inv(kept))
-        return loss, ratio
+            return loss_map, ratio
+        return _scalar(sums[0] if reduction == "sum" else sums[0] * _inv(kept)), ratio
 
     @staticmethod
     def backward(ctx, grad_out, _grad_ratio):
-        (grad,) = ctx.saved_tensors
-        if grad is None or grad_out is None:
-            return None, None, None, None, None
-        if ctx.reduction == "none":
-            return _scale_by_map(grad, grad_out), None, None, None, None
-        return _rescale(grad, _g(grad_out)), None, None, None, None
+        return _logits_loss_backward(ctx, grad_out), None, None, None, None
 
 
 def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold: float,
@@ -340,7 +359,14 @@ class _GeneratorLoss(torch.autograd.Function):
         sums = _fused(logits, grad=grad, grad_scale=grad_scale, grad_z=grad_z, grad_z_scale=grad_z_scale, **common)
         loss_sum, weight_sum, adv_sum, adv_count, kept, considered = sums
         ctx.labelled, ctx.lambdas, ctx.k = labelled, (lambda_adv, lambda_semi), (k_x, k_z)
-        ctx.save_for_backward(grad, grad_z)
+        if need_x or need_z:
+            def recompute():
+                again = torch.empty_like(logits) if need_x else None
+                again_z = _map_buffer(n, h, w) if need_z else None
+                _fused(logits, grad=again, grad_scale=grad_scale, grad_z=again_z, grad_z_scale=grad_z_scale,
+                       **common)
+                return again, again_z
+            ctx.stored = _StoredGradients((grad, grad_z), logits, recompute)
         adv = _scalar(adv_sum * _inv(adv_count))
         if labelled:
             ce = _scalar(loss_sum * _inv(weight_sum))
@@ -356,7 +382,9 @@ class _GeneratorLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_total, g_ce, g_adv, g_semi, _g_ratio):
-        grad, grad_z = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None, None, None
+        grad, grad_z = ctx.stored.take()
         lambda_adv, lambda_semi = ctx.lambdas
         k_x, k_z = ctx.k
         gt = _g(g_total)
@@ -365,7 +393,7 @@ class _GeneratorLoss(torch.autograd.Function):
         else:
             factor_x = (lambda_semi * gt + _g(g_semi)) / k_x
         factor_z = (lambda_adv * gt + _g(g_adv)) / k_z
-        return _rescale(grad, factor_x), _rescale(grad_z, factor_z), None, None, None, None, None
+        return _scaled(grad, factor_x), _scaled(grad_z, factor_z), None, None, None, None, None
 
 
 def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor],
