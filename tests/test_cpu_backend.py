@@ -1,0 +1,233 @@
+"""The ``cpu`` backend's own guarantees (the shared suite checks its values and gradients against the oracle).
+
+Determinism (bit-identical across runs and thread counts), index arithmetic on strided views with large storage
+offsets, the gradient buffer handed to autograd (and recomputed for a second backward), both kernel builds
+(AVX2 and portable), and the fallback when the extension is switched off.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastadvseg as fas
+
+pytestmark = pytest.mark.skipif("cpu" not in fas.available_backends("cpu"),
+                                reason=f"cpu backend not built: {fas.unavailable_reason('cpu')}")
+
+# large enough that the kernels really run on several threads (below 32768 elements they run on one)
+SHAPE = (2, 21, 37, 53)
+
+
+def _inputs(seed=0, dtype=torch.float32, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_()
+    d = torch.randn((n, 1, h, w), generator=g).requires_grad_()
+    t = torch.randint(0, c, (n, h, w), generator=g)
+    t[torch.rand((n, h, w), generator=g) < 0.2] = 255
+    return x, d, t
+
+
+def _run_all(x, d, t, backend="cpu"):
+    """Every op's values and gradients, as a flat list of tensors."""
+    out = []
+    for target in (t, None):
+        x.grad, d.grad = None, None
+        res = fas.generator_loss(x, d, target, lambda_adv=0.01, lambda_semi=0.1, backend=backend)
+        res.total.backward()
+        out += [v.detach().clone() for v in res] + [x.grad.clone(), d.grad.clone()]
+    for reduction in ("mean", "sum", "none"):
+        x.grad = None
+        loss = fas.cross_entropy2d(x, t, reduction=reduction, backend=backend)
+        loss.sum().backward()
+        out += [loss.detach().clone(), x.grad.clone()]
+    x.grad = None
+    loss, ratio = fas.semi_cross_entropy2d(x, d, return_ratio=True, backend=backend)
+    loss.backward()
+    out += [loss.detach().clone(), ratio.clone(), x.grad.clone()]
+    x.grad = None
+    y = fas.softmax2d(x, backend=backend)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype)).sum().backward()
+    out += [y.detach().clone(), x.grad.clone()]
+    d.grad = None
+    loss = fas.discriminator_loss(d, d.detach() * 0.5, backend=backend)
+    loss.backward()
+    out += [loss.detach().clone(), d.grad.clone()]
+    return out
+
+
+def _bits(t):
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _assert_identical(a, b):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u.dtype == v.dtype and u.shape == v.shape, i
+        assert torch.equal(_bits(u), _bits(v)), f"output {i} differs in some bit"
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bit_identical_across_runs(dtype, threads):
+    torch.set_num_threads(2)
+    x, d, t = _inputs(dtype=dtype)
+    _assert_identical(_run_all(x, d, t), _run_all(x, d, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bit_identical_across_thread_counts(dtype, threads):
+    """Fixed blocks and block sums added in block order: the thread count does not change a single bit."""
+    x, d, t = _inputs(dtype=dtype)
+    torch.set_num_threads(1)
+    one = _run_all(x, d, t)
+    torch.set_num_threads(2)
+    two = _run_all(x, d, t)
+    _assert_identical(one, two)
+
+
+def _close(a, b, rtol=1e-5):
+    for i, (u, v) in enumerate(zip(a, b)):
+        u, v = u.double(), v.double()
+        scale = max(v.abs().max().item(), 1e-6) if v.numel() else 1.0
+        torch.testing.assert_close(u, v, rtol=rtol, atol=rtol * scale, equal_nan=True, msg=f"output {i}")
+
+
+def test_large_storage_offset_views():
+    """Views deep into big storages (offsets of millions of elements, odd strides) index correctly."""
+    n, c, h, w = 2, 5, 9, 11
+    off = 3_000_001
+    big = torch.zeros(off + 4 * n * c * h * w)
+    x = big[off:off + 4 * n * c * h * w].view(n, c, 2 * h, 2 * w)[:, :, ::2, 1::2]
+    assert x.storage_offset() >= off and not x.is_contiguous()
+    g = torch.Generator().manual_seed(3)
+    x.copy_(torch.randn(x.shape, generator=g) * 2)
+    x.requires_grad_()
+    bigt = torch.full((off + 1 + 2 * n * h * w,), 255, dtype=torch.int64)
+    t = bigt[off + 1:off + 1 + 2 * n * h * w].view(n, h, 2 * w)[:, :, ::2]
+    t.copy_(torch.randint(0, c, t.shape, generator=g))
+    bigd = torch.zeros(off + 2 + 3 * n * h * w)
+    d = bigd[off + 2:off + 2 + 3 * n * h * w].view(n, 1, h, 3 * w)[..., ::3]
+    d.copy_(torch.randn(d.shape, generator=g))
+    d.requires_grad_()
+    xr, dr = x.detach().clone().requires_grad_(), d.detach().clone().requires_grad_()
+    _close(_run_all(x, d, t), _run_all(xr, dr, t.clone(), backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_channels_last_and_sliced_agree_with_contiguous(dtype):
+    x, d, t = _inputs(dtype=dtype, shape=(2, 7, 9, 13))
+    base = _run_all(x, d, t)
+    cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    big = torch.zeros((2, 9, 19, 17), dtype=dtype)
+    sl = big[:, 1:8, 1::2, 2:15]
+    sl.copy_(x.detach())
+    sl.requires_grad_()
+    for variant in (cl, sl):
+        # same arithmetic per pixel whatever the layout: identical up to the gradient's memory layout
+        _close(_run_all(variant, d, t), base, rtol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_gradient_buffer_handed_over_and_recomputed():
+    x, d, t = _inputs()
+    out = fas.generator_loss(x, d, t, lambda_adv=0.01, backend="cpu")
+    g1 = torch.autograd.grad(out.total, [x, d], retain_graph=True)
+    g2 = torch.autograd.grad(out.total, [x, d], retain_graph=True)  # recomputed: the first buffer was given away
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(out.total, [x])
+
+
+def test_logits_never_written():
+    x, d, t = _inputs(dtype=torch.float16)
+    before = x.detach().clone()
+    _run_all(x, d, t)
+    assert torch.equal(x.detach(), before)
+
+
+def test_nan_at_ignored_pixels_stays_out_and_bad_labels_are_ignored():
+    x, d, t = _inputs(shape=(1, 4, 5, 6))
+    with torch.no_grad():
+        x[0, :, 0, 0] = float("nan")
+    t[0, 0, 0] = 255
+    t[0, 1, 1] = 99  # out of range: ignored when validation is off
+    t[0, 1, 2] = -7
+    with fas.label_validation(False):
+        loss = fas.cross_entropy2d(x, t, backend="cpu")
+        ref = fas.cross_entropy2d(x, t, backend="reference")
+        loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.int64, torch.int32, torch.float16, torch.bfloat16])
+def test_one_hot_any_dtype(dtype):
+    t = torch.randint(0, 5, (2, 3, 7))
+    t[0, 0, :3] = 255
+    assert torch.equal(fas.one_hot2d(t, 5, dtype=dtype, backend="cpu"),
+                       fas.one_hot2d(t, 5, dtype=dtype, backend="reference"))
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys, warnings, torch
+    import fastadvseg as fas
+    report = {"available": fas.available_backends(), "reason": fas.unavailable_reason("cpu")}
+    if "cpu" in report["available"]:
+        from fastadvseg import _C_cpu
+        report["isa"] = _C_cpu.isa()
+    x = torch.linspace(-3, 3, 2 * 5 * 6 * 7).reshape(2, 5, 6, 7).requires_grad_()
+    d = torch.linspace(-2, 2, 2 * 6 * 7).reshape(2, 1, 6, 7)
+    t = (torch.arange(2 * 6 * 7).reshape(2, 6, 7) * 7) % 6
+    t[t == 5] = 255
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fas.generator_loss(x, d, t, lambda_adv=0.01)
+        out.total.backward()
+    report["warnings"] = [str(w.message) for w in caught]
+    report["total"] = float(out.total)
+    report["grad"] = x.grad.flatten().tolist()
+    print(json.dumps(report))
+""")
+
+
+def _child(**env):
+    full = dict(os.environ, **env)
+    full.pop("FASTADVSEG_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", _CHILD], env=full, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_forced_off_falls_back_to_reference_with_a_reason():
+    off = _child(FASTADVSEG_DISABLE_CPU_EXT="1")
+    assert "cpu" not in off["available"] and "reference" in off["available"]
+    assert "FASTADVSEG_DISABLE_CPU_EXT" in off["reason"]
+    assert any("reference" in w and "cpu" in w for w in off["warnings"]), off["warnings"]
+    on = _child()
+    assert "cpu" in on["available"] and on["reason"] is None and not on["warnings"]
+    assert abs(on["total"] - off["total"]) <= 1e-5 * abs(off["total"])
+    torch.testing.assert_close(torch.tensor(on["grad"]), torch.tensor(off["grad"]), rtol=1e-5, atol=1e-7)
+
+
+def test_portable_build_agrees_with_the_default_one():
+    """FASTADVSEG_CPU_ISA=base runs the portable (SSE2) kernels; they agree with the AVX2 ones and the reference."""
+    base = _child(FASTADVSEG_CPU_ISA="base")
+    default = _child()
+    assert base["isa"] == "base"
+    ref = _child(FASTADVSEG_DISABLE_CPU_EXT="1")
+    for run in (base, default):
+        assert abs(run["total"] - ref["total"]) <= 1e-5 * abs(ref["total"])
+        torch.testing.assert_close(torch.tensor(run["grad"]), torch.tensor(ref["grad"]), rtol=1e-5, atol=1e-7)
