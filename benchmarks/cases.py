@@ -157,6 +157,15 @@ def input_bytes(inputs: Inputs) -> int:
     return sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor))
 
 
+def make_input_sets(case: OpCase, shape: Shape, dtype: torch.dtype, device: torch.device) -> List[Inputs]:
+    """The input sets timed calls rotate over: together at least twice the last-level cache (``timing.num_copies``)."""
+    from .timing import num_copies
+
+    first = make_inputs(case, shape, dtype, device, 0)
+    return [first] + [make_inputs(case, shape, dtype, device, s)
+                      for s in range(1, num_copies(input_bytes(first), device))]
+
+
 def forward_backward(case: OpCase, fn: Callable[[Inputs], torch.Tensor]) -> Callable[[Inputs], tuple]:
     """``fn`` followed by the gradients of its output w.r.t. the case's differentiable inputs."""
     def run(i: Inputs) -> tuple:

@@ -60,15 +60,21 @@ def _mib(b: Optional[int]) -> Optional[float]:
     return None if b is None else b / 2**20
 
 
+def _status(exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
 def run_cases(args, device, shapes, dtypes, cases, log) -> List[dict]:
+    """Time every case x impl x direction; impls of one (case, shape, dtype, direction) are timed in turns."""
     import torch
 
     from . import cases as C
-    from .timing import num_copies, peak_memory_bytes, summarize, time_calls
+    from .timing import peak_memory_bytes, summarize, time_interleaved
 
     rows: List[dict] = []
     repeats = args.repeats or (100 if device.type == "cuda" else 30)
-    budget = args.budget or (2.0 if device.type == "cuda" else 1.0)
+    budget = args.budget or (1.0 if device.type == "cuda" else 1.5)
     for shape in shapes:
         backends = [b for b in C.fused_backends(device, shape, args.include_triton_cpu)
                     if args.backends is None or b in args.backends]
@@ -77,35 +83,42 @@ def run_cases(args, device, shapes, dtypes, cases, log) -> List[dict]:
             dtype = getattr(torch, dtype_name)
             for case in cases:
                 torch._dynamo.reset()  # compile once per case: no recompilation limit, no stale graphs
-                sets = [C.make_inputs(case, shape, dtype, device, 0)]
-                k_sets = num_copies(C.input_bytes(sets[0]), device)
-                sets += [C.make_inputs(case, shape, dtype, device, seed) for seed in range(1, k_sets)]
-                directions = ("fwd", "fwdbwd") if case.has_backward else ("fwd",)
-                eager_out = case.eager(sets[0])
-                for impl in impls:
-                    forward = C.impl_function(case, impl)
-                    for direction in directions:
-                        fn = forward if direction == "fwd" else C.forward_backward(case, forward)
-                        row = {"op": case.name, "api": case.api, "shape": shape.name, "N": shape.n, "C": shape.c,
-                               "H": shape.h, "W": shape.w, "dtype": dtype_name, "direction": direction,
-                               "impl": impl, "bytes": case.bytes(shape, dtype, direction), "copies": k_sets}
+                sets = C.make_input_sets(case, shape, dtype, device)
+                eager_out = case.eager(sets[0]).detach().float()
+                forwards = {impl: C.impl_function(case, impl) for impl in impls}
+                for direction in ("fwd", "fwdbwd") if case.has_backward else ("fwd",):
+                    group: Dict[str, dict] = {}
+                    fns = {}
+                    for impl in impls:
+                        fn = forwards[impl] if direction == "fwd" else C.forward_backward(case, forwards[impl])
+                        row = group[impl] = {
+                            "op": case.name, "api": case.api, "shape": shape.name, "N": shape.n, "C": shape.c,
+                            "H": shape.h, "W": shape.w, "dtype": dtype_name, "direction": direction, "impl": impl,
+                            "bytes": case.bytes(shape, dtype, direction), "copies": len(sets), "status": "ok"}
                         t0 = time.perf_counter()
                         try:
                             out = fn(sets[0])  # first call: JIT / compile, and the check against eager
                             if direction == "fwd":
-                                row["diff_vs_eager"] = float((out.float() - eager_out.float()).abs().max())
+                                row["diff_vs_eager"] = float((out.detach().float() - eager_out).abs().max())
                             del out
-                            row["first_call_s"] = time.perf_counter() - t0
-                            samples = time_calls(lambda k: fn(sets[k % k_sets]), device, repeats=repeats,
-                                                 budget_s=budget)
-                            row.update(summarize(samples))
-                            row["peak_mem_bytes"] = peak_memory_bytes(lambda: fn(sets[0]), device)
-                            row["status"] = "ok"
                         except Exception as exc:  # unsupported dtype, backend bug: recorded, the run goes on
-                            row["status"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                            row["status"] = _status(exc)
+                            continue
+                        row["first_call_s"] = time.perf_counter() - t0
+                        fns[impl] = (lambda f: lambda k: f(sets[k % len(sets)]))(fn)
+                    try:
+                        samples = time_interleaved(fns, device, repeats=repeats, budget_s=budget)
+                    except Exception as exc:  # a failure after a good first call: mark the group, go on
+                        samples = {}
+                        for impl in fns:
+                            group[impl]["status"] = _status(exc)
+                    for impl, times in samples.items():
+                        group[impl].update(summarize(times))
+                        group[impl]["peak_mem_bytes"] = peak_memory_bytes(lambda: fns[impl](0), device)
+                    for row in group.values():
                         rows.append(row)
                         log(_row_line(row))
-                del sets, eager_out
+                del sets, eager_out, forwards
     _add_ratios(rows)
     return rows
 

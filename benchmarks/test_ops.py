@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import cases as C
 from benchmarks.shapes import shape_set
-from benchmarks.timing import num_copies, sync, warm_up
+from benchmarks.timing import sync, warm_up
 
 
 def _device(config) -> torch.device:
@@ -53,9 +53,7 @@ def _prepared(device, shape, dtype, case, impl):
     if _current["key"] != key:
         torch._dynamo.reset()
         _current.update(key=key, sets=None, forwards={})
-        first = C.make_inputs(case, shape, getattr(torch, dtype), device, 0)
-        k = num_copies(C.input_bytes(first), device)
-        _current["sets"] = [first] + [C.make_inputs(case, shape, getattr(torch, dtype), device, s) for s in range(1, k)]
+        _current["sets"] = C.make_input_sets(case, shape, getattr(torch, dtype), device)
     if impl not in _current["forwards"]:
         _current["forwards"][impl] = C.impl_function(case, impl)
     return _current["sets"], _current["forwards"][impl]

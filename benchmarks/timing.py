@@ -73,30 +73,43 @@ def warm_up(fn: Callable[[int], object], device: torch.device, min_calls: int = 
     return (stamps[-1] - stamps[half]) / max(1, len(stamps) - 1 - half)
 
 
-def time_calls(fn: Callable[[int], object], device: torch.device, *, warmup: int = 3, repeats: int = 50,
-               min_repeats: int = 5, budget_s: Optional[float] = None) -> List[float]:
-    """Per-call seconds of ``fn(k)``, k = 0, 1, 2, ... (``fn`` picks its input set from k), after :func:`warm_up`.
+def time_interleaved(fns: Dict[str, Callable[[int], object]], device: torch.device, *, warmup: int = 3,
+                     repeats: int = 50, min_repeats: int = 5, budget_s: Optional[float] = None) -> Dict[str, List[float]]:
+    """Per-call seconds of each ``fns[name](k)``, k = 0, 1, 2, ... (each fn picks its input set from k).
 
-    ``budget_s`` caps the timed calls at about that much wall time (estimated from the warm-up), never fewer than
-    ``min_repeats``.
+    The implementations are timed in turns -- round r calls every fn once, the first one rotating -- so that a
+    change in machine load (other jobs on a shared CPU, GPU clocks) hits all of them alike and their ratios stay
+    fair. Each is warmed up first (:func:`warm_up`). ``budget_s`` caps the timed calls at about that many seconds
+    per fn (estimated from the warm-up), never fewer than ``min_repeats`` rounds.
     """
-    per_call = warm_up(fn, device, min_calls=warmup)
+    names = list(fns)
+    per_call = {name: warm_up(fns[name], device, min_calls=warmup) for name in names}
     if budget_s is not None:
-        repeats = max(min_repeats, min(repeats, int(budget_s / max(per_call, 1e-7))))
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        for k, (start, end) in enumerate(events):
-            start.record()
-            fn(k)
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
-    samples = []
+        repeats = max(min_repeats, min(repeats, int(budget_s * len(names) / max(sum(per_call.values()), 1e-7))))
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    events = []
     for k in range(repeats):
-        start = time.perf_counter()
-        fn(k)
-        samples.append(time.perf_counter() - start)
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name](k)
+                end.record()
+                events.append((name, start, end))
+            else:
+                t0 = time.perf_counter()
+                fns[name](k)
+                samples[name].append(time.perf_counter() - t0)
+    if events:
+        torch.cuda.synchronize(device)
+        for name, start, end in events:
+            samples[name].append(start.elapsed_time(end) / 1e3)
     return samples
+
+
+def time_calls(fn: Callable[[int], object], device: torch.device, **kw) -> List[float]:
+    """:func:`time_interleaved` of one function."""
+    return time_interleaved({"fn": fn}, device, **kw)["fn"]
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
