@@ -41,6 +41,14 @@ def test_synthetic_classes_all_present_and_ignore_band():
     assert 0.0 < frac[255] < 0.1       # thin ignore band around objects
 
 
+def test_synthetic_sample_dumper(tmp_path):
+    from fastadvseg.data.synthetic import main
+
+    main(["--out", str(tmp_path), "--n", "2", "--split", "val", "--zoom", "1"])
+    im = Image.open(tmp_path / "val_0001.png")
+    assert im.size == (96 * 2 + 4, 96) and im.mode == "RGB"
+
+
 def test_synthetic_bundle_shapes_and_dtypes():
     torch.manual_seed(0)
     b = build_data("synthetic", crop_size=(41, 53), synthetic_num_train=40, synthetic_num_val=6, val_limit=4)

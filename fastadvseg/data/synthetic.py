@@ -7,7 +7,8 @@ the same on every machine and in every DataLoader worker.
 What makes it a fair, non-trivial segmentation task:
 
 * 7 foreground classes told apart by **shape** (disc, square, triangle, ring, star, cross, crescent),
-  randomly rotated, mildly stretched, radius 10..30 px (3x scale range);
+  randomly rotated, mildly stretched, radius 10..30 px at the default 96x96 (3x scale range; radii scale
+  with the image size);
 * **texture** and **colour** help but do not decide: each class has a preferred texture (used 70% of the
   time, otherwise any of 8 textures) and a preferred hue (Gaussian spread that overlaps the neighbouring
   classes' hues); the background uses the same textures and colours;
@@ -207,7 +208,7 @@ def generate(index: int, split: str = "train", seed: int = 0, size: int = 96) ->
     # Objects, painted over each other in random order (occlusion).
     for _ in range(int(rng.integers(2, 7))):
         cls = int(rng.integers(1, len(CLASS_NAMES)))
-        r = _R_MIN * (_R_MAX / _R_MIN) ** rng.random()
+        r = _R_MIN * (_R_MAX / _R_MIN) ** rng.random() * size / 96.0
         cy, cx = rng.uniform(0.2 * r, size - 0.2 * r, 2)
         theta = rng.uniform(0, 2 * math.pi)
         stretch = rng.uniform(0.85, 1.15)
