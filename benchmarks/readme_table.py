@@ -47,7 +47,8 @@ def summary(result: dict, source: str = "") -> str:
            and (r["direction"] == "fwdbwd" or r["op"] == "one_hot2d")]
     sel.sort(key=lambda r: (r["dtype"], r["op"], _impl_rank(r["impl"])))
     gpu = m["device_type"] == "cuda"
-    header = ["op", "dtype", "backend", "ms (median)", "x eager", "x compile"] + (["% copy BW", "mem/eager"] if gpu else [])
+    header = ["op", "dtype", "backend", "ms (median)", "x eager", "x compile"]
+    header += ["% copy BW", "mem/eager"] if gpu else []
     body = []
     for r in sel:
         line = [r["op"] + (" (fwd)" if r["direction"] == "fwd" else ""), r["dtype"], r["impl"], f"{r['median_ms']:.3f}",

@@ -121,6 +121,7 @@ def render_plot(result: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
     rows = [r for r in result["rows"] if r["status"] == "ok" and r["impl"] != "eager"
             and (r["direction"] == "fwdbwd" or r["op"] == "one_hot2d")]
@@ -133,6 +134,7 @@ def render_plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(max(8, 1.3 * len(ops)), 3.2 * max(1, len(panels))),
                              squeeze=False)
     width = 0.8 / max(1, len(impls))
+    target = {"cuda": 4.0, "cpu": 3.0}.get(result["meta"].get("device_type"))
     for ax, (shape, dtype) in zip(axes[:, 0], panels):
         for j, impl in enumerate(impls):
             vals = []
@@ -141,12 +143,17 @@ def render_plot(result: dict, path: str) -> None:
                 vals.append(hit[0].get("speedup_vs_eager") or 0 if hit else 0)
             ax.bar([i + (j - (len(impls) - 1) / 2) * width for i in range(len(ops))], vals, width, label=impl)
         ax.axhline(1.0, color="black", linewidth=0.8)
+        if target:
+            ax.axhline(target, color="red", linewidth=0.8, linestyle="--", label=f"SPEC target {target:g}x")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(FixedLocator([0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 2, 3, 5, 10, 30, 100, 300]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_ylabel("x eager")
-        ax.set_title(f"{shape}, {dtype}, forward+backward", fontsize=9)
+        ax.set_title(f"{shape}, {dtype}, forward+backward (one_hot2d: forward)", fontsize=9)
         ax.set_xticks(range(len(ops)))
         ax.set_xticklabels(ops, rotation=20, ha="right", fontsize=7)
-    axes[0, 0].legend(fontsize=7, ncol=len(impls) or 1)
+    axes[0, 0].legend(fontsize=7, ncol=len(impls) + 1)
     m = result["meta"]
     fig.suptitle(f"fastadvseg speed-up over eager PyTorch: {m['device']}, {m['date']}", fontsize=9)
     fig.tight_layout()

@@ -32,9 +32,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default=None, help="file stem (default: <machine>-<date>)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU (default: all cores)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (cap; default 30 CPU, 100 GPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per impl and case (cap; default 30 CPU, 100 GPU)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed calls per measurement (default 1.0 CPU, 2.0 GPU); never fewer than 5 calls")
+                   help="seconds of timed calls per impl and case (default 1.5 CPU, 0.5 GPU); never fewer than 5 calls")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (smoke tests)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="time only these fastadvseg backends (default: every one available_backends lists)")
@@ -74,7 +75,7 @@ def run_cases(args, device, shapes, dtypes, cases, log) -> List[dict]:
 
     rows: List[dict] = []
     repeats = args.repeats or (100 if device.type == "cuda" else 30)
-    budget = args.budget or (1.0 if device.type == "cuda" else 1.5)
+    budget = args.budget or (0.5 if device.type == "cuda" else 1.5)
     for shape in shapes:
         backends = [b for b in C.fused_backends(device, shape, args.include_triton_cpu)
                     if args.backends is None or b in args.backends]

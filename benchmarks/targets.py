@@ -60,7 +60,8 @@ def evaluate(rows: List[dict], device_type: str, e2e: Optional[dict] = None) -> 
                 check["gap"] = f"not measured ({row['status']})"
             checks.append(check)
     if e2e and device_type == "cuda" and e2e.get("speedup") is not None:
-        check = {"target": "training iteration >= 1.2x images/s", "field": "speedup", "op": E2E_OP, "shape": e2e.get("shape", ""),
+        check = {"target": "training iteration >= 1.2x images/s", "field": "speedup", "op": E2E_OP,
+                 "shape": e2e.get("shape", ""),
                  "dtype": e2e.get("dtype", ""), "impl": e2e.get("fused_backend", "auto"), "threshold": E2E_TARGET}
         check.update(_judge(e2e["speedup"], E2E_TARGET, True))
         checks.append(check)
@@ -80,7 +81,8 @@ def missing_backend_note(device_type: str, backends: List[str], reasons: Dict[st
 
 
 def verdict(check: dict) -> str:
-    return f"{format_value(check)} " + {True: "met", False: f"NOT met ({check['gap']})", None: check["gap"]}[check["met"]]
+    word = {True: "met", False: f"NOT met ({check['gap']})", None: check["gap"]}[check["met"]]
+    return f"{format_value(check)} {word}"
 
 
 def format_value(check: dict) -> str:

@@ -74,7 +74,8 @@ def warm_up(fn: Callable[[int], object], device: torch.device, min_calls: int = 
 
 
 def time_interleaved(fns: Dict[str, Callable[[int], object]], device: torch.device, *, warmup: int = 3,
-                     repeats: int = 50, min_repeats: int = 5, budget_s: Optional[float] = None) -> Dict[str, List[float]]:
+                     repeats: int = 50, min_repeats: int = 5,
+                     budget_s: Optional[float] = None) -> Dict[str, List[float]]:
     """Per-call seconds of each ``fns[name](k)``, k = 0, 1, 2, ... (each fn picks its input set from k).
 
     The implementations are timed in turns -- round r calls every fn once, the first one rotating -- so that a

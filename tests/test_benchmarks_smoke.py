@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks.report", "--shapes", "smoke", "--device", "cpu", "--dtypes", "float32",
-           "--no-compile", "--repeats", "3", "--budget", "0.01", "--threads", "1", "--out", str(out), "--name", "smoke", "--e2e-tiny"]
+           "--no-compile", "--repeats", "3", "--budget", "0.01", "--threads", "1", "--out", str(out), "--name", "smoke",
+           "--e2e-tiny"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         cmd.append("--include-triton-cpu")  # CI sets it for the Triton tests: time the interpreter on the tiny set
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
