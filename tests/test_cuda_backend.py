@@ -1,8 +1,13 @@
-"""The ``cuda`` backend (CUDA C++ kernels of kernels/cuda/) against the reference backend, on a GPU.
+"""The ``cuda`` backend (CUDA C++ kernels of kernels/cuda/) against the reference backend.
 
-Every GPU test is skipped without CUDA or without the built extension (``pip install -e . --no-build-isolation``
-on a machine with a CUDA build of torch and the CUDA toolkit). The reference backend runs on the same CUDA tensors,
-so both see identical inputs; values are compared in float32, gradients in the input dtype.
+Each op test runs twice (the ``device`` fixture):
+* ``cuda``: the real kernels on a GPU; skipped without CUDA or without the built extension
+  (``pip install -e . --no-build-isolation`` on a machine with a CUDA build of torch and the CUDA toolkit);
+* ``emulated``: on any machine with g++ and the CUDA headers, the kernels' per-pixel code
+  (kernels/cuda/pixel_ops.cuh) compiled for the host and run over CPU tensors behind a stand-in of the binding
+  (tests/cuda_emulation), with the backend's real autograd layer (fastadvseg/backends/cuda.py).
+The reference backend runs on the same tensors, so both see identical inputs; values are compared in float32,
+gradients in the input dtype. Determinism, streams, >2**31 elements and the triton comparison need the GPU.
 
 ``test_nvcc_compiles_cuda_kernels`` runs on any machine with nvcc: it compiles every kernels/cuda/*.cu for sm_80
 and sm_90 and syntax-checks the binding (``.ci/nvcc_check.sh``), so a syntax error cannot land unseen. Deselect it
@@ -20,6 +25,8 @@ import torch
 
 import fastadvseg as fas
 from fastadvseg import _dispatch
+
+from cuda_emulation.emulated_ext import EmulatedExt, build_harness, load_emulated_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,9 +58,9 @@ def _rand(shape, gen, scale=3.0):
     return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
 
 
-def _with_layout(base: torch.Tensor, layout: str) -> torch.Tensor:
-    """A CUDA leaf tensor equal to ``base`` (4-D or 3-D) with the given memory layout."""
-    base = base.cuda()
+def _with_layout(base: torch.Tensor, layout: str, device="cuda") -> torch.Tensor:
+    """A leaf tensor on ``device`` equal to ``base`` (4-D or 3-D) with the given memory layout."""
+    base = base.to(device)
     if layout == "contiguous":
         out = base.clone()
     elif layout == "channels_last":
@@ -64,25 +71,25 @@ def _with_layout(base: torch.Tensor, layout: str) -> torch.Tensor:
         big = torch.zeros(big_shape, dtype=base.dtype, device=base.device)
         out = big[tuple(slice(1, 1 + 2 * s, 2) for s in base.shape)]
         out.copy_(base)
-        assert not out.is_contiguous() and out.storage_offset() > 0
+        assert out.storage_offset() > 0
     else:
         raise ValueError(layout)
     return out.detach()
 
 
-def _logits(shape, dtype, layout, gen, scale=3.0):
-    return _with_layout(_rand(shape, gen, scale).to(dtype), layout).requires_grad_(True)
+def _logits(shape, dtype, layout, gen, scale=3.0, device="cuda"):
+    return _with_layout(_rand(shape, gen, scale).to(dtype), layout, device=device).requires_grad_(True)
 
 
-def _target(shape, gen, ignore_frac=0.25, ignore_index=255, layout="contiguous"):
+def _target(shape, gen, ignore_frac=0.25, ignore_index=255, layout="contiguous", device="cuda"):
     n, c, h, w = shape
     t = torch.randint(0, c, (n, h, w), generator=gen)
     t[torch.rand((n, h, w), generator=gen) < ignore_frac] = ignore_index
-    return _with_layout(t, layout)
+    return _with_layout(t, layout, device=device)
 
 
-def _mask(shape_nhw, gen, frac=0.3, layout="contiguous"):
-    return _with_layout(torch.rand(shape_nhw, generator=gen) < frac, layout)
+def _mask(shape_nhw, gen, frac=0.3, layout="contiguous", device="cuda"):
+    return _with_layout(torch.rand(shape_nhw, generator=gen) < frac, layout, device=device)
 
 
 def _twin(t: torch.Tensor) -> torch.Tensor:
@@ -99,9 +106,9 @@ def _close(actual, expected, **tol):
 def _backward_both(out, ref, gen, scalar_grad):
     """Backward through both results with the same upstream gradient: a random map for reduction='none'."""
     if out.dim() > 0:
-        g = _rand(out.shape, gen, 1.0).float().cuda()
+        g = _rand(out.shape, gen, 1.0).float().to(out.device)
     else:
-        g = torch.tensor(scalar_grad, device="cuda")
+        g = torch.tensor(scalar_grad, device=out.device)
     out.backward(g)
     ref.backward(g)
 
@@ -109,6 +116,34 @@ def _backward_both(out, ref, gen, scalar_grad):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(20180723)
+
+
+@pytest.fixture(scope="module")
+def emulated_ext(tmp_path_factory):
+    """The host emulation of the kernels (tests/cuda_emulation), compiled once per module."""
+    try:
+        return EmulatedExt(build_harness(tmp_path_factory.mktemp("cuda_emulation")))
+    except FileNotFoundError as exc:
+        pytest.skip(f"cuda emulation: {exc}")
+
+
+@pytest.fixture(params=["cuda", "emulated"])
+def device(request, monkeypatch):
+    """Where backend="cuda" runs: the real kernels on a GPU, or their per-pixel code emulated on the CPU.
+
+    For "emulated", the dispatch table's "cuda" entry is, for this test only, fastadvseg/backends/cuda.py loaded
+    with the CPU stand-in of its extension, accepting CPU tensors.
+    """
+    if request.param == "cuda":
+        if not HAS_CUDA_BACKEND:
+            pytest.skip("needs a GPU and the built cuda backend: "
+                        + (_dispatch.unavailable_reason("cuda") or "no CUDA device visible"))
+        return "cuda"
+    module = load_emulated_backend(request.getfixturevalue("emulated_ext"), monkeypatch)
+    monkeypatch.setattr(module, "supports_device", lambda d: True)
+    monkeypatch.setitem(_dispatch._modules, "cuda", module)
+    monkeypatch.setattr(_dispatch, "_resolved", {})
+    return "cpu"
 
 
 # -------------------------------------------------------------------------------------------------------- tests
@@ -122,18 +157,17 @@ def test_cuda_backend_is_listed_and_contract():
     assert "cuda" in fas.available_backends("cuda")
 
 
-@requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_softmax2d(shape, dtype, layout, gen):
-    x = _logits(shape, dtype, layout, gen)
+def test_softmax2d(shape, dtype, layout, gen, device):
+    x = _logits(shape, dtype, layout, gen, device=device)
     xr = _twin(x)
     y = fas.softmax2d(x, backend="cuda")
     yr = fas.softmax2d(xr, backend="reference")
     assert y.dtype == dtype and y.shape == x.shape
     _close(y.float(), yr.float(), **GRAD_TOL[dtype])
-    gy = _rand(shape, gen, 1.0).to(dtype).cuda()
+    gy = _rand(shape, gen, 1.0).to(dtype).to(device)
     (y * gy).sum().backward()
     (yr * gy).sum().backward()
     _close(x.grad.float(), xr.grad.float(), **GRAD_TOL[dtype])
@@ -144,17 +178,16 @@ def test_softmax2d(shape, dtype, layout, gen):
     _close(x.grad.float(), xr.grad.float(), **GRAD_TOL[dtype])
 
 
-@requires_cuda
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cross_entropy2d(shape, dtype, layout, reduction, weighted, gen):
-    x = _logits(shape, dtype, layout, gen)
+def test_cross_entropy2d(shape, dtype, layout, reduction, weighted, gen, device):
+    x = _logits(shape, dtype, layout, gen, device=device)
     xr = _twin(x)
-    t = _target(shape, gen, layout=layout)
-    w = (torch.rand(shape[1], generator=gen) + 0.5).cuda() if weighted else None
+    t = _target(shape, gen, layout=layout, device=device)
+    w = (torch.rand(shape[1], generator=gen) + 0.5).to(device) if weighted else None
     out = fas.cross_entropy2d(x, t, weight=w, reduction=reduction, backend="cuda")
     ref = fas.cross_entropy2d(xr, t, weight=w, reduction=reduction, backend="reference")
     assert out.dtype == torch.float32 and out.shape == ref.shape
@@ -164,14 +197,13 @@ def test_cross_entropy2d(shape, dtype, layout, reduction, weighted, gen):
     _close(x.grad.float(), xr.grad.float(), **GRAD_TOL[dtype])
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cross_entropy2d_matches_torch(dtype, gen):
+def test_cross_entropy2d_matches_torch(dtype, gen, device):
     shape = (2, 21, 17, 23)
-    x = _logits(shape, dtype, "contiguous", gen)
+    x = _logits(shape, dtype, "contiguous", gen, device=device)
     xr = _twin(x)
-    t = _target(shape, gen)
-    w = (torch.rand(21, generator=gen) + 0.5).cuda()
+    t = _target(shape, gen, device=device)
+    w = (torch.rand(21, generator=gen) + 0.5).to(device)
     out = fas.cross_entropy2d(x, t, weight=w, backend="cuda")
     ref = torch.nn.functional.cross_entropy(xr.float(), t, weight=w, ignore_index=255)
     _close(out, ref, **LOSS_TOL)
@@ -180,19 +212,18 @@ def test_cross_entropy2d_matches_torch(dtype, gen):
     _close(x.grad.float(), xr.grad.float(), **GRAD_TOL[dtype])
 
 
-@requires_cuda
-def test_cross_entropy2d_all_ignored_and_nan_at_ignored_pixels(gen):
+def test_cross_entropy2d_all_ignored_and_nan_at_ignored_pixels(gen, device):
     shape = (2, 4, 5, 6)
-    x = _logits(shape, torch.float32, "contiguous", gen)
-    t = torch.full((2, 5, 6), 255, device="cuda")
+    x = _logits(shape, torch.float32, "contiguous", gen, device=device)
+    t = torch.full((2, 5, 6), 255, device=device)
     loss = fas.cross_entropy2d(x, t, backend="cuda")
     assert loss.item() == 0.0
     loss.backward()
     assert torch.count_nonzero(x.grad) == 0
     # a NaN logit at an ignored pixel never reaches the loss; at a counted pixel it does
-    x2 = _rand(shape, gen).float().cuda()
+    x2 = _rand(shape, gen).float().to(device)
     x2[0, :, 0, 0] = float("nan")
-    t2 = _target(shape, gen, ignore_frac=0.0)
+    t2 = _target(shape, gen, ignore_frac=0.0, device=device)
     t2[0, 0, 0] = 255
     x2.requires_grad_(True)
     loss = fas.cross_entropy2d(x2, t2, backend="cuda")
@@ -203,32 +234,30 @@ def test_cross_entropy2d_all_ignored_and_nan_at_ignored_pixels(gen):
     assert torch.isnan(fas.cross_entropy2d(x2.detach(), t2, backend="cuda"))
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_finite_logits_propagate_like_pytorch(dtype):
+def test_non_finite_logits_propagate_like_pytorch(dtype, device):
     inf, nan = float("inf"), float("nan")
     rows = [[inf, 1.0, 2.0, 0.0], [-inf, -inf, 3.0, 1.0], [-inf, -inf, -inf, -inf], [inf, inf, 0.0, 0.0],
             [nan, 1.0, 2.0, 3.0], [0.5, -inf, 2.0, -inf], [1.0, 2.0, 3.0, 4.0]]
-    x = torch.tensor(rows, dtype=torch.float64).T.reshape(1, 4, 1, len(rows)).to(dtype).cuda()
+    x = torch.tensor(rows, dtype=torch.float64).T.reshape(1, 4, 1, len(rows)).to(dtype).to(device)
     for label in range(4):
-        t = torch.full((1, 1, len(rows)), label, device="cuda")
+        t = torch.full((1, 1, len(rows)), label, device=device)
         out = fas.cross_entropy2d(x, t, reduction="none", backend="cuda")
         ref = fas.cross_entropy2d(x, t, reduction="none", backend="reference")
         _close(out, ref, **LOSS_TOL)
     _close(fas.softmax2d(x, backend="cuda").float(), fas.softmax2d(x, backend="reference").float(),
            **GRAD_TOL[dtype])
-    d = torch.full((1, 1, len(rows)), 2.0, device="cuda")
+    d = torch.full((1, 1, len(rows)), 2.0, device=device)
     _close(fas.semi_cross_entropy2d(x, d, reduction="none", backend="cuda"),
            fas.semi_cross_entropy2d(x, d, reduction="none", backend="reference"), **LOSS_TOL)
 
 
-@requires_cuda
-def test_cross_entropy2d_out_of_range_labels_are_ignored_without_validation(gen):
+def test_cross_entropy2d_out_of_range_labels_are_ignored_without_validation(gen, device):
     shape = (2, 6, 9, 7)
-    x = _logits(shape, torch.float32, "contiguous", gen)
+    x = _logits(shape, torch.float32, "contiguous", gen, device=device)
     xr = _twin(x)
-    t = _target(shape, gen)
-    t[0, 0, :4] = torch.tensor([6, -1, 1000, -7], device="cuda")
+    t = _target(shape, gen, device=device)
+    t[0, 0, :4] = torch.tensor([6, -1, 1000, -7], device=device)
     with fas.label_validation(False):
         for reduction in ("mean", "sum", "none"):
             out = fas.cross_entropy2d(x, t, reduction=reduction, backend="cuda")
@@ -241,25 +270,24 @@ def test_cross_entropy2d_out_of_range_labels_are_ignored_without_validation(gen)
         _close(one, fas.one_hot2d(t, 6, backend="reference"), rtol=0, atol=0)
 
 
-@requires_cuda
 @pytest.mark.parametrize("target_kind", ["zero", "one", "soft", "map", "scalar_tensor"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bce_with_logits2d(dtype, layout, masked, reduction, target_kind, gen):
+def test_bce_with_logits2d(dtype, layout, masked, reduction, target_kind, gen, device):
     nhw = (3, 11, 13)
-    d = _with_layout(_rand(nhw, gen).to(dtype), layout).requires_grad_(True)
+    d = _with_layout(_rand(nhw, gen).to(dtype), layout, device=device).requires_grad_(True)
     dr = _twin(d)
     target = {"zero": 0.0, "one": 1.0, "soft": 0.3}.get(target_kind)
     target_r = target
     if target_kind == "map":
-        target = _with_layout(torch.rand(nhw, generator=gen), layout).requires_grad_(True)
+        target = _with_layout(torch.rand(nhw, generator=gen), layout, device=device).requires_grad_(True)
         target_r = _twin(target)
     elif target_kind == "scalar_tensor":
-        target = torch.tensor(0.8, device="cuda")
+        target = torch.tensor(0.8, device=device)
         target_r = target
-    mask = _mask(nhw, gen, layout=layout) if masked else None
+    mask = _mask(nhw, gen, layout=layout, device=device) if masked else None
     out = fas.bce_with_logits2d(d, target, ignore_mask=mask, reduction=reduction, backend="cuda")
     ref = fas.bce_with_logits2d(dr, target_r, ignore_mask=mask, reduction=reduction, backend="reference")
     assert out.dtype == torch.float32 and out.shape == ref.shape
@@ -270,9 +298,8 @@ def test_bce_with_logits2d(dtype, layout, masked, reduction, target_kind, gen):
         _close(target.grad, target_r.grad, **GRAD_TOL[torch.float32])
 
 
-@requires_cuda
-def test_bce_with_logits2d_4d_map_and_infinities(gen):
-    d = _rand((2, 1, 5, 7), gen).float().cuda()
+def test_bce_with_logits2d_4d_map_and_infinities(gen, device):
+    d = _rand((2, 1, 5, 7), gen).float().to(device)
     d[0, 0, 0, :4] = torch.tensor([float("inf"), -float("inf"), 80.0, -80.0])
     for target in (0.0, 1.0):
         for reduction in ("none", "sum"):
@@ -282,18 +309,17 @@ def test_bce_with_logits2d_4d_map_and_infinities(gen):
             _close(out, ref, **LOSS_TOL)
 
 
-@requires_cuda
 @pytest.mark.parametrize("threshold", [0.0, 0.2, 0.7])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_semi_cross_entropy2d(dtype, layout, masked, reduction, threshold, gen):
+def test_semi_cross_entropy2d(dtype, layout, masked, reduction, threshold, gen, device):
     shape = (2, 7, 9, 11)
-    x = _logits(shape, dtype, layout, gen)
+    x = _logits(shape, dtype, layout, gen, device=device)
     xr = _twin(x)
-    d = _with_layout(_rand((2, 9, 11), gen, 2.0).to(torch.float16), layout).requires_grad_(True)
-    mask = _mask((2, 9, 11), gen, layout=layout) if masked else None
+    d = _with_layout(_rand((2, 9, 11), gen, 2.0).to(torch.float16), layout, device=device).requires_grad_(True)
+    mask = _mask((2, 9, 11), gen, layout=layout, device=device) if masked else None
     out, ratio = fas.semi_cross_entropy2d(x, d, threshold=threshold, ignore_mask=mask, reduction=reduction,
                                           return_ratio=True, backend="cuda")
     ref, ratio_r = fas.semi_cross_entropy2d(xr, d, threshold=threshold, ignore_mask=mask, reduction=reduction,
@@ -306,14 +332,13 @@ def test_semi_cross_entropy2d(dtype, layout, masked, reduction, threshold, gen):
     assert d.grad is None
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_semi_argmax_ties_take_the_first_maximum(dtype):
+def test_semi_argmax_ties_take_the_first_maximum(dtype, device):
     # integer logits: exact in every dtype, many ties
     x = torch.tensor([[3, 5, 5, 1], [2, 2, 2, 2], [-1, 4, 0, 4]], dtype=torch.float64).T.reshape(1, 4, 1, 3)
-    x = x.to(dtype).cuda().requires_grad_(True)
+    x = x.to(dtype).to(device).requires_grad_(True)
     xr = _twin(x)
-    d = torch.full((1, 1, 1, 3), 3.0, device="cuda")
+    d = torch.full((1, 1, 1, 3), 3.0, device=device)
     out = fas.semi_cross_entropy2d(x, d, reduction="sum", backend="cuda")
     ref = fas.semi_cross_entropy2d(xr, d, reduction="sum", backend="reference")
     _close(out, ref, **LOSS_TOL)
@@ -324,19 +349,18 @@ def test_semi_argmax_ties_take_the_first_maximum(dtype):
     assert (x.grad.float()[0, :, 0, :].argmin(dim=0).cpu() == torch.tensor([1, 0, 1])).all()
 
 
-@requires_cuda
 @pytest.mark.parametrize("labelled", [True, False])
 @pytest.mark.parametrize("d_dtype", [None, torch.float32])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 21, 13, 17), (1, 3, 1, 1), (3, 19, 40, 33)])
-def test_generator_loss(shape, dtype, layout, d_dtype, labelled, gen):
+def test_generator_loss(shape, dtype, layout, d_dtype, labelled, gen, device):
     n, c, h, w = shape
-    x = _logits(shape, dtype, layout, gen)
+    x = _logits(shape, dtype, layout, gen, device=device)
     xr = _twin(x)
-    d4 = _with_layout(_rand((n, 1, h, w), gen, 2.0).to(d_dtype or dtype), layout).requires_grad_(True)
+    d4 = _with_layout(_rand((n, 1, h, w), gen, 2.0).to(d_dtype or dtype), layout, device=device).requires_grad_(True)
     dr = _twin(d4)
-    t = _target(shape, gen, layout=layout) if labelled else None
+    t = _target(shape, gen, layout=layout, device=device) if labelled else None
     kw = dict(lambda_adv=0.01, lambda_semi=0.1, threshold=0.2)
     out = fas.generator_loss(x, d4, t, backend="cuda", **kw)
     ref = fas.generator_loss(xr, dr, t, backend="reference", **kw)
@@ -355,33 +379,31 @@ def test_generator_loss(shape, dtype, layout, d_dtype, labelled, gen):
     _close(d4.grad.float(), dr.grad.float(), **GRAD_TOL[d4.dtype])
 
 
-@requires_cuda
-def test_generator_loss_empty_sets_give_zero_not_nan(gen):
+def test_generator_loss_empty_sets_give_zero_not_nan(gen, device):
     shape = (2, 5, 4, 6)
-    x = _logits(shape, torch.float32, "contiguous", gen)
-    d = torch.full((2, 1, 4, 6), -30.0, device="cuda", requires_grad=True)  # sigmoid ~ 0: nothing kept
+    x = _logits(shape, torch.float32, "contiguous", gen, device=device)
+    d = torch.full((2, 1, 4, 6), -30.0, device=device, requires_grad=True)  # sigmoid ~ 0: nothing kept
     out = fas.generator_loss(x, d, None, lambda_adv=0.01, lambda_semi=0.1, backend="cuda")
     assert out.semi.item() == 0.0 and out.semi_ratio.item() == 0.0
     out.total.backward()
     assert torch.count_nonzero(x.grad) == 0 and torch.isfinite(d.grad).all()
     x.grad = None
-    t = torch.full((2, 4, 6), 255, device="cuda")
+    t = torch.full((2, 4, 6), 255, device=device)
     out = fas.generator_loss(x, d, t, lambda_adv=0.01, backend="cuda")
     assert out.total.item() == 0.0 and out.ce.item() == 0.0 and out.adv.item() == 0.0
     out.total.backward()
     assert torch.count_nonzero(x.grad) == 0
 
 
-@requires_cuda
 @pytest.mark.parametrize("masks", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_discriminator_loss(dtype, layout, masks, gen):
-    fake = _with_layout(_rand((3, 1, 9, 14), gen).to(dtype), layout).requires_grad_(True)
-    real = _with_layout(_rand((2, 1, 17, 5), gen).to(dtype), layout).requires_grad_(True)
+def test_discriminator_loss(dtype, layout, masks, gen, device):
+    fake = _with_layout(_rand((3, 1, 9, 14), gen).to(dtype), layout, device=device).requires_grad_(True)
+    real = _with_layout(_rand((2, 1, 17, 5), gen).to(dtype), layout, device=device).requires_grad_(True)
     fr, rr = _twin(fake), _twin(real)
-    mf = _mask((3, 9, 14), gen, layout=layout) if masks[0] else None
-    mr = _mask((2, 17, 5), gen, layout=layout) if masks[1] else None
+    mf = _mask((3, 9, 14), gen, layout=layout, device=device) if masks[0] else None
+    mr = _mask((2, 17, 5), gen, layout=layout, device=device) if masks[1] else None
     out = fas.discriminator_loss(fake, real, ignore_mask_fake=mf, ignore_mask_real=mr, backend="cuda")
     ref = fas.discriminator_loss(fr, rr, ignore_mask_fake=mf, ignore_mask_real=mr, backend="reference")
     assert out.dtype == torch.float32
@@ -392,10 +414,9 @@ def test_discriminator_loss(dtype, layout, masks, gen):
     _close(real.grad.float(), rr.grad.float(), **GRAD_TOL[dtype])
 
 
-@requires_cuda
-def test_discriminator_loss_one_empty_map_and_no_grad_for_constants(gen):
-    fake = _rand((2, 0, 5), gen).float().cuda().requires_grad_(True)
-    real = _rand((2, 6, 5), gen).float().cuda()
+def test_discriminator_loss_one_empty_map_and_no_grad_for_constants(gen, device):
+    fake = _rand((2, 0, 5), gen).float().to(device).requires_grad_(True)
+    real = _rand((2, 6, 5), gen).float().to(device)
     out = fas.discriminator_loss(fake, real, backend="cuda")
     ref = fas.discriminator_loss(fake, real, backend="reference")
     _close(out, ref, **LOSS_TOL)
@@ -403,14 +424,13 @@ def test_discriminator_loss_one_empty_map_and_no_grad_for_constants(gen):
     assert fake.grad.shape == fake.shape
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                                    torch.uint8, torch.bool, torch.complex128])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
-def test_one_hot2d(dtype, layout, gen):
+def test_one_hot2d(dtype, layout, gen, device):
     shape = (2, 7, 9, 5)
-    t = _target(shape, gen, layout=layout)
-    from fastadvseg.backends import cuda as backend  # direct: the public API routes float64 to the reference
+    t = _target(shape, gen, layout=layout, device=device)
+    backend = _dispatch._load("cuda")  # the module itself: the public API routes float64 outputs to the reference
     out = backend.one_hot2d(t, 7, 255, dtype)
     ref = fas.one_hot2d(t, 7, dtype=dtype, backend="reference")
     assert out.dtype == dtype and out.shape == (2, 7, 9, 5) and out.is_contiguous()
@@ -419,10 +439,11 @@ def test_one_hot2d(dtype, layout, gen):
 
 @requires_cuda
 def test_deterministic_and_current_stream(gen):
+    device = "cuda"
     shape = (4, 21, 65, 67)  # more pixels than one block: many partial sums
     x = _rand(shape, gen).float().cuda()
     d = _rand((4, 1, 65, 67), gen).float().cuda()
-    t = _target(shape, gen)
+    t = _target(shape, gen, device=device)
     first = fas.generator_loss(x, d, None, lambda_adv=0.01, backend="cuda")
     again = fas.generator_loss(x, d, None, lambda_adv=0.01, backend="cuda")
     for a, b in zip(first, again):
@@ -439,6 +460,7 @@ def test_deterministic_and_current_stream(gen):
 @requires_cuda
 def test_more_than_2_to_the_31_elements():
     """int64 offsets: a half tensor of 2**31 + 2**23 elements, only the last pixels labelled."""
+    device = "cuda"
     free, _ = torch.cuda.mem_get_info()
     if free < 24 * 2**30:
         pytest.skip("needs 24 GiB of free GPU memory")
@@ -461,11 +483,12 @@ def test_more_than_2_to_the_31_elements():
 @pytest.mark.skipif(not HAS_TRITON, reason="the triton backend is not available on this machine")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_agrees_with_triton_backend(dtype, gen):
+    device = "cuda"
     shape = (2, 21, 33, 35)
-    x = _logits(shape, dtype, "channels_last", gen)
+    x = _logits(shape, dtype, "channels_last", gen, device=device)
     xt = _twin(x)
     d = _rand((2, 1, 33, 35), gen, 2.0).to(dtype).cuda()
-    t = _target(shape, gen)
+    t = _target(shape, gen, device=device)
     for labelled in (True, False):
         a = fas.generator_loss(x, d, t if labelled else None, lambda_adv=0.01, backend="cuda")
         b = fas.generator_loss(xt, d, t if labelled else None, lambda_adv=0.01, backend="triton")

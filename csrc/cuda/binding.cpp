@@ -97,13 +97,14 @@ at::Tensor softmax2d_forward(const at::Tensor& x) {
   return y;
 }
 
-at::Tensor softmax2d_backward(const at::Tensor& y, const at::Tensor& grad_y) {
-  check_cuda(y, "softmax output");
-  const c10::cuda::CUDAGuard guard(y.device());
-  const at::Tensor gy = grad_y.scalar_type() == y.scalar_type() ? grad_y : grad_y.to(y.scalar_type());
-  TORCH_CHECK(gy.sizes() == y.sizes(), "fastadvseg cuda backend: softmax2d gradient shape mismatch");
-  at::Tensor gx = at::empty_like(y);
-  check_launch(fc::softmax2d_backward(shape4(y), dtype_code(y), strided4(y), strided4(gy), strided4(gx),
+// The gradient of softmax2d from the logits x (the probabilities are recomputed in float32) and grad_y.
+at::Tensor softmax2d_backward(const at::Tensor& x, const at::Tensor& grad_y) {
+  check_cuda(x, "logits");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor gy = grad_y.scalar_type() == x.scalar_type() ? grad_y : grad_y.to(x.scalar_type());
+  TORCH_CHECK(gy.sizes() == x.sizes(), "fastadvseg cuda backend: softmax2d gradient shape mismatch");
+  at::Tensor gx = at::empty_like(x);
+  check_launch(fc::softmax2d_backward(shape4(x), dtype_code(x), strided4(x), strided4(gy), strided4(gx),
                                       current_stream()),
                "softmax2d_backward");
   return gx;
@@ -256,7 +257,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("REDUCTION_MEAN") = static_cast<int>(fc::kReduceMean);
   m.attr("REDUCTION_SUM") = static_cast<int>(fc::kReduceSum);
   m.def("softmax2d_forward", &softmax2d_forward, "softmax over channels");
-  m.def("softmax2d_backward", &softmax2d_backward, "softmax backward");
+  m.def("softmax2d_backward", &softmax2d_backward, "softmax backward from the logits and the output gradient");
   m.def("cross_entropy2d_forward", &cross_entropy2d_forward, "cross entropy: loss, denominator, gradient of the sum");
   m.def("bce_with_logits2d_forward", &bce_with_logits2d_forward, "BCE with logits: loss, denominator, gradient");
   m.def("discriminator_loss_forward", &discriminator_loss_forward, "BCE(fake, 0) + BCE(real, 1) in one launch");

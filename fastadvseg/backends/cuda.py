@@ -66,16 +66,17 @@ def _scale(stored: Optional[torch.Tensor], grad_out: torch.Tensor, den: torch.Te
 # ----------------------------------------------------------------------------------------------------- softmax2d
 
 class _Softmax2d(torch.autograd.Function):
+    # backward recomputes the probabilities from the logits in float32 (as precise as the reference for
+    # half/bfloat16, same bytes as reading a saved output)
     @staticmethod
     def forward(ctx, logits):
-        p = _ext.softmax2d_forward(logits)
-        ctx.save_for_backward(p)
-        return p
+        ctx.save_for_backward(logits)
+        return _ext.softmax2d_forward(logits)
 
     @staticmethod
     def backward(ctx, grad_p):
-        (p,) = ctx.saved_tensors
-        return _ext.softmax2d_backward(p, grad_p)
+        (logits,) = ctx.saved_tensors
+        return _ext.softmax2d_backward(logits, grad_p)
 
 
 def softmax2d(logits: torch.Tensor) -> torch.Tensor:

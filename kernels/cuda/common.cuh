@@ -1,8 +1,11 @@
-// Device helpers shared by the kernels: dtype conversion (float32 math for float/half/bfloat16 data), pixel
-// indexing, the per-pixel softmax statistics (one online pass over the C channels), the stable BCE and sigmoid,
-// and the deterministic block reduction + finalize launcher.
+// Helpers shared by the kernels: dtype conversion (float32 math for float/half/bfloat16 data), pixel indexing, the
+// per-pixel softmax statistics (one online pass over the C channels), the stable BCE and sigmoid, the epilogue
+// arithmetic, and the deterministic block reduction + finalize launcher.
+// Everything but the block reduction is __host__ __device__: tests/cuda_emulation runs the very same per-pixel code
+// on the CPU (no GPU needed) against the reference backend.
 #pragma once
 
+#include <math.h>  // expf, logf, log1pf, isnan, ... also for a host compiler (tests/cuda_emulation)
 #include <cstdint>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -10,22 +13,29 @@
 
 #include "launchers.cuh"
 
+#define FAS_HD __host__ __device__ __forceinline__
+#ifdef __CUDA_ARCH__
+#define FAS_UNROLL _Pragma("unroll")
+#else
+#define FAS_UNROLL  // host pass: the host compiler does not know the pragma
+#endif
+
 namespace fastadvseg {
 namespace cuda {
 
 // ---------------------------------------------------------------------------------------------- conversions
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+FAS_HD float to_float(float v) { return v; }
+FAS_HD float to_float(__half v) { return __half2float(v); }
+FAS_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> FAS_HD T from_float(float v);
+template <> FAS_HD float from_float<float>(float v) { return v; }
+template <> FAS_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> FAS_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Maps (discriminator logits, BCE targets, their gradients) are small next to the logits: their dtype is a
 // runtime code (uniform across the grid, so the branch costs nothing) instead of one more template parameter.
-__device__ __forceinline__ float load_map(const Strided3& m, int64_t off) {
+FAS_HD float load_map(const Strided3& m, int64_t off) {
   switch (m.dtype) {
     case kFloat16: return __half2float(static_cast<const __half*>(m.data)[off]);
     case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(m.data)[off]);
@@ -34,7 +44,7 @@ __device__ __forceinline__ float load_map(const Strided3& m, int64_t off) {
   }
 }
 
-__device__ __forceinline__ void store_map(const Strided3& m, int64_t off, float v) {
+FAS_HD void store_map(const Strided3& m, int64_t off, float v) {
   switch (m.dtype) {
     case kFloat16: static_cast<__half*>(m.data)[off] = __float2half_rn(v); break;
     case kBFloat16: static_cast<__nv_bfloat16*>(m.data)[off] = __float2bfloat16_rn(v); break;
@@ -50,7 +60,7 @@ struct Pixel {
 
 // p in [0, N*H*W) -> (n, h, w) for a (.., H, W) grid with HW = H*W.
 // 32-bit division when p and H*W fit (the common case; a warp-uniform branch), int64 otherwise.
-__device__ __forceinline__ Pixel split_pixel(int64_t p, int64_t HW, int64_t W) {
+FAS_HD Pixel split_pixel(int64_t p, int64_t HW, int64_t W) {
   Pixel px;
   if (p <= 0xffffffffll && HW <= 0xffffffffll) {
     const uint32_t p32 = static_cast<uint32_t>(p), hw32 = static_cast<uint32_t>(HW), w32 = static_cast<uint32_t>(W);
@@ -69,21 +79,21 @@ __device__ __forceinline__ Pixel split_pixel(int64_t p, int64_t HW, int64_t W) {
   return px;
 }
 
-__device__ __forceinline__ int64_t offset3(const Strided3& m, const Pixel& px) {
+FAS_HD int64_t offset3(const Strided3& m, const Pixel& px) {
   return px.n * m.sn + px.h * m.sh + px.w * m.sw;
 }
 
 // Offset of channel 0 of pixel px; channel c is at + c * t.sc.
-__device__ __forceinline__ int64_t offset4(const Strided4& t, const Pixel& px) {
+FAS_HD int64_t offset4(const Strided4& t, const Pixel& px) {
   return px.n * t.sn + px.h * t.sh + px.w * t.sw;
 }
 
-__device__ __forceinline__ bool masked(const Strided3& mask, const Pixel& px) {
+FAS_HD bool masked(const Strided3& mask, const Pixel& px) {
   return mask.data != nullptr && static_cast<const uint8_t*>(mask.data)[offset3(mask, px)] != 0;
 }
 
 // Class label of px, or -1 when it does not count (ignore_index, or outside [0, C): never used as an index).
-__device__ __forceinline__ int64_t valid_label(const Strided3& target, const Pixel& px, int64_t C, int64_t ignore_index) {
+FAS_HD int64_t valid_label(const Strided3& target, const Pixel& px, int64_t C, int64_t ignore_index) {
   const int64_t y = static_cast<const int64_t*>(target.data)[offset3(target, px)];
   return (y != ignore_index && y >= 0 && y < C) ? y : -1;
 }
@@ -99,14 +109,14 @@ constexpr int kChunk = 4;
 
 // f(c, x[c]) for c = first .. C-1, in order, with the loads batched kChunk at a time.
 template <typename T, typename F>
-__device__ __forceinline__ void for_channels(const T* __restrict__ x, int64_t base, int64_t sc, int64_t first, int64_t C,
+FAS_HD void for_channels(const T* __restrict__ x, int64_t base, int64_t sc, int64_t first, int64_t C,
                                              F&& f) {
   int64_t c = first;
   for (; c + kChunk <= C; c += kChunk) {
     float v[kChunk];
-#pragma unroll
+FAS_UNROLL
     for (int j = 0; j < kChunk; ++j) v[j] = to_float(x[base + (c + j) * sc]);
-#pragma unroll
+FAS_UNROLL
     for (int j = 0; j < kChunk; ++j) f(c + j, v[j]);
   }
   for (; c < C; ++c) f(c, to_float(x[base + c * sc]));
@@ -123,7 +133,7 @@ struct RowStats {
 };
 
 template <typename T, bool kArgmax>
-__device__ __forceinline__ RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int64_t C, int64_t sel) {
+FAS_HD RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int64_t C, int64_t sel) {
   const float x0 = to_float(x[base]);
   RowStats r;
   r.m = x0;
@@ -144,14 +154,14 @@ __device__ __forceinline__ RowStats row_stats(const T* __restrict__ x, int64_t b
       r.arg = c;
     }
   });
-  if (isinf(r.m) && r.m > 0.f) r.s = __int_as_float(0x7fc00000);  // NaN
+  if (isinf(r.m) && r.m > 0.f) r.s = nanf("");
   if (kArgmax) r.xsel = best;
   return r;
 }
 
 // d(-log softmax(x)[sel]) / dx_c = softmax(x)_c - [c == sel], times `scale`, written for every channel.
 template <typename T>
-__device__ __forceinline__ void write_nll_grad(const T* __restrict__ x, int64_t xbase, int64_t xsc, T* __restrict__ g,
+FAS_HD void write_nll_grad(const T* __restrict__ x, int64_t xbase, int64_t xsc, T* __restrict__ g,
                                                int64_t gbase, int64_t gsc, int64_t C, const RowStats& r, int64_t sel,
                                                float scale) {
   const float inv_s = 1.f / r.s;
@@ -162,22 +172,23 @@ __device__ __forceinline__ void write_nll_grad(const T* __restrict__ x, int64_t 
 }
 
 template <typename T>
-__device__ __forceinline__ void write_zeros(T* __restrict__ g, int64_t gbase, int64_t gsc, int64_t C) {
+FAS_HD void write_zeros(T* __restrict__ g, int64_t gbase, int64_t gsc, int64_t C) {
   const T zero = from_float<T>(0.f);
   for (int64_t c = 0; c < C; ++c) g[gbase + c * gsc] = zero;
 }
 
 // torch's sigmoid formula (so the semi mask's `sigmoid(z) > threshold` matches it bit for bit); never NaN for
 // finite or infinite z.
-__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
+FAS_HD float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 
 // BCE with logits in PyTorch's form (1 - t)*z + softplus(-z), softplus(-z) = max(-z, 0) + log1p(exp(-|z|)):
 // finite for finite z, and infinities give what PyTorch gives (inf for z = +inf, t = 0; NaN for 0 * inf).
-__device__ __forceinline__ float bce_logits(float z, float t) {
+FAS_HD float bce_logits(float z, float t) {
   return (1.f - t) * z + (fmaxf(-z, 0.f) + log1pf(expf(-fabsf(z))));
 }
 
 // ------------------------------------------------------------------------------------ deterministic sums
+#ifdef __CUDACC__  // device-only (a host compiler building tests/cuda_emulation skips it)
 // Sum K per-thread values over the block (fixed shuffle tree, then warps in order) and write the block's sums
 // to partials[k * G + blockIdx.x]. Every thread of the block must call it (no early returns in the kernels).
 template <int K>
@@ -201,6 +212,7 @@ __device__ __forceinline__ void block_sums_to_partials(const float (&v)[K], floa
     partials[threadIdx.x * G + blockIdx.x] = s;
   }
 }
+#endif  // __CUDACC__
 
 // What the finalize block computes from the K column sums.
 enum EpilogueKind : int {
@@ -219,6 +231,56 @@ struct Epilogue {
   double pixels;
   Outputs out;
 };
+
+FAS_HD double denominator(double count) { return count > 0.0 ? count : 1.0; }
+
+FAS_HD void put_output(const Outputs& out, int i, double v) {
+  if (out.p[i] != nullptr) *out.p[i] = static_cast<float>(v);
+}
+
+// The op's results from its K column sums (see EpilogueKind): means divide by count, or by 1 when nothing counted.
+FAS_HD void apply_epilogue(const double* sums, const Epilogue& epi) {
+  const Outputs& out = epi.out;
+  switch (epi.kind) {
+    case kEpiMean:
+    case kEpiSemi: {
+      const double den = epi.reduction == kReduceMean ? denominator(sums[1]) : 1.0;
+      put_output(out, 0, sums[0] / den);
+      put_output(out, 1, den);
+      if (epi.kind == kEpiSemi) put_output(out, 2, sums[1] / (sums[2] > 1.0 ? sums[2] : 1.0));
+      break;
+    }
+    case kEpiDiscriminator: {
+      const double den_fake = denominator(sums[1]);
+      const double den_real = denominator(sums[3]);
+      put_output(out, 0, sums[0] / den_fake + sums[2] / den_real);
+      put_output(out, 1, den_fake);
+      put_output(out, 2, den_real);
+      break;
+    }
+    case kEpiGenerator: {
+      const double den_ce = denominator(sums[1]);
+      const double den_adv = denominator(sums[3]);
+      const double den_semi = denominator(sums[5]);
+      // each field is rounded to float32 first, so total is exactly what the returned fields give
+      const double ce = epi.labelled ? static_cast<float>(sums[0] / den_ce) : 0.0;
+      const double adv = static_cast<float>(sums[2] / den_adv);
+      const double semi = epi.labelled ? 0.0 : static_cast<float>(sums[4] / den_semi);
+      const double total = epi.labelled ? ce + epi.lambda_adv * adv : epi.lambda_adv * adv + epi.lambda_semi * semi;
+      put_output(out, 0, total);
+      put_output(out, 1, ce);
+      put_output(out, 2, adv);
+      put_output(out, 3, semi);
+      put_output(out, 4, epi.labelled ? 0.0 : sums[5] / (epi.pixels > 1.0 ? epi.pixels : 1.0));
+      put_output(out, 5, den_ce);
+      put_output(out, 6, den_adv);
+      put_output(out, 7, den_semi);
+      break;
+    }
+    default:
+      break;
+  }
+}
 
 // One block reduces partials (K rows of G floats) in a fixed order and applies the epilogue. Defined in reduce.cu.
 cudaError_t launch_finalize(const float* partials, int64_t G, int K, const Epilogue& epi, cudaStream_t stream);

@@ -56,8 +56,8 @@ struct Outputs {
 
 // softmax2d: y = softmax_c(x); dtype = DType of x, y (float32/float16/bfloat16).
 cudaError_t softmax2d_forward(Shape4 s, int dtype, Strided4 x, Strided4 y, cudaStream_t stream);
-// gx = y * (gy - sum_c y*gy); y, gy, gx of the same dtype.
-cudaError_t softmax2d_backward(Shape4 s, int dtype, Strided4 y, Strided4 gy, Strided4 gx, cudaStream_t stream);
+// gx = p * (gy - sum_c p*gy), p = softmax(x) recomputed in float32; x, gy, gx of the same dtype.
+cudaError_t softmax2d_backward(Shape4 s, int dtype, Strided4 x, Strided4 gy, Strided4 gx, cudaStream_t stream);
 
 // cross_entropy2d. partials: 2*G floats. out.p[0] = loss (mean or sum), out.p[1] = its denominator
 // (sum of weights over valid pixels, or 1 if that is <= 0; 1 for "sum"). loss_map (P floats, contiguous) is

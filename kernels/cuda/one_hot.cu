@@ -3,33 +3,22 @@
 // kernel writes bit patterns (the caller gives the pattern of 1; 0 is all-zero bits in every such dtype).
 // One thread per pixel writes its C values, adjacent threads adjacent pixels (coalesced at every channel).
 // Bytes moved: reads 8 bytes of label per pixel, writes C * elem_size bytes per pixel.
-#include "common.cuh"
+#include "pixel_ops.cuh"
 
 namespace fastadvseg {
 namespace cuda {
 namespace {
 
 template <typename U>
-__global__ void __launch_bounds__(kThreads)
-one_hot_kernel(Shape4 s, Strided3 target, int64_t ignore_index, U* __restrict__ out, U one) {
-  const int64_t HW = s.H * s.W;
-  const int64_t P = s.N * HW;
-  const U zero = static_cast<U>(0);
-  FASTADVSEG_PIXEL_LOOP(p, P) {
-    const Pixel px = split_pixel(p, HW, s.W);
-    const int64_t y = valid_label(target, px, s.C, ignore_index);
-    const int64_t hw = p - px.n * HW;
-    U* o = out + px.n * s.C * HW + hw;
-    for (int64_t c = 0; c < s.C; ++c) o[c * HW] = (c == y) ? one : zero;
-  }
+__global__ void __launch_bounds__(kThreads) one_hot_kernel(Shape4 s, Strided3 target, int64_t ignore_index,
+                                                           U* __restrict__ out, U one) {
+  FASTADVSEG_PIXEL_LOOP(p, s.N * s.H * s.W) one_hot_pixel<U>(s, target, ignore_index, out, one, p);
 }
 
 template <typename U>
 cudaError_t launch(Shape4 s, Strided3 target, int64_t ignore_index, void* out, uint64_t one_bits, cudaStream_t stream) {
-  const int64_t blocks = grid_blocks(s.N * s.H * s.W);
-  one_hot_kernel<U><<<grid_of(blocks), kThreads, 0, stream>>>(s, target, ignore_index,
-                                                                             static_cast<U*>(out),
-                                                                             static_cast<U>(one_bits));
+  one_hot_kernel<U><<<grid_of(grid_blocks(s.N * s.H * s.W)), kThreads, 0, stream>>>(
+      s, target, ignore_index, static_cast<U*>(out), static_cast<U>(one_bits));
   return cudaGetLastError();
 }
 

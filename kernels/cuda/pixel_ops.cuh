@@ -1,0 +1,222 @@
+// The per-pixel work of every op, one function per op: what one thread does for pixel p (reads its C logits,
+// writes its outputs and gradients, adds to its running sums). The kernels in *.cu are a grid-stride loop over
+// p around these plus the deterministic block reduction; tests/cuda_emulation runs the same functions on the CPU.
+// Math per op: see the header of its .cu file.
+#pragma once
+
+#include "common.cuh"
+
+namespace fastadvseg {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------------- softmax2d
+struct SoftmaxArgs {
+  Shape4 s;
+  Strided4 x, y;     // forward: y = softmax(x)
+  Strided4 gy, gx;   // backward: gx = p * (gy - <p, gy>), p = softmax(x) recomputed in float32 from x
+};
+
+template <typename T>
+FAS_HD void softmax_forward_pixel(const SoftmaxArgs& a, int64_t p) {
+  const T* __restrict__ xp = static_cast<const T*>(a.x.data);
+  T* __restrict__ yp = static_cast<T*>(a.y.data);
+  const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
+  const int64_t xb = offset4(a.x, px), yb = offset4(a.y, px), ysc = a.y.sc;
+  const RowStats r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, -1);
+  const float inv_s = 1.f / r.s;
+  for_channels(xp, xb, a.x.sc, 0, a.s.C,
+               [&](int64_t c, float v) { yp[yb + c * ysc] = from_float<T>(expf(v - r.m) * inv_s); });
+}
+
+// The backward recomputes the probabilities from the logits (L1/L2-resident after the first sweep) instead of
+// reading the saved, rounded output: float32 probabilities, as the reference's autograd uses, for half/bfloat16.
+template <typename T>
+FAS_HD void softmax_backward_pixel(const SoftmaxArgs& a, int64_t p) {
+  const T* __restrict__ xp = static_cast<const T*>(a.x.data);
+  const T* __restrict__ gyp = static_cast<const T*>(a.gy.data);
+  T* __restrict__ gxp = static_cast<T*>(a.gx.data);
+  const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
+  const int64_t xb = offset4(a.x, px), gyb = offset4(a.gy, px), gxb = offset4(a.gx, px);
+  const int64_t gysc = a.gy.sc, gxsc = a.gx.sc;
+  const RowStats r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, -1);
+  const float inv_s = 1.f / r.s;
+  float dot = 0.f;
+  for_channels(xp, xb, a.x.sc, 0, a.s.C,
+               [&](int64_t c, float v) { dot += expf(v - r.m) * inv_s * to_float(gyp[gyb + c * gysc]); });
+  for_channels(xp, xb, a.x.sc, 0, a.s.C, [&](int64_t c, float v) {
+    gxp[gxb + c * gxsc] = from_float<T>(expf(v - r.m) * inv_s * (to_float(gyp[gyb + c * gysc]) - dot));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------- cross_entropy2d
+struct CrossEntropyArgs {
+  Shape4 s;
+  Strided4 x;
+  Strided3 target;
+  const float* weight;  // C values, or nullptr
+  int64_t ignore_index;
+  float* loss_map;      // P floats, or nullptr
+  Strided4 grad;        // data nullptr: no gradient
+};
+
+// acc: [sum of w_y * nll, sum of w_y]
+template <typename T>
+FAS_HD void cross_entropy_pixel(const CrossEntropyArgs& a, int64_t p, float* acc) {
+  const T* __restrict__ xp = static_cast<const T*>(a.x.data);
+  T* __restrict__ gp = static_cast<T*>(a.grad.data);
+  const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
+  const int64_t y = valid_label(a.target, px, a.s.C, a.ignore_index);
+  float loss = 0.f;
+  if (y >= 0) {  // the logits of an ignored pixel are never read: a NaN there cannot reach the loss
+    const int64_t xb = offset4(a.x, px);
+    const RowStats r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, y);
+    const float wy = a.weight != nullptr ? a.weight[y] : 1.f;
+    loss = (r.m + logf(r.s) - r.xsel) * wy;
+    acc[0] += loss;
+    acc[1] += wy;
+    if (gp != nullptr) write_nll_grad<T>(xp, xb, a.x.sc, gp, offset4(a.grad, px), a.grad.sc, a.s.C, r, y, wy);
+  } else if (gp != nullptr) {
+    write_zeros<T>(gp, offset4(a.grad, px), a.grad.sc, a.s.C);
+  }
+  if (a.loss_map != nullptr) a.loss_map[p] = loss;
+}
+
+// ------------------------------------------------------------------------------- bce_with_logits2d, discriminator
+struct BceSegment {
+  int64_t H, W, P;
+  Strided3 z, target, mask, grad;  // target.data nullptr: the constant target_value
+  float target_value;
+  float* loss_map;
+};
+
+// sum += BCE(z, t), count += 1 at a pixel that is not masked; gradient sigmoid(z) - t (0 where masked).
+FAS_HD void bce_pixel(const BceSegment& seg, int64_t p, float& sum, float& count) {
+  const Pixel px = split_pixel(p, seg.H * seg.W, seg.W);
+  float loss = 0.f;
+  if (!masked(seg.mask, px)) {
+    const float z = load_map(seg.z, offset3(seg.z, px));
+    const float t = seg.target.data != nullptr ? load_map(seg.target, offset3(seg.target, px)) : seg.target_value;
+    loss = bce_logits(z, t);
+    sum += loss;
+    count += 1.f;
+    if (seg.grad.data != nullptr) store_map(seg.grad, offset3(seg.grad, px), sigmoid(z) - t);
+  } else if (seg.grad.data != nullptr) {
+    store_map(seg.grad, offset3(seg.grad, px), 0.f);
+  }
+  if (seg.loss_map != nullptr) seg.loss_map[p] = loss;
+}
+
+// Two segments walked as one index space q (the first's pixels, then the second's).
+// acc: [first sum, first count, second sum, second count]
+FAS_HD void bce_pair_pixel(const BceSegment& first, const BceSegment& second, int64_t q, float* acc) {
+  if (q < first.P) {
+    bce_pixel(first, q, acc[0], acc[1]);
+  } else {
+    bce_pixel(second, q - first.P, acc[2], acc[3]);
+  }
+}
+
+// ----------------------------------------------------------------------------------------- semi_cross_entropy2d
+struct SemiArgs {
+  Shape4 s;
+  Strided4 x;
+  Strided3 z, mask;
+  float threshold;
+  float* loss_map;
+  Strided4 grad;
+};
+
+// acc: [sum of nll over kept pixels, kept, considered]
+template <typename T>
+FAS_HD void semi_pixel(const SemiArgs& a, int64_t p, float* acc) {
+  const T* __restrict__ xp = static_cast<const T*>(a.x.data);
+  T* __restrict__ gp = static_cast<T*>(a.grad.data);
+  const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
+  bool keep = false;
+  if (!masked(a.mask, px)) {
+    acc[2] += 1.f;
+    keep = sigmoid(load_map(a.z, offset3(a.z, px))) > a.threshold;  // a NaN z is not kept
+  }
+  float loss = 0.f;
+  if (keep) {
+    const int64_t xb = offset4(a.x, px);
+    const RowStats r = row_stats<T, true>(xp, xb, a.x.sc, a.s.C, -1);
+    loss = r.m + logf(r.s) - r.xsel;
+    acc[0] += loss;
+    acc[1] += 1.f;
+    if (gp != nullptr) write_nll_grad<T>(xp, xb, a.x.sc, gp, offset4(a.grad, px), a.grad.sc, a.s.C, r, r.arg, 1.f);
+  } else if (gp != nullptr) {
+    write_zeros<T>(gp, offset4(a.grad, px), a.grad.sc, a.s.C);
+  }
+  if (a.loss_map != nullptr) a.loss_map[p] = loss;
+}
+
+// ----------------------------------------------------------------------------------------------- generator_loss
+struct GeneratorArgs {
+  Shape4 s;
+  Strided4 x;
+  Strided3 z, target;  // target.data nullptr: an unlabelled batch
+  int64_t ignore_index;
+  float threshold;
+  Strided4 grad_x;     // d(ce sum)/dx (labelled) or d(semi sum)/dx (unlabelled), or absent
+  Strided3 grad_z;     // d(adv sum)/dz, or absent
+};
+
+// acc: [ce sum, ce count, adv sum, adv count, semi sum, semi count]
+template <typename T>
+FAS_HD void generator_pixel(const GeneratorArgs& a, int64_t p, float* acc) {
+  const T* __restrict__ xp = static_cast<const T*>(a.x.data);
+  T* __restrict__ gxp = static_cast<T*>(a.grad_x.data);
+  const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
+  const int64_t xb = offset4(a.x, px);
+  int64_t sel = -1;  // the class whose nll counts at this pixel, -1 if none
+  bool adv_counts;   // whether BCE(z, 1) counts at this pixel
+  float zv = 0.f;
+  RowStats r{};
+  if (a.target.data != nullptr) {  // labelled: ce and adv over the pixels with a valid label
+    sel = valid_label(a.target, px, a.s.C, a.ignore_index);
+    adv_counts = sel >= 0;
+    if (sel >= 0) {
+      zv = load_map(a.z, offset3(a.z, px));
+      r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, sel);
+      acc[0] += r.m + logf(r.s) - r.xsel;
+      acc[1] += 1.f;
+    }
+  } else {  // unlabelled: adv over every pixel, semi over the confident ones
+    adv_counts = true;
+    zv = load_map(a.z, offset3(a.z, px));
+    if (sigmoid(zv) > a.threshold) {
+      r = row_stats<T, true>(xp, xb, a.x.sc, a.s.C, -1);
+      sel = r.arg;
+      acc[4] += r.m + logf(r.s) - r.xsel;
+      acc[5] += 1.f;
+    }
+  }
+  if (adv_counts) {
+    acc[2] += bce_logits(zv, 1.f);
+    acc[3] += 1.f;
+  }
+  if (a.grad_z.data != nullptr) store_map(a.grad_z, offset3(a.grad_z, px), adv_counts ? sigmoid(zv) - 1.f : 0.f);
+  if (gxp != nullptr) {
+    if (sel >= 0) {
+      write_nll_grad<T>(xp, xb, a.x.sc, gxp, offset4(a.grad_x, px), a.grad_x.sc, a.s.C, r, sel, 1.f);
+    } else {
+      write_zeros<T>(gxp, offset4(a.grad_x, px), a.grad_x.sc, a.s.C);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- one_hot2d
+// out: contiguous (N, C, H, W) of U-sized elements; `one` is the bit pattern of 1 in the output dtype.
+template <typename U>
+FAS_HD void one_hot_pixel(const Shape4& s, const Strided3& target, int64_t ignore_index, U* __restrict__ out, U one,
+                          int64_t p) {
+  const int64_t HW = s.H * s.W;
+  const Pixel px = split_pixel(p, HW, s.W);
+  const int64_t y = valid_label(target, px, s.C, ignore_index);
+  U* o = out + px.n * s.C * HW + (p - px.n * HW);
+  for (int64_t c = 0; c < s.C; ++c) o[c * HW] = (c == y) ? one : static_cast<U>(0);
+}
+
+}  // namespace cuda
+}  // namespace fastadvseg
