@@ -102,3 +102,20 @@ def test_targets_are_judged_with_gap():
     assert by[("auto", "training iteration >= 1.2x images/s")]["met"] is False
     cpu = evaluate([_row("cpu", shape="voc-n2", speedup_vs_eager=2.0), _row("reference", shape="voc-n2")], "cpu")
     assert [(c["impl"], c["met"], c["gap"]) for c in cpu] == [("cpu", False, "needs 1.50x more")]
+
+
+def test_byte_model_and_order_statistics():
+    import torch
+
+    from benchmarks.cases import select_cases
+    from benchmarks.shapes import VOC
+    from benchmarks.timing import summarize
+
+    gen = select_cases(["generator_loss[labelled]"])[0]
+    p, c = VOC.n * VOC.h * VOC.w, VOC.c
+    # read logits, labels, z; write their gradients (SPEC 5: "the bytes the op must move")
+    assert gen.bytes(VOC, torch.float32, "fwdbwd") == 2 * p * c * 4 + 8 * p + 2 * p * 4
+    assert gen.bytes(VOC, torch.bfloat16, "fwd") == p * c * 2 + 8 * p + p * 2
+    stats = summarize([0.004, 0.001, 0.003, 0.002, 0.005])
+    assert (stats["median_ms"], stats["min_ms"], stats["n"]) == (3.0, 1.0, 5)
+    assert stats["p10_ms"] < stats["q1_ms"] < stats["median_ms"] < stats["q3_ms"] < stats["p90_ms"]
