@@ -81,3 +81,6 @@ def test_op(benchmark, bench, request):
                                 device=str(device))
     benchmark.group = f"{shape.name} {dtype} {case.name} {direction}"
     benchmark.pedantic(call, rounds=max(5, min(50, int(0.5 / max(per_call, 1e-6)))), warmup_rounds=0, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["GBps_at_median"] = benchmark.extra_info["bytes"] / stats.stats.median / 1e9
