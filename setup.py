@@ -128,7 +128,7 @@ def _cuda_extensions():
               f"({torch.version.cuda}) differ in "
               "major version; the cuda backend is not built", file=sys.stderr)
         return []
-    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+    nvcc_flags = ["-O3", "-lineinfo"]  # no -std: BuildExtension adds the standard torch's headers need
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                        "-gencode=arch=compute_90,code=compute_90"]
@@ -137,7 +137,7 @@ def _cuda_extensions():
         sources=["csrc/cuda/binding.cpp"] + sorted(glob.glob("kernels/cuda/*.cu")),
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "cuda")],
         depends=sorted(glob.glob("kernels/cuda/*.cuh")),
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )]
 
 

@@ -62,7 +62,7 @@ if [ "${NVCC_CHECK_BINDING:-1}" != "0" ]; then
         inc=()
         for d in $torch_includes "$tmp/stub" "$py_include" "$cuda_include"; do inc+=(-isystem "$d"); done
         bstart=$SECONDS
-        if g++ -c -O0 -fPIC -std=c++17 -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_cuda_kernels \
+        if g++ -c -O0 -fPIC -std=c++20 -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_cuda_kernels \
                -DTORCH_API_INCLUDE_EXTENSION_H "${inc[@]}" -I "$root/kernels/cuda" "$root/csrc/cuda/binding.cpp" \
                -o "$tmp/binding.o"; then
             echo "nvcc_check: ok   csrc/cuda/binding.cpp (g++ -c against torch's headers, $((SECONDS - bstart)) s)"
