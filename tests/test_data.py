@@ -78,6 +78,19 @@ def test_augmentation_reproducible_from_torch_seed():
     assert all(torch.equal(p, q) for p, q in zip(a, c))
 
 
+def test_dataloader_workers_reproducible():
+    from torch.utils.data import DataLoader
+
+    b = build_data("synthetic", crop_size=32, synthetic_num_train=6, synthetic_num_val=1, labelled_fraction=1)
+
+    def batches():
+        torch.manual_seed(7)
+        return [x for x, _, _ in DataLoader(b.labelled, batch_size=3, shuffle=True, num_workers=2)]
+
+    first, second = batches(), batches()
+    assert all(torch.equal(p, q) for p, q in zip(first, second))
+
+
 def test_crop_pads_with_ignore_and_zero():
     img = torch.ones(3, 10, 12)
     lab = torch.ones(10, 12, dtype=torch.long)
@@ -97,6 +110,9 @@ def test_val_pad_batches(tmp_path):
     b = build_data("synthetic", synthetic_num_train=4, synthetic_num_val=2, val_pad=100, synthetic_size=90)
     x, y, _ = b.val[1]
     assert x.shape == (3, 100, 100) and (y[90:] == 255).all() and (x[:, :, 90:] == 0).all()
+    b = build_data("synthetic", synthetic_num_train=4, synthetic_num_val=1, val_pad=50)
+    with pytest.raises(ValueError, match="val_pad"):
+        b.val[0]
 
 
 # ---------------------------------------------------------------- split
