@@ -231,3 +231,16 @@ def test_portable_build_agrees_with_the_default_one():
     for run in (base, default):
         assert abs(run["total"] - ref["total"]) <= 1e-5 * abs(ref["total"])
         torch.testing.assert_close(torch.tensor(run["grad"]), torch.tensor(ref["grad"]), rtol=1e-5, atol=1e-7)
+
+
+def test_learnt_class_weights_get_their_gradient():
+    """The kernel has no gradient for class weights: weights that require grad take the reference path."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((2, 4, 3, 5), generator=g, requires_grad=True)
+    t = torch.randint(0, 4, (2, 3, 5), generator=g)
+    grads = []
+    for backend in ("cpu", "reference"):
+        w = torch.rand(4, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        fas.cross_entropy2d(x, t, weight=w, backend=backend).backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[0], grads[1])

@@ -218,6 +218,32 @@ void store_scaled(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_
   }
 }
 
+// out[b] = m[pixel j0 + b] for a flat pixel index j0 over (N, H, W), converted to O. One strided loop when the
+// map's H and W (and N) axes merge, else (n, h, w) stepping.
+template <class E, class O>
+void gather_map(const Map3& m, int64_t H, int64_t W, int64_t j0, int64_t len, O* out) {
+  const E* p = static_cast<const E*>(m.ptr);
+  const bool rows_merge = H == 1 || m.s1 == W * m.s2;  // (a size-1 axis may have any stride)
+  if (rows_merge && (m.s0 == H * W * m.s2 || (j0 % (H * W)) + len <= H * W)) {
+    const int64_t n = j0 / (H * W);
+    const E* q = p + n * m.s0 + (j0 - n * H * W) * m.s2;
+    const int64_t st = m.s2;
+    for (int64_t b = 0; b < len; ++b) out[b] = static_cast<O>(q[b * st]);
+    return;
+  }
+  int64_t n = j0 / (H * W), h = (j0 % (H * W)) / W, w = j0 % W;
+  for (int64_t b = 0; b < len; ++b) {
+    out[b] = static_cast<O>(p[n * m.s0 + h * m.s1 + w * m.s2]);
+    if (++w == W) {
+      w = 0;
+      if (++h == H) {
+        h = 0;
+        ++n;
+      }
+    }
+  }
+}
+
 inline int threads_for(int num_threads, int64_t work) {
   return work < kSerialBelow ? 1 : std::max(1, num_threads);
 }
@@ -259,33 +285,39 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   float* zb = reinterpret_cast<float*>(ign + BS);         // discriminator logit
   float* sg = zb + BS;                                    // sigmoid(z)
   float* ad = sg + BS;                                    // BCE(z, 1)
+  int64_t* lab64 = reinterpret_cast<int64_t*>(ad + BS);   // labels as read (2 * BS floats)
 
   double loss = 0, wsum = 0, adv = 0, adv_count = 0, kept = 0, considered = 0;
 
   // 1. Per-pixel maps: labels, keep mask, adversarial term. Strided reads first, then the math in contiguous
   //    loops (vectorised), then the counts. Output maps are contiguous: this block's pixels are pix0 + b.
   const int64_t pix0 = (n * a.H + h0) * a.W + w0;
-  {
-    int64_t h = h0, w = w0;
+  if (a.label_mode == 0) {
+    gather_map<int64_t>(a.labels, a.H, a.W, pix0, len, lab64);
+    const int64_t ignore_index = a.ignore_index;
+    for (int64_t b = 0; b < len; ++b) {  // out-of-range labels are never used as an index
+      const int64_t v = lab64[b];
+      const bool valid = v != ignore_index && v >= 0 && v < C;
+      lab[b] = valid ? static_cast<int32_t>(v) : -1;
+    }
+    if (a.weight) {
+      for (int64_t b = 0; b < len; ++b) wt[b] = lab[b] >= 0 ? a.weight[lab[b]] : 0.f;
+    } else {
+      for (int64_t b = 0; b < len; ++b) wt[b] = lab[b] >= 0 ? 1.f : 0.f;
+    }
+  } else {
     for (int64_t b = 0; b < len; ++b) {
-      int32_t y = -1;
-      float wgt = 0.f;
-      if (a.label_mode == 0) {
-        const int64_t v = a.labels.at<int64_t>(n, h, w);
-        if (v != a.ignore_index && v >= 0 && v < C) {  // out-of-range labels are never used as an index
-          y = static_cast<int32_t>(v);
-          wgt = a.weight ? a.weight[v] : 1.f;
-        }
-      }
-      lab[b] = y;
-      cnt[b] = y >= 0;
-      wt[b] = wgt;
-      if (a.z.ptr) zb[b] = a.z.at<float>(n, h, w);
-      if (a.keep_mode) ign[b] = a.mask.ptr ? a.mask.at<uint8_t>(n, h, w) != 0 : 0;
-      if (++w == a.W) {
-        w = 0;
-        ++h;
-      }
+      lab[b] = -1;
+      wt[b] = 0.f;
+    }
+  }
+  for (int64_t b = 0; b < len; ++b) cnt[b] = lab[b] >= 0;
+  if (a.z.ptr) gather_map<float>(a.z, a.H, a.W, pix0, len, zb);
+  if (a.keep_mode) {
+    if (a.mask.ptr) {
+      gather_map<uint8_t>(a.mask, a.H, a.W, pix0, len, ign);
+    } else {
+      for (int64_t b = 0; b < len; ++b) ign[b] = 0;
     }
   }
   const bool adv_terms = a.adv_mode != 0 && !a.maps_only;
@@ -542,24 +574,22 @@ std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads) 
     size_t i = 0;
     while (blk >= first[i + 1]) ++i;
     const BceArgs& m = maps[i];
-    const int64_t HW = m.H * m.W, j0 = (blk - first[i]) * B, np = m.N * HW, end = std::min(np, j0 + B);
-    int64_t n = j0 / HW, h = (j0 % HW) / m.W, w = j0 % m.W;
+    const int64_t j0 = (blk - first[i]) * B, end = std::min(m.N * m.H * m.W, j0 + B);
     float* zb = scratch;  // strided reads first, then the math in contiguous loops
     float* tb = zb + B;
     float* lb = tb + B;
     int32_t* ib = reinterpret_cast<int32_t*>(lb + B);
     const int64_t len = end - j0;
-    for (int64_t b = 0; b < len; ++b) {
-      zb[b] = m.z.at<float>(n, h, w);
-      tb[b] = m.target.ptr ? m.target.at<float>(n, h, w) : m.target_value;
-      ib[b] = m.mask.ptr ? m.mask.at<uint8_t>(n, h, w) != 0 : 0;
-      if (++w == m.W) {
-        w = 0;
-        if (++h == m.H) {
-          h = 0;
-          ++n;
-        }
-      }
+    gather_map<float>(m.z, m.H, m.W, j0, len, zb);
+    if (m.target.ptr) {
+      gather_map<float>(m.target, m.H, m.W, j0, len, tb);
+    } else {
+      for (int64_t b = 0; b < len; ++b) tb[b] = m.target_value;
+    }
+    if (m.mask.ptr) {
+      gather_map<uint8_t>(m.mask, m.H, m.W, j0, len, ib);
+    } else {
+      for (int64_t b = 0; b < len; ++b) ib[b] = 0;
     }
     float* gb = m.grad ? m.grad + j0 : nullptr;
     for (int64_t b = 0; b < len; ++b) {

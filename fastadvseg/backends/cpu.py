@@ -209,6 +209,10 @@ class _CrossEntropy2d(torch.autograd.Function):
 
 def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                     ignore_index: int, reduction: str) -> torch.Tensor:
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        # the kernel gives no gradient for class weights; learnt weights take the reference path
+        from . import reference
+        return reference.cross_entropy2d(logits, target, weight, ignore_index, reduction)
     return _CrossEntropy2d.apply(logits, target, weight, ignore_index, reduction)
 
 
