@@ -82,3 +82,18 @@ def test_cuda_matches_cpu():
     a.update(pred, target)
     b.update(pred.cuda(), target.cuda())
     assert b.mat.is_cuda and torch.equal(a.mat, b.mat.cpu())
+
+
+def test_all_reduce_under_torch_distributed(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    cm = _cm([[0, 1]], [[0, 0]])
+    cm.all_reduce()                       # not initialised: a no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cm.all_reduce()
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(cm.mat, torch.tensor([[1, 1, 0], [0, 0, 0], [0, 0, 0]]))
