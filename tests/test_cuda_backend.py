@@ -471,7 +471,7 @@ def test_more_than_2_to_the_31_elements():
     loss = fas.cross_entropy2d(x, t, backend="cuda")
     tail = x.detach()[0, :, -1, -3:].float().T  # (3, C)
     expected = torch.nn.functional.cross_entropy(tail, t[0, -1, -3:])
-    _close(loss, expected, **LOSS_TOL)
+    _close(loss, expected, rtol=1e-3, atol=1e-4)  # a sum of 32768 exponentials per pixel
     loss.backward()
     g_tail = x.grad[0, :, -1, -3:].float().T
     expected_g = (torch.softmax(tail, dim=1) - torch.nn.functional.one_hot(t[0, -1, -3:], c)) / 3
