@@ -494,22 +494,20 @@ void one_hot_impl(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels
   const int64_t B = 1024;
   const int64_t per_row = (HW + B - 1) / B;
   const int nt = threads_for(num_threads, N * C * HW);
-  for_blocks(N * per_row, nt, B, [&](int64_t blk, float* scratch) {
+  for_blocks(N * per_row, nt, 3 * B, [&](int64_t blk, float* scratch) {
     const int64_t n = blk / per_row, j0 = (blk % per_row) * B, len = std::min(B, HW - j0);
     int32_t* lab = reinterpret_cast<int32_t*>(scratch);
-    int64_t h = j0 / W, w = j0 % W;
+    int64_t* lab64 = reinterpret_cast<int64_t*>(scratch + B);
+    gather_map<int64_t>(labels, H, W, n * HW + j0, len, lab64);
     for (int64_t b = 0; b < len; ++b) {
-      const int64_t v = labels.at<int64_t>(n, h, w);
+      const int64_t v = lab64[b];
       lab[b] = (v != ignore_index && v >= 0 && v < C) ? static_cast<int32_t>(v) : -1;
-      if (++w == W) {
-        w = 0;
-        ++h;
-      }
     }
+    const E on = one, off = E(0);  // locals: stores of E cannot alias them
     for (int64_t c = 0; c < C; ++c) {
       E* oc = out + (n * C + c) * HW + j0;
       const int32_t ci = static_cast<int32_t>(c);
-      for (int64_t b = 0; b < len; ++b) oc[b] = lab[b] == ci ? one : E(0);
+      for (int64_t b = 0; b < len; ++b) oc[b] = lab[b] == ci ? on : off;
     }
   });
 }
