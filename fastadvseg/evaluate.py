@@ -125,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = dist_utils.setup(cfg.device)
+    if info.device.type == "cpu" and cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     try:
         bundle = build_bundle(cfg)
         G = build_segmenter_for_eval(cfg, bundle.num_classes, ckpt, info.device)

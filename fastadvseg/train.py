@@ -22,8 +22,8 @@ from .config import ConfigError, TrainConfig, build_parser, from_dict, load_conf
 from .evaluate import evaluate, write_report
 from .utils import distributed as dist_utils
 from .utils.builders import build_bundle, build_models, build_optimizers, make_scaler, set_lr, to_device
-from .utils.checkpoint import (BEST, LAST, atomic_save, load_checkpoint, resolve_checkpoint, run_dir_of,
-                              set_rng_state, training_state)
+from .utils.checkpoint import (BEST, LAST, atomic_save, load_checkpoint, resolve_checkpoint, restore_training_state,
+                               run_dir_of, training_state)
 from .utils.log import MetricsLog, Progress, fmt_duration
 from .utils.report import final_report, make_run_dir
 from .utils.sampling import StepBatches, step_loader
@@ -58,7 +58,9 @@ def _main_thread() -> bool:
 def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_utils.DistInfo] = None) -> dict:
     """Train (or continue) a run; returns {"run_dir", "miou", "step", "interrupted", ...}."""
     info = info or dist_utils.setup(cfg.device)
-    t_start = time.perf_counter()
+    if info.device.type == "cpu" and cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     state = load_checkpoint(resolve_checkpoint(resume)) if resume else None
     run_dir = make_run_dir(cfg, info, run_dir_of(resolve_checkpoint(resume)) if resume else None)
     log = print if info.is_main else (lambda *a, **k: None)
@@ -66,21 +68,15 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
     G, D = build_models(cfg, bundle.num_classes, info.device, log)
     opt_g, opt_d = build_optimizers(cfg, G, D)
     scaler_g, scaler_d = make_scaler(cfg, info.device), make_scaler(cfg, info.device)
-    start, best = 0, None
+    start, best = restore_training_state(state, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d})
     if state is not None:
-        G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
-        opt_g.load_state_dict(state["opt_g"]), opt_d.load_state_dict(state["opt_d"])
-        for name, scaler in (("g", scaler_g), ("d", scaler_d)):
-            if scaler is not None and name in state["scalers"]:
-                scaler.load_state_dict(state["scalers"][name])
-        set_rng_state(state["rng"])
-        start, best = state["step"], state["best_miou"]
         log(f"resumed {run_dir} at step {start} (best mIoU so far {best})")
-    if info.is_main and state is None:
+    if info.is_main:  # on resume: the config with this session's overrides (e.g. more steps); the split is kept
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        from .data import save_split
+        if state is None:
+            from .data import save_split
 
-        save_split(bundle.split, os.path.join(run_dir, "split.json"), dataset=cfg.dataset, seed=cfg.split_seed)
+            save_split(bundle.split, os.path.join(run_dir, "split.json"), dataset=cfg.dataset, seed=cfg.split_seed)
     nets = Nets(*_wrap(G, D, cfg, info), D_raw=D, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d)
     use_unl = cfg.mode == "semi" and bundle.unlabelled is not None and len(bundle.unlabelled) > 0
     loaders = [step_loader(StepBatches(ds, cfg.batch_size, cfg.seed, stream, info.rank, info.world_size),
@@ -125,7 +121,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
     if result is None:  # resumed a finished run: just report
         result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
                           cfg=cfg, info=info)
-    return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - t_start)
+    return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - t_start,
+                        time.process_time() - cpu_start)
 
 
 def _wrap(G, D, cfg: TrainConfig, info: dist_utils.DistInfo):

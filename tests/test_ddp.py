@@ -16,7 +16,7 @@ from fastadvseg.utils.log import read_metrics
 
 ARGS = {"crop_size": "33,33", "batch_size": "2", "steps": "2", "val_limit": "6", "eval_batch_size": "2", "ndf": "8",
         "log_every": "1", "eval_every": "0", "plots": "false", "device": "cpu", "loss_backend": "reference",
-        "mode": "semi", "semi_start": "1"}
+        "mode": "semi", "semi_start": "1", "freeze_bn": "true", "lr": "2.5e-4", "head_lr_mult": "10"}
 
 
 def test_two_process_gloo_matches_one_process(tmp_path):

@@ -73,19 +73,21 @@ class DeepLabV2(nn.Module):
                 {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "name": "head"}]
 
 
-# name -> (block, layers, widths, stem width)
+# name -> (block, layers, widths, stem width, ASPP dilations)
 ARCHS = {
-    "deeplabv2_resnet101": (Bottleneck, (3, 4, 23, 3), (64, 128, 256, 512), 64),
-    "deeplabv2_resnet50": (Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), 64),
-    "deeplabv2_resnet18": (BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), 64),
-    # The CPU-sized default: a narrow ResNet-18-like backbone, one block per stage.
-    "deeplabv2_compact": (BasicBlock, (1, 1, 1, 1), (16, 32, 48, 64), 16),
+    "deeplabv2_resnet101": (Bottleneck, (3, 4, 23, 3), (64, 128, 256, 512), 64, (6, 12, 18, 24)),
+    "deeplabv2_resnet50": (Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), 64, (6, 12, 18, 24)),
+    "deeplabv2_resnet18": (BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), 64, (6, 12, 18, 24)),
+    # The CPU-sized default: a narrow ResNet-18-like backbone, one block per stage, and the four summed ASPP
+    # branches with dilations scaled to its ~64-96 px images (an 8x8-12x12 feature map, where rates 12-24 would
+    # only see padding).
+    "deeplabv2_compact": (BasicBlock, (1, 1, 1, 1), (16, 32, 48, 64), 16, (1, 2, 3, 4)),
 }
 
 
 def build_deeplab(name: str, num_classes: int, *, freeze_bn: bool = True, stride_in_1x1: bool = True) -> DeepLabV2:
     if name not in ARCHS:
         raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(ARCHS)}")
-    block, layers, widths, stem = ARCHS[name]
+    block, layers, widths, stem, dilations = ARCHS[name]
     backbone = DilatedResNet(block, layers, widths, stem, stride_in_1x1=stride_in_1x1)
-    return DeepLabV2(backbone, num_classes, freeze_bn=freeze_bn)
+    return DeepLabV2(backbone, num_classes, freeze_bn=freeze_bn, dilations=dilations)

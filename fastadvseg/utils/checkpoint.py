@@ -115,3 +115,18 @@ def training_state(step: int, G, D, opt_g, opt_d, scalers: Dict[str, Any], best_
         "config": config,
         **(extra or {}),
     }
+
+
+def restore_training_state(state: Optional[Dict[str, Any]], G, D, opt_g, opt_d, scalers: Dict[str, Any]):
+    """Load a :func:`training_state` into freshly built objects; returns (next step, best mIoU) - (0, None) if none."""
+    if state is None:
+        return 0, None
+    unwrap(G).load_state_dict(state["G"])
+    unwrap(D).load_state_dict(state["D"])
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])
+    for name, scaler in scalers.items():
+        if scaler is not None and name in state["scalers"]:
+            scaler.load_state_dict(state["scalers"][name])
+    set_rng_state(state["rng"])
+    return state["step"], state["best_miou"]

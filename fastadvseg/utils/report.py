@@ -31,12 +31,13 @@ def make_run_dir(cfg, info, existing=None) -> str:
     return broadcast_object(path, info)
 
 
-def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s) -> dict:
+def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=None) -> dict:
     """Rank 0: curves, the prediction/confidence figure, eval.md/json, summary.json; prints the IoU table."""
     from ..evaluate import confidence_maps, write_report
 
     summary = {"run_dir": run_dir, "step": cfg.steps, "interrupted": False, "miou": result.miou,
-               "pixel_acc": result.pixel_acc, "best_miou": best, "wall_s": wall_s}
+               "pixel_acc": result.pixel_acc, "best_miou": best, "wall_s": wall_s,
+               "cpu_s": cpu_s, "threads": torch.get_num_threads()}
     if not info.is_main:
         return summary
     if cfg.plots:
@@ -56,6 +57,6 @@ def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s) -> dict
         json.dump(summary, f, indent=2)
     print(table)
     print(f"mIoU {100 * result.miou:.2f} (best {100 * (best or 0):.2f})  pixel accuracy {100 * result.pixel_acc:.2f}  "
-          f"wall time {fmt_duration(wall_s)}  run directory {run_dir}", flush=True)
+          f"wall time {fmt_duration(wall_s)} (CPU time {fmt_duration(cpu_s or 0)})  run directory {run_dir}", flush=True)
     return summary
 
