@@ -167,8 +167,9 @@ setup(
     package_dir={"fastadvseg": "fastadvseg", "fastadvseg.kernels": "kernels"},
     package_data={"fastadvseg": ["configs/*.yaml", "configs/*.json"], "fastadvseg.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     # No upper pins and no CUDA-specific wheels: a CPU machine keeps its CPU torch.
-    # matplotlib: the training run's and the benchmark report's PNG plots; pyyaml: the shipped run configs.
-    install_requires=["torch>=2.4", "numpy", "matplotlib", "pyyaml", "triton>=3.0; platform_system == 'Linux'"],
+    # matplotlib: the training run's and the benchmark report's PNG plots; pyyaml: the shipped run configs;
+    # pillow: reading dataset images and palette/greyscale PNG masks (fastadvseg.data).
+    install_requires=["torch>=2.4", "numpy", "matplotlib", "pyyaml", "pillow", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
