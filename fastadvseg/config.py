@@ -93,6 +93,10 @@ class TrainConfig:
         def bad(key, msg):
             raise ConfigError(f"config {key}={getattr(self, key)!r}: {msg}")
 
+        from .models import SEGMENTERS
+
+        if self.model not in SEGMENTERS:
+            bad("model", f"choose one of {SEGMENTERS}")
         if self.mode not in MODES:
             bad("mode", f"choose one of {MODES}")
         if self.amp not in AMP_MODES:

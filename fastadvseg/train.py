@@ -58,13 +58,20 @@ def _main_thread() -> bool:
 def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_utils.DistInfo] = None) -> dict:
     """Train (or continue) a run; returns {"run_dir", "miou", "step", "interrupted", ...}."""
     info = info or dist_utils.setup(cfg.device)
-    if info.device.type == "cpu" and cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    with dist_utils.cpu_threads(cfg.num_threads if info.device.type == "cpu" else None):
+        return _train(cfg, resume, info)
+
+
+def _train(cfg: TrainConfig, resume: Optional[str], info: dist_utils.DistInfo) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     state = load_checkpoint(resolve_checkpoint(resume)) if resume else None
+    try:  # before the run directory: a bad data setting leaves nothing behind
+        bundle = build_bundle(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        hint = " (set --data_root)" if "root" in str(e) and not cfg.data_root else ""
+        raise ConfigError(f"{e}{hint}") from e
     run_dir = make_run_dir(cfg, info, run_dir_of(resolve_checkpoint(resume)) if resume else None)
     log = print if info.is_main else (lambda *a, **k: None)
-    bundle = build_bundle(cfg)
     G, D = build_models(cfg, bundle.num_classes, info.device, log)
     opt_g, opt_d = build_optimizers(cfg, G, D)
     scaler_g, scaler_d = make_scaler(cfg, info.device), make_scaler(cfg, info.device)
@@ -166,6 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = dist_utils.setup(cfg.device)
     try:
         train(cfg, resume, info)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:  # bad data, weights paths, run names
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         dist_utils.teardown(info)
     if info.enabled:  # all work is done and flushed: skip the interpreter teardown where gloo now and then aborts

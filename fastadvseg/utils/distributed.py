@@ -1,9 +1,11 @@
 """torchrun / DistributedDataParallel plumbing: set up from the environment, tear down cleanly."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -86,3 +88,16 @@ def teardown(info: DistInfo) -> None:
             dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def cpu_threads(n: Optional[int]):
+    """torch's intra-op thread count set to ``n`` (None or 0: unchanged) for the block, then restored."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)

@@ -24,7 +24,7 @@ def make_run_dir(cfg, info, existing=None) -> str:
             k = 1
             while os.path.exists(path):
                 path, k = os.path.join(cfg.run_root, f"{name}-{k}"), k + 1
-        elif os.path.exists(os.path.join(path, "checkpoints")):
+        elif os.path.exists(os.path.join(path, "checkpoints", "last.pt")):
             raise FileExistsError(f"run directory {path} already holds a run: continue it with --resume {path}, "
                                   f"or pick another --name")
         os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
