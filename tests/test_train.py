@@ -236,3 +236,20 @@ def test_data_order_does_not_depend_on_workers_or_resume_point():
     halves = [StepBatches(bundle.labelled, 4, 7, "labelled", rank=r, world_size=2)[3] for r in (0, 1)]
     assert halves[0][2] + halves[1][2] == straight[3][2]
     assert torch.equal(torch.cat([halves[0][0], halves[1][0]]), straight[3][0])
+
+
+def test_val_pad_protocol_scores_like_unpadded_images():
+    from fastadvseg.data import build_data
+    from fastadvseg.evaluate import evaluate
+    from fastadvseg.models import build_segmenter
+
+    torch.manual_seed(0)
+    G = build_segmenter("deeplabv2_compact", 8)
+    plain = build_data("synthetic", val_limit=3).val
+    padded = build_data("synthetic", val_pad=121, val_limit=3).val
+    assert padded[0][0].shape[-1] == 121 and plain[0][0].shape[-1] == 96
+    cfg_pad = load_config(None, {"val_pad": 121})
+    a = evaluate(G, plain, 8, device="cpu", batch_size=1)
+    b = evaluate(G, padded, 8, device="cpu", batch_size=3, cfg=cfg_pad)
+    assert a.num_pixels == b.num_pixels  # the padding is never scored
+    assert abs(a.miou - b.miou) < 0.05  # the net sees a padded image, but scores only the original extent
