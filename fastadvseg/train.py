@@ -25,7 +25,7 @@ from .utils.builders import build_bundle, build_models, build_optimizers, make_s
 from .utils.checkpoint import (BEST, LAST, atomic_save, load_checkpoint, resolve_checkpoint, restore_training_state,
                                run_dir_of, training_state)
 from .utils.log import MetricsLog, Progress, fmt_duration
-from .utils.report import final_report, make_run_dir
+from .utils.report import describe_run, final_report, make_run_dir
 from .utils.sampling import StepBatches, step_loader
 from .utils.step import Nets, train_step
 
@@ -76,6 +76,7 @@ def _train(cfg: TrainConfig, resume: Optional[str], info: dist_utils.DistInfo) -
     opt_g, opt_d = build_optimizers(cfg, G, D)
     scaler_g, scaler_d = make_scaler(cfg, info.device), make_scaler(cfg, info.device)
     start, best = restore_training_state(state, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d})
+    log(describe_run(cfg, bundle, G, info, run_dir))
     if state is not None:
         log(f"resumed {run_dir} at step {start} (best mIoU so far {best})")
     if info.is_main:  # on resume: the config with this session's overrides (e.g. more steps); the split is kept

@@ -31,6 +31,20 @@ def make_run_dir(cfg, info, existing=None) -> str:
     return broadcast_object(path, info)
 
 
+def describe_run(cfg, bundle, G, info, run_dir) -> str:
+    """The opening lines: what is trained on what, with which loss backend, where the run is written."""
+    from .._dispatch import resolve
+
+    backend = resolve("generator_loss", cfg.loss_backend, info.device, torch.float32)[0]
+    n_unl = len(bundle.unlabelled) if bundle.unlabelled is not None else 0
+    params = sum(p.numel() for p in G.parameters()) / 1e6
+    return (f"{cfg.mode} run of {cfg.model} ({params:.2f}M params, BN {'frozen' if cfg.freeze_bn else 'live'}) on "
+            f"{cfg.dataset}: {len(bundle.labelled)} labelled / {n_unl} unlabelled / {len(bundle.val)} val images, "
+            f"{cfg.steps} steps of batch {cfg.batch_size}, crop {cfg.crop_size[0]}x{cfg.crop_size[1]}\n"
+            f"device {info.device} x{info.world_size}, loss backend {cfg.loss_backend} -> {backend}, amp {cfg.amp}; "
+            f"run directory {run_dir}")
+
+
 def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=None) -> dict:
     """Rank 0: curves, the prediction/confidence figure, eval.md/json, summary.json; prints the IoU table."""
     from ..evaluate import confidence_maps, write_report
