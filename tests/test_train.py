@@ -253,3 +253,28 @@ def test_val_pad_protocol_scores_like_unpadded_images():
     b = evaluate(G, padded, 8, device="cpu", batch_size=3, cfg=cfg_pad)
     assert a.num_pixels == b.num_pixels  # the padding is never scored
     assert abs(a.miou - b.miou) < 0.05  # the net sees a padded image, but scores only the original extent
+
+
+def test_cli_sigint_saves_and_resume_finishes(tmp_path):
+    args = [sys.executable, "-m", "fastadvseg.train", "--run_root", str(tmp_path), "--name", "cli", "--crop_size", "33",
+            "--batch_size", "2", "--steps", "200", "--val_limit", "2", "--ndf", "8", "--log_every", "1",
+            "--eval_every", "0", "--checkpoint_every", "0", "--plots", "false", "--loss_backend", "reference"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/200"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) == 0, rest
+    finally:
+        proc.kill()
+    assert "SIGINT: finishing this step" in rest and "--resume" in rest
+    run = tmp_path / "cli"
+    step = ckpt_mod.load_checkpoint(str(run))["step"]
+    assert 2 <= step < 200
+    done = subprocess.run([sys.executable, "-m", "fastadvseg.train", "--resume", str(run), "--steps", str(step + 2)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed {run} at step {step}" in done.stdout and "| background |" in done.stdout
+    assert ckpt_mod.load_checkpoint(str(run))["step"] == step + 2
