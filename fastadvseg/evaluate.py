@@ -125,13 +125,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = dist_utils.setup(cfg.device)
-    if info.device.type == "cpu" and cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     try:
-        bundle = build_bundle(cfg)
-        G = build_segmenter_for_eval(cfg, bundle.num_classes, ckpt, info.device)
-        result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
-                          cfg=cfg, info=info)
+        with dist_utils.cpu_threads(cfg.num_threads if info.device.type == "cpu" else None):
+            bundle = build_bundle(cfg)
+            G = build_segmenter_for_eval(cfg, bundle.num_classes, ckpt, info.device)
+            result = evaluate(G, bundle.val, bundle.num_classes, device=info.device,
+                              batch_size=cfg.eval_batch_size, cfg=cfg, info=info)
         if info.is_main:
             out = args.out or args.run or os.path.dirname(os.path.abspath(ckpt))
             table = write_report(result, bundle.class_names, out, extra={"checkpoint": ckpt})
