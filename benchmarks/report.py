@@ -35,7 +35,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per impl and case (cap; default 30 CPU, 100 GPU)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed calls per impl and case (default 1.5 CPU, 0.5 GPU); never fewer than 5 calls")
+                   help="seconds of timed calls per impl and case (default 1.5 CPU, 0.5 GPU); never fewer than 10 calls (or --repeats)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (smoke tests)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="time only these fastadvseg backends (default: every one available_backends lists)")
@@ -107,7 +107,8 @@ def run_cases(args, device, shapes, dtypes, cases, log) -> List[dict]:
                         row["first_call_s"] = time.perf_counter() - t0
                         fns[impl] = (lambda f: lambda k: f(sets[k % len(sets)]))(fn)
                     try:
-                        samples = time_interleaved(fns, device, repeats=repeats, budget_s=budget)
+                        samples = time_interleaved(fns, device, repeats=repeats, budget_s=budget,
+                                                   min_repeats=min(10, repeats))
                     except Exception as exc:  # a failure after a good first call: mark the group, go on
                         samples = {}
                         for impl in fns:
