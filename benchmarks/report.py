@@ -35,7 +35,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per impl and case (cap; default 30 CPU, 100 GPU)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed calls per impl and case (default 1.5 CPU, 0.5 GPU); never fewer than 10 calls (or --repeats)")
+                   help="seconds of timed calls per impl and case (default 1.5 CPU, 0.5 GPU); "
+                        "never fewer than 10 calls (or --repeats)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (smoke tests)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="time only these fastadvseg backends (default: every one available_backends lists)")
