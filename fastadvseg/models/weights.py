@@ -28,9 +28,10 @@ class LoadReport:
     path: str
     layout: str
     loaded: List[str] = field(default_factory=list)  # model keys filled from the file
-    missing: List[str] = field(default_factory=list)  # model keys the file did not provide (kept as initialised)
+    missing: List[str] = field(default_factory=list)  # model keys the file lacks (kept as initialised)
     unexpected: List[str] = field(default_factory=list)  # file keys with no place in the model (incl. fc.*)
-    mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # (model key, file shape, model shape)
+    # (model key, file shape, model shape): in the file but skipped, kept as initialised
+    mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"pretrained weights {self.path} ({self.layout} layout): loaded {len(self.loaded)} tensors, "
@@ -103,5 +104,6 @@ def load_pretrained(model: nn.Module, path: str) -> LoadReport:
         for key, tensor in new.items():
             own[key].copy_(tensor)
     report.loaded = sorted(new)
-    report.missing = [k for k in own if k not in new and not k.endswith("num_batches_tracked")]
+    skipped = {k for k, _, _ in report.mismatched}
+    report.missing = [k for k in own if k not in new and k not in skipped and not k.endswith("num_batches_tracked")]
     return report

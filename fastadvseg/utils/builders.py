@@ -28,6 +28,10 @@ def build_models(cfg: TrainConfig, num_classes: int, device: torch.device, log=p
     cfg.stride_in_1x1 = G.backbone.stride_in_1x1  # record the resolved layout with the run
     if G.load_report is not None:
         log(G.load_report.summary())
+    elif cfg.freeze_bn:
+        log("WARNING: frozen BatchNorm without --pretrained weights: every BN is the identity, and a deep net trained "
+            "from scratch this way blows up (measured: ResNet-101 CE 1e4 at step 1). Pass --pretrained FILE (the "
+            "paper uses resnet101COCO-41f33a49.pth) or --freeze_bn false.")
     D = FCDiscriminator(num_classes, ndf=cfg.ndf)
     if cfg.pretrained_d:
         from ..models.weights import read_state_dict
