@@ -55,6 +55,9 @@ class TrainConfig:
     # bottleneck stride on the 1x1 conv (authors' DeepLab/Caffe layout) or the 3x3 (torchvision); None: as the
     # pretrained file's layout says (1x1 without a file). The run's config.yaml records the resolved value.
     stride_in_1x1: Optional[bool] = None
+    # feed the net Caffe input (BGR, 0..255, Caffe mean subtracted), as the authors' Caffe-trained COCO weights
+    # expect; None: true exactly for the DeepLab/COCO weights layout. Recorded resolved in the run's config.yaml.
+    caffe_input: Optional[bool] = None
     ndf: int = 32  # synthetic default; paper: 64
     # --- method ---
     mode: str = "semi"  # baseline (L_ce), adv (+L_adv), semi (+L_adv on unlabelled + L_semi)

@@ -128,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with dist_utils.cpu_threads(cfg.num_threads if info.device.type == "cpu" else None):
             bundle = build_bundle(cfg)
-            G = build_segmenter_for_eval(cfg, bundle.num_classes, ckpt, info.device)
+            G = build_segmenter_for_eval(cfg, bundle, ckpt, info.device)
             result = evaluate(G, bundle.val, bundle.num_classes, device=info.device,
                               batch_size=cfg.eval_batch_size, cfg=cfg, info=info)
         if info.is_main:

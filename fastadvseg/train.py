@@ -72,7 +72,7 @@ def _train(cfg: TrainConfig, resume: Optional[str], info: dist_utils.DistInfo) -
         raise ConfigError(f"{e}{hint}") from e
     run_dir = make_run_dir(cfg, info, run_dir_of(resolve_checkpoint(resume)) if resume else None)
     log = print if info.is_main else (lambda *a, **k: None)
-    G, D = build_models(cfg, bundle.num_classes, info.device, log)
+    G, D = build_models(cfg, bundle, info.device, log)
     opt_g, opt_d = build_optimizers(cfg, G, D)
     scaler_g, scaler_d = make_scaler(cfg, info.device), make_scaler(cfg, info.device)
     start, best = restore_training_state(state, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d})

@@ -32,7 +32,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # The all-reduced confusion matrix of 2 ranks (3 val images each) == one process scoring all 6 images.
     cfg = load_config(str(run / "config.yaml"))
     bundle = build_bundle(cfg)
-    G = build_segmenter_for_eval(cfg, bundle.num_classes, str(run / "checkpoints" / "last.pt"), torch.device("cpu"))
+    G = build_segmenter_for_eval(cfg, bundle, str(run / "checkpoints" / "last.pt"), torch.device("cpu"))
     single = evaluate(G, bundle.val, bundle.num_classes, device="cpu", batch_size=2, cfg=cfg)
     assert single.to_dict(bundle.class_names) == {k: ddp_eval[k] for k in single.to_dict(bundle.class_names)}
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fastadvseg as fas
-from fastadvseg.models import ASPP, FCDiscriminator, build_segmenter
+from fastadvseg.models import ASPP, CaffeInput, FCDiscriminator, build_segmenter
 from fastadvseg.models.weights import detect_layout, load_pretrained
 
 
@@ -118,7 +118,7 @@ def test_load_torchvision_layout(tmp_path, compact):
     assert "backbone.conv1.weight" in rep.loaded
     assert set(rep.missing) == {f"classifier.branches.{i}.{p}" for i in range(4) for p in ("weight", "bias")}
     assert "missing" in rep.summary()
-    assert not G.backbone.stride_in_1x1  # torchvision puts the bottleneck stride on the 3x3 conv
+    assert not G.backbone.stride_in_1x1 and G.input_transform is None  # torchvision: stride on the 3x3, RGB input
 
 
 def test_load_deeplab_coco_layout_with_shape_mismatch(tmp_path):
@@ -132,7 +132,7 @@ def test_load_deeplab_coco_layout_with_shape_mismatch(tmp_path):
     torch.save(sd, path)
     G = build_segmenter("deeplabv2_compact", 8, pretrained=str(path))
     rep = G.load_report
-    assert rep.layout == "deeplab" and G.backbone.stride_in_1x1
+    assert rep.layout == "deeplab" and G.backbone.stride_in_1x1 and G.input_transform is not None
     assert torch.all(G.backbone.layer4[0].conv2.weight == 0.25)
     skipped = {k for k, _, _ in rep.mismatched}
     assert skipped == {f"classifier.branches.{i}.{p}" for i in range(4) for p in ("weight", "bias")}
@@ -164,3 +164,13 @@ def test_own_checkpoint_roundtrip(tmp_path, compact):
     assert rep.layout == "fastadvseg" and not rep.missing and not rep.mismatched
     for k, v in compact.state_dict().items():
         assert torch.equal(v, G.state_dict()[k])
+
+
+def test_caffe_input_for_the_authors_weights():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rgb = torch.rand(2, 3, 5, 5)  # RGB in [0, 1]
+    normalised = (rgb - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    caffe = rgb.flip(1) * 255 - torch.tensor(CaffeInput.CAFFE_MEAN_BGR).view(1, 3, 1, 1)
+    torch.testing.assert_close(CaffeInput(mean, std)(normalised), caffe, rtol=1e-5, atol=1e-3)
+    assert build_segmenter("deeplabv2_compact", 8).input_transform is None
+    assert "input_transform.scale" not in build_segmenter("deeplabv2_compact", 8, caffe_input=True).state_dict()

@@ -70,7 +70,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
     bundle = build_data("synthetic", crop_size=(33, 33), val_limit=1)
     images = torch.stack([bundle.labelled[i][0] for i in range(4)])
     labels = torch.stack([bundle.labelled[i][1] for i in range(4)])
-    G, D = build_models(cfg, bundle.num_classes, torch.device("cpu"), log=lambda *a: None)
+    G, D = build_models(cfg, bundle, torch.device("cpu"), log=lambda *a: None)
     opt_g, opt_d = build_optimizers(cfg, G, D)
     nets = Nets(G, D, D, opt_g, opt_d)
     ce = [float(train_step(cfg, nets, s, images, labels)["loss_ce"]) for s in range(6)]

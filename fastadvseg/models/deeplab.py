@@ -1,7 +1,7 @@
 """DeepLab-v2: a dilated ResNet and an ASPP classifier whose four branches are summed."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,26 @@ class ASPP(nn.Module):
         return out
 
 
+class CaffeInput(nn.Module):
+    """Feeds Caffe-trained DeepLab weights (the authors' COCO init) what they were trained on.
+
+    Our datasets give RGB in [0, 1] normalised as ``(x - mean) / std``; the Caffe DeepLab weights expect BGR in
+    0..255 minus the Caffe channel means. This undoes one and applies the other, exactly (no state in checkpoints).
+    """
+
+    CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        scale = torch.tensor(list(std)[::-1], dtype=torch.float32) * 255.0
+        shift = torch.tensor(list(mean)[::-1], dtype=torch.float32) * 255.0 - torch.tensor(self.CAFFE_MEAN_BGR)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1) * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
 class DeepLabV2(nn.Module):
     """Segmenter: ``backbone`` (dilated ResNet, frozen BN) -> ``classifier`` (ASPP). Logits at 1/8 of the input.
 
@@ -38,8 +58,9 @@ class DeepLabV2(nn.Module):
     """
 
     def __init__(self, backbone: DilatedResNet, num_classes: int, freeze_bn: bool = True,
-                 dilations: Sequence[int] = (6, 12, 18, 24)):
+                 dilations: Sequence[int] = (6, 12, 18, 24), input_transform: Optional[nn.Module] = None):
         super().__init__()
+        self.input_transform = input_transform
         self.backbone = backbone
         self.classifier = ASPP(backbone.out_channels, num_classes, dilations)
         self.num_classes = num_classes
@@ -60,6 +81,8 @@ class DeepLabV2(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         return self.classifier(self.backbone(x))
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> List[Dict]:
@@ -85,9 +108,10 @@ ARCHS = {
 }
 
 
-def build_deeplab(name: str, num_classes: int, *, freeze_bn: bool = True, stride_in_1x1: bool = True) -> DeepLabV2:
+def build_deeplab(name: str, num_classes: int, *, freeze_bn: bool = True, stride_in_1x1: bool = True,
+                  input_transform: Optional[nn.Module] = None) -> DeepLabV2:
     if name not in ARCHS:
         raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(ARCHS)}")
     block, layers, widths, stem, dilations = ARCHS[name]
     backbone = DilatedResNet(block, layers, widths, stem, stride_in_1x1=stride_in_1x1)
-    return DeepLabV2(backbone, num_classes, freeze_bn=freeze_bn, dilations=dilations)
+    return DeepLabV2(backbone, num_classes, freeze_bn=freeze_bn, dilations=dilations, input_transform=input_transform)

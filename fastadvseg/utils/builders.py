@@ -20,12 +20,20 @@ def build_bundle(cfg: TrainConfig):
                       mirror=cfg.mirror, val_pad=cfg.val_pad, val_limit=cfg.val_limit)
 
 
-def build_models(cfg: TrainConfig, num_classes: int, device: torch.device, log=print):
+def _segmenter(cfg: TrainConfig, bundle, pretrained: Optional[str]):
+    G = build_segmenter(cfg.model, bundle.num_classes, pretrained, freeze_bn=cfg.freeze_bn,
+                        stride_in_1x1=cfg.stride_in_1x1, caffe_input=cfg.caffe_input, input_mean=bundle.mean,
+                        input_std=bundle.std)
+    # record the resolved choices with the run, so evaluation rebuilds the same network
+    cfg.stride_in_1x1, cfg.caffe_input = G.backbone.stride_in_1x1, G.input_transform is not None
+    return G
+
+
+def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print):
     """G and D initialised from ``cfg.seed`` (so every rank and every resume builds the same ones)."""
     torch.manual_seed(cfg.seed)
-    G = build_segmenter(cfg.model, num_classes, cfg.pretrained, freeze_bn=cfg.freeze_bn,
-                        stride_in_1x1=cfg.stride_in_1x1)
-    cfg.stride_in_1x1 = G.backbone.stride_in_1x1  # record the resolved layout with the run
+    num_classes = bundle.num_classes
+    G = _segmenter(cfg, bundle, cfg.pretrained)
     if G.load_report is not None:
         log(G.load_report.summary())
     elif cfg.freeze_bn:
@@ -82,13 +90,11 @@ def segment(G, images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(G(images), size=size, mode="bilinear", align_corners=True)
 
 
-def build_segmenter_for_eval(cfg: TrainConfig, num_classes: int, checkpoint: str, device: torch.device):
+def build_segmenter_for_eval(cfg: TrainConfig, bundle, checkpoint: str, device: torch.device):
     """G with the weights of ``checkpoint`` (a training checkpoint's "G", or a bare state_dict of any known layout)."""
-    from ..models.weights import load_pretrained
-
-    G = build_segmenter(cfg.model, num_classes, freeze_bn=cfg.freeze_bn, stride_in_1x1=cfg.stride_in_1x1)
-    report = load_pretrained(G, checkpoint)
+    G = _segmenter(cfg, bundle, checkpoint)  # settings the config leaves open follow the file's key layout
+    report = G.load_report
     if report.missing or report.mismatched:
-        raise ValueError(f"checkpoint {checkpoint} does not fit model {cfg.model} with {num_classes} classes:\n"
+        raise ValueError(f"checkpoint {checkpoint} does not fit model {cfg.model} with {bundle.num_classes} classes:\n"
                          + report.summary())
     return G.to(device).eval()

@@ -4,7 +4,7 @@ Nothing depends on iterator state. The batch of step ``s`` of a stream (e.g. "la
 slice ``[s*B, (s+1)*B)`` of an endless sequence of epochs, each epoch a permutation drawn from
 ``(seed, stream, epoch)``; every item's augmentation is drawn from torch's RNG seeded by
 ``(seed, stream, step, slot)`` (the data transforms use torch's global RNG, which is forked so the caller's RNG
-is untouched). Resuming at step ``k`` therefore replays exactly what an uninterrupted run would have seen, with any
+is untouched), with one CPU thread. Resuming at step ``k`` therefore replays exactly what an uninterrupted run would have seen, with any
 number of DataLoader workers. Under DDP each rank takes its contiguous share of the global batch.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Iterator, List, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .distributed import cpu_threads
 
 
 def derive_seed(*parts) -> int:
@@ -64,13 +66,16 @@ class StepBatches(Dataset):
     def __getitem__(self, step: int):
         indices = step_indices(len(self.dataset), self.batch_size, self.seed, self.stream, step)
         images, labels, names = [], [], []
-        for slot in range(self.lo, self.hi):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.seed, self.stream, "aug", step, slot))
-                image, label, name = self.dataset[indices[slot]]
-            images.append(image)
-            labels.append(label)
-            names.append(name)
+        # One thread, in the main process as in a worker: CPU bilinear resizing rounds differently with other thread
+        # counts (measured: 5e-7), and the batch of a step must not depend on where it is made.
+        with cpu_threads(1):
+            for slot in range(self.lo, self.hi):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive_seed(self.seed, self.stream, "aug", step, slot))
+                    image, label, name = self.dataset[indices[slot]]
+                images.append(image)
+                labels.append(label)
+                names.append(name)
         return torch.stack(images), torch.stack(labels), names
 
 
