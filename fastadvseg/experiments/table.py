@@ -58,6 +58,7 @@ RESULT_FILE = "summary.json"  # written by fastadvseg.train when a run has finis
 # Hung et al. (BMVC 2018), PASCAL VOC 2012 val mIoU, DeepLab-v2 ResNet-101 (COCO-pretrained): the reference only.
 PAPER_VOC = {"baseline": {"1/8": 66.0, "1/4": 68.3, "1/2": 69.8, "1": 73.6},
              "semi": {"1/8": 69.5, "1/4": 72.1, "1/2": 73.8, "1": None}}
+PLOT_LABELS = {"semi": "adv+semi"}
 MODE_LABELS = {"baseline": "baseline (L_ce)", "adv": "adv (L_ce + L_adv)", "semi": "adv+semi (+ L_adv, L_semi on unlabelled)"}
 
 EXPECTED = ("Expected duration with the defaults (embedded synthetic data, 1800 steps, 33 cells) with --jobs 2 on 2 "
@@ -278,13 +279,13 @@ def plot_table(path: str, agg: Dict, modes: Sequence[str], fractions: Sequence[s
     for i, m in enumerate(modes):
         pts = [(x, c["mean"], c["std"] or 0.0) for x, f in zip(xs, fractions) if (c := agg["cells"][m][f])["n"]]
         if pts:
-            ax.errorbar([p[0] + (i - 1) * 0.004 * p[0] * 10 for p in pts], [p[1] for p in pts],
-                        yerr=[p[2] for p in pts], marker="o", capsize=3, label=m)
+            ax.errorbar([p[0] * (1 + 0.03 * (i - 1)) for p in pts], [p[1] for p in pts],  # a small offset per mode
+                        yerr=[p[2] for p in pts], marker="o", capsize=3, label=PLOT_LABELS.get(m, m))
     ax.set_title(title, fontsize=9)
     ax2 = axes[1]
     for m, row in PAPER_VOC.items():
         pts = [(float(Fraction(f)), v) for f, v in row.items() if v is not None]
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", ls="--", label=m)
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", ls="--", label=PLOT_LABELS.get(m, m))
     ax2.set_title("reference: paper, PASCAL VOC (different setting)", fontsize=9)
     for a in axes:
         a.set_xscale("log", base=2)
@@ -367,6 +368,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "dataset": args.dataset, "steps": steps, "modes": modes, "fractions": fractions, "seeds": args.seeds,
             "overrides": overrides, "config": args.config}
     statuses = None
+    previous = os.path.join(args.out, "results.json")
+    if args.report_only and os.path.isfile(previous):  # keep the command that trained the cells
+        with open(previous, encoding="utf-8") as f:
+            meta = {**meta, "command": json.load(f).get("command", meta["command"]), "report_command": meta["command"]}
     if not args.report_only:
         states = [cell_state(os.path.join(args.out, "cells", c.name)) for c in cells]
         print(f"{len(cells)} cells ({states.count('done')} done, {states.count('partial')} to resume) in {args.out}, "
