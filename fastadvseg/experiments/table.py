@@ -376,13 +376,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         states = [cell_state(os.path.join(args.out, "cells", c.name)) for c in cells]
         print(f"{len(cells)} cells ({states.count('done')} done, {states.count('partial')} to resume) in {args.out}, "
               f"{args.jobs} at a time; {steps} steps each")
-        statuses = Sweep(args.out, steps, overrides, args.config, args.jobs).run(cells)
+        sweep = Sweep(args.out, steps, overrides, args.config, args.jobs)
+        statuses = sweep.run(cells)
     text, rows = report(args.out, cells, modes, fractions, meta, statuses)
     print(text)
     failed = [s for s in statuses or [] if s["status"].startswith("failed")]
     for s in failed:
         print(f"FAILED: {s['cell']}: {s['status']}", file=sys.stderr)
     print(f"wrote {os.path.join(args.out, 'table.md')}, table.png, results.json")
+    if statuses is not None and sweep.stopping:
+        return 130  # stopped by a signal: the same command continues the sweep
     return 1 if failed else 0
 
 
