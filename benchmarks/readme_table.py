@@ -58,7 +58,7 @@ def summary(result: dict, source: str = "") -> str:
         body.append(line)
     r0 = next(r for r in rows if r["shape"] == biggest)
     out = [f"Forward+backward, {biggest} (N={r0['N']}, C={r0['C']}, {r0['H']}x{r0['W']}); measured on "
-           f"{m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}, commit {m['git_commit'][:12]}, "
+           f"{m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}, commit {m['git_commit'][:12]}{'+dirty' if m['git_commit'].endswith('+dirty') else ''}, "
            f"load average {m['load_average_start']} at start"
            + (f" (`{_shown(source)}`)" if source else "") + ".\n\n"]
     out.append(table(header, body))
