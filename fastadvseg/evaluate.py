@@ -10,14 +10,12 @@ numbers equal those of one process.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 import fastadvseg as fas
 
@@ -25,7 +23,7 @@ from .config import TrainConfig, build_parser, from_dict, load_config, parse_ove
 from .metrics import ConfusionMatrix, SegMetrics, format_table
 from .utils import distributed as dist_utils
 from .utils.builders import autocast, build_bundle, build_segmenter_for_eval, segment, to_device
-from .utils.checkpoint import BEST, LAST, load_checkpoint
+from .utils.checkpoint import BEST, LAST
 
 
 def _batches(dataset, indices: Sequence[int], batch_size: int):
@@ -139,9 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"({len(bundle.val)} images; report in {out}/eval.md, eval.json)")
     finally:
         dist_utils.teardown(info)
-    if info.enabled:  # all work is done and flushed: skip the interpreter teardown where gloo now and then aborts
-        os._exit(0)
-    return 0
+    return dist_utils.finish(info)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from typing import Optional, Sequence
 import torch
 
 from .config import ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides, save_config
-from .evaluate import evaluate, write_report
+from .evaluate import evaluate
 from .utils import distributed as dist_utils
 from .utils.builders import build_bundle, build_models, build_optimizers, make_scaler, set_lr, to_device
 from .utils.checkpoint import (BEST, LAST, atomic_save, load_checkpoint, resolve_checkpoint, restore_training_state,
                                run_dir_of, training_state)
-from .utils.log import MetricsLog, Progress, fmt_duration
+from .utils.log import MetricsLog, Progress
 from .utils.report import describe_run, final_report, make_run_dir
 from .utils.sampling import StepBatches, step_loader
 from .utils.step import Nets, train_step
@@ -179,9 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     finally:
         dist_utils.teardown(info)
-    if info.enabled:  # all work is done and flushed: skip the interpreter teardown where gloo now and then aborts
-        os._exit(0)
-    return 0
+    return dist_utils.finish(info)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,14 @@ def teardown(info: DistInfo) -> None:
     sys.stderr.flush()
 
 
+def finish(info: DistInfo) -> int:
+    """Exit status 0 for a CLI whose work is done; a distributed worker (after ``teardown``) leaves at once with
+    ``os._exit``, skipping the interpreter teardown where gloo on CPU now and then aborts."""
+    if info.enabled:
+        os._exit(0)
+    return 0
+
+
 @contextlib.contextmanager
 def cpu_threads(n: Optional[int]):
     """torch's intra-op thread count set to ``n`` (None or 0: unchanged) for the block, then restored."""
