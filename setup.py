@@ -39,7 +39,8 @@ def _cpu_extensions():
         return []
     return [Extension(
         CPU_EXT,
-        sources=["csrc/cpu/bindings.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"],
+        sources=["csrc/cpu/bindings.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp",
+                 "csrc/cpu/kernels_avx512.cpp"],
         include_dirs=[pybind11.get_include(), "csrc/cpu"],
         depends=["csrc/cpu/kernels.h", "csrc/cpu/kernels_impl.h", "csrc/cpu/dtypes.h"],
         language="c++",

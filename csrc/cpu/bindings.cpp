@@ -58,7 +58,7 @@ PYBIND11_MODULE(_C_cpu, m) {
 #else
   m.attr("openmp") = false;
 #endif
-  m.def("isa", &fas::isa, "the kernel build in use: 'avx2' (AVX2 + FMA) or 'base' (portable)");
+  m.def("isa", &fas::isa, "the kernel build in use: 'avx512' (AVX-512 F/VL/DQ/BW), 'avx2' (AVX2 + FMA) or 'base' (portable)");
 
   m.def(
       "fused_loss",

@@ -1,5 +1,5 @@
-// Runtime choice between the kernel builds (kernels_base.cpp, kernels_avx2.cpp): AVX2 + FMA where the CPU has
-// both, unless FASTADVSEG_CPU_ISA=base asks for the portable build (tests run both).
+// Runtime choice between the kernel builds (kernels_base.cpp, kernels_avx2.cpp, kernels_avx512.cpp): the widest
+// one this CPU runs, capped by FASTADVSEG_CPU_ISA=base|avx2|avx512 (tests run each build the CPU has).
 #include <cstdlib>
 #include <cstring>
 
@@ -18,33 +18,50 @@ namespace fas {
   }
 FAS_DECLARE_ISA(base)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FAS_HAVE_AVX2_BUILD 1
+#define FAS_HAVE_X86_BUILDS 1
 FAS_DECLARE_ISA(avx2)
+FAS_DECLARE_ISA(avx512)
 #endif
 
 namespace {
-bool use_avx2() {
-#ifdef FAS_HAVE_AVX2_BUILD
-  static const bool yes = [] {
+enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa chosen_isa() {
+  static const Isa isa = [] {
+#ifdef FAS_HAVE_X86_BUILDS
+    Isa cap = kAvx512;
     const char* env = std::getenv("FASTADVSEG_CPU_ISA");
-    if (env && std::strcmp(env, "base") == 0) return false;
+    if (env && std::strcmp(env, "base") == 0) cap = kBase;
+    if (env && std::strcmp(env, "avx2") == 0) cap = kAvx2;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
-#else
-  return false;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+    if (avx512 && cap >= kAvx512) return kAvx512;
+    if (avx2 && cap >= kAvx2) return kAvx2;
 #endif
+    return kBase;
+  }();
+  return isa;
 }
 }  // namespace
 
-#ifdef FAS_HAVE_AVX2_BUILD
-#define FAS_CALL(FN, ...) (use_avx2() ? avx2::FN(__VA_ARGS__) : base::FN(__VA_ARGS__))
+#ifdef FAS_HAVE_X86_BUILDS
+#define FAS_CALL(FN, ...)                                                  \
+  (chosen_isa() == kAvx512 ? avx512::FN(__VA_ARGS__)                       \
+   : chosen_isa() == kAvx2 ? avx2::FN(__VA_ARGS__)                         \
+                           : base::FN(__VA_ARGS__))
 #else
 #define FAS_CALL(FN, ...) base::FN(__VA_ARGS__)
 #endif
 
-const char* isa() { return use_avx2() ? "avx2" : "base"; }
+const char* isa() {
+  switch (chosen_isa()) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "base";
+  }
+}
 
 std::vector<double> fused_loss(const FusedArgs& a) { return FAS_CALL(fused_loss, a); }
 

@@ -77,7 +77,7 @@ struct BceArgs {
 // Returns {loss sum, count} for each map.
 std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads);
 
-// The kernel build in use: "avx2" or "base" (kernels.cpp).
+// The kernel build in use: "avx512", "avx2" or "base" (kernels.cpp).
 const char* isa();
 
 }  // namespace fas

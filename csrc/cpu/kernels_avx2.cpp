@@ -10,9 +10,14 @@
 
 #include "kernels.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // (its intrinsics carry their own target attributes)
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FAS_HAVE_AVX2_BUILD 1
 #pragma GCC target("avx2,fma")
 #define FAS_ISA avx2
+#define FAS_TARGET_AVX2 1
 #include "kernels_impl.h"
 #endif
