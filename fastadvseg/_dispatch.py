@@ -8,7 +8,8 @@ A backend is a module in ``fastadvseg.backends`` that defines every op in :data:
 
 * ``DTYPES``: the logit dtypes it runs;
 * ``supports_device(device) -> bool``: whether it can run on that device *now*;
-* importing it raises ``ImportError`` with a readable reason when it is not usable on this machine.
+* importing it raises ``ImportError`` with a readable reason when it is not usable on this machine;
+* optionally ``find_bad_labels`` (the label check of the public functions, see :func:`find_bad_labels`).
 
 Adding a backend means writing that module and adding one row to :data:`BACKENDS`.
 """
@@ -171,6 +172,28 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
         impl = torch.compiler.disable(impl)
     _resolved[key] = (name, impl)
     return name, impl
+
+
+def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Tuple[int, int]:
+    """(count, first in pixel order) of int64 labels outside [0, C) that are not ``ignore_index``: the label check
+    of the public functions, by the first backend in :data:`BACKENDS` order that offers this helper for the
+    target's device (the ``cpu`` kernel does it in one pass; ``reference`` with torch ops)."""
+    key = ("find_bad_labels", target.device.type)
+    hit = _resolved.get(key)
+    if hit is None:
+        for spec in BACKENDS:
+            if target.device.type not in spec.auto_devices:
+                continue
+            module = _load(spec.name)
+            if module is not None and hasattr(module, "find_bad_labels") and module.supports_device(target.device):
+                check = module.find_bad_labels
+                if spec.name != "reference":
+                    check = torch.compiler.disable(check)  # a kernel reads the data: opaque to torch.compile
+                hit = _resolved[key] = (spec.name, check)
+                break
+        else:
+            raise RuntimeError(f"no fastadvseg backend checks labels on {target.device.type}")
+    return hit[1](target, num_classes, ignore_index)
 
 
 def _reset_for_tests() -> None:

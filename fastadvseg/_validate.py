@@ -88,10 +88,10 @@ def check_label_range(target: torch.Tensor, num_classes: int, ignore_index: int,
     """Raise ValueError naming a label outside [0, C) that is not ignore_index (when validation is on)."""
     if not _validate_labels or target.numel() == 0:
         return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        count = int(bad.sum())
+    from ._dispatch import find_bad_labels  # (import here: the dispatcher imports nothing from this module)
+
+    count, value = find_bad_labels(target, num_classes, ignore_index)
+    if count:
         raise ValueError(
             f"{name} holds label {value} ({count} pixel(s) in all) outside [0, {num_classes}) that is not "
             f"ignore_index={ignore_index}; fix the labels or pass the right ignore_index "
@@ -109,7 +109,7 @@ def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tupl
     if d.dim() == 4:
         if d.shape[1] != 1:
             raise ValueError(f"{name} must be (N, 1, H, W) or (N, H, W), got {_shape(d)} (channel dim is not 1)")
-        view = d[:, 0]
+        view = d.squeeze(1)  # a view whose backward is a view too (d[:, 0] would allocate and copy in backward)
     elif d.dim() == 3:
         view = d
     else:
@@ -133,7 +133,7 @@ def check_mask(mask, ref: torch.Tensor, ref_name: str, name: str = "ignore_mask"
     check_tensor(mask, name)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = ignored), got {mask.dtype}")
-    view = mask[:, 0] if (mask.dim() == 4 and mask.shape[1] == 1) else mask
+    view = mask.squeeze(1) if (mask.dim() == 4 and mask.shape[1] == 1) else mask
     if view.dim() != 3 or tuple(view.shape) != tuple(ref.shape):
         raise ValueError(
             f"{name} {_shape(mask)} does not match {ref_name} {_shape(ref)}: need (N, H, W) or (N, 1, H, W)"
@@ -156,7 +156,7 @@ def check_bce_target(target, d: torch.Tensor, name: str = "target") -> Union[flo
         raise TypeError(f"{name} must be a float (0. or 1.) or a floating tensor, got a {target.dtype} tensor")
     if target.dim() == 0:
         return target  # a 0-dim tensor target broadcasts, like F.binary_cross_entropy_with_logits allows
-    view = target[:, 0] if (target.dim() == 4 and target.shape[1] == 1) else target
+    view = target.squeeze(1) if (target.dim() == 4 and target.shape[1] == 1) else target
     if tuple(view.shape) != tuple(d.shape):
         raise ValueError(f"{name} {_shape(target)} does not match d_logits (N, H, W) = {tuple(d.shape)}")
     check_same_device(d, "d_logits", target, name)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastadvseg as fas
+from helpers import RTOL, assert_close, layout_4d
 
 pytestmark = pytest.mark.skipif("cpu" not in fas.available_backends("cpu"),
                                 reason=f"cpu backend not built: {fas.unavailable_reason('cpu')}")
@@ -22,12 +23,18 @@ pytestmark = pytest.mark.skipif("cpu" not in fas.available_backends("cpu"),
 SHAPE = (2, 21, 37, 53)
 
 
-def _inputs(seed=0, dtype=torch.float32, shape=SHAPE):
+def _inputs(seed=0, dtype=torch.float32, shape=SHAPE, layout="contiguous", extreme=False):
+    """Logits, D's logits and labels. ``extreme``: logits spread over [-400, 60] (exp under- and overflow
+    territory) with the last channel -inf everywhere (never a label)."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
-    x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_()
+    x = torch.randn(shape, generator=g) * 3
+    if extreme:
+        x = torch.rand(shape, generator=g) * 460 - 400
+        x[:, -1] = float("-inf")
+    x = layout_4d(x.to(dtype), layout).requires_grad_()
     d = torch.randn((n, 1, h, w), generator=g).requires_grad_()
-    t = torch.randint(0, c, (n, h, w), generator=g)
+    t = torch.randint(0, c - 1 if extreme else c, (n, h, w), generator=g)
     t[torch.rand((n, h, w), generator=g) < 0.2] = 255
     return x, d, t
 
@@ -233,6 +240,54 @@ def test_portable_build_agrees_with_the_default_one():
         torch.testing.assert_close(torch.tensor(run["grad"]), torch.tensor(ref["grad"]), rtol=1e-5, atol=1e-7)
 
 
+# Cases for every kernel build: full blocks read and written in place (float32, unit pixel stride) next to tails
+# that go through the scratch, rows that do not merge (sliced views), channels_last, half types, C=150 (blocks
+# of 48 pixels), logits whose exp under- and overflows.
+ISA_CASES = {
+    "f32-contiguous": dict(dtype=torch.float32, shape=(2, 21, 37, 53)),
+    "f32-sliced-rows-of-48": dict(dtype=torch.float32, shape=(1, 19, 9, 48), layout="sliced"),
+    "f32-channels_last": dict(dtype=torch.float32, shape=(2, 21, 13, 17), layout="channels_last"),
+    "f32-C150": dict(dtype=torch.float32, shape=(1, 150, 16, 16)),
+    "f32-extreme": dict(dtype=torch.float32, shape=(2, 21, 19, 32), extreme=True),
+    "bf16-contiguous": dict(dtype=torch.bfloat16, shape=(2, 21, 37, 53)),
+    "f16-sliced-rows-of-48": dict(dtype=torch.float16, shape=(1, 5, 9, 48), layout="sliced"),
+}
+
+_ISA_CHILD = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from fastadvseg import _C_cpu
+    import test_cpu_backend as T
+    out = {"isa": _C_cpu.isa()}
+    for name, kw in T.ISA_CASES.items():
+        out[name] = T._run_all(*T._inputs(**kw))
+    torch.save(out, sys.argv[1])
+""")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_every_kernel_build_matches_the_reference(isa, tmp_path):
+    """Each build the CPU can run (FASTADVSEG_CPU_ISA caps the choice) against the reference backend on float64
+    copies of the same inputs, with the dtype's tolerance of the shared suite."""
+    env = dict(os.environ, FASTADVSEG_CPU_ISA=isa)
+    env.pop("FASTADVSEG_BACKEND", None)
+    path = tmp_path / "out.pt"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(path), tests_dir], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = torch.load(path)
+    if out["isa"] != isa:
+        pytest.skip(f"this CPU does not run the {isa} build (got {out['isa']})")
+    for name, kw in ISA_CASES.items():
+        x, d, t = _inputs(**kw)
+        x64 = x.detach().double().requires_grad_()
+        expected = _run_all(x64, d, t, backend="reference")
+        assert len(out[name]) == len(expected)
+        for i, (a, e) in enumerate(zip(out[name], expected)):
+            assert_close(a, e, kw["dtype"], f"{isa} {name} output {i}")
+
+
 def test_learnt_class_weights_get_their_gradient():
     """The kernel has no gradient for class weights: weights that require grad take the reference path."""
     g = torch.Generator().manual_seed(5)
@@ -244,3 +299,21 @@ def test_learnt_class_weights_get_their_gradient():
         fas.cross_entropy2d(x, t, weight=w, backend=backend).backward()
         grads.append(w.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_label_check_kernel_agrees_with_torch_ops():
+    """The label check of the public functions runs as one cpu kernel pass: same count, same first bad label."""
+    from fastadvseg.backends import cpu, reference
+    g = torch.Generator().manual_seed(11)
+    big = torch.randint(0, 21, (2, 2 * 67 + 1, 93), generator=g)
+    t = big[:, 1::2, 3:90]  # strided rows, a storage offset
+    assert cpu.find_bad_labels(t, 21, 255) == reference.find_bad_labels(t, 21, 255) == (0, 0)
+    t[0, 0, 5] = 255  # ignored: fine
+    t[1, 40, 7] = -3
+    t[1, 60, 2] = 21
+    t[0, 50, 80] = 2 ** 40
+    expected = (3, 2 ** 40)  # the first in pixel order (N, H, W)
+    assert cpu.find_bad_labels(t, 21, 255) == reference.find_bad_labels(t, 21, 255) == expected
+    x = torch.zeros((2, 21) + tuple(t.shape[1:]))
+    with pytest.raises(ValueError, match=r"label 1099511627776 \(3 pixel"):
+        fas.cross_entropy2d(x, t, backend="cpu")

@@ -128,6 +128,16 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::call_guard<py::gil_scoped_release>());
 
   m.def(
+      "find_bad_labels",
+      [](const Spec& nhw, const Spec& labels, int64_t num_classes, int64_t ignore_index, int num_threads) {
+        if (nhw.size() != 3) throw std::invalid_argument("find_bad_labels: expected sizes (N, H, W)");
+        return fas::find_bad_labels(nhw[0], nhw[1], nhw[2], map3(labels, "labels"), num_classes, ignore_index,
+                                    num_threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "int64 labels outside [0, C) that are not ignore_index: [count, first such value (0 if none)].");
+
+  m.def(
       "bce_maps",
       [](const std::vector<std::tuple<Spec, Spec, Spec, double, Spec, int64_t, int64_t>>& jobs, int num_threads) {
         // job: ((N, H, W), z, target map or (), target value, mask or (), loss_map ptr, grad ptr)

@@ -15,6 +15,7 @@ namespace fas {
                         int);                                                                                 \
   void one_hot(int64_t, int64_t, int64_t, int64_t, const Map3&, int64_t, void*, int, uint64_t, int);          \
   std::vector<double> bce_maps(const std::vector<BceArgs>&, int);                                             \
+  std::vector<int64_t> find_bad_labels(int64_t, int64_t, int64_t, const Map3&, int64_t, int64_t, int);         \
   }
 FAS_DECLARE_ISA(base)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -80,5 +81,10 @@ void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int
 }
 
 std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int nt) { return FAS_CALL(bce_maps, maps, nt); }
+
+std::vector<int64_t> find_bad_labels(int64_t N, int64_t H, int64_t W, const Map3& labels, int64_t C,
+                                     int64_t ignore_index, int nt) {
+  return FAS_CALL(find_bad_labels, N, H, W, labels, C, ignore_index, nt);
+}
 
 }  // namespace fas

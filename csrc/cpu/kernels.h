@@ -63,6 +63,11 @@ void softmax_backward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4&
 void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int64_t ignore_index, void* out,
              int elem_size, uint64_t one, int num_threads);
 
+// Labels (int64 (N, H, W) map) outside [0, C) that are not ignore_index: {how many, the first one in pixel
+// order (0 if none)}. The argument check of the public functions, in one pass.
+std::vector<int64_t> find_bad_labels(int64_t N, int64_t H, int64_t W, const Map3& labels, int64_t C,
+                                     int64_t ignore_index, int num_threads);
+
 // BCE with logits over one float32 map: loss = (1 - t) z - log_sigmoid(z), grad = sigmoid(z) - t (unnormalised).
 struct BceArgs {
   int64_t N = 0, H = 0, W = 0;

@@ -268,6 +268,7 @@ struct Geometry {
     L = merged ? H * W : W;
     const int64_t rows = merged ? N : N * H;
     B = std::max<int64_t>(8, std::min<int64_t>(kMaxBlock, kScratchFloats / std::max<int64_t>(C, 1)));
+    if (B >= 16) B = B / 16 * 16;  // whole pixel vectors: full blocks of float32 rows are read in place
     B = std::min<int64_t>(B, std::max<int64_t>(L, 1));
     BS = (B + 15) / 16 * 16;
     per_row = L > 0 ? (L + B - 1) / B : 0;
@@ -292,6 +293,14 @@ struct Geometry {
 };
 
 inline int64_t offset(const Tensor4& t, int64_t n, int64_t h, int64_t w) { return n * t.sN + h * t.sH + w * t.sW; }
+
+// The lines of pixels [j0, j0 + len) of an (N, H, W) map whose rows merge (the common case; else nothing).
+template <class E>
+inline void prefetch_map(const Map3& m, int64_t H, int64_t W, int64_t j0, int64_t len) {
+  if (!m.ptr || !(H == 1 || m.s1 == W * m.s2) || m.s0 != H * W * m.s2 || m.s2 != 1) return;
+  const char* p = static_cast<const char*>(m.ptr) + j0 * static_cast<int64_t>(sizeof(E));
+  for (int64_t o = 0; o < len * static_cast<int64_t>(sizeof(E)); o += 64) __builtin_prefetch(p + o, 0, 3);
+}
 
 inline int elem_size(const Tensor4& t) { return t.dtype == kFloat32 ? 4 : 2; }
 
@@ -377,7 +386,11 @@ void gather_map(const Map3& m, int64_t H, int64_t W, int64_t j0, int64_t len, O*
     const int64_t n = j0 / (H * W);
     const E* q = p + n * m.s0 + (j0 - n * H * W) * m.s2;
     const int64_t st = m.s2;
-    for (int64_t b = 0; b < len; ++b) out[b] = static_cast<O>(q[b * st]);
+    if (st == 1) {  // the common case, as a plain (vectorised) copy
+      for (int64_t b = 0; b < len; ++b) out[b] = static_cast<O>(q[b]);
+    } else {
+      for (int64_t b = 0; b < len; ++b) out[b] = static_cast<O>(q[b * st]);
+    }
     return;
   }
   int64_t n = j0 / (H * W), h = (j0 % (H * W)) / W, w = j0 % W;
@@ -441,6 +454,10 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   // 1. Per-pixel maps: labels, keep mask, adversarial term. Strided reads first, then the math in contiguous
   //    loops (vectorised), then the counts. Output maps are contiguous: this block's pixels are pix0 + b.
   const int64_t pix0 = (n * a.H + h0) * a.W + w0;
+  if (!a.maps_only) {
+    prefetch_map<int64_t>(a.labels, a.H, a.W, pix0 + g.B, len);
+    prefetch_map<float>(a.z, a.H, a.W, pix0 + g.B, len);
+  }
   if (a.label_mode == 0) {
     gather_map<int64_t>(a.labels, a.H, a.W, pix0, len, lab64);
     const int64_t ignore_index = a.ignore_index;
@@ -520,8 +537,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     }
     const bool f32 = a.x.dtype == kFloat32;
     const bool direct_x = f32 && a.x.sW == 1 && len % kV == 0;
-    const bool direct_g = false && a.grad.ptr && a.grad.dtype == kFloat32 && a.grad.sW == 1 && len % kV == 0;
-    const bool direct_gp = a.grad.ptr && a.grad.dtype == kFloat32 && a.grad.sW == 1;
+    const bool direct_g = a.grad.ptr && a.grad.dtype == kFloat32 && a.grad.sW == 1 && len % kV == 0;
     const float* src;
     int64_t src_sc;
     if (direct_x) {
@@ -534,8 +550,8 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
       src = buf;
       src_sc = BS;
     }
-    // the gradient of the block: in place in the output, or into `buf` (each vector's logits are dead by the
-    // time its gradient is written over them) and stored from there
+    // the gradient of the block: straight to the output (float32, unit pixel stride), or into `buf` (each
+    // vector's logits are dead by the time its gradient is written over them) and stored from there
     float* gdst = direct_g ? static_cast<float*>(a.grad.ptr) + offset(a.grad, n, h0, w0) : buf;
     const int64_t gdst_sc = direct_g ? a.grad.sC : BS;
     const float grad_scale = a.grad_scale;
@@ -548,14 +564,14 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
       // 3. Max over channels (NaN-ignoring, as the scalar code: x > m ? x : m) and, for pseudo-labels, the
       //    first argmax.
       if (direct_x && b % 16 == 0) {
-        // one line per channel row, one block ahead (the thread's next block: static schedule), and the lines
-        // of this block's gradient, spread over the loop so that the requests do not all queue at once
+        // One line of every channel row of the logits and of the gradient, one block ahead (B pixels on: the
+        // thread's next block under the static schedule, where rows merge), spread over the loop so that the
+        // requests do not all queue at once.
         const float* ahead = xs + g.B;
         for (int64_t c = 0; c < C; ++c) __builtin_prefetch(ahead + c * src_sc, 0, 3);
-        if (direct_gp) {
-          // (the next block's gradient: this block's is written from the scratch after the loop)
-          const float* gp = static_cast<const float*>(a.grad.ptr) + offset(a.grad, n, h0, w0) + b + g.B;
-          for (int64_t c = 0; c < C; ++c) __builtin_prefetch(gp + c * a.grad.sC, 1, 3);
+        if (direct_g) {
+          const float* gp = gdst + b + g.B;
+          for (int64_t c = 0; c < C; ++c) __builtin_prefetch(gp + c * gdst_sc, 1, 3);
         }
       }
       vf m = vload(xs);
@@ -737,6 +753,44 @@ void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int
     case 8: one_hot_impl(N, C, H, W, labels, ignore_index, static_cast<uint64_t*>(out), uint64_t(one), num_threads); break;
     default: throw std::invalid_argument("one_hot: unsupported element size");
   }
+}
+
+std::vector<int64_t> find_bad_labels(int64_t N, int64_t H, int64_t W, const Map3& labels, int64_t C,
+                                     int64_t ignore_index, int num_threads) {
+  const int64_t B = 4096, total = N * H * W;
+  const int64_t nblocks = (total + B - 1) / B;
+  std::vector<int64_t> count(nblocks, 0), first(nblocks, -1);  // first: pixel index of the block's first bad one
+  for_blocks(nblocks, threads_for(num_threads, 4 * total), 2 * B, [&](int64_t blk, float* scratch) {
+    int64_t* lab = reinterpret_cast<int64_t*>(scratch);
+    const int64_t j0 = blk * B, len = std::min(B, total - j0);
+    gather_map<int64_t>(labels, H, W, j0, len, lab);
+    const uint64_t classes = static_cast<uint64_t>(C);
+    int64_t bad = 0;
+    for (int64_t b = 0; b < len; ++b) {  // (unsigned: one compare finds v < 0 and v >= C)
+      const int64_t v = lab[b];
+      bad += (static_cast<uint64_t>(v) >= classes) & (v != ignore_index);
+    }
+    count[blk] = bad;
+    if (bad)
+      for (int64_t b = 0; b < len; ++b) {
+        const int64_t v = lab[b];
+        if ((v < 0 || v >= C) && v != ignore_index) {
+          first[blk] = j0 + b;
+          break;
+        }
+      }
+  });
+  int64_t bad = 0, value = 0;
+  bool found = false;
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    bad += count[blk];
+    if (!found && first[blk] >= 0) {
+      const int64_t j = first[blk];
+      value = labels.at<int64_t>(j / (H * W), (j / W) % H, j % W);
+      found = true;
+    }
+  }
+  return {bad, value};
 }
 
 std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads) {

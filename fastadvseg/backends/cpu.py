@@ -315,6 +315,15 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the label check of the public functions (one pass instead of five tensor ops)
+
+def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Tuple[int, int]:
+    count, value = _ext.find_bad_labels(tuple(target.shape), _m3(target), int(num_classes), int(ignore_index),
+                                        torch.get_num_threads())
+    return count, value
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # one_hot2d
 
 def one_hot2d(target: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:

@@ -96,6 +96,13 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
     return _reduce(loss_map, kept, reduction), ratio
 
 
+def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Tuple[int, int]:
+    """(count, first in pixel order) of labels outside [0, C) that are not ``ignore_index``."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    count = int(bad.sum())
+    return count, (int(target[bad][0]) if count else 0)
+
+
 def one_hot2d(target: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
     n, h, w = target.shape
     valid = _valid_labels(target, num_classes, ignore_index)
