@@ -50,7 +50,7 @@ def _cpu_extensions():
 def _cpu_flags(compiler_type, openmp=True):
     if compiler_type == "msvc":
         return ["/O2", "/std:c++17"] + (["/openmp"] if openmp else []), []
-    compile_args = ["-O3", "-g0", "-std=c++17", "-fno-trapping-math", "-fvisibility=hidden"]
+    compile_args = ["-O3", "-g0", "-std=c++17", "-fno-trapping-math", "-fvisibility=hidden", "-Wno-psabi"]
     if _env_on("FASTADVSEG_CPU_NATIVE"):
         compile_args.append("-march=native")
     return compile_args + (["-fopenmp"] if openmp else []), (["-fopenmp"] if openmp else [])
