@@ -323,24 +323,45 @@ struct BlockRows {
   float* p;
   int64_t sc;   // channel stride
   bool direct;  // p points into the tensor
+  // The block in memory, for prefetch_rows: `lines` lines `line_stride` bytes apart cover 16 pixels, and the
+  // next 16 pixels start `px_bytes` * 16 bytes on (NCHW rows: C rows; channels_last: consecutive lines).
+  const char* mem = nullptr;  // nullptr: a layout prefetch_rows does not follow
+  int64_t lines = 0, line_stride = 0, px_bytes = 0;
 };
 
 inline bool in_place(const Tensor4& t, int64_t len) { return t.ptr && t.dtype == kFloat32 && t.sW == 1 && len % kV == 0; }
 
+inline BlockRows with_memory(BlockRows r, const Tensor4& t, int64_t base, int64_t C) {
+  const int64_t elem = t.dtype == kFloat32 ? 4 : 2;
+  if (!t.ptr) return r;
+  if (t.sW == 1) {
+    r.mem = static_cast<const char*>(t.ptr) + base * elem;
+    r.lines = C;
+    r.line_stride = t.sC * elem;
+    r.px_bytes = elem;
+  } else if (t.sC == 1 && t.sW == C) {
+    r.mem = static_cast<const char*>(t.ptr) + base * elem;
+    r.lines = (16 * C * elem + 63) / 64;
+    r.line_stride = 64;
+    r.px_bytes = C * elem;
+  }
+  return r;
+}
+
 template <class Tag>
 BlockRows block_in(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, float* buf) {
-  if (in_place(t, len)) return {static_cast<float*>(t.ptr) + base, t.sC, true};
+  if (in_place(t, len)) return with_memory({static_cast<float*>(t.ptr) + base, t.sC, true}, t, base, C);
   load_block<Tag>(t, base, C, len, BS, buf);
   const int64_t padded = (len + kV - 1) / kV * kV;
   for (int64_t c = 0; c < C; ++c)
     for (int64_t b = len; b < padded; ++b) buf[c * BS + b] = 0.f;
-  return {buf, BS, false};
+  return with_memory({buf, BS, false}, t, base, C);
 }
 
 // Where the vector loops write a block of t: t itself (as block_in), else `buf`, stored by block_out_done.
-inline BlockRows block_out(const Tensor4& t, int64_t base, int64_t len, int64_t BS, float* buf) {
-  if (in_place(t, len)) return {static_cast<float*>(t.ptr) + base, t.sC, true};
-  return {buf, BS, false};
+inline BlockRows block_out(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, float* buf) {
+  if (in_place(t, len)) return with_memory({static_cast<float*>(t.ptr) + base, t.sC, true}, t, base, C);
+  return with_memory({buf, BS, false}, t, base, C);
 }
 
 template <class Tag>
@@ -351,16 +372,16 @@ void block_out_done(const BlockRows& o, const Tensor4& t, int64_t base, int64_t 
 // Blocks ahead that the loops prefetch (2 measured ~7% faster than 1 and than 4 on the fused kernel).
 constexpr int64_t kAhead = 2;
 
-// One line of each of the C rows of r, `ahead` floats on from p: called once per line of a block (every 16
-// pixels) with ahead = kAhead * B, it asks for a block the thread computes soon (its own under the static
+// The lines of r's next 16 pixels `ahead` pixels on: called every 16 pixels of a block with ahead = kAhead * B,
+// it asks for a block the thread computes soon (its own under the static
 // schedule, where rows merge), spread over the loop so that the requests do not queue at once.
 // A block reads C interleaved strided streams, which the hardware prefetchers do not follow well: without this
 // the fused kernel waited on memory most of the time (perf: ~40% of its samples on one load of the max pass).
 template <bool kWrite>
-inline void prefetch_rows(const BlockRows& r, int64_t b, int64_t ahead, int64_t C) {
-  if (!r.direct || b % 16 != 0) return;
-  const float* p = r.p + b + ahead;
-  for (int64_t c = 0; c < C; ++c) __builtin_prefetch(p + c * r.sc, kWrite ? 1 : 0, 3);
+inline void prefetch_rows(const BlockRows& r, int64_t b, int64_t ahead) {
+  if (!r.mem || b % 16 != 0) return;
+  const char* p = r.mem + (b + ahead) * r.px_bytes;
+  for (int64_t k = 0; k < r.lines; ++k) __builtin_prefetch(p + k * r.line_stride, kWrite ? 1 : 0, 3);
 }
 
 // out[b] = m[pixel j0 + b] for a flat pixel index j0 over (N, H, W), converted to O. One strided loop when the
@@ -527,7 +548,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     const BlockRows in = block_in<Tag>(a.x, offset(a.x, n, h0, w0), C, len, BS, buf);
     // the gradient of the block: straight to the output, or into `buf` (each vector's logits are dead by the
     // time its gradient is written over them) and stored from there
-    const BlockRows out = block_out(a.grad, offset(a.grad, n, h0, w0), len, BS, buf);
+    const BlockRows out = block_out(a.grad, offset(a.grad, n, h0, w0), C, len, BS, buf);
     const float grad_scale = a.grad_scale;
     const bool want_grad = a.grad.ptr != nullptr;
     const bool argmax = a.label_mode == 1;
@@ -535,8 +556,8 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     for (int64_t v = 0; v < nvec; ++v) {
       const int64_t b = v * kV;
       const float* xs = in.p + b;
-      prefetch_rows<false>(in, b, kAhead * g.B, C);
-      if (want_grad) prefetch_rows<true>(out, b, kAhead * g.B, C);
+      prefetch_rows<false>(in, b, kAhead * g.B);
+      if (want_grad) prefetch_rows<true>(out, b, kAhead * g.B);
       // 3. Max over channels (NaN-ignoring: x > m ? x : m) and, for pseudo-labels, the first argmax.
       vf m = vload(xs);
       vi lv;
@@ -608,10 +629,10 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
   float* buf = scratch;        // [C][BS] x converted (when not read in place), then y (when not written in place)
   float* ev = buf + C * BS;    // [C][kV] exp(x - max) of one pixel vector
   const BlockRows in = block_in<Tag>(x, offset(x, n, h0, w0), C, len, BS, buf);
-  const BlockRows out = block_out(y, offset(y, n, h0, w0), len, BS, buf);
+  const BlockRows out = block_out(y, offset(y, n, h0, w0), C, len, BS, buf);
   for (int64_t b = 0; b < len; b += kV) {
-    prefetch_rows<false>(in, b, kAhead * g.B, C);
-    prefetch_rows<true>(out, b, kAhead * g.B, C);
+    prefetch_rows<false>(in, b, kAhead * g.B);
+    prefetch_rows<true>(out, b, kAhead * g.B);
     const float* xs = in.p + b;
     vf m = vload(xs);
     for (int64_t c = 1; c < C; ++c) {
@@ -641,11 +662,11 @@ void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, cons
   float* bg = by + C * BS;     // [C][BS] grad_y converted, then grad_x (each element read before it is written)
   const BlockRows iy = block_in<Tag>(y, offset(y, n, h0, w0), C, len, BS, by);
   const BlockRows ig = block_in<Tag>(gy, offset(gy, n, h0, w0), C, len, BS, bg);
-  const BlockRows out = block_out(gx, offset(gx, n, h0, w0), len, BS, bg);
+  const BlockRows out = block_out(gx, offset(gx, n, h0, w0), C, len, BS, bg);
   for (int64_t b = 0; b < len; b += kV) {
-    prefetch_rows<false>(iy, b, kAhead * g.B, C);
-    prefetch_rows<false>(ig, b, kAhead * g.B, C);
-    prefetch_rows<true>(out, b, kAhead * g.B, C);
+    prefetch_rows<false>(iy, b, kAhead * g.B);
+    prefetch_rows<false>(ig, b, kAhead * g.B);
+    prefetch_rows<true>(out, b, kAhead * g.B);
     vf dot = vf{};
     for (int64_t c = 0; c < C; ++c) dot += vload(iy.p + b + c * iy.sc) * vload(ig.p + b + c * ig.sc);
     for (int64_t c = 0; c < C; ++c) {
