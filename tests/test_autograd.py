@@ -96,6 +96,30 @@ def test_retain_graph_backward_twice(case, gen):
 
 
 @pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+def test_retain_graph_backward_twice_on_discriminator_maps(case, gen):
+    """The BCE ops hand their gradient buffer to autograd: a second backward must recompute it, not reuse the
+    buffer the first one gave away (here accumulated into .grad, i.e. written by autograd)."""
+    backend, device = case
+    d = make_d_logits((2, 3, 5), torch.float32, device, generator=gen)
+    other = make_d_logits((2, 3, 5), torch.float32, device, generator=gen)
+    mask = (torch.rand((2, 3, 5), generator=gen) < 0.3).to(device)
+    weights = torch.rand((2, 3, 5), generator=gen).to(device)
+    for make in (lambda: fas.bce_with_logits2d(d, 1.0, backend=backend),
+                 lambda: fas.bce_with_logits2d(d, 0.0, ignore_mask=mask, reduction="sum", backend=backend) * 3,
+                 lambda: (fas.bce_with_logits2d(d, 1.0, reduction="none", backend=backend) * weights).sum(),
+                 lambda: fas.discriminator_loss(d, other, ignore_mask_real=mask, backend=backend) * 0.5):
+        d.grad = other.grad = None
+        loss = make()
+        loss.backward(retain_graph=True)
+        g1 = d.grad.clone()
+        loss.backward()
+        torch.testing.assert_close(d.grad, 2 * g1)
+        d.grad = None
+        expected = torch.autograd.grad(make(), [d])[0]
+        torch.testing.assert_close(g1, expected)
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
 def test_no_grad_forward(case, gen):
     backend, device = case
     shape = (1, 4, 3, 5)

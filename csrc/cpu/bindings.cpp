@@ -139,8 +139,9 @@ PYBIND11_MODULE(_C_cpu, m) {
 
   m.def(
       "bce_maps",
-      [](const std::vector<std::tuple<Spec, Spec, Spec, double, Spec, int64_t, int64_t>>& jobs, int num_threads) {
-        // job: ((N, H, W), z, target map or (), target value, mask or (), loss_map ptr, grad ptr)
+      [](const std::vector<std::tuple<Spec, Spec, Spec, double, Spec, int64_t, int64_t, double>>& jobs,
+         int num_threads) {
+        // job: ((N, H, W), z, target map or (), target value, mask or (), loss_map ptr, grad ptr, grad scale)
         std::vector<fas::BceArgs> maps;
         for (const auto& j : jobs) {
           const Spec& nhw = std::get<0>(j);
@@ -155,6 +156,7 @@ PYBIND11_MODULE(_C_cpu, m) {
           b.mask = map3(std::get<4>(j), "mask");
           b.loss_map = pointer<float>(std::get<5>(j));
           b.grad = pointer<float>(std::get<6>(j));
+          b.grad_scale = static_cast<float>(std::get<7>(j));
           if (b.N * b.H * b.W > 0 && !b.z.ptr) throw std::invalid_argument("bce_maps: z missing");
           maps.push_back(b);
         }

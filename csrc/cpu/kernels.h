@@ -68,7 +68,7 @@ void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int
 std::vector<int64_t> find_bad_labels(int64_t N, int64_t H, int64_t W, const Map3& labels, int64_t C,
                                      int64_t ignore_index, int num_threads);
 
-// BCE with logits over one float32 map: loss = (1 - t) z - log_sigmoid(z), grad = sigmoid(z) - t (unnormalised).
+// BCE with logits over one float32 map: loss = (1 - t) z - log_sigmoid(z), grad = grad_scale (sigmoid(z) - t).
 struct BceArgs {
   int64_t N = 0, H = 0, W = 0;
   Map3 z;             // float32
@@ -77,6 +77,7 @@ struct BceArgs {
   Map3 mask;          // bool, True = not counted
   float* loss_map = nullptr;  // optional contiguous (N, H, W)
   float* grad = nullptr;      // optional contiguous (N, H, W), 0 where not counted
+  float grad_scale = 1.f;     // grad = grad_scale * (sigmoid(z) - t)
 };
 
 // Returns {loss sum, count} for each map.

@@ -97,6 +97,11 @@ def _scaled_by_map(grad: torch.Tensor, grad_map: torch.Tensor) -> torch.Tensor:
     return grad.mul_(grad_map.unsqueeze(1))
 
 
+def _scaled_map(grad: torch.Tensor, grad_map: torch.Tensor) -> torch.Tensor:
+    """A stored (N, H, W) gradient we own, times an incoming map of its shape, in place."""
+    return grad.mul_(grad_map)
+
+
 class _StoredGradients:
     """The gradient buffers a forward pass filled, handed to backward once.
 
@@ -105,17 +110,19 @@ class _StoredGradients:
     finds them gone and recomputes them with ``recompute()``, one more pass of the same deterministic kernel.
     """
 
-    def __init__(self, buffers, logits, recompute):
+    def __init__(self, buffers, logits, recompute, also=None):
         self._buffers, self._recompute = buffers, recompute
-        self._logits, self._version = logits, logits._version
+        self._inputs = (logits,) if also is None else (logits, also)
+        self._versions = tuple(t._version for t in self._inputs)
 
     def take(self):
         buffers, self._buffers = self._buffers, None
         if buffers is not None:
             return buffers
-        if self._logits._version != self._version:
-            raise RuntimeError("fastadvseg (cpu backend): the logits were modified in place after the loss was "
-                               "computed; a second backward through the same graph cannot recompute the gradient")
+        if tuple(t._version for t in self._inputs) != self._versions:
+            raise RuntimeError("fastadvseg (cpu backend): the logits (or D's logits) were modified in place after the "
+                               "loss was computed; a second backward through the same graph cannot recompute the "
+                               "gradient")
         return self._recompute()
 
 
@@ -217,40 +224,56 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# bce_with_logits2d and discriminator_loss: per-pixel maps (float32), gradient of the sum stored unnormalised
+# bce_with_logits2d and discriminator_loss: per-pixel maps (float32), gradient stored scaled as for the logits
 
 def _bce_job(z: torch.Tensor, target: Union[float, torch.Tensor], mask: Optional[torch.Tensor],
-             loss_map: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> tuple:
+             loss_map: Optional[torch.Tensor], grad: Optional[torch.Tensor], grad_scale: float = 1.0) -> tuple:
     t_map, t_value = ((), float(target)) if isinstance(target, float) else (_m3(target), 0.0)
-    return (tuple(z.shape), _m3(z), t_map, t_value, _m3(mask), _ptr(loss_map), _ptr(grad))
+    return (tuple(z.shape), _m3(z), t_map, t_value, _m3(mask), _ptr(loss_map), _ptr(grad), float(grad_scale))
+
+
+def _counted(z: torch.Tensor, mask: Optional[torch.Tensor]) -> int:
+    """Pixels a BCE mean divides by (known before the kernel runs, so that it can pre-scale the gradient)."""
+    return z.numel() if mask is None else z.numel() - int(mask.sum())
+
+
+def _map_grad(z: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 class _BceWithLogits2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, target_map, target_value, mask, reduction):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad else None
+        count = _counted(z, mask)
+        grad_scale = _inv(count) if reduction == "mean" else 1.0  # the gradient of the loss itself
+        grad = _map_grad(z) if ctx.needs_input_grad[0] else None
         loss_map = _map_buffer(*z.shape) if reduction == "none" else None
         target = target_map if target_map is not None else target_value
-        loss_sum, count = _ext.bce_maps([_bce_job(z, target, mask, loss_map, grad)], torch.get_num_threads())
-        ctx.reduction, ctx.count = reduction, count
-        ctx.save_for_backward(z, mask, grad)
+        loss_sum, _ = _ext.bce_maps([_bce_job(z, target, mask, loss_map, grad, grad_scale)], torch.get_num_threads())
+        ctx.reduction, ctx.inv = reduction, grad_scale
+        if need_grad:
+            def recompute():
+                again = _map_grad(z)
+                _ext.bce_maps([_bce_job(z, target, mask, None, again, grad_scale)], torch.get_num_threads())
+                return again
+            ctx.stored = _StoredGradients(grad, z, recompute) if grad is not None else None
+            ctx.save_for_backward(z, mask)
         if reduction == "none":
             return loss_map
-        return _scalar(loss_sum if reduction == "sum" else loss_sum * _inv(count))
+        return _scalar(loss_sum * grad_scale)
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, mask, grad = ctx.saved_tensors
-        if grad is None:
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None, None
-        if ctx.reduction == "none":
-            scale = grad_out.float()
-        else:
-            scale = grad_out.float() * (_inv(ctx.count) if ctx.reduction == "mean" else 1.0)
-        grad_z = grad * scale if ctx.needs_input_grad[0] else None
-        grad_t = None
+        z, mask = ctx.saved_tensors
+        grad_z = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad = ctx.stored.take()
+            grad_z = _scaled_map(grad, grad_out) if ctx.reduction == "none" else _scaled(grad, _g(grad_out))
         if ctx.needs_input_grad[1]:  # d/dt of (1 - t) z - log_sigmoid(z) is -z
+            scale = grad_out.float() * ctx.inv
             grad_t = -z * scale
             if mask is not None:
                 grad_t = torch.where(mask, torch.zeros((), dtype=grad_t.dtype), grad_t)
@@ -268,20 +291,26 @@ def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor]
 class _DiscriminatorLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fake, real, mask_fake, mask_real):
-        grads = []
-        for i, z in enumerate((fake, real)):
-            grads.append(torch.empty_like(z, memory_format=torch.contiguous_format)
-                         if ctx.needs_input_grad[i] else None)
-        sums = _ext.bce_maps([_bce_job(fake, 0.0, mask_fake, None, grads[0]),
-                              _bce_job(real, 1.0, mask_real, None, grads[1])], torch.get_num_threads())
-        ctx.inv = (_inv(sums[1]), _inv(sums[3]))
-        ctx.save_for_backward(*grads)
-        return _scalar(sums[0] * ctx.inv[0]) + _scalar(sums[2] * ctx.inv[1])
+        maps = ((fake, 0.0, mask_fake), (real, 1.0, mask_real))
+        inv = [_inv(_counted(z, mask)) for z, _, mask in maps]  # each term is a mean
+        grads = [_map_grad(z) if ctx.needs_input_grad[i] else None for i, (z, _, _) in enumerate(maps)]
+        sums = _ext.bce_maps([_bce_job(z, t, mask, None, g, k) for (z, t, mask), g, k in zip(maps, grads, inv)],
+                             torch.get_num_threads())
+        if any(g is not None for g in grads):
+            def recompute():
+                again = [_map_grad(z) if g is not None else None for (z, _, _), g in zip(maps, grads)]
+                _ext.bce_maps([_bce_job(z, t, mask, None, g, k) for (z, t, mask), g, k in zip(maps, again, inv)],
+                              torch.get_num_threads())
+                return again
+            ctx.stored = _StoredGradients(grads, fake, recompute, also=real)
+        return _scalar(sums[0] * inv[0] + sums[2] * inv[1])
 
     @staticmethod
     def backward(ctx, grad_out):
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None
         g = _g(grad_out)
-        return tuple(None if s is None else s * (g * inv) for s, inv in zip(ctx.saved_tensors, ctx.inv)) + (None, None)
+        return tuple(_scaled(s, g) for s in ctx.stored.take()) + (None, None)
 
 
 def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_fake: Optional[torch.Tensor],
