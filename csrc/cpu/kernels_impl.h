@@ -212,6 +212,78 @@ inline void vstore_n(float* p, vf v, int64_t n) {
   }
 }
 
+// float16 / bfloat16 pixel vectors in memory: the conversions of dtypes.h, lane by lane (bit-identical to them).
+typedef uint16_t vh __attribute__((vector_size(2 * kV)));
+typedef uint32_t vu __attribute__((vector_size(4 * kV)));
+
+inline vf vhalf_to_float(vh h) {
+  const vu x = __builtin_convertvector(h, vu);
+  const vu em = (x & 0x7fffu) << 13;  // exponent and mantissa in float position
+  vu mag = (vu)((vf)em * vsplat(0x1p112f));  // rebias 15 -> 127 (also turns subnormal halves into normal floats)
+  mag = em >= (0x7c00u << 13) ? (em | 0x7f800000u) : mag;  // inf and NaN keep an all-ones exponent
+  return (vf)(mag | ((x & 0x8000u) << 16));
+}
+
+inline vh vfloat_to_half(vf f) {  // round to nearest even
+  const vu x = (vu)f;
+  const vu sign = (x >> 16) & 0x8000u;
+  const vu ax = x & 0x7fffffffu;
+  const vu normal = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;
+  const vu subnormal = (vu)((vf)ax + vsplat(0.5f)) - 0x3f000000u;
+  vu r = ax < 0x38800000u ? subnormal : normal;
+  r = ax >= 0x477ff000u ? (vu{} + 0x7c00u) : r;
+  r = ax > 0x7f800000u ? (vu{} + 0x7e00u) : r;
+  return __builtin_convertvector(r | sign, vh);
+}
+
+inline vf vbf16_to_float(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+
+inline vh vfloat_to_bf16(vf f) {  // round to nearest even; NaN stays (a quiet) NaN
+  const vu x = (vu)f;
+  vu r = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  r = (x & 0x7fffffffu) > 0x7f800000u ? ((x >> 16) | 0x40u) : r;
+  return __builtin_convertvector(r, vh);
+}
+
+template <class Tag> struct VecIO;
+template <> struct VecIO<Float32> {
+  static vf load(const float* p) { return vload(p); }
+  static void store(float* p, vf v) { vstore(p, v); }
+};
+template <> struct VecIO<Float16> {
+  static vf load(const uint16_t* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    return vhalf_to_float(h);
+  }
+  static void store(uint16_t* p, vf v) {
+    const vh h = vfloat_to_half(v);
+    std::memcpy(p, &h, sizeof h);
+  }
+};
+template <> struct VecIO<BFloat16> {
+  static vf load(const uint16_t* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    return vbf16_to_float(h);
+  }
+  static void store(uint16_t* p, vf v) {
+    const vh h = vfloat_to_bf16(v);
+    std::memcpy(p, &h, sizeof h);
+  }
+};
+
+// Channel rows of a block as the vector loops see them: the tensor itself in its storage type (Tag), or the
+// float32 scratch (Tag = Float32).
+template <class Tag>
+struct Rows {
+  using S = typename Tag::S;
+  S* p;
+  int64_t sc;
+  vf load(int64_t off) const { return VecIO<Tag>::load(p + off); }
+  void store(int64_t off, vf v) const { VecIO<Tag>::store(p + off, v); }
+};
+
 constexpr int64_t kMaxBlock = 128;  // pixels per block (a block and its per-pixel arrays stay in L1 for C ~ 20)
 constexpr int64_t kScratchFloats = 8192;  // target size of one [C][B] float32 block (32 KiB): B shrinks for large C
 constexpr int64_t kSerialBelow = 32768;  // elements below which one thread does all the work
@@ -543,79 +615,94 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   }
 
   if (!a.maps_only) {
-    // 2. Where the logits (and the gradient) are float32 with unit pixel stride, the vector loops read (write)
-    //    them in place; otherwise the block goes through the float32 scratch `buf` ([C][BS]), converted once.
-    //    Lanes past `len` (the last block of a row) are padding: finite values, never counted or stored.
+    // 2. Lanes past `len` (the last block of a row) are padding: finite values, never counted or stored.
     const int64_t nvec = (len + kV - 1) / kV;
     for (int64_t b = len; b < nvec * kV; ++b) {
       lab[b] = -1;
       cnt[b] = 0;
       wt[b] = 0.f;
     }
-    const BlockRows in = block_in<Tag>(a.x, offset(a.x, n, h0, w0), C, len, BS, buf);
-    // the gradient of the block: straight to the output, or into `buf` (each vector's logits are dead by the
-    // time its gradient is written over them) and stored from there
-    const BlockRows out = block_out(a.grad, offset(a.grad, n, h0, w0), C, len, BS, buf);
-    const float grad_scale = a.grad_scale;
+    // Logits and gradient with unit pixel stride are read and written in place, in their own dtype (whole pixel
+    // vectors); otherwise the logits are converted into `buf` first, and the gradient is written into `buf` (each
+    // vector's logits are dead by the time its gradient is written over them) and stored from there.
+    using S = typename Tag::S;
+    const int64_t xbase = offset(a.x, n, h0, w0), gbase = offset(a.grad, n, h0, w0);
     const bool want_grad = a.grad.ptr != nullptr;
+    const bool x_direct = a.x.sW == 1 && len % kV == 0;
+    const bool g_direct = want_grad && a.grad.sW == 1 && len % kV == 0;
+    if (!x_direct) {
+      load_block<Tag>(a.x, xbase, C, len, BS, buf);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t b = len; b < nvec * kV; ++b) buf[c * BS + b] = 0.f;
+    }
+    const BlockRows pf_in = with_memory({}, a.x, xbase, C), pf_out = with_memory({}, a.grad, gbase, C);
+    const float grad_scale = a.grad_scale;
     const bool argmax = a.label_mode == 1;
 
-    for (int64_t v = 0; v < nvec; ++v) {
-      const int64_t b = v * kV;
-      const float* xs = in.p + b;
-      prefetch_rows<false>(in, b, kAhead * g.B);
-      if (want_grad) prefetch_rows<true>(out, b, kAhead * g.B);
-      // 3. Max over channels (NaN-ignoring: x > m ? x : m) and, for pseudo-labels, the first argmax.
-      vf m = vload(xs);
-      vi lv;
-      const vi counted = vload_i(cnt + b) != 0;
-      if (argmax) {
-        vi am = vi{};
-        for (int64_t c = 1; c < C; ++c) {
-          const vf xv = vload(xs + c * in.sc);
-          const vi gt = xv > m;
-          m = vselect(gt, xv, m);
-          am = vselect_i(gt, vsplat_i(static_cast<int32_t>(c)), am);
+    auto vectors = [&](const auto& in, const auto& out) {
+      for (int64_t v = 0; v < nvec; ++v) {
+        const int64_t b = v * kV;
+        prefetch_rows<false>(pf_in, b, kAhead * g.B);
+        if (want_grad) prefetch_rows<true>(pf_out, b, kAhead * g.B);
+        // 3. Max over channels (NaN-ignoring: x > m ? x : m) and, for pseudo-labels, the first argmax.
+        vf m = in.load(b);
+        vi lv;
+        const vi counted = vload_i(cnt + b) != 0;
+        if (argmax) {
+          vi am = vi{};
+          for (int64_t c = 1; c < C; ++c) {
+            const vf xv = in.load(b + c * in.sc);
+            const vi gt = xv > m;
+            m = vselect(gt, xv, m);
+            am = vselect_i(gt, vsplat_i(static_cast<int32_t>(c)), am);
+          }
+          lv = vselect_i(counted, am, vsplat_i(-1));
+          vstore_i(lab + b, lv);
+        } else {
+          for (int64_t c = 1; c < C; ++c) {
+            const vf xv = in.load(b + c * in.sc);
+            m = vselect(xv > m, xv, m);
+          }
+          lv = vload_i(lab + b);
         }
-        lv = vselect_i(counted, am, vsplat_i(-1));
-        vstore_i(lab + b, lv);
-      } else {
-        for (int64_t c = 1; c < C; ++c) {
-          const vf xv = vload(xs + c * in.sc);
-          m = vselect(xv > m, xv, m);
-        }
-        lv = vload_i(lab + b);
-      }
-      // 4. exp(x - max) (kept for the gradient), its sum and the label's logit.
-      vf s = vf{}, xt_v = vf{};
-      for (int64_t c = 0; c < C; ++c) {
-        const vf xv = vload(xs + c * in.sc);
-        xt_v = vselect(lv == vsplat_i(static_cast<int32_t>(c)), xv, xt_v);
-        const vf e = vexp_nonpositive(xv - m);
-        s += e;
-        vstore(ev + c * kV, e);
-      }
-      // 5. Loss per pixel: nll = log(sum) - (x[y] - max), PyTorch's log_softmax rounding. Not-counted pixels
-      //    contribute an exact 0 (a select, so that a NaN there cannot leak in).
-      const vf w = vload(wt + b);
-      const vf nll = vlog_positive(s) - (xt_v - m);
-      vstore(xt + b, vselect(counted, nll * w, vf{}));
-      // 6. Gradient of grad_scale * sum(w * nll): coef * softmax - coef * onehot, exactly 0 where not counted
-      //    (a select: NaN/Inf logits at an ignored pixel stay out of the gradient too).
-      if (want_grad) {
-        const vf coef_v = w * vsplat(grad_scale);
-        const vf k = coef_v / s;
-        float* gv = out.p + b;
+        // 4. exp(x - max) (kept for the gradient), its sum and the label's logit.
+        vf s = vf{}, xt_v = vf{};
         for (int64_t c = 0; c < C; ++c) {
-          const vi is_label = lv == vsplat_i(static_cast<int32_t>(c));
-          const vf g = vload(ev + c * kV) * k - vselect(is_label, coef_v, vf{});
-          vstore(gv + c * out.sc, vselect(counted, g, vf{}));
+          const vf xv = in.load(b + c * in.sc);
+          xt_v = vselect(lv == vsplat_i(static_cast<int32_t>(c)), xv, xt_v);
+          const vf e = vexp_nonpositive(xv - m);
+          s += e;
+          vstore(ev + c * kV, e);
+        }
+        // 5. Loss per pixel: nll = log(sum) - (x[y] - max), PyTorch's log_softmax rounding. Not-counted pixels
+        //    contribute an exact 0 (a select, so that a NaN there cannot leak in).
+        const vf w = vload(wt + b);
+        const vf nll = vlog_positive(s) - (xt_v - m);
+        vstore(xt + b, vselect(counted, nll * w, vf{}));
+        // 6. Gradient of grad_scale * sum(w * nll): coef * softmax - coef * onehot, exactly 0 where not counted
+        //    (a select: NaN/Inf logits at an ignored pixel stay out of the gradient too).
+        if (want_grad) {
+          const vf coef_v = w * vsplat(grad_scale);
+          const vf k = coef_v / s;
+          for (int64_t c = 0; c < C; ++c) {
+            const vi is_label = lv == vsplat_i(static_cast<int32_t>(c));
+            const vf gr = vload(ev + c * kV) * k - vselect(is_label, coef_v, vf{});
+            out.store(b + c * out.sc, vselect(counted, gr, vf{}));
+          }
         }
       }
+    };
+    const Rows<Tag> x_mem{static_cast<S*>(a.x.ptr) + xbase, a.x.sC};
+    const Rows<Float32> x_buf{buf, BS}, g_buf{buf, BS};
+    const Rows<Tag> g_mem{want_grad ? static_cast<S*>(a.grad.ptr) + gbase : nullptr, a.grad.sC};
+    if (x_direct) {
+      g_direct ? vectors(x_mem, g_mem) : vectors(x_mem, g_buf);
+    } else {
+      g_direct ? vectors(x_buf, g_mem) : vectors(x_buf, g_buf);
     }
     loss = sum_fixed(xt, len);
     if (a.loss_map) std::copy(xt, xt + len, a.loss_map + pix0);
-    if (want_grad) block_out_done<Tag>(out, a.grad, offset(a.grad, n, h0, w0), C, len, BS);
+    if (want_grad && !g_direct) store_scaled<Tag>(a.grad, gbase, C, len, BS, buf, nullptr, nullptr);
   }
 
   sums[kLossSum] = loss;
