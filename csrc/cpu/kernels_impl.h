@@ -284,6 +284,7 @@ struct Rows {
   void store(int64_t off, vf v) const { VecIO<Tag>::store(p + off, v); }
 };
 
+constexpr int64_t kMapsBlock = 2048;  // pixels per block of the maps-only pre-pass
 constexpr int64_t kMaxBlock = 128;  // pixels per block (a block and its per-pixel arrays stay in L1 for C ~ 20)
 constexpr int64_t kScratchFloats = 8192;  // target size of one [C][B] float32 block (32 KiB): B shrinks for large C
 constexpr int64_t kSerialBelow = 32768;  // elements below which one thread does all the work
@@ -298,14 +299,15 @@ struct Geometry {
   int64_t per_row;   // blocks per row
   int64_t nblocks;
 
-  Geometry(int64_t N_, int64_t C, int64_t H_, int64_t W_, std::initializer_list<const Tensor4*> tensors)
+  Geometry(int64_t N_, int64_t C, int64_t H_, int64_t W_, std::initializer_list<const Tensor4*> tensors,
+           int64_t max_block = kMaxBlock)
       : N(N_), H(H_), W(W_) {
     merged = true;
     for (const Tensor4* t : tensors)
       if (t && t->ptr && H > 1 && t->sH != W * t->sW) merged = false;
     L = merged ? H * W : W;
     const int64_t rows = merged ? N : N * H;
-    B = std::max<int64_t>(8, std::min<int64_t>(kMaxBlock, kScratchFloats / std::max<int64_t>(C, 1)));
+    B = std::max<int64_t>(8, std::min<int64_t>(max_block, kScratchFloats / std::max<int64_t>(C, 1)));
     if (B >= 16) B = B / 16 * 16;  // whole pixel vectors: full blocks of float32 rows are read in place
     B = std::min<int64_t>(B, std::max<int64_t>(L, 1));
     BS = (B + 15) / 16 * 16;
@@ -407,7 +409,9 @@ struct BlockRows {
   int64_t lines = 0, line_stride = 0, px_bytes = 0;
 };
 
-inline bool in_place(const Tensor4& t, int64_t len) { return t.ptr && t.dtype == kFloat32 && t.sW == 1 && len % kV == 0; }
+inline bool in_place(const Tensor4& t, int64_t len) {
+  return t.ptr && t.dtype == kFloat32 && t.sW == 1 && len % kV == 0;
+}
 
 inline BlockRows with_memory(BlockRows r, const Tensor4& t, int64_t base, int64_t C) {
   const int64_t elem = t.dtype == kFloat32 ? 4 : 2;
@@ -527,7 +531,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
   float* buf = scratch;          // [C][BS] logits converted to float32, then their gradient (when not in place)
-  float* xt = buf + C * BS;      // the pixel's loss
+  float* xt = buf + (a.maps_only ? 0 : C) * BS;  // the pixel's loss
   float* wt = xt + BS;           // pixel weight (class weight, 1, or 0)
   int32_t* lab = reinterpret_cast<int32_t*>(wt + BS);     // label (or -1)
   int32_t* cnt = lab + BS;                                // counted? (0 / 1)
@@ -802,8 +806,10 @@ void one_hot_impl(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels
 }  // namespace
 
 std::vector<double> fused_loss(const FusedArgs& a) {
-  const Geometry g(a.N, a.C, a.H, a.W, {&a.x, &a.grad});
-  const int64_t scratch = (a.C + kFusedMaps) * g.BS + a.C * kV;
+  // The maps-only pre-pass reads no logits: long blocks (fewer per-block overheads), no [C][B] scratch.
+  const Geometry g = a.maps_only ? Geometry(a.N, 1, a.H, a.W, {}, kMapsBlock)
+                                 : Geometry(a.N, a.C, a.H, a.W, {&a.x, &a.grad});
+  const int64_t scratch = a.maps_only ? kFusedMaps * g.BS : (a.C + kFusedMaps) * g.BS + a.C * kV;
   const int nt = threads_for(a.num_threads, a.maps_only ? a.N * a.H * a.W : a.N * a.C * a.H * a.W);
   std::vector<double> partial(static_cast<size_t>(kNumSums * g.nblocks), 0.0);
   FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s) {
