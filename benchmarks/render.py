@@ -57,7 +57,8 @@ def render_markdown(result: dict) -> str:
         ("CUDA (torch build)", m["cuda"]), ("git commit", m["git_commit"]), ("date", m["date"]),
         ("fastadvseg backends listed", ", ".join(m.get("backends", [])) or "none"),
         ("not timed", "; ".join(f"{k}: {v}" for k, v in m.get("unavailable", {}).items()) or "-"),
-        ("label validation", m.get("label_validation")), ("shape set", m["shape_set"]),
+        ("label validation", m.get("label_validation")), ("malloc", m.get("malloc", "glibc defaults")),
+        ("shape set", m["shape_set"]),
         ("measured copy bandwidth", f"{m['copy_bandwidth']['GBps']:.1f} GB/s (read + write of "
                                     f"{m['copy_bandwidth']['bytes'] // 2**20} MiB)"),
         ("load average (1/5/15 min) at start / end", f"{m['load_average_start']} / {m['load_average_end']}"),

@@ -50,6 +50,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="fastadvseg.models.build_segmenter name for the e2e G (default: deeplabv2_compact on CPU, "
                         "deeplabv2_resnet101 on GPU; a labelled stand-in when fastadvseg.models is missing)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--steady-malloc", action="store_true",
+                   help="CPU: keep freed large buffers in the heap (glibc mallopt) so that no timed call pays for "
+                        "page faults caused by what ran before it; applies to every implementation alike")
     args = p.parse_args(argv)
     try:
         args.dtypes = [DTYPES[d] for d in args.dtypes] if args.dtypes else None
@@ -192,6 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = C.select_cases(args.ops)
 
     meta = env.collect(device, threads)
+    meta["malloc"] = env.steady_malloc() if args.steady_malloc else "glibc defaults"
     meta["shape_set"] = args.shapes
     meta["unavailable"] = {b: fastadvseg.unavailable_reason(b) or f"cannot run on {device.type} tensors"
                            for b in fastadvseg.BACKEND_NAMES if b not in meta.get("backends", [])}

@@ -22,7 +22,7 @@ def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks.report", "--shapes", "smoke", "--device", "cpu", "--dtypes", "float32",
            "--no-compile", "--repeats", "3", "--budget", "0.01", "--threads", "1", "--out", str(out), "--name", "smoke",
-           "--e2e-tiny"]
+           "--e2e-tiny", "--steady-malloc"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         cmd.append("--include-triton-cpu")  # CI sets it for the Triton tests: time the interpreter on the tiny set
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -43,6 +43,9 @@ def test_report_files_exist_and_parse(smoke_report):
                 "copy_bandwidth"):
         assert key in meta, key
     assert "| op | dtype | dir | impl | median ms" in md
+    if sys.platform.startswith("linux"):  # glibc: the allocator setting the run used is in the header
+        assert meta["malloc"].startswith("steady"), meta["malloc"]
+        assert "| malloc | steady" in md
 
 
 def test_report_covers_every_op_and_backend(smoke_report):
