@@ -463,7 +463,14 @@ template <bool kWrite>
 inline void prefetch_rows(const BlockRows& r, int64_t b, int64_t ahead) {
   if (!r.mem || b % 16 != 0) return;
   const char* p = r.mem + (b + ahead) * r.px_bytes;
-  for (int64_t k = 0; k < r.lines; ++k) __builtin_prefetch(p + k * r.line_stride, kWrite ? 1 : 0, 3);
+  // Reads go to L2 (prefetcht1: its miss queue is deeper than L1's, and the loop's loads hit L2 in time), the
+  // gradient's lines to L1 for writing (prefetchw). Measured: ~13% faster than L1 for both, and dropping the
+  // write prefetch was slower.
+  if (kWrite) {
+    for (int64_t k = 0; k < r.lines; ++k) __builtin_prefetch(p + k * r.line_stride, 1, 3);
+  } else {
+    for (int64_t k = 0; k < r.lines; ++k) __builtin_prefetch(p + k * r.line_stride, 0, 2);
+  }
 }
 
 // out[b] = m[pixel j0 + b] for a flat pixel index j0 over (N, H, W), converted to O. One strided loop when the
