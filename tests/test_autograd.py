@@ -119,6 +119,25 @@ def test_retain_graph_backward_twice_on_discriminator_maps(case, gen):
         torch.testing.assert_close(g1, expected)
 
 
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=ids)
+def test_second_backward_after_in_place_change_is_refused(case, gen):
+    """The kernel backends hand their gradient buffer to the first backward and relaunch the kernel for a second
+    one: if the logits changed in place in between, that would silently give the gradient at other logits."""
+    backend, device = case
+    shape = (1, 4, 3, 5)
+    x = make_logits(shape, torch.float32, "contiguous", device, generator=gen)
+    d = make_d_logits((1, 3, 5), torch.float32, device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    for make in (lambda: fas.cross_entropy2d(x, t, backend=backend),
+                 lambda: fas.generator_loss(x, d, t, lambda_adv=0.1, backend=backend).total):
+        loss = make()
+        torch.autograd.grad(loss, [x], retain_graph=True)
+        with torch.no_grad():
+            x.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            torch.autograd.grad(loss, [x])
+
+
 @pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
 def test_no_grad_forward(case, gen):
     backend, device = case

@@ -6,7 +6,7 @@ written). The gradient is stored already multiplied by the factor a plain ``loss
 a mean, times lambda for the generator's weighted terms), computed from a cheap pre-pass over the label / mask
 maps; ``backward`` rescales it in place by what actually arrived (not at all when that is 1) and hands the buffer
 itself to autograd, so a leaf's ``.grad`` is that buffer, not a copy; a second backward through the same graph
-(``retain_graph=True``) recomputes it (:class:`_StoredGradients`). ``reduction="none"`` stores the per-pixel
+(``retain_graph=True``) recomputes it (:class:`._autograd.StoredGradients`). ``reduction="none"`` stores the per-pixel
 gradient and scales it by the incoming map. Counts of 0 give a loss of 0 and a zero gradient.
 
 Kernels get raw pointers, sizes, strides in elements and a dtype code, so any strides work (contiguous,
@@ -25,6 +25,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .._types import GeneratorLoss
+from ._autograd import StoredGradients
 
 ENV_DISABLE = "FASTADVSEG_DISABLE_CPU_EXT"
 
@@ -102,30 +103,6 @@ def _scaled_map(grad: torch.Tensor, grad_map: torch.Tensor) -> torch.Tensor:
     return grad.mul_(grad_map)
 
 
-class _StoredGradients:
-    """The gradient buffers a forward pass filled, handed to backward once.
-
-    The first backward takes the buffers themselves (scaled in place): nothing else references them, so autograd
-    can use them as ``.grad`` without a copy. A second backward through the same graph (``retain_graph=True``)
-    finds them gone and recomputes them with ``recompute()``, one more pass of the same deterministic kernel.
-    """
-
-    def __init__(self, buffers, logits, recompute, also=None):
-        self._buffers, self._recompute = buffers, recompute
-        self._inputs = (logits,) if also is None else (logits, also)
-        self._versions = tuple(t._version for t in self._inputs)
-
-    def take(self):
-        buffers, self._buffers = self._buffers, None
-        if buffers is not None:
-            return buffers
-        if tuple(t._version for t in self._inputs) != self._versions:
-            raise RuntimeError("fastadvseg (cpu backend): the logits (or D's logits) were modified in place after the "
-                               "loss was computed; a second backward through the same graph cannot recompute the "
-                               "gradient")
-        return self._recompute()
-
-
 def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor] = None, grad_scale: float = 1.0,
            labels: Optional[torch.Tensor] = None, ignore_index: int = -1, weight: Optional[torch.Tensor] = None,
            z: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, keep: bool = False,
@@ -161,7 +138,7 @@ def _logits_loss(ctx, logits: torch.Tensor, reduction: str, count_index: int, co
             again = torch.empty_like(logits)
             _fused(logits, grad=again, grad_scale=grad_scale, **common)
             return again
-        ctx.stored = _StoredGradients(grad, logits, recompute)
+        ctx.stored = StoredGradients(grad, (logits,), recompute, "cpu")
     return sums, loss_map
 
 
@@ -257,7 +234,7 @@ class _BceWithLogits2d(torch.autograd.Function):
                 again = _map_grad(z)
                 _ext.bce_maps([_bce_job(z, target, mask, None, again, grad_scale)], torch.get_num_threads())
                 return again
-            ctx.stored = _StoredGradients(grad, z, recompute) if grad is not None else None
+            ctx.stored = StoredGradients(grad, (z,), recompute, "cpu") if grad is not None else None
             ctx.save_for_backward(z, mask)
         if reduction == "none":
             return loss_map
@@ -302,7 +279,7 @@ class _DiscriminatorLoss(torch.autograd.Function):
                 _ext.bce_maps([_bce_job(z, t, mask, None, g, k) for (z, t, mask), g, k in zip(maps, again, inv)],
                               torch.get_num_threads())
                 return again
-            ctx.stored = _StoredGradients(grads, fake, recompute, also=real)
+            ctx.stored = StoredGradients(grads, (fake, real), recompute, "cpu")
         return _scalar(sums[0] * inv[0] + sums[2] * inv[1])
 
     @staticmethod
@@ -408,7 +385,7 @@ class _GeneratorLoss(torch.autograd.Function):
                 _fused(logits, grad=again, grad_scale=grad_scale, grad_z=again_z, grad_z_scale=grad_z_scale,
                        **common)
                 return again, again_z
-            ctx.stored = _StoredGradients((grad, grad_z), logits, recompute)
+            ctx.stored = StoredGradients((grad, grad_z), (logits,), recompute, "cpu")
         adv = _scalar(adv_sum * _inv(adv_count))
         if labelled:
             ce = _scalar(loss_sum * _inv(weight_sum))

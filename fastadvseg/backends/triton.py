@@ -2,9 +2,11 @@
 
 Each kernel computes a loss and, in the same pass, the gradient of its *unnormalised sum* into a separate buffer
 (never into the logits). Each Function here only allocates, launches, forms the means from the kernel's partial
-sums, and in backward scales the stored gradient by the incoming one (divided by the count for a mean; count 0
-gives a zero gradient, never NaN). Gradients are stored only when needed: the input requires grad and grad mode is
-on (decided here, outside ``Function.forward``, where grad mode is always off).
+sums, and in backward scales the stored gradient in place by the incoming one (divided by the count for a mean;
+count 0 gives a zero gradient, never NaN) and hands that very buffer to autograd: one gradient-sized buffer at
+peak, not two. A second backward through the same graph relaunches the kernel (``_autograd.StoredGradients``).
+Gradients are stored only when needed: the input requires grad and grad mode is on (decided here, outside
+``Function.forward``, where grad mode is always off).
 
 Runs CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was first imported (the
 kernels then run in Triton's numpy interpreter: how CI without a GPU tests the GPU kernels).
@@ -26,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
     ) from exc
 
 from .._types import GeneratorLoss
+from ._autograd import StoredGradients
 from ..kernels.triton import bce as _bce
 from ..kernels.triton import cross_entropy as _ce
 from ..kernels.triton import discriminator as _disc
@@ -78,17 +81,32 @@ def _reduce(total: torch.Tensor, count: torch.Tensor, loss_map: Optional[torch.T
     return total / _nonzero(count)
 
 
-def _scale(stored: Optional[torch.Tensor], grad_out: torch.Tensor, count: torch.Tensor, reduction: str,
-           channel_dim: bool):
-    """Backward of a reduced loss: the stored gradient of the sum times d(loss)/d(sum)."""
+def _factor(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, channel_dim: bool, dtype: torch.dtype):
+    """d(loss)/d(sum of the per-pixel terms): what the stored gradient of the sum is multiplied by."""
+    if reduction == "none":
+        g = grad_out.to(dtype)
+        return g.unsqueeze(1) if channel_dim else g
+    if reduction == "sum":
+        return grad_out
+    return grad_out / _nonzero(count)
+
+
+def _scale_(stored: Optional[torch.Tensor], grad_out, count: torch.Tensor, reduction: str = "mean",
+            channel_dim: bool = False):
+    """Backward of a reduced loss from a buffer handed over by :class:`StoredGradients`: scaled in place (no
+    second gradient-sized buffer), then given to autograd."""
     if stored is None:
         return None
-    if reduction == "none":
-        g = grad_out.to(stored.dtype)
-        return stored * (g.unsqueeze(1) if channel_dim else g)
-    if reduction == "sum":
-        return stored * grad_out
-    return stored * (grad_out / _nonzero(count))
+    if not isinstance(grad_out, torch.Tensor):  # a Python number (0.0: the output was not used)
+        return stored.mul_(grad_out / _nonzero(count) if reduction == "mean" else grad_out)
+    return stored.mul_(_factor(grad_out, count, reduction, channel_dim, stored.dtype))
+
+
+def _stored(grads, inputs, recompute) -> Optional[StoredGradients]:
+    """ctx.stored for a forward that filled ``grads`` (a buffer, or a tuple of buffers and Nones)."""
+    if grads is None or (isinstance(grads, tuple) and all(g is None for g in grads)):
+        return None
+    return StoredGradients(grads, inputs, recompute, "triton")
 
 
 # ----------------------------------------------------------------------------------------------------- softmax2d
@@ -122,13 +140,15 @@ class _ReducedLoss(torch.autograd.Function):
     def forward(ctx, launch, channel_dim, reduction, store_grad, x, *args):
         total, count, loss_map, grad = launch(x, *args, store_grad=store_grad, store_map=reduction == "none")
         ctx.reduction, ctx.channel_dim, ctx.num_args = reduction, channel_dim, len(args)
-        ctx.save_for_backward(grad, count)
+        ctx.stored = _stored(grad, (x,), lambda: launch(x, *args, store_grad=True, store_map=False)[3])
+        ctx.save_for_backward(count)
         return _reduce(total, count, loss_map, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad, count = ctx.saved_tensors
-        return (None, None, None, None, _scale(grad, grad_out, count, ctx.reduction, ctx.channel_dim),
+        (count,) = ctx.saved_tensors
+        grad = None if ctx.stored is None else ctx.stored.take()
+        return (None, None, None, None, _scale_(grad, grad_out, count, ctx.reduction, ctx.channel_dim),
                 *([None] * ctx.num_args))
 
 
@@ -148,16 +168,19 @@ class _SoftTargetBCE(torch.autograd.Function):
         total, count, loss_map, grad = _bce.bce_forward(
             d_logits, target, ignore_mask, store_grad=store_grad, store_map=reduction == "none")
         ctx.reduction = reduction
-        ctx.save_for_backward(grad, count, d_logits, target, ignore_mask)
+        ctx.stored = _stored(grad, (d_logits, target), lambda: _bce.bce_forward(
+            d_logits, target, ignore_mask, store_grad=True, store_map=False)[3])
+        ctx.save_for_backward(count, d_logits, target, ignore_mask)
         return _reduce(total, count, loss_map, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad, count, z, target, ignore_mask = ctx.saved_tensors
+        count, z, target, ignore_mask = ctx.saved_tensors
         neg_z = -z.float() if ignore_mask is None else torch.where(ignore_mask, 0.0, -z.float())
-        grad_t = _scale(neg_z, grad_out, count, ctx.reduction, False)
+        grad_t = _scale_(neg_z, grad_out, count, ctx.reduction, False)  # (neg_z is ours: a new tensor)
         grad_t = (grad_t.sum() if target.dim() == 0 else grad_t).to(target.dtype)
-        return _scale(grad, grad_out, count, ctx.reduction, False), grad_t, None, None, None
+        grad = None if ctx.stored is None else ctx.stored.take()
+        return _scale_(grad, grad_out, count, ctx.reduction, False), grad_t, None, None, None
 
 
 @_on_tensor_device
@@ -179,14 +202,17 @@ class _SemiCrossEntropy2d(torch.autograd.Function):
         ratio = kept / considered.clamp_min(1.0)
         ctx.mark_non_differentiable(ratio)
         ctx.reduction = reduction
-        ctx.save_for_backward(grad, kept)
+        ctx.stored = _stored(grad, (logits, d_logits), lambda: _semi.semi_forward(
+            logits, d_logits, threshold, ignore_mask, store_grad=True, store_map=False)[4])
+        ctx.save_for_backward(kept)
         return _reduce(total, kept, loss_map, reduction), ratio
 
     @staticmethod
     def backward(ctx, grad_out, grad_ratio):
-        grad, kept = ctx.saved_tensors
+        (kept,) = ctx.saved_tensors
+        grad = None if ctx.stored is None else ctx.stored.take()
         # d_logits and the pseudo-labels are constants of L_semi: no gradient for d_logits
-        return _scale(grad, grad_out, kept, ctx.reduction, True), None, None, None, None, None
+        return _scale_(grad, grad_out, kept, ctx.reduction, True), None, None, None, None, None
 
 
 @_on_tensor_device
@@ -223,19 +249,20 @@ class _GeneratorLoss(torch.autograd.Function):
             ratio = term_count / float(max(d_logits.numel(), 1))
             ctx.mark_non_differentiable(ce, ratio)
         ctx.labelled, ctx.lambda_adv, ctx.lambda_semi = labelled, lambda_adv, lambda_semi
-        ctx.save_for_backward(gx, gz, term_count, adv_count)
+        ctx.stored = _stored((gx, gz), (logits, d_logits), lambda: _gen.generator_forward(
+            logits, d_logits, target, ignore_index, threshold, store_gx=store_gx, store_gz=store_gz)[4:])
+        ctx.save_for_backward(term_count, adv_count)
         return total, ce, adv, semi, ratio
 
     @staticmethod
     def backward(ctx, g_total, g_ce, g_adv, g_semi, g_ratio):
-        gx, gz, term_count, adv_count = ctx.saved_tensors
+        term_count, adv_count = ctx.saved_tensors
+        gx, gz = (None, None) if ctx.stored is None else ctx.stored.take()
         g_total = _g(g_total)
         # d total / d term is 1 (ce, labelled) or lambda_semi (semi, unlabelled); the term may also be a root itself
         g_term = g_total + _g(g_ce) if ctx.labelled else ctx.lambda_semi * g_total + _g(g_semi)
         g_adv = ctx.lambda_adv * g_total + _g(g_adv)
-        grad_x = None if gx is None else gx * (g_term / _nonzero(term_count))
-        grad_d = None if gz is None else gz * (g_adv / _nonzero(adv_count))
-        return grad_x, grad_d, None, None, None, None, None, None, None
+        return _scale_(gx, g_term, term_count), _scale_(gz, g_adv, adv_count), None, None, None, None, None, None, None
 
 
 @_on_tensor_device
@@ -253,14 +280,16 @@ class _DiscriminatorLoss(torch.autograd.Function):
     def forward(ctx, d_fake, d_real, mask_fake, mask_real, grad_fake, grad_real):
         (f_sum, f_count), (r_sum, r_count), gf, gr = _disc.discriminator_forward(
             d_fake, d_real, mask_fake, mask_real, grad_fake=grad_fake, grad_real=grad_real)
-        ctx.save_for_backward(gf, gr, f_count, r_count)
+        ctx.stored = _stored((gf, gr), (d_fake, d_real), lambda: _disc.discriminator_forward(
+            d_fake, d_real, mask_fake, mask_real, grad_fake=grad_fake, grad_real=grad_real)[2:])
+        ctx.save_for_backward(f_count, r_count)
         return f_sum / _nonzero(f_count) + r_sum / _nonzero(r_count)
 
     @staticmethod
     def backward(ctx, grad_out):
-        gf, gr, f_count, r_count = ctx.saved_tensors
-        return (_scale(gf, grad_out, f_count, "mean", False), _scale(gr, grad_out, r_count, "mean", False),
-                None, None, None, None)
+        f_count, r_count = ctx.saved_tensors
+        gf, gr = (None, None) if ctx.stored is None else ctx.stored.take()
+        return _scale_(gf, grad_out, f_count), _scale_(gr, grad_out, r_count), None, None, None, None
 
 
 @_on_tensor_device
