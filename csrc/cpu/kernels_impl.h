@@ -5,10 +5,10 @@
 // Work is cut into blocks of B pixels along a "row" (an image when H and W can be merged into one pixel axis
 // of constant stride in every 4-D tensor involved, else one image row), and a block into pixel vectors (kV
 // pixels of one channel in a register). For one pixel vector the fused kernel walks the channels twice (max,
-// then exp / sum / label logit) keeping its per-pixel state in registers, then writes the gradient. Float32
-// logits with unit pixel stride are read in place; other layouts and dtypes are first converted into a
-// per-thread float32 scratch laid out [C][B]. Each logit is read from memory once (the second walk hits L1),
-// and the next block's lines are prefetched while this one is computed.
+// then exp / sum / label logit) keeping its per-pixel state in registers, then writes the gradient. Rows with
+// unit pixel stride are read and written in place in their own dtype (Rows<Tag>); other layouts are first
+// converted into a per-thread float32 scratch laid out [C][B]. Each logit is read from memory once (the second
+// walk hits L1), and the lines of the blocks two ahead are prefetched while this one is computed.
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -248,28 +248,21 @@ template <> struct VecIO<Float32> {
   static vf load(const float* p) { return vload(p); }
   static void store(float* p, vf v) { vstore(p, v); }
 };
-template <> struct VecIO<Float16> {
+// 16-bit storage: load 16-bit lanes and widen, or narrow and store them.
+template <vf (*kToFloat)(vh), vh (*kFromFloat)(vf)>
+struct VecIO16 {
   static vf load(const uint16_t* p) {
     vh h;
     std::memcpy(&h, p, sizeof h);
-    return vhalf_to_float(h);
+    return kToFloat(h);
   }
   static void store(uint16_t* p, vf v) {
-    const vh h = vfloat_to_half(v);
+    const vh h = kFromFloat(v);
     std::memcpy(p, &h, sizeof h);
   }
 };
-template <> struct VecIO<BFloat16> {
-  static vf load(const uint16_t* p) {
-    vh h;
-    std::memcpy(&h, p, sizeof h);
-    return vbf16_to_float(h);
-  }
-  static void store(uint16_t* p, vf v) {
-    const vh h = vfloat_to_bf16(v);
-    std::memcpy(p, &h, sizeof h);
-  }
-};
+template <> struct VecIO<Float16> : VecIO16<vhalf_to_float, vfloat_to_half> {};
+template <> struct VecIO<BFloat16> : VecIO16<vbf16_to_float, vfloat_to_bf16> {};
 
 // Channel rows of a block as the vector loops see them: the tensor itself in its storage type (Tag), or the
 // float32 scratch (Tag = Float32).
@@ -363,12 +356,9 @@ void load_block(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t 
   }
 }
 
-// t[pixel b, channel c] = keep[b] ? buf[c * BS + b] * scale[b] : 0 (keep == nullptr: always; scale == nullptr:
-// 1), written straight
-// from the scratch to memory: the products of the block's last pass are not stored twice.
+// t[pixel b, channel c] = buf[c * BS + b], converted to t's dtype: the inverse of load_block.
 template <class Tag>
-void store_scaled(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, const float* buf,
-                  const float* scale, const int32_t* keep) {
+void store_block(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, const float* buf) {
   using S = typename Tag::S;
   S* p = static_cast<S*>(t.ptr) + base;
   const int64_t sC = t.sC, sP = t.sW;
@@ -376,42 +366,44 @@ void store_scaled(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_
     for (int64_t c = 0; c < C; ++c) {
       S* pc = p + c * sC;
       const float* bc = buf + c * BS;
-      if (!scale) {
-        for (int64_t b = 0; b < len; ++b) pc[b] = Tag::store(bc[b]);
-      } else if (keep) {
-        for (int64_t b = 0; b < len; ++b) pc[b] = Tag::store(keep[b] ? bc[b] * scale[b] : 0.0f);
-      } else {
-        for (int64_t b = 0; b < len; ++b) pc[b] = Tag::store(bc[b] * scale[b]);
-      }
+      for (int64_t b = 0; b < len; ++b) pc[b] = Tag::store(bc[b]);
     }
   } else {
     for (int64_t b = 0; b < len; ++b) {
       S* pb = p + b * sP;
-      const float sb = scale ? scale[b] : 1.0f;
-      const bool on = !keep || keep[b];
-      for (int64_t c = 0; c < C; ++c) pb[c * sC] = Tag::store(on ? buf[c * BS + b] * sb : 0.0f);
+      for (int64_t c = 0; c < C; ++c) pb[c * sC] = Tag::store(buf[c * BS + b]);
     }
   }
 }
 
-// A block of a 4-D tensor as float32 rows for the vector loops: the tensor itself where it is float32 with unit
-// pixel stride and the block is whole pixel vectors (read in place), else its float32 conversion in `buf`
-// ([C][BS], the padding lanes up to a whole vector zeroed: finite values whose results are never stored).
-struct BlockRows {
-  float* p;
-  int64_t sc;   // channel stride
-  bool direct;  // p points into the tensor
-  // The block in memory, for prefetch_rows: `lines` lines `line_stride` bytes apart cover 16 pixels, and the
-  // next 16 pixels start `px_bytes` * 16 bytes on (NCHW rows: C rows; channels_last: consecutive lines).
+// Whether the vector loops can read / write a block of t in place, in t's own dtype (Rows<Tag>): unit pixel
+// stride and whole pixel vectors. Otherwise the block goes through the float32 scratch (Rows<Float32>): the input
+// converted by load_padded, the output stored (and converted) by store_block.
+inline bool rows_in_place(const Tensor4& t, int64_t len) { return t.sW == 1 && len % kV == 0; }
+
+// load_block, plus zeros in the padding lanes up to a whole pixel vector (finite values, results never stored).
+template <class Tag>
+void load_padded(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, float* buf) {
+  load_block<Tag>(t, base, C, len, BS, buf);
+  const int64_t padded = (len + kV - 1) / kV * kV;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t b = len; b < padded; ++b) buf[c * BS + b] = 0.f;
+}
+
+template <class Tag>
+Rows<Tag> tensor_rows(const Tensor4& t, int64_t base) {
+  return {t.ptr ? static_cast<typename Tag::S*>(t.ptr) + base : nullptr, t.sC};
+}
+
+// A block of a tensor in memory, for prefetch_rows: `lines` lines `line_stride` bytes apart cover 16 pixels, and
+// the next 16 pixels start 16 * `px_bytes` bytes on (NCHW rows: C rows; channels_last: consecutive lines).
+struct BlockLines {
   const char* mem = nullptr;  // nullptr: a layout prefetch_rows does not follow
   int64_t lines = 0, line_stride = 0, px_bytes = 0;
 };
 
-inline bool in_place(const Tensor4& t, int64_t len) {
-  return t.ptr && t.dtype == kFloat32 && t.sW == 1 && len % kV == 0;
-}
-
-inline BlockRows with_memory(BlockRows r, const Tensor4& t, int64_t base, int64_t C) {
+inline BlockLines block_lines(const Tensor4& t, int64_t base, int64_t C) {
+  BlockLines r;
   const int64_t elem = t.dtype == kFloat32 ? 4 : 2;
   if (!t.ptr) return r;
   if (t.sW == 1) {
@@ -428,37 +420,16 @@ inline BlockRows with_memory(BlockRows r, const Tensor4& t, int64_t base, int64_
   return r;
 }
 
-template <class Tag>
-BlockRows block_in(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, float* buf) {
-  if (in_place(t, len)) return with_memory({static_cast<float*>(t.ptr) + base, t.sC, true}, t, base, C);
-  load_block<Tag>(t, base, C, len, BS, buf);
-  const int64_t padded = (len + kV - 1) / kV * kV;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t b = len; b < padded; ++b) buf[c * BS + b] = 0.f;
-  return with_memory({buf, BS, false}, t, base, C);
-}
-
-// Where the vector loops write a block of t: t itself (as block_in), else `buf`, stored by block_out_done.
-inline BlockRows block_out(const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS, float* buf) {
-  if (in_place(t, len)) return with_memory({static_cast<float*>(t.ptr) + base, t.sC, true}, t, base, C);
-  return with_memory({buf, BS, false}, t, base, C);
-}
-
-template <class Tag>
-void block_out_done(const BlockRows& o, const Tensor4& t, int64_t base, int64_t C, int64_t len, int64_t BS) {
-  if (!o.direct) store_scaled<Tag>(t, base, C, len, BS, o.p, nullptr, nullptr);
-}
-
 // Blocks ahead that the loops prefetch (2 measured ~7% faster than 1 and than 4 on the fused kernel).
 constexpr int64_t kAhead = 2;
 
 // The lines of r's next 16 pixels `ahead` pixels on: called every 16 pixels of a block with ahead = kAhead * B,
-// it asks for a block the thread computes soon (its own within a run of
-// blocks, where rows merge), spread over the loop so that the requests do not queue at once.
+// it asks for a block the thread computes soon (its own within a run of blocks, where rows merge), spread over
+// the loop so that the requests do not queue at once.
 // A block reads C interleaved strided streams, which the hardware prefetchers do not follow well: without this
 // the fused kernel waited on memory most of the time (perf: ~40% of its samples on one load of the max pass).
 template <bool kWrite>
-inline void prefetch_rows(const BlockRows& r, int64_t b, int64_t ahead) {
+inline void prefetch_rows(const BlockLines& r, int64_t b, int64_t ahead) {
   if (!r.mem || b % 16 != 0) return;
   const char* p = r.mem + (b + ahead) * r.px_bytes;
   // Reads go to L2 (prefetcht1: its miss queue is deeper than L1's, and the loop's loads hit L2 in time), the
@@ -637,17 +608,11 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     // Logits and gradient with unit pixel stride are read and written in place, in their own dtype (whole pixel
     // vectors); otherwise the logits are converted into `buf` first, and the gradient is written into `buf` (each
     // vector's logits are dead by the time its gradient is written over them) and stored from there.
-    using S = typename Tag::S;
     const int64_t xbase = offset(a.x, n, h0, w0), gbase = offset(a.grad, n, h0, w0);
     const bool want_grad = a.grad.ptr != nullptr;
-    const bool x_direct = a.x.sW == 1 && len % kV == 0;
-    const bool g_direct = want_grad && a.grad.sW == 1 && len % kV == 0;
-    if (!x_direct) {
-      load_block<Tag>(a.x, xbase, C, len, BS, buf);
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t b = len; b < nvec * kV; ++b) buf[c * BS + b] = 0.f;
-    }
-    const BlockRows pf_in = with_memory({}, a.x, xbase, C), pf_out = with_memory({}, a.grad, gbase, C);
+    const bool direct = rows_in_place(a.x, len) && (!want_grad || rows_in_place(a.grad, len));
+    if (!direct) load_padded<Tag>(a.x, xbase, C, len, BS, buf);
+    const BlockLines pf_in = block_lines(a.x, xbase, C), pf_out = block_lines(a.grad, gbase, C);
     const float grad_scale = a.grad_scale;
     const bool argmax = a.label_mode == 1;
 
@@ -704,17 +669,14 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
         }
       }
     };
-    const Rows<Tag> x_mem{static_cast<S*>(a.x.ptr) + xbase, a.x.sC};
-    const Rows<Float32> x_buf{buf, BS}, g_buf{buf, BS};
-    const Rows<Tag> g_mem{want_grad ? static_cast<S*>(a.grad.ptr) + gbase : nullptr, a.grad.sC};
-    if (x_direct) {
-      g_direct ? vectors(x_mem, g_mem) : vectors(x_mem, g_buf);
+    if (direct) {
+      vectors(tensor_rows<Tag>(a.x, xbase), tensor_rows<Tag>(a.grad, gbase));
     } else {
-      g_direct ? vectors(x_buf, g_mem) : vectors(x_buf, g_buf);
+      vectors(Rows<Float32>{buf, BS}, Rows<Float32>{buf, BS});
     }
     loss = sum_fixed(xt, len);
     if (a.loss_map) std::copy(xt, xt + len, a.loss_map + pix0);
-    if (want_grad && !g_direct) store_scaled<Tag>(a.grad, gbase, C, len, BS, buf, nullptr, nullptr);
+    if (want_grad && !direct) store_block<Tag>(a.grad, gbase, C, len, BS, buf);
   }
 
   sums[kLossSum] = loss;
@@ -734,27 +696,35 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
   g.block(blk, n, h0, w0, len);
   float* buf = scratch;        // [C][BS] x converted (when not read in place), then y (when not written in place)
   float* ev = buf + C * BS;    // [C][kV] exp(x - max) of one pixel vector
-  const BlockRows in = block_in<Tag>(x, offset(x, n, h0, w0), C, len, BS, buf);
-  const BlockRows out = block_out(y, offset(y, n, h0, w0), C, len, BS, buf);
-  for (int64_t b = 0; b < len; b += kV) {
-    prefetch_rows<false>(in, b, kAhead * g.B);
-    prefetch_rows<true>(out, b, kAhead * g.B);
-    const float* xs = in.p + b;
-    vf m = vload(xs);
-    for (int64_t c = 1; c < C; ++c) {
-      const vf xv = vload(xs + c * in.sc);
-      m = vselect(xv > m, xv, m);
+  const int64_t xbase = offset(x, n, h0, w0), ybase = offset(y, n, h0, w0);
+  const bool direct = rows_in_place(x, len) && rows_in_place(y, len);
+  if (!direct) load_padded<Tag>(x, xbase, C, len, BS, buf);
+  const BlockLines pf_in = block_lines(x, xbase, C), pf_out = block_lines(y, ybase, C);
+  auto vectors = [&](const auto& in, const auto& out) {
+    for (int64_t b = 0; b < len; b += kV) {
+      prefetch_rows<false>(pf_in, b, kAhead * g.B);
+      prefetch_rows<true>(pf_out, b, kAhead * g.B);
+      vf m = in.load(b);
+      for (int64_t c = 1; c < C; ++c) {
+        const vf xv = in.load(b + c * in.sc);
+        m = vselect(xv > m, xv, m);
+      }
+      vf s = vf{};
+      for (int64_t c = 0; c < C; ++c) {
+        const vf e = vexp_nonpositive(in.load(b + c * in.sc) - m);
+        s += e;
+        vstore(ev + c * kV, e);
+      }
+      const vf r = vsplat(1.0f) / s;
+      for (int64_t c = 0; c < C; ++c) out.store(b + c * out.sc, vload(ev + c * kV) * r);
     }
-    vf s = vf{};
-    for (int64_t c = 0; c < C; ++c) {
-      const vf e = vexp_nonpositive(vload(xs + c * in.sc) - m);
-      s += e;
-      vstore(ev + c * kV, e);
-    }
-    const vf r = vsplat(1.0f) / s;
-    for (int64_t c = 0; c < C; ++c) vstore(out.p + b + c * out.sc, vload(ev + c * kV) * r);
+  };
+  if (direct) {
+    vectors(tensor_rows<Tag>(x, xbase), tensor_rows<Tag>(y, ybase));
+  } else {
+    vectors(Rows<Float32>{buf, BS}, Rows<Float32>{buf, BS});
+    store_block<Tag>(y, ybase, C, len, BS, buf);
   }
-  block_out_done<Tag>(out, y, offset(y, n, h0, w0), C, len, BS);
 }
 
 // grad_x = y * (grad_y - sum_c y * grad_y) of one block, per pixel vector.
@@ -766,21 +736,31 @@ void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, cons
   g.block(blk, n, h0, w0, len);
   float* by = scratch;         // [C][BS] y converted (when not read in place)
   float* bg = by + C * BS;     // [C][BS] grad_y converted, then grad_x (each element read before it is written)
-  const BlockRows iy = block_in<Tag>(y, offset(y, n, h0, w0), C, len, BS, by);
-  const BlockRows ig = block_in<Tag>(gy, offset(gy, n, h0, w0), C, len, BS, bg);
-  const BlockRows out = block_out(gx, offset(gx, n, h0, w0), C, len, BS, bg);
-  for (int64_t b = 0; b < len; b += kV) {
-    prefetch_rows<false>(iy, b, kAhead * g.B);
-    prefetch_rows<false>(ig, b, kAhead * g.B);
-    prefetch_rows<true>(out, b, kAhead * g.B);
-    vf dot = vf{};
-    for (int64_t c = 0; c < C; ++c) dot += vload(iy.p + b + c * iy.sc) * vload(ig.p + b + c * ig.sc);
-    for (int64_t c = 0; c < C; ++c) {
-      const vf yv = vload(iy.p + b + c * iy.sc);
-      vstore(out.p + b + c * out.sc, yv * (vload(ig.p + b + c * ig.sc) - dot));
-    }
+  const int64_t ybase = offset(y, n, h0, w0), gybase = offset(gy, n, h0, w0), gxbase = offset(gx, n, h0, w0);
+  const bool direct = rows_in_place(y, len) && rows_in_place(gy, len) && rows_in_place(gx, len);
+  if (!direct) {
+    load_padded<Tag>(y, ybase, C, len, BS, by);
+    load_padded<Tag>(gy, gybase, C, len, BS, bg);
   }
-  block_out_done<Tag>(out, gx, offset(gx, n, h0, w0), C, len, BS);
+  const BlockLines pf_y = block_lines(y, ybase, C), pf_gy = block_lines(gy, gybase, C);
+  const BlockLines pf_gx = block_lines(gx, gxbase, C);
+  auto vectors = [&](const auto& iy, const auto& ig, const auto& out) {
+    for (int64_t b = 0; b < len; b += kV) {
+      prefetch_rows<false>(pf_y, b, kAhead * g.B);
+      prefetch_rows<false>(pf_gy, b, kAhead * g.B);
+      prefetch_rows<true>(pf_gx, b, kAhead * g.B);
+      vf dot = vf{};
+      for (int64_t c = 0; c < C; ++c) dot += iy.load(b + c * iy.sc) * ig.load(b + c * ig.sc);
+      for (int64_t c = 0; c < C; ++c)
+        out.store(b + c * out.sc, iy.load(b + c * iy.sc) * (ig.load(b + c * ig.sc) - dot));
+    }
+  };
+  if (direct) {
+    vectors(tensor_rows<Tag>(y, ybase), tensor_rows<Tag>(gy, gybase), tensor_rows<Tag>(gx, gxbase));
+  } else {
+    vectors(Rows<Float32>{by, BS}, Rows<Float32>{bg, BS}, Rows<Float32>{bg, BS});
+    store_block<Tag>(gx, gxbase, C, len, BS, bg);
+  }
 }
 
 template <class E>
