@@ -13,6 +13,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from ._dispatch import find_bad_labels
+
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -88,8 +90,6 @@ def check_label_range(target: torch.Tensor, num_classes: int, ignore_index: int,
     """Raise ValueError naming a label outside [0, C) that is not ignore_index (when validation is on)."""
     if not _validate_labels or target.numel() == 0:
         return
-    from ._dispatch import find_bad_labels  # (import here: the dispatcher imports nothing from this module)
-
     count, value = find_bad_labels(target, num_classes, ignore_index)
     if count:
         raise ValueError(

@@ -94,13 +94,8 @@ def _scaled(grad: Optional[torch.Tensor], factor: float) -> Optional[torch.Tenso
 
 
 def _scaled_by_map(grad: torch.Tensor, grad_map: torch.Tensor) -> torch.Tensor:
-    """A stored per-pixel gradient (N, C, H, W) we own, times an incoming (N, H, W) map, in place."""
-    return grad.mul_(grad_map.unsqueeze(1))
-
-
-def _scaled_map(grad: torch.Tensor, grad_map: torch.Tensor) -> torch.Tensor:
-    """A stored (N, H, W) gradient we own, times an incoming map of its shape, in place."""
-    return grad.mul_(grad_map)
+    """A stored per-pixel gradient we own ((N, C, H, W) or (N, H, W)), times an incoming (N, H, W) map, in place."""
+    return grad.mul_(grad_map.unsqueeze(1) if grad.dim() > grad_map.dim() else grad_map)
 
 
 def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor] = None, grad_scale: float = 1.0,
@@ -248,7 +243,7 @@ class _BceWithLogits2d(torch.autograd.Function):
         grad_z = grad_t = None
         if ctx.needs_input_grad[0]:
             grad = ctx.stored.take()
-            grad_z = _scaled_map(grad, grad_out) if ctx.reduction == "none" else _scaled(grad, _g(grad_out))
+            grad_z = _scaled_by_map(grad, grad_out) if ctx.reduction == "none" else _scaled(grad, _g(grad_out))
         if ctx.needs_input_grad[1]:  # d/dt of (1 - t) z - log_sigmoid(z) is -z
             scale = grad_out.float() * ctx.inv
             grad_t = -z * scale
@@ -326,7 +321,7 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
 def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Tuple[int, int]:
     count, value = _ext.find_bad_labels(tuple(target.shape), _m3(target), int(num_classes), int(ignore_index),
                                         torch.get_num_threads())
-    return count, value
+    return int(count), int(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

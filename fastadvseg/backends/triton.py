@@ -81,25 +81,17 @@ def _reduce(total: torch.Tensor, count: torch.Tensor, loss_map: Optional[torch.T
     return total / _nonzero(count)
 
 
-def _factor(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, channel_dim: bool, dtype: torch.dtype):
-    """d(loss)/d(sum of the per-pixel terms): what the stored gradient of the sum is multiplied by."""
-    if reduction == "none":
-        g = grad_out.to(dtype)
-        return g.unsqueeze(1) if channel_dim else g
-    if reduction == "sum":
-        return grad_out
-    return grad_out / _nonzero(count)
-
-
 def _scale_(stored: Optional[torch.Tensor], grad_out, count: torch.Tensor, reduction: str = "mean",
             channel_dim: bool = False):
-    """Backward of a reduced loss from a buffer handed over by :class:`StoredGradients`: scaled in place (no
-    second gradient-sized buffer), then given to autograd."""
+    """Backward of a reduced loss: the stored gradient of the sum times d(loss)/d(sum), in place on the buffer
+    handed over by :class:`StoredGradients` (no second gradient-sized buffer), then given to autograd.
+    ``grad_out`` may be a Python number (0.0: that output was not used)."""
     if stored is None:
         return None
-    if not isinstance(grad_out, torch.Tensor):  # a Python number (0.0: the output was not used)
-        return stored.mul_(grad_out / _nonzero(count) if reduction == "mean" else grad_out)
-    return stored.mul_(_factor(grad_out, count, reduction, channel_dim, stored.dtype))
+    if reduction == "none":  # a per-pixel map
+        g = grad_out.to(stored.dtype)
+        return stored.mul_(g.unsqueeze(1) if channel_dim else g)
+    return stored.mul_(grad_out if reduction == "sum" else grad_out / _nonzero(count))
 
 
 def _stored(grads, inputs, recompute) -> Optional[StoredGradients]:
