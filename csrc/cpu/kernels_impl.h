@@ -31,8 +31,8 @@
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__)
-// pixel vectors are passed between internal inline functions only: the ABI note for 32-byte vectors in the
-// portable (SSE2) build does not concern them
+// pixel vectors are passed between internal inline functions only: the ABI note for 32- and 64-byte vectors
+// (AVX2 and AVX-512 code compiled by `#pragma GCC target` on a default SSE2 target) does not concern them
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -59,14 +59,18 @@ inline int64_t count_nonzero(const int32_t* v, int64_t len) {
   return total;
 }
 
-// ---- Pixel vectors: kV pixels of one channel in a register (GCC/Clang vector extensions; the portable build
-// lowers them to pairs of SSE2 registers; the AVX-512 build uses 16 lanes). The logit loops below keep a pixel
+// ---- Pixel vectors: kV pixels of one channel in a register (GCC/Clang vector extensions: 4 lanes in the
+// portable build, 8 with AVX2, 16 with AVX-512). The logit loops below keep a pixel
 // vector's running max, sum of exp and label logit in registers while they walk the channels, so each logit is
 // loaded, used and stored once per pass instead of reloading per-pixel state from memory for every channel.
 #if defined(FAS_HAS_AVX512)
 constexpr int kV = 16;
-#else
+#elif defined(FAS_HAS_AVX2_FMA)
 constexpr int kV = 8;
+#else
+// The portable build: 16-byte vectors, the width SSE2 (and NEON) registers hold. Wider generic vectors are split
+// by the compiler, and their selects were split into scalar code: measured ~15x slower per logit than AVX2.
+constexpr int kV = 4;
 #endif
 typedef float vf __attribute__((vector_size(4 * kV)));
 typedef int32_t vi __attribute__((vector_size(4 * kV)));
