@@ -93,7 +93,19 @@ def collect(device: torch.device, threads: int) -> Dict[str, object]:
         info["label_validation"] = fastadvseg.label_validation_enabled()
     except Exception as exc:  # the report still records why
         info["fastadvseg"] = f"import failed: {exc}"
+    info["cpu_kernels"] = cpu_kernel_build()
     return info
+
+
+def cpu_kernel_build() -> str:
+    """Which build of the cpu backend's kernels runs here (avx512, avx2 or the portable base; the CPU and
+    FASTADVSEG_CPU_ISA decide), or why there is none: the three differ by up to ~3x."""
+    try:
+        from fastadvseg import _C_cpu
+    except Exception as exc:  # not built, or switched off
+        return f"none ({type(exc).__name__})"
+    cap = os.environ.get("FASTADVSEG_CPU_ISA")
+    return _C_cpu.isa() + (f" (FASTADVSEG_CPU_ISA={cap})" if cap else "")
 
 
 def steady_malloc() -> str:

@@ -57,6 +57,7 @@ def render_markdown(result: dict) -> str:
         ("CUDA (torch build)", m["cuda"]), ("git commit", m["git_commit"]), ("date", m["date"]),
         ("fastadvseg backends listed", ", ".join(m.get("backends", [])) or "none"),
         ("not timed", "; ".join(f"{k}: {v}" for k, v in m.get("unavailable", {}).items()) or "-"),
+        ("cpu backend kernels", m.get("cpu_kernels", "not recorded")),
         ("label validation", m.get("label_validation")), ("malloc", m.get("malloc", "glibc defaults")),
         ("shape set", m["shape_set"]),
         ("measured copy bandwidth", f"{m['copy_bandwidth']['GBps']:.1f} GB/s (read + write of "

@@ -46,6 +46,13 @@ def test_report_files_exist_and_parse(smoke_report):
     if sys.platform.startswith("linux"):  # glibc: the allocator setting the run used is in the header
         assert meta["malloc"].startswith("steady"), meta["malloc"]
         assert "| malloc | steady" in md
+    import fastadvseg
+
+    if "cpu" in fastadvseg.available_backends():  # which kernel build ran is in the header
+        from fastadvseg import _C_cpu
+
+        assert meta["cpu_kernels"].startswith(_C_cpu.isa()), meta["cpu_kernels"]
+        assert f"| cpu backend kernels | {_C_cpu.isa()}" in md
 
 
 def test_report_covers_every_op_and_backend(smoke_report):
