@@ -165,13 +165,16 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
         name, module = _auto(device, dtype)
     else:
         name, module = backend, _explicit(backend, device, dtype)
-    impl = getattr(module, op)
-    if name != "reference":
-        # Kernel launches are opaque to torch.compile: an explicit graph break here keeps compiled code that calls
-        # our ops working (the reference backend stays traceable).
-        impl = torch.compiler.disable(impl)
+    impl = _compile_boundary(name, getattr(module, op))
     _resolved[key] = (name, impl)
     return name, impl
+
+
+def _compile_boundary(backend: str, fn: Callable) -> Callable:
+    """``fn`` as torch.compile should see it: kernel launches are opaque to it, so a kernel backend's function
+    is an explicit graph break (compiled code that calls our ops keeps working); the reference backend's plain
+    torch ops stay traceable."""
+    return fn if backend == "reference" else torch.compiler.disable(fn)
 
 
 def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Tuple[int, int]:
@@ -186,10 +189,7 @@ def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -
                 continue
             module = _load(spec.name)
             if module is not None and hasattr(module, "find_bad_labels") and module.supports_device(target.device):
-                check = module.find_bad_labels
-                if spec.name != "reference":
-                    check = torch.compiler.disable(check)  # a kernel reads the data: opaque to torch.compile
-                hit = _resolved[key] = (spec.name, check)
+                hit = _resolved[key] = (spec.name, _compile_boundary(spec.name, module.find_bad_labels))
                 break
         else:
             raise RuntimeError(f"no fastadvseg backend checks labels on {target.device.type}")

@@ -101,6 +101,11 @@ def _stored(grads, inputs, recompute) -> Optional[StoredGradients]:
     return StoredGradients(grads, inputs, recompute, "triton")
 
 
+def _take(ctx, none=None):
+    """The gradients ``ctx.stored`` holds for this backward (``none`` when the forward stored none)."""
+    return none if ctx.stored is None else ctx.stored.take()
+
+
 # ----------------------------------------------------------------------------------------------------- softmax2d
 
 class _Softmax2d(torch.autograd.Function):
@@ -139,7 +144,7 @@ class _ReducedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (count,) = ctx.saved_tensors
-        grad = None if ctx.stored is None else ctx.stored.take()
+        grad = _take(ctx)
         return (None, None, None, None, _scale_(grad, grad_out, count, ctx.reduction, ctx.channel_dim),
                 *([None] * ctx.num_args))
 
@@ -171,7 +176,7 @@ class _SoftTargetBCE(torch.autograd.Function):
         neg_z = -z.float() if ignore_mask is None else torch.where(ignore_mask, 0.0, -z.float())
         grad_t = _scale_(neg_z, grad_out, count, ctx.reduction, False)  # (neg_z is ours: a new tensor)
         grad_t = (grad_t.sum() if target.dim() == 0 else grad_t).to(target.dtype)
-        grad = None if ctx.stored is None else ctx.stored.take()
+        grad = _take(ctx)
         return _scale_(grad, grad_out, count, ctx.reduction, False), grad_t, None, None, None
 
 
@@ -202,7 +207,7 @@ class _SemiCrossEntropy2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_ratio):
         (kept,) = ctx.saved_tensors
-        grad = None if ctx.stored is None else ctx.stored.take()
+        grad = _take(ctx)
         # d_logits and the pseudo-labels are constants of L_semi: no gradient for d_logits
         return _scale_(grad, grad_out, kept, ctx.reduction, True), None, None, None, None, None
 
@@ -249,7 +254,7 @@ class _GeneratorLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total, g_ce, g_adv, g_semi, g_ratio):
         term_count, adv_count = ctx.saved_tensors
-        gx, gz = (None, None) if ctx.stored is None else ctx.stored.take()
+        gx, gz = _take(ctx, (None, None))
         g_total = _g(g_total)
         # d total / d term is 1 (ce, labelled) or lambda_semi (semi, unlabelled); the term may also be a root itself
         g_term = g_total + _g(g_ce) if ctx.labelled else ctx.lambda_semi * g_total + _g(g_semi)
@@ -280,7 +285,7 @@ class _DiscriminatorLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         f_count, r_count = ctx.saved_tensors
-        gf, gr = (None, None) if ctx.stored is None else ctx.stored.take()
+        gf, gr = _take(ctx, (None, None))
         return _scale_(gf, grad_out, f_count), _scale_(gr, grad_out, r_count), None, None, None, None
 
 
