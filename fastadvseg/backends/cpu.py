@@ -74,7 +74,8 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _scalar(value: float) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32)
+    # scalar_tensor: half the cost of torch.tensor(value) per call (measured: 8 vs 17 us right after other work)
+    return torch.scalar_tensor(value, dtype=torch.float32)
 
 
 def _inv(count: float) -> float:
@@ -381,18 +382,18 @@ class _GeneratorLoss(torch.autograd.Function):
                        **common)
                 return again, again_z
             ctx.stored = StoredGradients((grad, grad_z), (logits,), recompute, "cpu")
-        adv = _scalar(adv_sum * _inv(adv_count))
+        # the five results as numbers first: one tensor each, no tensor arithmetic (each op costs as much again)
+        adv = adv_sum * _inv(adv_count)
         if labelled:
-            ce = _scalar(loss_sum * _inv(weight_sum))
-            semi, ratio = _scalar(0.0), _scalar(0.0)
+            ce, semi, ratio = loss_sum * _inv(weight_sum), 0.0, 0.0
             total = ce + lambda_adv * adv
         else:
-            ce = _scalar(0.0)
-            semi = _scalar(loss_sum * _inv(kept))
-            ratio = _scalar(kept) / max(considered, 1.0)
+            ce, semi, ratio = 0.0, loss_sum * _inv(kept), kept / max(considered, 1.0)
             total = lambda_adv * adv + lambda_semi * semi
-        ctx.mark_non_differentiable(ratio)
-        return total, ce, adv, semi, ratio
+        results = tuple(_scalar(v) for v in (total, ce, adv, semi, ratio))
+        ctx.mark_non_differentiable(results[4])
+        ctx.set_materialize_grads(False)  # unused results give None in backward, not zero tensors to read
+        return results
 
     @staticmethod
     def backward(ctx, g_total, g_ce, g_adv, g_semi, _g_ratio):
