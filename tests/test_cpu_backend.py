@@ -147,8 +147,9 @@ def test_channels_last_and_sliced_agree_with_contiguous(dtype):
 
 # Float32 gradients of 8 MiB and more are written with streaming stores (csrc/cpu/kernels_impl.h, StreamRows):
 # each channel's 64-byte lines are assembled across pixel vectors and blocks, and the partial lines at the ends
-# of a run of blocks are stored masked. H*W odd puts every channel row at a different offset from a line.
-STREAMED = (2, 7, 389, 401)
+# of a run of blocks are stored masked. An odd H*W puts every channel row at a different offset from a line;
+# H*W a multiple of 16 puts every row on a line boundary (the path without assembly), here with N=1.
+STREAMED = [(2, 7, 389, 401), (1, 9, 512, 480)]
 
 
 def _fused_grads(x, d, t, backend):
@@ -165,11 +166,12 @@ def _fused_grads(x, d, t, backend):
     return out
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
-def test_streamed_gradients_match_the_float64_reference(layout, threads):
+@pytest.mark.parametrize("shape,layout", [(STREAMED[0], "contiguous"), (STREAMED[0], "sliced"),
+                                          (STREAMED[1], "contiguous")])
+def test_streamed_gradients_match_the_float64_reference(shape, layout, threads):
     g = torch.Generator().manual_seed(11)
-    n, c, h, w = STREAMED
-    base = torch.randn(STREAMED, generator=g) * 3
+    n, c, h, w = shape
+    base = torch.randn(shape, generator=g) * 3
     t = torch.randint(0, c, (n, h, w), generator=g)
     t[torch.rand((n, h, w), generator=g) < 0.2] = 255
     d = torch.randn((n, 1, h, w), generator=g)
