@@ -145,15 +145,16 @@ def test_channels_last_and_sliced_agree_with_contiguous(dtype):
         _close(_run_all(variant, d, t), base, rtol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
-# Float32 gradients of 8 MiB and more are written with streaming stores (csrc/cpu/kernels_impl.h, StreamRows):
+# Float32 gradients (and softmax outputs) of 8 MiB and more are written with streaming stores
+# (csrc/cpu/kernels_impl.h, StreamRows):
 # each channel's 64-byte lines are assembled across pixel vectors and blocks, and the partial lines at the ends
 # of a run of blocks are stored masked. An odd H*W puts every channel row at a different offset from a line;
 # H*W a multiple of 16 puts every row on a line boundary (the path without assembly), here with N=1.
 STREAMED = [(2, 7, 389, 401), (1, 9, 512, 480)]
 
 
-def _fused_grads(x, d, t, backend):
-    """Values and gradients of the ops that run the fused kernel (the ones that stream their gradient)."""
+def _streamed_outputs(x, d, t, backend):
+    """Values and gradients of the ops that stream their outputs: the fused-kernel losses and softmax2d."""
     out = []
     for target in (t, None):
         gx, gd = torch.autograd.grad(
@@ -163,6 +164,9 @@ def _fused_grads(x, d, t, backend):
     out += [loss.detach(), *torch.autograd.grad(loss, [x])]
     loss = fas.semi_cross_entropy2d(x, d, backend=backend)
     out += [loss.detach(), *torch.autograd.grad(loss, [x])]
+    y = fas.softmax2d(x, backend=backend)
+    up = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    out += [y.detach(), *torch.autograd.grad(y, [x], grad_outputs=up)]
     return out
 
 
@@ -178,12 +182,12 @@ def test_streamed_gradients_match_the_float64_reference(shape, layout, threads):
     x = layout_4d(base, layout).requires_grad_()
     assert x.numel() * x.element_size() >= 8 << 20
     torch.set_num_threads(2)
-    two = _fused_grads(x, d.clone().requires_grad_(), t, "cpu")
-    ref = _fused_grads(base.double().requires_grad_(), d.double().requires_grad_(), t, "reference")
+    two = _streamed_outputs(x, d.clone().requires_grad_(), t, "cpu")
+    ref = _streamed_outputs(base.double().requires_grad_(), d.double().requires_grad_(), t, "reference")
     _close(two, ref, rtol=2e-5)
     # which thread streams which run of blocks must not show in a single bit
     torch.set_num_threads(1)
-    _assert_identical(_fused_grads(x, d.clone().requires_grad_(), t, "cpu"), two)
+    _assert_identical(_streamed_outputs(x, d.clone().requires_grad_(), t, "cpu"), two)
 
 
 def test_gradient_buffer_handed_over_and_recomputed():

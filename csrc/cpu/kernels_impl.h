@@ -402,17 +402,19 @@ Rows<Tag> tensor_rows(const Tensor4& t, int64_t base) {
 }
 
 #if defined(FAS_HAS_AVX512)
-// The float32 gradient rows of a block written with non-temporal (streaming) stores: whole 64-byte lines go to
-// memory without first being read for ownership, and without evicting what the loop reads. A pixel vector is
-// one line but its rows are rarely line-aligned (an odd H*W puts channel c at c*4 bytes past a boundary), so
-// each channel's line is assembled from the tail of its previous vector and the head of this one (one permute);
-// the partial lines at either end of a run of blocks, which a neighbouring run shares, get ordinary masked stores.
-// Why: a fresh gradient buffer is memory the allocator just took back from other work, its lines often still
+// The float32 output rows of a block (a loss gradient; softmax2d's y and grad_x) written with non-temporal
+// (streaming) stores: whole 64-byte lines go to memory without first being read for ownership, and without
+// evicting what the loop reads. A pixel vector is one line but its rows are rarely line-aligned (an odd H*W puts
+// channel c at c*4 bytes past a boundary), so each channel's line is assembled from the tail of its previous
+// vector and the head of this one (one permute); the partial lines at either end of a run of blocks, which a
+// neighbouring run shares, get ordinary masked stores.
+// Why: a fresh output buffer is memory the allocator just took back from other work, its lines often still
 // dirty in another core's cache; an ordinary store must first fetch each line for ownership. Measured on the
-// 2-core EPYC VM (labelled generator_loss forward+backward, 2x21x321x321 float32, each call right after the
-// eager reference's): 3.39 -> 3.03 ms and 3.53 -> 2.65 ms in two 2-minute in-process comparisons; the kernel
-// alone stayed at ~2.0 ms where ordinary stores swung between 1.8 and 3.0 ms. When the buffer is cold and clean
-// ordinary stores were ~7% faster. Only for gradients too large to stay in cache (kStreamBytes).
+// 2-core EPYC VM, 2x21x321x321 float32, each call right after the eager reference's, in-process comparisons:
+// labelled generator_loss forward+backward 3.39 -> 3.03 ms and 3.53 -> 2.65 ms (the kernel alone stayed at
+// ~2.0 ms where ordinary stores swung between 1.8 and 3.0 ms); softmax2d forward+backward 4.41 -> 3.33 ms and
+// 4.35 -> 3.09 ms. When the buffer is cold and clean ordinary stores were ~7% faster. Only for outputs too large
+// to stay in cache (kStreamBytes).
 struct StreamRows {
   float* p;
   int64_t sc;
@@ -467,7 +469,7 @@ struct StreamRows {  // (no streaming stores in this build: never used)
 };
 constexpr bool kCanStream = false;
 #endif
-constexpr int64_t kStreamBytes = 8 << 20;  // gradients from this size on are streamed (see StreamRows)
+constexpr int64_t kStreamBytes = 8 << 20;  // outputs from this size on are streamed (see StreamRows)
 
 // A block of a tensor in memory, for prefetch_rows: `lines` lines `line_stride` bytes apart cover 16 pixels, and
 // the next 16 pixels start 16 * `px_bytes` bytes on (NCHW rows: C rows; channels_last: consecutive lines).
@@ -601,6 +603,23 @@ template <class Tag>
 inline void put_vec(const Rows<Tag>& r, int64_t c, int64_t, int64_t b, vf x) { r.store(b + c * r.sc, x); }
 inline void put_vec(const StreamRows& r, int64_t c, int64_t v, int64_t, vf x) { r.put(c, v, x); }
 
+// Whether an output of `elements` values is streamed where its rows are in place (see StreamRows).
+inline bool streams(const Tensor4& out, int64_t elements) {
+  return kCanStream && out.ptr && out.dtype == kFloat32 && elements * 4 >= kStreamBytes &&
+         reinterpret_cast<uintptr_t>(out.ptr) % sizeof(float) == 0;  // (lines made of whole floats)
+}
+
+// The StreamRows of block `blk`'s output rows (`out` at `base`; `prev` [C][kV] and `lead` [C] from the block's
+// scratch): it continues the line its predecessor in the run left open, and leaves one open when its successor
+// in the run is streamed too (a full block: rows_in_place holds for it as for this one).
+inline StreamRows block_stream(const Tensor4& out, int64_t base, int64_t C, const Geometry& g, int64_t blk,
+                               int64_t len, RunPos pos, float* prev, int32_t* lead) {
+  const int64_t j0 = blk % g.per_row * g.B;  // the block's first pixel in its row; the next block's length:
+  const int64_t next_len = std::min(g.B, g.L - j0 - len);
+  const bool cont = !pos.first && j0 > 0, ends = pos.last || next_len <= 0 || next_len % kV != 0;
+  return StreamRows::make(static_cast<float*>(out.ptr) + base, out.sC, C, prev, lead, cont, ends);
+}
+
 template <class Tag>
 void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scratch, double* sums, bool stream,
                  RunPos pos) {
@@ -715,7 +734,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     const bool want_grad = a.grad.ptr != nullptr;
     const bool direct = rows_in_place(a.x, len) && (!want_grad || rows_in_place(a.grad, len));
     if (!direct) load_padded<Tag>(a.x, xbase, C, len, BS, buf);
-    const bool streamed = kCanStream && stream && direct && want_grad && std::is_same<Tag, Float32>::value;
+    const bool streamed = stream && direct && want_grad && std::is_same<Tag, Float32>::value;
     const BlockLines pf_in = block_lines(a.x, xbase, C);
     const BlockLines pf_out = streamed ? BlockLines{} : block_lines(a.grad, gbase, C);  // (streamed: no reads)
     const float grad_scale = a.grad_scale;
@@ -775,11 +794,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
       }
     };
     if (streamed) {
-      const int64_t j0 = blk % g.per_row * g.B;  // the block's first pixel in its row; the next block's length:
-      const int64_t next_len = std::min(g.B, g.L - j0 - len);
-      const bool cont = !pos.first && j0 > 0, ends = pos.last || next_len <= 0 || next_len % kV != 0;
-      const StreamRows out =
-          StreamRows::make(static_cast<float*>(a.grad.ptr) + gbase, a.grad.sC, C, prev, lead, cont, ends);
+      const StreamRows out = block_stream(a.grad, gbase, C, g, blk, len, pos, prev, lead);
       vectors(tensor_rows<Tag>(a.x, xbase), out);
       out.finish(C, nvec);
     } else if (direct) {
@@ -803,16 +818,19 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
 // y = softmax over channels of one block: per pixel vector, the max, then exp(x - max) and its sum, then y.
 template <class Tag>
 void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const Tensor4& y, int64_t blk,
-                           float* scratch) {
+                           float* scratch, bool stream, RunPos pos) {
   const int64_t BS = g.BS;
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
   float* buf = scratch;        // [C][BS] x converted (when not read in place), then y (when not written in place)
   float* ev = buf + C * BS;    // [C][kV] exp(x - max) of one pixel vector
+  float* prev = ev + C * kV;   // [C][kV] and [C] for StreamRows
+  int32_t* lead = reinterpret_cast<int32_t*>(prev + C * kV);
   const int64_t xbase = offset(x, n, h0, w0), ybase = offset(y, n, h0, w0);
   const bool direct = rows_in_place(x, len) && rows_in_place(y, len);
+  const bool streamed = stream && direct && std::is_same<Tag, Float32>::value;
   if (!direct) load_padded<Tag>(x, xbase, C, len, BS, buf);
-  const BlockLines pf_in = block_lines(x, xbase, C), pf_out = block_lines(y, ybase, C);
+  const BlockLines pf_in = block_lines(x, xbase, C), pf_out = streamed ? BlockLines{} : block_lines(y, ybase, C);
   auto vectors = [&](const auto& in, const auto& out) {
     for (int64_t b = 0; b < len; b += kV) {
       prefetch_rows<false>(pf_in, b, kAhead * g.B);
@@ -829,10 +847,14 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
         vstore(ev + c * kV, e);
       }
       const vf r = vsplat(1.0f) / s;
-      for (int64_t c = 0; c < C; ++c) out.store(b + c * out.sc, vload(ev + c * kV) * r);
+      for (int64_t c = 0; c < C; ++c) put_vec(out, c, b / kV, b, vload(ev + c * kV) * r);
     }
   };
-  if (direct) {
+  if (streamed) {
+    const StreamRows out = block_stream(y, ybase, C, g, blk, len, pos, prev, lead);
+    vectors(tensor_rows<Tag>(x, xbase), out);
+    out.finish(C, len / kV);
+  } else if (direct) {
     vectors(tensor_rows<Tag>(x, xbase), tensor_rows<Tag>(y, ybase));
   } else {
     vectors(Rows<Float32>{buf, BS}, Rows<Float32>{buf, BS});
@@ -843,20 +865,23 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
 // grad_x = y * (grad_y - sum_c y * grad_y) of one block, per pixel vector.
 template <class Tag>
 void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, const Tensor4& gy, const Tensor4& gx,
-                            int64_t blk, float* scratch) {
+                            int64_t blk, float* scratch, bool stream, RunPos pos) {
   const int64_t BS = g.BS;
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
   float* by = scratch;         // [C][BS] y converted (when not read in place)
   float* bg = by + C * BS;     // [C][BS] grad_y converted, then grad_x (each element read before it is written)
+  float* prev = bg + C * BS;   // [C][kV] and [C] for StreamRows
+  int32_t* lead = reinterpret_cast<int32_t*>(prev + C * kV);
   const int64_t ybase = offset(y, n, h0, w0), gybase = offset(gy, n, h0, w0), gxbase = offset(gx, n, h0, w0);
   const bool direct = rows_in_place(y, len) && rows_in_place(gy, len) && rows_in_place(gx, len);
+  const bool streamed = stream && direct && std::is_same<Tag, Float32>::value;
   if (!direct) {
     load_padded<Tag>(y, ybase, C, len, BS, by);
     load_padded<Tag>(gy, gybase, C, len, BS, bg);
   }
   const BlockLines pf_y = block_lines(y, ybase, C), pf_gy = block_lines(gy, gybase, C);
-  const BlockLines pf_gx = block_lines(gx, gxbase, C);
+  const BlockLines pf_gx = streamed ? BlockLines{} : block_lines(gx, gxbase, C);
   auto vectors = [&](const auto& iy, const auto& ig, const auto& out) {
     for (int64_t b = 0; b < len; b += kV) {
       prefetch_rows<false>(pf_y, b, kAhead * g.B);
@@ -865,10 +890,14 @@ void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, cons
       vf dot = vf{};
       for (int64_t c = 0; c < C; ++c) dot += iy.load(b + c * iy.sc) * ig.load(b + c * ig.sc);
       for (int64_t c = 0; c < C; ++c)
-        out.store(b + c * out.sc, iy.load(b + c * iy.sc) * (ig.load(b + c * ig.sc) - dot));
+        put_vec(out, c, b / kV, b, iy.load(b + c * iy.sc) * (ig.load(b + c * ig.sc) - dot));
     }
   };
-  if (direct) {
+  if (streamed) {
+    const StreamRows out = block_stream(gx, gxbase, C, g, blk, len, pos, prev, lead);
+    vectors(tensor_rows<Tag>(y, ybase), tensor_rows<Tag>(gy, gybase), out);
+    out.finish(C, len / kV);
+  } else if (direct) {
     vectors(tensor_rows<Tag>(y, ybase), tensor_rows<Tag>(gy, gybase), tensor_rows<Tag>(gx, gxbase));
   } else {
     vectors(Rows<Float32>{by, BS}, Rows<Float32>{bg, BS}, Rows<Float32>{bg, BS});
@@ -910,8 +939,7 @@ std::vector<double> fused_loss(const FusedArgs& a) {
   const int64_t scratch = a.maps_only ? kFusedMaps * g.BS : (a.C + kFusedMaps) * g.BS + a.C * (3 * kV + 1);
   const int64_t elements = a.N * a.C * a.H * a.W;
   const int nt = threads_for(a.num_threads, a.maps_only ? a.N * a.H * a.W : elements);
-  const bool stream = a.grad.ptr && a.grad.dtype == kFloat32 && elements * 4 >= kStreamBytes &&
-                      reinterpret_cast<uintptr_t>(a.grad.ptr) % sizeof(float) == 0;  // (lines from whole floats)
+  const bool stream = streams(a.grad, elements);
   std::vector<double> partial(static_cast<size_t>(kNumSums * g.nblocks), 0.0);
   FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
     double sums[kNumSums];
@@ -925,8 +953,10 @@ void softmax_forward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& 
                      int num_threads) {
   const Geometry g(N, C, H, W, {&x, &y});
   const int nt = threads_for(num_threads, N * C * H * W);
-  FAS_DISPATCH_DTYPE(x.dtype, for_blocks(g.nblocks, nt, C * g.BS + C * kV, [&](int64_t blk, float* s) {
-    softmax_forward_block<Tag>(C, g, x, y, blk, s);
+  const bool stream = streams(y, N * C * H * W);
+  FAS_DISPATCH_DTYPE(x.dtype, for_blocks(g.nblocks, nt, C * g.BS + C * (2 * kV + 1), [&](int64_t blk, float* s,
+                                                                                         RunPos pos) {
+    softmax_forward_block<Tag>(C, g, x, y, blk, s, stream, pos);
   }));
 }
 
@@ -935,8 +965,10 @@ void softmax_backward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4&
   if (y.dtype != gy.dtype || y.dtype != gx.dtype) throw std::invalid_argument("softmax_backward: mixed dtypes");
   const Geometry g(N, C, H, W, {&y, &gy, &gx});
   const int nt = threads_for(num_threads, N * C * H * W);
-  FAS_DISPATCH_DTYPE(y.dtype, for_blocks(g.nblocks, nt, 2 * C * g.BS, [&](int64_t blk, float* s) {
-    softmax_backward_block<Tag>(C, g, y, gy, gx, blk, s);
+  const bool stream = streams(gx, N * C * H * W);
+  FAS_DISPATCH_DTYPE(y.dtype, for_blocks(g.nblocks, nt, 2 * C * g.BS + C * (kV + 1), [&](int64_t blk, float* s,
+                                                                                       RunPos pos) {
+    softmax_backward_block<Tag>(C, g, y, gy, gx, blk, s, stream, pos);
   }));
 }
 
