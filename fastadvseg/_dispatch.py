@@ -9,7 +9,10 @@ A backend is a module in ``fastadvseg.backends`` that defines every op in :data:
 * ``DTYPES``: the logit dtypes it runs;
 * ``supports_device(device) -> bool``: whether it can run on that device *now*;
 * importing it raises ``ImportError`` with a readable reason when it is not usable on this machine;
-* optionally ``find_bad_labels`` (the label check of the public functions, see :func:`find_bad_labels`).
+* optionally ``find_bad_labels`` (the label check of the public functions, see :func:`find_bad_labels`);
+* optionally ``checks_labels = True`` on an op that takes labels: the op raises
+  :func:`fastadvseg._validate.raise_bad_labels` itself (from a pass it makes anyway) when label validation is on,
+  and the public function skips its separate check.
 
 Adding a backend means writing that module and adding one row to :data:`BACKENDS`.
 """

@@ -92,11 +92,17 @@ def check_label_range(target: torch.Tensor, num_classes: int, ignore_index: int,
         return
     count, value = find_bad_labels(target, num_classes, ignore_index)
     if count:
-        raise ValueError(
-            f"{name} holds label {value} ({count} pixel(s) in all) outside [0, {num_classes}) that is not "
-            f"ignore_index={ignore_index}; fix the labels or pass the right ignore_index "
-            "(fastadvseg.set_label_validation(False) skips this check; such pixels are then ignored)"
-        )
+        raise_bad_labels(count, value, num_classes, ignore_index, name)
+
+
+def raise_bad_labels(count: int, value: int, num_classes: int, ignore_index: int, name: str = "target") -> None:
+    """The error of :func:`check_label_range`, also raised by a backend that finds bad labels in its own passes
+    (an op whose implementation has ``checks_labels = True``; the public function then skips its check)."""
+    raise ValueError(
+        f"{name} holds label {value} ({count} pixel(s) in all) outside [0, {num_classes}) that is not "
+        f"ignore_index={ignore_index}; fix the labels or pass the right ignore_index "
+        "(fastadvseg.set_label_validation(False) skips this check; such pixels are then ignored)"
+    )
 
 
 def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tuple] = None) -> torch.Tensor:

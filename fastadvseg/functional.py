@@ -70,10 +70,11 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, *, weight: Optio
     weight = V.check_weight(weight, logits)
     V.check_reduction(reduction)
     ignore_index = int(ignore_index)
-    V.check_label_range(target, logits.shape[1], ignore_index)
     if logits.numel() == 0:
         return _empty_map(logits) if reduction == "none" else _zero_loss(logits)
     _, impl = resolve("cross_entropy2d", backend, logits.device, logits.dtype)
+    if not getattr(impl, "checks_labels", False):
+        V.check_label_range(target, logits.shape[1], ignore_index)
     return impl(logits, target, weight, ignore_index, reduction)
 
 
@@ -161,12 +162,13 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
     ignore_index = int(ignore_index)
     if target is not None:
         target = V.check_target(target, logits)
-        V.check_label_range(target, logits.shape[1], ignore_index)
     if logits.numel() == 0:
         zero = _zero_loss(logits, d)
         z = torch.zeros((), dtype=zero.dtype, device=zero.device)
         return GeneratorLoss(zero, z, z, z, z)
     _, impl = resolve("generator_loss", backend, logits.device, logits.dtype)
+    if target is not None and not getattr(impl, "checks_labels", False):
+        V.check_label_range(target, logits.shape[1], ignore_index)
     return impl(logits, d, target, lambda_adv, lambda_semi, threshold, ignore_index)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastadvseg as fas
+from fastadvseg import _validate as V
 from helpers import RTOL, assert_close, layout_4d
 
 pytestmark = pytest.mark.skipif("cpu" not in fas.available_backends("cpu"),
@@ -188,6 +189,35 @@ def test_streamed_gradients_match_the_float64_reference(shape, layout, threads):
     # which thread streams which run of blocks must not show in a single bit
     torch.set_num_threads(1)
     _assert_identical(_streamed_outputs(x, d.clone().requires_grad_(), t, "cpu"), two)
+
+
+def test_bad_labels_are_found_in_the_passes_the_ops_make_anyway(monkeypatch):
+    """cross_entropy2d and generator_loss on the cpu backend check the labels in the maps pre-pass (or the
+    kernel, where there is no pre-pass) and raise the public error, with the same count and the same first value
+    in pixel order; the separate label pass does not run for them."""
+    x, d, t = _inputs()
+    n, c, h, w = x.shape
+    t = t.clone()
+    t[1, 30, 7], t[0, 20, 40], t[1, 36, 52] = 99, -7, c  # first in pixel order: -7, far from the first block
+    with pytest.raises(ValueError) as public:
+        V.check_label_range(t, c, 255)
+    assert "label -7 (3 pixel(s)" in str(public.value)
+    monkeypatch.setattr(V, "find_bad_labels", lambda *a: pytest.fail("the separate label pass ran"))
+    calls = [
+        lambda: fas.cross_entropy2d(x, t, backend="cpu"),  # gradient and mean: the maps pre-pass
+        lambda: fas.cross_entropy2d(x.detach(), t, backend="cpu"),  # no gradient: the kernel
+        lambda: fas.cross_entropy2d(x, t, reduction="sum"),
+        lambda: fas.cross_entropy2d(x, t, reduction="none"),
+        lambda: fas.generator_loss(x, d, t, lambda_adv=0.01, backend="cpu"),
+        lambda: fas.generator_loss(x.detach(), d.detach(), t, lambda_adv=0.01, backend="cpu"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == str(public.value)
+    with fas.label_validation(False):
+        for call in calls:
+            call()  # such pixels are ignored
 
 
 def test_gradient_buffer_handed_over_and_recomputed():

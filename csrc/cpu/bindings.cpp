@@ -96,7 +96,8 @@ PYBIND11_MODULE(_C_cpu, m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "One pass over the logits: weighted nll sum, weight sum, adversarial sum and count, kept and considered "
-      "pixel counts; optional per-pixel loss map and gradients (scaled by grad_scale / grad_z_scale).");
+      "pixel counts, count of labels outside [0, C) that are not ignore_index and the flat index of the first "
+      "(-1 if none); optional per-pixel loss map and gradients (scaled by grad_scale / grad_z_scale).");
 
   m.def(
       "softmax_forward",

@@ -49,8 +49,10 @@ struct FusedArgs {
   int num_threads = 1;
 };
 
-// Sums returned by fused_loss, in this order.
-enum FusedSum { kLossSum = 0, kWeightSum, kAdvSum, kAdvCount, kKept, kConsidered, kNumSums };
+// Sums returned by fused_loss, in this order; then kBadLabels (labels outside [0, C) that are not ignore_index,
+// which every pass with labels counts, maps_only included) and kFirstBad (the flat (N, H, W) index of the first
+// such pixel, -1 if none): the label check of the public functions, without a pass of its own.
+enum FusedSum { kLossSum = 0, kWeightSum, kAdvSum, kAdvCount, kKept, kConsidered, kBadLabels, kFirstBad, kNumSums };
 
 std::vector<double> fused_loss(const FusedArgs& a);
 

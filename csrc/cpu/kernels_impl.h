@@ -641,6 +641,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   int32_t* lead = reinterpret_cast<int32_t*>(prev + C * kV);
 
   double loss = 0, wsum = 0, adv = 0, adv_count = 0, kept = 0, considered = 0;
+  int64_t bad = 0, first_bad = -1;
 
   // 1. Per-pixel maps: labels, keep mask, adversarial term. Strided reads first, then the math in contiguous
   //    loops (vectorised), then the counts. Output maps are contiguous: this block's pixels are pix0 + b.
@@ -656,7 +657,11 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
       const int64_t v = lab64[b];
       const bool valid = v != ignore_index && v >= 0 && v < C;
       lab[b] = valid ? static_cast<int32_t>(v) : -1;
+      bad += !valid & (v != ignore_index);
     }
+    if (bad)
+      for (int64_t b = 0; b < len && first_bad < 0; ++b)
+        if (lab[b] < 0 && lab64[b] != ignore_index) first_bad = pix0 + b;
     if (a.weight) {
       for (int64_t b = 0; b < len; ++b) wt[b] = lab[b] >= 0 ? a.weight[lab[b]] : 0.f;
     } else {
@@ -813,6 +818,8 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   sums[kAdvCount] = adv_count;
   sums[kKept] = kept;
   sums[kConsidered] = considered;
+  sums[kBadLabels] = static_cast<double>(bad);
+  sums[kFirstBad] = static_cast<double>(first_bad);  // (exact: pixel indices stay far below 2^53)
 }
 
 // y = softmax over channels of one block: per pixel vector, the max, then exp(x - max) and its sum, then y.
@@ -946,7 +953,11 @@ std::vector<double> fused_loss(const FusedArgs& a) {
     fused_block<Tag>(a, g, blk, s, sums, stream, pos);
     for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
   }));
-  return sum_blocks(partial, g.nblocks, kNumSums);
+  std::vector<double> out = sum_blocks(partial, g.nblocks, kNumSums);
+  out[kFirstBad] = -1;  // the first block that has one, not a sum
+  for (int64_t blk = 0; blk < g.nblocks && out[kFirstBad] < 0; ++blk)
+    out[kFirstBad] = partial[kFirstBad * g.nblocks + blk];
+  return out;
 }
 
 void softmax_forward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& x, const Tensor4& y,

@@ -24,6 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .. import _validate as V
 from .._types import GeneratorLoss
 from ._autograd import StoredGradients
 
@@ -104,11 +105,19 @@ def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor
            z: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, keep: bool = False,
            threshold: float = 0.0, adv_mode: int = 0, loss_map: Optional[torch.Tensor] = None,
            grad_z: Optional[torch.Tensor] = None, grad_z_scale: float = 1.0, maps_only: bool = False):
-    """One call of the fused kernel; returns [loss sum, weight sum, adv sum, adv count, kept, considered]."""
-    return _ext.fused_loss(
+    """One call of the fused kernel; returns [loss sum, weight sum, adv sum, adv count, kept, considered, bad
+    labels, first bad pixel]. With labels and label validation on, raises the public label error if the pass
+    found a label outside [0, C) that is not ``ignore_index``: the ops with labels check them here, in the maps
+    pre-pass (before the gradient kernel) or the kernel itself, instead of in a pass of their own."""
+    sums = _ext.fused_loss(
         tuple(sizes), _t4(logits), _t4(grad), float(grad_scale), 0 if labels is not None else 1, _m3(labels),
         int(ignore_index), _ptr(weight), _m3(z), _m3(mask), int(keep), float(threshold), int(adv_mode),
         _ptr(loss_map), _ptr(grad_z), float(grad_z_scale), bool(maps_only), torch.get_num_threads())
+    if sums[6] and labels is not None and V.label_validation_enabled():
+        _, h, w = labels.shape
+        j = int(sums[7])
+        V.raise_bad_labels(int(sums[6]), int(labels[j // (h * w), (j // w) % h, j % w]), sizes[1], ignore_index)
+    return sums
 
 
 def _map_buffer(n: int, h: int, w: int) -> torch.Tensor:
@@ -192,8 +201,12 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # the kernel gives no gradient for class weights; learnt weights take the reference path
         from . import reference
+        V.check_label_range(target, logits.shape[1], ignore_index)  # (the kernel would have checked them)
         return reference.cross_entropy2d(logits, target, weight, ignore_index, reduction)
     return _CrossEntropy2d.apply(logits, target, weight, ignore_index, reduction)
+
+
+cross_entropy2d.checks_labels = True  # _fused raises the public label error (see _dispatch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,7 +385,7 @@ class _GeneratorLoss(torch.autograd.Function):
         grad = torch.empty_like(logits) if need_x else None
         grad_z = _map_buffer(n, h, w) if need_z else None
         sums = _fused(logits, grad=grad, grad_scale=grad_scale, grad_z=grad_z, grad_z_scale=grad_z_scale, **common)
-        loss_sum, weight_sum, adv_sum, adv_count, kept, considered = sums
+        loss_sum, weight_sum, adv_sum, adv_count, kept, considered = sums[:6]
         ctx.labelled, ctx.lambdas, ctx.k = labelled, (lambda_adv, lambda_semi), (k_x, k_z)
         if need_x or need_z:
             def recompute():
@@ -416,3 +429,6 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
     z = _f32(d_logits)  # differentiable: the gradient returns to D in d_logits' dtype
     return GeneratorLoss(*_GeneratorLoss.apply(logits, z, target, float(lambda_adv), float(lambda_semi),
                                                float(threshold), int(ignore_index)))
+
+
+generator_loss.checks_labels = True  # _fused raises the public label error (see _dispatch)
