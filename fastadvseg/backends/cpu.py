@@ -43,6 +43,7 @@ except ImportError as exc:  # not built (no C++ compiler at install time) or fai
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu/dtypes.h
+_BAD_LABELS, _FIRST_BAD = 6, 7  # fused_loss results after the six sums (csrc/cpu/kernels.h, FusedSum)
 
 
 def supports_device(device: torch.device) -> bool:
@@ -113,10 +114,11 @@ def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor
         tuple(sizes), _t4(logits), _t4(grad), float(grad_scale), 0 if labels is not None else 1, _m3(labels),
         int(ignore_index), _ptr(weight), _m3(z), _m3(mask), int(keep), float(threshold), int(adv_mode),
         _ptr(loss_map), _ptr(grad_z), float(grad_z_scale), bool(maps_only), torch.get_num_threads())
-    if sums[6] and labels is not None and V.label_validation_enabled():
+    if sums[_BAD_LABELS] and labels is not None and V.label_validation_enabled():
         _, h, w = labels.shape
-        j = int(sums[7])
-        V.raise_bad_labels(int(sums[6]), int(labels[j // (h * w), (j // w) % h, j % w]), sizes[1], ignore_index)
+        j = int(sums[_FIRST_BAD])  # flat (N, H, W) index of the first, in pixel order
+        V.raise_bad_labels(int(sums[_BAD_LABELS]), int(labels[j // (h * w), (j // w) % h, j % w]), sizes[1],
+                           ignore_index)
     return sums
 
 
