@@ -1,8 +1,9 @@
 """The ``cpu`` backend's own guarantees (the shared suite checks its values and gradients against the oracle).
 
 Determinism (bit-identical across runs and thread counts), index arithmetic on strided views with large storage
-offsets, the gradient buffer handed to autograd (and recomputed for a second backward), both kernel builds
-(AVX2 and portable), and the fallback when the extension is switched off.
+offsets, streamed outputs (8 MiB and more), the label check made in the kernels' own passes, the gradient buffer
+handed to autograd (and recomputed for a second backward), every kernel build (AVX-512, AVX2, portable), and the
+fallback when the extension is switched off.
 """
 import json
 import os
@@ -146,10 +147,9 @@ def test_channels_last_and_sliced_agree_with_contiguous(dtype):
         _close(_run_all(variant, d, t), base, rtol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
-# Float32 gradients (and softmax outputs) of 8 MiB and more are written with streaming stores
-# (csrc/cpu/kernels_impl.h, StreamRows):
-# each channel's 64-byte lines are assembled across pixel vectors and blocks, and the partial lines at the ends
-# of a run of blocks are stored masked. An odd H*W puts every channel row at a different offset from a line;
+# Float32 gradients and softmax outputs of 8 MiB and more are written with streaming stores (csrc/cpu/
+# kernels_impl.h, StreamRows): each channel's 64-byte lines are assembled across pixel vectors and blocks, and the
+# partial lines at the ends of a run of blocks are stored masked. An odd H*W puts every channel row at a different offset from a line;
 # H*W a multiple of 16 puts every row on a line boundary (the path without assembly), here with N=1.
 STREAMED = [(2, 7, 389, 401), (1, 9, 512, 480)]
 
@@ -173,7 +173,7 @@ def _streamed_outputs(x, d, t, backend):
 
 @pytest.mark.parametrize("shape,layout", [(STREAMED[0], "contiguous"), (STREAMED[0], "sliced"),
                                           (STREAMED[1], "contiguous")])
-def test_streamed_gradients_match_the_float64_reference(shape, layout, threads):
+def test_streamed_outputs_match_the_float64_reference(shape, layout, threads):
     g = torch.Generator().manual_seed(11)
     n, c, h, w = shape
     base = torch.randn(shape, generator=g) * 3
