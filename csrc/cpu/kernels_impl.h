@@ -410,11 +410,11 @@ Rows<Tag> tensor_rows(const Tensor4& t, int64_t base) {
 // neighbouring run shares, get ordinary masked stores.
 // Why: a fresh output buffer is memory the allocator just took back from other work, its lines often still
 // dirty in another core's cache; an ordinary store must first fetch each line for ownership. Measured on the
-// 2-core EPYC VM, 2x21x321x321 float32, each call right after the eager reference's, in-process comparisons:
-// labelled generator_loss forward+backward 3.39 -> 3.03 ms and 3.53 -> 2.65 ms (the kernel alone stayed at
-// ~2.0 ms where ordinary stores swung between 1.8 and 3.0 ms); softmax2d forward+backward 4.41 -> 3.33 ms and
-// 4.35 -> 3.09 ms. When the buffer is cold and clean ordinary stores were ~7% faster. Only for outputs too large
-// to stay in cache (kStreamBytes).
+// 2-core EPYC VM, 2x21x321x321 float32, each call right after the eager reference's, the same build with and
+// without streaming alternated in one process (inputs rotated per variant): labelled generator_loss
+// forward+backward 3.43 -> 3.06 ms and 2.80 -> 2.71 ms, softmax2d forward+backward 3.82 -> 3.02 ms; the fused
+// kernel alone stayed at ~2.0 ms where ordinary stores swung between 1.8 and 3.0 ms. When the buffer is cold and
+// clean ordinary stores were ~7% faster. Only for outputs too large to stay in cache (kStreamBytes).
 struct StreamRows {
   float* p;
   int64_t sc;
