@@ -609,11 +609,17 @@ inline bool streams(const Tensor4& out, int64_t elements) {
          reinterpret_cast<uintptr_t>(out.ptr) % sizeof(float) == 0;  // (lines made of whole floats)
 }
 
-// The StreamRows of block `blk`'s output rows (`out` at `base`; `prev` [C][kV] and `lead` [C] from the block's
-// scratch): it continues the line its predecessor in the run left open, and leaves one open when its successor
-// in the run is streamed too (a full block: rows_in_place holds for it as for this one).
+// Floats of a thread's scratch that block_stream uses: [C][kV] last vectors and [C] leads (see StreamRows).
+inline int64_t stream_scratch(int64_t C) { return C * (kV + 1); }
+
+// The StreamRows of block `blk`'s output rows (`out` at `base`; `scratch`: stream_scratch(C) floats of the
+// thread's scratch, kept from block to block): it continues the line its predecessor in the run left open, and
+// leaves one open when its successor in the run is streamed too (a full block: rows_in_place holds for it as for
+// this one).
 inline StreamRows block_stream(const Tensor4& out, int64_t base, int64_t C, const Geometry& g, int64_t blk,
-                               int64_t len, RunPos pos, float* prev, int32_t* lead) {
+                               int64_t len, RunPos pos, float* scratch) {
+  float* prev = scratch;
+  int32_t* lead = reinterpret_cast<int32_t*>(prev + C * kV);
   const int64_t j0 = blk % g.per_row * g.B;  // the block's first pixel in its row; the next block's length:
   const int64_t next_len = std::min(g.B, g.L - j0 - len);
   const bool cont = !pos.first && j0 > 0, ends = pos.last || next_len <= 0 || next_len % kV != 0;
@@ -637,8 +643,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   float* ad = sg + BS;                                    // BCE(z, 1)
   int64_t* lab64 = reinterpret_cast<int64_t*>(ad + BS);   // labels as read (2 * BS floats)
   float* ev = reinterpret_cast<float*>(lab64 + BS);       // [C][kV] exp(x - max) of one pixel vector
-  float* prev = ev + C * kV;                              // [C][kV] and [C] for StreamRows
-  int32_t* lead = reinterpret_cast<int32_t*>(prev + C * kV);
+  float* sbuf = ev + C * kV;                              // stream_scratch(C), for block_stream
 
   double loss = 0, wsum = 0, adv = 0, adv_count = 0, kept = 0, considered = 0;
   int64_t bad = 0, first_bad = -1;
@@ -799,7 +804,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
       }
     };
     if (streamed) {
-      const StreamRows out = block_stream(a.grad, gbase, C, g, blk, len, pos, prev, lead);
+      const StreamRows out = block_stream(a.grad, gbase, C, g, blk, len, pos, sbuf);
       vectors(tensor_rows<Tag>(a.x, xbase), out);
       out.finish(C, nvec);
     } else if (direct) {
@@ -831,8 +836,7 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
   g.block(blk, n, h0, w0, len);
   float* buf = scratch;        // [C][BS] x converted (when not read in place), then y (when not written in place)
   float* ev = buf + C * BS;    // [C][kV] exp(x - max) of one pixel vector
-  float* prev = ev + C * kV;   // [C][kV] and [C] for StreamRows
-  int32_t* lead = reinterpret_cast<int32_t*>(prev + C * kV);
+  float* sbuf = ev + C * kV;   // stream_scratch(C), for block_stream
   const int64_t xbase = offset(x, n, h0, w0), ybase = offset(y, n, h0, w0);
   const bool direct = rows_in_place(x, len) && rows_in_place(y, len);
   const bool streamed = stream && direct && std::is_same<Tag, Float32>::value;
@@ -858,7 +862,7 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
     }
   };
   if (streamed) {
-    const StreamRows out = block_stream(y, ybase, C, g, blk, len, pos, prev, lead);
+    const StreamRows out = block_stream(y, ybase, C, g, blk, len, pos, sbuf);
     vectors(tensor_rows<Tag>(x, xbase), out);
     out.finish(C, len / kV);
   } else if (direct) {
@@ -878,8 +882,7 @@ void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, cons
   g.block(blk, n, h0, w0, len);
   float* by = scratch;         // [C][BS] y converted (when not read in place)
   float* bg = by + C * BS;     // [C][BS] grad_y converted, then grad_x (each element read before it is written)
-  float* prev = bg + C * BS;   // [C][kV] and [C] for StreamRows
-  int32_t* lead = reinterpret_cast<int32_t*>(prev + C * kV);
+  float* sbuf = bg + C * BS;   // stream_scratch(C), for block_stream
   const int64_t ybase = offset(y, n, h0, w0), gybase = offset(gy, n, h0, w0), gxbase = offset(gx, n, h0, w0);
   const bool direct = rows_in_place(y, len) && rows_in_place(gy, len) && rows_in_place(gx, len);
   const bool streamed = stream && direct && std::is_same<Tag, Float32>::value;
@@ -901,7 +904,7 @@ void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, cons
     }
   };
   if (streamed) {
-    const StreamRows out = block_stream(gx, gxbase, C, g, blk, len, pos, prev, lead);
+    const StreamRows out = block_stream(gx, gxbase, C, g, blk, len, pos, sbuf);
     vectors(tensor_rows<Tag>(y, ybase), tensor_rows<Tag>(gy, gybase), out);
     out.finish(C, len / kV);
   } else if (direct) {
@@ -943,7 +946,8 @@ std::vector<double> fused_loss(const FusedArgs& a) {
   // The maps-only pre-pass reads no logits: long blocks (fewer per-block overheads), no [C][B] scratch.
   const Geometry g = a.maps_only ? Geometry(a.N, 1, a.H, a.W, {}, kMapsBlock)
                                  : Geometry(a.N, a.C, a.H, a.W, {&a.x, &a.grad});
-  const int64_t scratch = a.maps_only ? kFusedMaps * g.BS : (a.C + kFusedMaps) * g.BS + a.C * (3 * kV + 1);
+  const int64_t scratch =
+      a.maps_only ? kFusedMaps * g.BS : (a.C + kFusedMaps) * g.BS + a.C * kV + stream_scratch(a.C);
   const int64_t elements = a.N * a.C * a.H * a.W;
   const int nt = threads_for(a.num_threads, a.maps_only ? a.N * a.H * a.W : elements);
   const bool stream = streams(a.grad, elements);
@@ -965,8 +969,8 @@ void softmax_forward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& 
   const Geometry g(N, C, H, W, {&x, &y});
   const int nt = threads_for(num_threads, N * C * H * W);
   const bool stream = streams(y, N * C * H * W);
-  FAS_DISPATCH_DTYPE(x.dtype, for_blocks(g.nblocks, nt, C * g.BS + C * (2 * kV + 1), [&](int64_t blk, float* s,
-                                                                                         RunPos pos) {
+  const int64_t scratch = C * g.BS + C * kV + stream_scratch(C);
+  FAS_DISPATCH_DTYPE(x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
     softmax_forward_block<Tag>(C, g, x, y, blk, s, stream, pos);
   }));
 }
@@ -977,8 +981,8 @@ void softmax_backward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4&
   const Geometry g(N, C, H, W, {&y, &gy, &gx});
   const int nt = threads_for(num_threads, N * C * H * W);
   const bool stream = streams(gx, N * C * H * W);
-  FAS_DISPATCH_DTYPE(y.dtype, for_blocks(g.nblocks, nt, 2 * C * g.BS + C * (kV + 1), [&](int64_t blk, float* s,
-                                                                                       RunPos pos) {
+  const int64_t scratch = 2 * C * g.BS + stream_scratch(C);
+  FAS_DISPATCH_DTYPE(y.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
     softmax_backward_block<Tag>(C, g, y, gy, gx, blk, s, stream, pos);
   }));
 }
