@@ -151,17 +151,25 @@ def first_argmax(x, offs_c, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def nll_tile(x, labels, counted, offs_c):
+def ce_tile(x, labels, counted, offs_c):
     """Cross-entropy of a logits tile against ``labels`` ([BLOCK_P] int64), only where ``counted``.
 
-    Returns (nll, p, onehot): nll = lse - x[label] ([BLOCK_P], 0 where not counted, selected with ``tl.where`` so a
-    NaN/Inf logit at an uncounted pixel never reaches the loss), the softmax tile p and the boolean one-hot tile.
-    The gradient of the nll sum is ``p - onehot`` at counted pixels (see :func:`ce_grad`).
+    Returns (nll, p, onehot, lse): nll = lse - x[label] ([BLOCK_P], 0 where not counted, selected with ``tl.where``
+    so a NaN/Inf logit at an uncounted pixel never reaches the loss), the softmax tile p, the boolean one-hot tile
+    and lse = logsumexp over the channels ([BLOCK_P], every pixel). The gradient of the nll sum is ``p - onehot``
+    at counted pixels (see :func:`ce_grad`).
     """
     p, lse = softmax_tile(x)
     onehot = offs_c[:, None] == labels[None, :]
     x_y = tl.sum(tl.where(onehot, x, 0.0), axis=0)
     nll = tl.where(counted, lse - x_y, 0.0)
+    return nll, p, onehot, lse
+
+
+@triton.jit
+def nll_tile(x, labels, counted, offs_c):
+    """(nll, p, onehot) of :func:`ce_tile`, for the kernels that do not need lse."""
+    nll, p, onehot, lse = ce_tile(x, labels, counted, offs_c)
     return nll, p, onehot
 
 
@@ -169,6 +177,29 @@ def nll_tile(x, labels, counted, offs_c):
 def ce_grad(p, onehot, counted):
     """Gradient of sum(nll) w.r.t. the logits tile: softmax - onehot at counted pixels, 0 elsewhere."""
     return tl.where(counted[None, :], p - tl.where(onehot, 1.0, 0.0), 0.0)
+
+
+# Flat pixel index of "no bad label in this block" in the report (flat indices are < N·H·W < 2**47)
+NO_BAD_LABEL = 2 ** 62
+BAD_REPORT_COLS = 3  # (count, flat index of the first bad label, its value), int64
+
+
+@triton.jit
+def report_bad_labels(rep_ptr, row, labels, flat, mask_p, ignore_index, C):
+    """Store this program's bad-label report at row ``row`` of the int64 [programs, 3] buffer.
+
+    A bad label is outside [0, C) and not ``ignore_index``. The row is (how many, the flat pixel index
+    n·H·W + h·W + w of the first one, its value), or (0, NO_BAD_LABEL, 0) without any; labels stay int64 (2**40
+    and -1 are reported as they are). A few reductions over the block's [BLOCK_P] labels, next to a
+    [BLOCK_C, BLOCK_P] tile: negligible.
+    """
+    bad = mask_p & (labels != ignore_index) & ((labels < 0) | (labels >= C))
+    first = tl.min(tl.where(bad, flat, 4611686018427387904), axis=0)  # NO_BAD_LABEL, as a literal
+    value = tl.sum(tl.where(bad & (flat == first), labels, 0), axis=0)
+    base = rep_ptr + row * 3
+    tl.store(base, tl.sum(bad.to(tl.int64), axis=0))
+    tl.store(base + 1, first)
+    tl.store(base + 2, value.to(tl.int64))
 
 
 # ----------------------------------------------------------------------------------------------- host-side helpers
@@ -227,3 +258,28 @@ def map_arg(t):
 def partials(rows: int, cols: int, device) -> torch.Tensor:
     """The per-program partial-sum buffer (float32 [rows, cols]), summed with torch afterwards: no atomics."""
     return torch.empty((rows, cols), dtype=torch.float32, device=device)
+
+
+def bad_label_buffer(rows: int, device) -> torch.Tensor:
+    """The per-program bad-label report buffer (int64 [rows, 3]) of :func:`report_bad_labels`."""
+    return torch.empty((rows, BAD_REPORT_COLS), dtype=torch.int64, device=device)
+
+
+def bad_label_summary(report: torch.Tensor) -> torch.Tensor:
+    """[count, value of the first bad label in pixel order (0 if none)], int64 of shape (2,) on the report's
+    device, reduced with torch ops there: no host synchronisation (the caller decides when to look).
+
+    The first bad label is the one with the smallest flat pixel index over all programs (the row order need not
+    be pixel order); a row without a bad label holds NO_BAD_LABEL and value 0, so with none at all the argmin
+    lands on such a row and the value is 0. No rows (an empty launch): [0, 0].
+    """
+    if report.shape[0] == 0:
+        return no_bad_labels(report.device)
+    count = report[:, 0].sum().view(1)
+    row = report[:, 1].argmin().view(1)
+    return torch.cat((count, report[:, 2].index_select(0, row)))
+
+
+def no_bad_labels(device) -> torch.Tensor:
+    """The report when no label was checked: [0, 0] int64 on ``device``."""
+    return torch.zeros(2, dtype=torch.int64, device=device)

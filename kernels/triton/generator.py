@@ -14,7 +14,8 @@ Unlabelled form, per pixel (all pixels count for adv)::
 Gx / Gz are gradients of the unnormalised sums, stored in the logits' / d_logits' dtype and layout (STORE_GX /
 STORE_GZ off when no gradient is needed). One row per program: (ce-or-semi sum, its count, adv sum, adv count);
 the autograd layer forms the means and, in backward, scales Gx and Gz by the incoming gradients of total and of
-each term.
+each term. The labelled form also reports its bad labels (outside [0, C), not ignore_index) per program, reduced
+on the device into ``bad`` = [count, value of the first in pixel order] (see :func:`common.report_bad_labels`).
 
 Bytes moved: reads N·C·H·W logits + N·H·W z (+ N·H·W labels), writes N·C·H·W Gx + N·H·W Gz.
 """
@@ -22,14 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import all_flat, bce_logits, ce_grad, first_argmax, load_logits_tile, nll_tile, partials, \
-    pix_offsets, pixel_block, sigmoid, store_tile, tile_launch
+from .common import all_flat, bad_label_buffer, bad_label_summary, bce_logits, ce_grad, first_argmax, \
+    load_logits_tile, nll_tile, no_bad_labels, partials, pix_offsets, pixel_block, report_bad_labels, sigmoid, \
+    store_tile, tile_launch
 from .semi import confident
 
 
 @triton.jit
 def generator_kernel(
-    x_ptr, d_ptr, y_ptr, gx_ptr, gz_ptr, partial_ptr,
+    x_ptr, d_ptr, y_ptr, gx_ptr, gz_ptr, partial_ptr, bad_ptr,
     C, W, HW, ignore_index, threshold,
     sx_n, sx_c, sx_h, sx_w,
     sd_n, sd_h, sd_w,
@@ -38,11 +40,13 @@ def generator_kernel(
     sgz_n, sgz_h, sgz_w,
     num_pblocks,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
-    LABELLED: tl.constexpr, STORE_GX: tl.constexpr, STORE_GZ: tl.constexpr,
+    LABELLED: tl.constexpr, STORE_GX: tl.constexpr, STORE_GZ: tl.constexpr, CHECK_LABELS: tl.constexpr,
 ):
+    # CHECK_LABELS: report bad labels (the launcher sets it only with LABELLED)
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     offs_p, mask_p, h, w = pixel_block(pid_p, HW, W, BLOCK_P)
+    row = n * num_pblocks + pid_p
 
     pz = pix_offsets(n, offs_p, h, w, sd_n, sd_h, sd_w, FLAT)
     z = tl.load(d_ptr + pz, mask=mask_p, other=0.0).to(tl.float32)
@@ -53,6 +57,8 @@ def generator_kernel(
         labels = tl.load(y_ptr + py, mask=mask_p, other=ignore_index)  # int64: no truncation before the check
         counted = mask_p & (labels != ignore_index) & (labels >= 0) & (labels < C)
         adv_counted = counted
+        if CHECK_LABELS:
+            report_bad_labels(bad_ptr, row, labels, n * HW + offs_p, mask_p, ignore_index, C)
     else:
         labels = first_argmax(x, offs_c, BLOCK_C)
         counted = confident(z, mask_p, threshold)
@@ -68,34 +74,41 @@ def generator_kernel(
         pgz = pix_offsets(n, offs_p, h, w, sgz_n, sgz_h, sgz_w, FLAT)
         tl.store(gz_ptr + pgz, gz.to(gz_ptr.dtype.element_ty), mask=mask_p)
 
-    row = (n * num_pblocks + pid_p) * 4
-    tl.store(partial_ptr + row, tl.sum(nll, axis=0))
-    tl.store(partial_ptr + row + 1, tl.sum(counted.to(tl.float32), axis=0))
-    tl.store(partial_ptr + row + 2, tl.sum(adv, axis=0))
-    tl.store(partial_ptr + row + 3, tl.sum(adv_counted.to(tl.float32), axis=0))
+    base = partial_ptr + row * 4
+    tl.store(base, tl.sum(nll, axis=0))
+    tl.store(base + 1, tl.sum(counted.to(tl.float32), axis=0))
+    tl.store(base + 2, tl.sum(adv, axis=0))
+    tl.store(base + 3, tl.sum(adv_counted.to(tl.float32), axis=0))
 
 
-def generator_forward(x, d, target, ignore_index: int, threshold: float, *, store_gx: bool, store_gz: bool):
+def generator_forward(x, d, target, ignore_index: int, threshold: float, *, store_gx: bool, store_gz: bool,
+                      check_labels: bool = True):
     """x: (N, C, H, W), d: (N, H, W) view, target (N, H, W) int64 or None (unlabelled form).
 
-    Returns (term_sum, term_count, adv_sum, adv_count, Gx or None, Gz or None); the term is ce (labelled) or
-    semi (unlabelled).
+    Returns (term_sum, term_count, adv_sum, adv_count, Gx or None, Gz or None, bad); the term is ce (labelled) or
+    semi (unlabelled). bad = int64 [count, value of the first bad label in pixel order (0 if none)] on x's device,
+    formed there without a host sync; [0, 0] for the unlabelled form or without check_labels.
     """
     n, c, h, w = x.shape
     launch = tile_launch(x.shape)
-    part = partials(n * launch.blocks, 4, x.device)
+    rows = n * launch.blocks
+    part = partials(rows, 4, x.device)
+    labelled = target is not None
+    check = labelled and check_labels
+    report = bad_label_buffer(rows, x.device) if check else None
     gx = torch.empty_like(x) if store_gx else None
     gz = torch.empty_like(d) if store_gz else None
-    labelled = target is not None
     generator_kernel[launch.grid](
-        x, d, target, gx, gz, part,
+        x, d, target, gx, gz, part, report,
         c, w, h * w, int(ignore_index), float(threshold),
         *x.stride(), *d.stride(),
         *(target.stride() if labelled else (0, 0, 0)),
         *(gx.stride() if store_gx else (0, 0, 0, 0)),
         *(gz.stride() if store_gz else (0, 0, 0)),
         launch.blocks,
-        FLAT=all_flat(x, d, target, gx, gz), LABELLED=labelled, STORE_GX=store_gx, STORE_GZ=store_gz, **launch.meta,
+        FLAT=all_flat(x, d, target, gx, gz), LABELLED=labelled, STORE_GX=store_gx, STORE_GZ=store_gz,
+        CHECK_LABELS=check, **launch.meta,
     )
     s = part.sum(dim=0)
-    return s[0], s[1], s[2], s[3], gx, gz
+    bad = bad_label_summary(report) if check else no_bad_labels(x.device)
+    return s[0], s[1], s[2], s[3], gx, gz, bad
