@@ -1,8 +1,11 @@
 // Python binding of the CUDA backend (module fastadvseg._cuda_kernels): turns torch tensors into raw pointers,
-// sizes and strides, allocates outputs, gradient buffers and partial-sum workspaces through torch's caching
-// allocator, and calls the launchers of kernels/cuda/ on torch's current stream of the tensors' device.
+// sizes and strides, allocates outputs, gradient buffers and workspaces through torch's caching allocator, and
+// calls the launchers of kernels/cuda/ on torch's current stream of the tensors' device. Nothing synchronises
+// with the host (no .item()): bad labels come back as a device tensor.
+// The losses return RAW sums (float32 device tensors; see launchers.cuh), loss maps and gradients of the raw
+// sums; optional results are None. Means, gradient scaling and autograd live in fastadvseg/backends/cuda.py.
 // Arguments arrive validated by fastadvseg/_validate.py (shapes, devices, dtypes); the checks here only guard the
-// raw-pointer contract. Autograd lives in fastadvseg/backends/cuda.py.
+// raw-pointer contract.
 // Only the headers used (not torch/extension.h, which pulls in the whole C++ frontend): builds and checks faster.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -70,19 +73,21 @@ fc::Strided3 raw_map(const at::Tensor& t, at::ScalarType expected) {
 
 at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
-at::Tensor scalar(const at::Tensor& like) { return at::empty({}, like.options().dtype(at::kFloat)); }
+// The K raw sums (float32) and the bad-label report [count, first value] (int64) of a loss.
+at::Tensor sums_of(const at::Tensor& like, int64_t K) { return at::empty({K}, like.options().dtype(at::kFloat)); }
+at::Tensor bad_report(const at::Tensor& like) { return at::empty({2}, like.options().dtype(at::kLong)); }
 
-at::Tensor workspace(const at::Tensor& like, int rows, int64_t pixels) {
-  return at::empty({rows * fc::grid_blocks(pixels)}, like.options().dtype(at::kFloat));
+// The workspace of a loss with K sums over `pixels` pixels (fc::workspace_bytes), as int64 for alignment.
+at::Tensor workspace(const at::Tensor& like, int K, int64_t pixels, bool labelled) {
+  return at::empty({(fc::workspace_bytes(pixels, K, labelled) + 7) / 8}, like.options().dtype(at::kLong));
 }
 
-fc::Outputs outputs(std::initializer_list<at::Tensor*> tensors) {
-  fc::Outputs o;
-  for (int i = 0; i < fc::kMaxOutputs; ++i) o.p[i] = nullptr;
-  int i = 0;
-  for (at::Tensor* t : tensors) o.p[i++] = t->data_ptr<float>();
-  return o;
+// The (N, H, W) float32 loss map when requested, else undefined.
+at::Tensor loss_map_if(bool need_map, const at::Tensor& like, int64_t N, int64_t H, int64_t W) {
+  return need_map ? at::empty({N, H, W}, like.options().dtype(at::kFloat)) : at::Tensor();
 }
+
+float* float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -97,23 +102,26 @@ at::Tensor softmax2d_forward(const at::Tensor& x) {
   return y;
 }
 
-// The gradient of softmax2d from the logits x (the probabilities are recomputed in float32) and grad_y.
-at::Tensor softmax2d_backward(const at::Tensor& x, const at::Tensor& grad_y) {
-  check_cuda(x, "logits");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor gy = grad_y.scalar_type() == x.scalar_type() ? grad_y : grad_y.to(x.scalar_type());
-  TORCH_CHECK(gy.sizes() == x.sizes(), "fastadvseg cuda backend: softmax2d gradient shape mismatch");
-  at::Tensor gx = at::empty_like(x);
-  check_launch(fc::softmax2d_backward(shape4(x), dtype_code(x), strided4(x), strided4(gy), strided4(gx),
+// The gradient of softmax2d from the saved probabilities (softmax2d_forward's output) and grad_probs:
+// gx = p * (gy - sum_c p*gy) in float32 math, in p's dtype.
+at::Tensor softmax2d_backward(const at::Tensor& probs, const at::Tensor& grad_probs) {
+  check_cuda(probs, "probabilities");
+  const c10::cuda::CUDAGuard guard(probs.device());
+  const at::Tensor gy = grad_probs.scalar_type() == probs.scalar_type() ? grad_probs
+                                                                         : grad_probs.to(probs.scalar_type());
+  TORCH_CHECK(gy.sizes() == probs.sizes(), "fastadvseg cuda backend: softmax2d gradient shape mismatch");
+  at::Tensor gx = at::empty_like(probs);
+  check_launch(fc::softmax2d_backward(shape4(probs), dtype_code(probs), strided4(probs), strided4(gy), strided4(gx),
                                       current_stream()),
                "softmax2d_backward");
   return gx;
 }
 
-// -> [loss (0-dim, or the (N, H, W) map for reduction none), denominator (0-dim), gradient buffer or None]
+// -> [sums (2,) = [loss sum, weight sum], loss map (N, H, W) or None, gradient of the loss sum (like x) or None,
+//     bad (2,) int64 = [bad label count, first bad label value or 0]]
 std::vector<at::Tensor> cross_entropy2d_forward(const at::Tensor& x, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                int64_t reduction, bool need_grad) {
+                                                double label_smoothing, bool need_map, bool need_grad) {
   check_cuda(x, "logits");
   const c10::cuda::CUDAGuard guard(x.device());
   const fc::Shape4 s = shape4(x);
@@ -123,24 +131,22 @@ std::vector<at::Tensor> cross_entropy2d_forward(const at::Tensor& x, const at::T
     w = weight->to(x.device(), at::kFloat).contiguous();
     TORCH_CHECK(w.numel() == s.C, "fastadvseg cuda backend: weight must have C elements");
   }
-  at::Tensor loss_map = reduction == fc::kReduceNone ? at::empty({s.N, s.H, s.W}, x.options().dtype(at::kFloat))
-                                                     : at::Tensor();
+  at::Tensor loss_map = loss_map_if(need_map, x, s.N, s.H, s.W);
   at::Tensor grad = need_grad ? at::empty_like(x) : at::Tensor();
-  at::Tensor value = scalar(x), den = scalar(x);
-  at::Tensor partials = workspace(x, 2, P);
-  check_launch(fc::cross_entropy2d_forward(s, dtype_code(x), strided4(x), raw_map(target, at::kLong),
-                                           w.defined() ? w.data_ptr<float>() : nullptr, ignore_index,
-                                           static_cast<int>(reduction),
-                                           loss_map.defined() ? loss_map.data_ptr<float>() : nullptr, strided4(grad),
-                                           partials.data_ptr<float>(), outputs({&value, &den}), current_stream()),
+  at::Tensor sums = sums_of(x, 2), bad = bad_report(x);
+  at::Tensor ws = workspace(x, 2, P, true);
+  check_launch(fc::cross_entropy2d_forward(s, dtype_code(x), strided4(x), raw_map(target, at::kLong), float_ptr(w),
+                                           ignore_index, static_cast<float>(label_smoothing), float_ptr(loss_map),
+                                           strided4(grad), ws.data_ptr(), sums.data_ptr<float>(),
+                                           bad.data_ptr<int64_t>(), current_stream()),
                "cross_entropy2d_forward");
-  return {loss_map.defined() ? loss_map : value, den, grad};
+  return {sums, loss_map, grad, bad};
 }
 
-// -> [loss (0-dim or map), denominator, gradient buffer (z's dtype, (N, H, W)) or None]
+// -> [sums (2,) = [loss sum, counted pixels], loss map or None, gradient (z's dtype, (N, H, W)) or None]
 std::vector<at::Tensor> bce_with_logits2d_forward(const at::Tensor& z, const std::optional<at::Tensor>& target,
                                                   double target_value, const std::optional<at::Tensor>& mask,
-                                                  int64_t reduction, bool need_grad) {
+                                                  bool need_map, bool need_grad) {
   check_cuda(z, "d_logits");
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t N = z.size(0), H = z.size(1), W = z.size(2);
@@ -149,21 +155,61 @@ std::vector<at::Tensor> bce_with_logits2d_forward(const at::Tensor& z, const std
     t = target->dim() == 0 ? target->expand(z.sizes()) : *target;  // stride-0 broadcast of a 0-dim target
     check_cuda(t, "target");
   }
-  at::Tensor loss_map = reduction == fc::kReduceNone ? at::empty({N, H, W}, z.options().dtype(at::kFloat))
-                                                     : at::Tensor();
+  at::Tensor loss_map = loss_map_if(need_map, z, N, H, W);
   at::Tensor grad = need_grad ? at::empty({N, H, W}, z.options()) : at::Tensor();
-  at::Tensor value = scalar(z), den = scalar(z);
-  at::Tensor partials = workspace(z, 4, N * H * W);
+  at::Tensor sums = sums_of(z, 2);
+  at::Tensor ws = workspace(z, 4, N * H * W, false);
   check_launch(fc::bce_with_logits2d_forward(N, H, W, float_map(z), float_map(t), static_cast<float>(target_value),
-                                             raw_map(value_or_undefined(mask), at::kBool), static_cast<int>(reduction),
-                                             loss_map.defined() ? loss_map.data_ptr<float>() : nullptr,
-                                             float_map(grad), partials.data_ptr<float>(), outputs({&value, &den}),
-                                             current_stream()),
+                                             raw_map(value_or_undefined(mask), at::kBool), float_ptr(loss_map),
+                                             float_map(grad), ws.data_ptr(), sums.data_ptr<float>(), current_stream()),
                "bce_with_logits2d_forward");
-  return {loss_map.defined() ? loss_map : value, den, grad};
+  return {sums, loss_map, grad};
 }
 
-// -> [loss, fake denominator, real denominator, fake gradient buffer or None, real gradient buffer or None]
+// -> [sums (3,) = [loss sum over kept pixels, kept, considered], loss map or None, gradient (like x) or None]
+std::vector<at::Tensor> semi_cross_entropy2d_forward(const at::Tensor& x, const at::Tensor& z, double threshold,
+                                                     const std::optional<at::Tensor>& mask, bool need_map,
+                                                     bool need_grad) {
+  check_cuda(x, "logits");
+  check_cuda(z, "d_logits");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const fc::Shape4 s = shape4(x);
+  at::Tensor loss_map = loss_map_if(need_map, x, s.N, s.H, s.W);
+  at::Tensor grad = need_grad ? at::empty_like(x) : at::Tensor();
+  at::Tensor sums = sums_of(x, 3);
+  at::Tensor ws = workspace(x, 3, s.N * s.H * s.W, false);
+  check_launch(fc::semi_cross_entropy2d_forward(s, dtype_code(x), strided4(x), float_map(z),
+                                                static_cast<float>(threshold),
+                                                raw_map(value_or_undefined(mask), at::kBool), float_ptr(loss_map),
+                                                strided4(grad), ws.data_ptr(), sums.data_ptr<float>(),
+                                                current_stream()),
+               "semi_cross_entropy2d_forward");
+  return {sums, loss_map, grad};
+}
+
+// -> [sums (6,) = [term sum, term count, adv sum, adv count, kept, considered], grad_x = d(term sum)/dx or None,
+//     grad_z = d(adv sum)/dz (z's dtype, (N, H, W)) or None, bad (2,) int64 ([0, 0] when unlabelled)]
+std::vector<at::Tensor> generator_loss_forward(const at::Tensor& x, const at::Tensor& z,
+                                               const std::optional<at::Tensor>& target, double threshold,
+                                               int64_t ignore_index, bool need_grad_x, bool need_grad_z) {
+  check_cuda(x, "logits");
+  check_cuda(z, "d_logits");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const fc::Shape4 s = shape4(x);
+  at::Tensor grad_x = need_grad_x ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_z = need_grad_z ? at::empty({s.N, s.H, s.W}, z.options()) : at::Tensor();
+  at::Tensor sums = sums_of(x, 6), bad = bad_report(x);
+  at::Tensor ws = workspace(x, 6, s.N * s.H * s.W, true);
+  check_launch(fc::generator_loss_forward(s, dtype_code(x), strided4(x), float_map(z),
+                                          raw_map(value_or_undefined(target), at::kLong), ignore_index,
+                                          static_cast<float>(threshold), strided4(grad_x), float_map(grad_z),
+                                          ws.data_ptr(), sums.data_ptr<float>(), bad.data_ptr<int64_t>(),
+                                          current_stream()),
+               "generator_loss_forward");
+  return {sums, grad_x, grad_z, bad};
+}
+
+// -> [sums (4,) = [fake sum, fake count, real sum, real count], fake gradient or None, real gradient or None]
 std::vector<at::Tensor> discriminator_loss_forward(const at::Tensor& fake, const at::Tensor& real,
                                                    const std::optional<at::Tensor>& fake_mask,
                                                    const std::optional<at::Tensor>& real_mask, bool need_fake_grad,
@@ -175,65 +221,14 @@ std::vector<at::Tensor> discriminator_loss_forward(const at::Tensor& fake, const
   const int64_t real_nhw[3] = {real.size(0), real.size(1), real.size(2)};
   at::Tensor fake_grad = need_fake_grad ? at::empty(fake.sizes(), fake.options()) : at::Tensor();
   at::Tensor real_grad = need_real_grad ? at::empty(real.sizes(), real.options()) : at::Tensor();
-  at::Tensor loss = scalar(fake), den_fake = scalar(fake), den_real = scalar(fake);
-  at::Tensor partials = workspace(fake, 4, fake.numel() + real.numel());
+  at::Tensor sums = sums_of(fake, 4);
+  at::Tensor ws = workspace(fake, 4, fake.numel() + real.numel(), false);
   check_launch(fc::discriminator_loss_forward(fake_nhw, float_map(fake), raw_map(value_or_undefined(fake_mask), at::kBool),
                                               float_map(fake_grad), real_nhw, float_map(real),
                                               raw_map(value_or_undefined(real_mask), at::kBool), float_map(real_grad),
-                                              partials.data_ptr<float>(), outputs({&loss, &den_fake, &den_real}),
-                                              current_stream()),
+                                              ws.data_ptr(), sums.data_ptr<float>(), current_stream()),
                "discriminator_loss_forward");
-  return {loss, den_fake, den_real, fake_grad, real_grad};
-}
-
-// -> [loss (0-dim or map), denominator, kept ratio, gradient buffer or None]
-std::vector<at::Tensor> semi_cross_entropy2d_forward(const at::Tensor& x, const at::Tensor& z, double threshold,
-                                                     const std::optional<at::Tensor>& mask, int64_t reduction,
-                                                     bool need_grad) {
-  check_cuda(x, "logits");
-  check_cuda(z, "d_logits");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const fc::Shape4 s = shape4(x);
-  const int64_t P = s.N * s.H * s.W;
-  at::Tensor loss_map = reduction == fc::kReduceNone ? at::empty({s.N, s.H, s.W}, x.options().dtype(at::kFloat))
-                                                     : at::Tensor();
-  at::Tensor grad = need_grad ? at::empty_like(x) : at::Tensor();
-  at::Tensor value = scalar(x), den = scalar(x), ratio = scalar(x);
-  at::Tensor partials = workspace(x, 3, P);
-  check_launch(fc::semi_cross_entropy2d_forward(s, dtype_code(x), strided4(x), float_map(z),
-                                                static_cast<float>(threshold),
-                                                raw_map(value_or_undefined(mask), at::kBool),
-                                                static_cast<int>(reduction),
-                                                loss_map.defined() ? loss_map.data_ptr<float>() : nullptr,
-                                                strided4(grad), partials.data_ptr<float>(),
-                                                outputs({&value, &den, &ratio}), current_stream()),
-               "semi_cross_entropy2d_forward");
-  return {loss_map.defined() ? loss_map : value, den, ratio, grad};
-}
-
-// -> [total, ce, adv, semi, semi_ratio, den_ce, den_adv, den_semi, grad_x buffer or None, grad_z buffer or None]
-std::vector<at::Tensor> generator_loss_forward(const at::Tensor& x, const at::Tensor& z,
-                                               const std::optional<at::Tensor>& target, double lambda_adv,
-                                               double lambda_semi, double threshold, int64_t ignore_index,
-                                               bool need_grad_x, bool need_grad_z) {
-  check_cuda(x, "logits");
-  check_cuda(z, "d_logits");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const fc::Shape4 s = shape4(x);
-  const int64_t P = s.N * s.H * s.W;
-  at::Tensor grad_x = need_grad_x ? at::empty_like(x) : at::Tensor();
-  at::Tensor grad_z = need_grad_z ? at::empty({s.N, s.H, s.W}, z.options()) : at::Tensor();
-  at::Tensor total = scalar(x), ce = scalar(x), adv = scalar(x), semi = scalar(x), ratio = scalar(x);
-  at::Tensor den_ce = scalar(x), den_adv = scalar(x), den_semi = scalar(x);
-  at::Tensor partials = workspace(x, 6, P);
-  check_launch(fc::generator_loss_forward(s, dtype_code(x), strided4(x), float_map(z),
-                                          raw_map(value_or_undefined(target), at::kLong), ignore_index, lambda_adv,
-                                          lambda_semi, static_cast<float>(threshold), strided4(grad_x),
-                                          float_map(grad_z), partials.data_ptr<float>(),
-                                          outputs({&total, &ce, &adv, &semi, &ratio, &den_ce, &den_adv, &den_semi}),
-                                          current_stream()),
-               "generator_loss_forward");
-  return {total, ce, adv, semi, ratio, den_ce, den_adv, den_semi, grad_x, grad_z};
+  return {sums, fake_grad, real_grad};
 }
 
 // Fills `out`, a contiguous (N, C, H, W) tensor of a 1/2/4/8-byte dtype, with the one-hot of `target`.
@@ -252,16 +247,17 @@ void one_hot2d_forward(const at::Tensor& target, const at::Tensor& out, int64_t 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastadvseg CUDA kernels (see kernels/cuda/launchers.cuh); autograd in fastadvseg/backends/cuda.py";
-  m.attr("REDUCTION_NONE") = static_cast<int>(fc::kReduceNone);
-  m.attr("REDUCTION_MEAN") = static_cast<int>(fc::kReduceMean);
-  m.attr("REDUCTION_SUM") = static_cast<int>(fc::kReduceSum);
+  m.doc() = "fastadvseg CUDA kernels (raw sums, see kernels/cuda/launchers.cuh); autograd: fastadvseg/backends/cuda.py";
   m.def("softmax2d_forward", &softmax2d_forward, "softmax over channels");
-  m.def("softmax2d_backward", &softmax2d_backward, "softmax backward from the logits and the output gradient");
-  m.def("cross_entropy2d_forward", &cross_entropy2d_forward, "cross entropy: loss, denominator, gradient of the sum");
-  m.def("bce_with_logits2d_forward", &bce_with_logits2d_forward, "BCE with logits: loss, denominator, gradient");
-  m.def("discriminator_loss_forward", &discriminator_loss_forward, "BCE(fake, 0) + BCE(real, 1) in one launch");
-  m.def("semi_cross_entropy2d_forward", &semi_cross_entropy2d_forward, "masked self-training loss");
-  m.def("generator_loss_forward", &generator_loss_forward, "fused generator loss");
+  m.def("softmax2d_backward", &softmax2d_backward, "softmax backward from the saved probabilities and their gradient");
+  m.def("cross_entropy2d_forward", &cross_entropy2d_forward,
+        "cross entropy (weights, ignore_index, label smoothing): [loss sum, weight sum], map, gradient, bad labels");
+  m.def("bce_with_logits2d_forward", &bce_with_logits2d_forward, "BCE with logits: [loss sum, count], map, gradient");
+  m.def("semi_cross_entropy2d_forward", &semi_cross_entropy2d_forward,
+        "masked self-training loss: [loss sum, kept, considered], map, gradient");
+  m.def("generator_loss_forward", &generator_loss_forward,
+        "generator loss terms: [term, term count, adv, adv count, kept, considered], gradients, bad labels");
+  m.def("discriminator_loss_forward", &discriminator_loss_forward,
+        "BCE(fake, 0) and BCE(real, 1) in one launch: [fake sum, fake count, real sum, real count], gradients");
   m.def("one_hot2d_forward", &one_hot2d_forward, "one-hot of a label map into a preallocated tensor");
 }

@@ -1,12 +1,13 @@
-// Helpers shared by the kernels: dtype conversion (float32 math for float/half/bfloat16 data), pixel indexing, the
-// per-pixel softmax statistics (one online pass over the C channels), the stable BCE and sigmoid, the epilogue
-// arithmetic, and the deterministic block reduction + finalize launcher.
-// Everything but the block reduction is __host__ __device__: tests/cuda_emulation runs the very same per-pixel code
-// on the CPU (no GPU needed) against the reference backend.
+// Helpers shared by the kernels: dtype conversion (float32 math for float/half/bfloat16 data), pixel indexing and
+// label checks, the per-pixel softmax statistics (one online pass over the C channels, optionally with the label
+// smoothing term), the stable BCE and sigmoid, the deterministic block reductions and the finalize launcher.
+// Everything but the block reductions is __host__ __device__: tests/cuda_emulation runs the very same per-pixel
+// code and finalize arithmetic on the CPU (no GPU needed).
 #pragma once
 
 #include <math.h>  // expf, logf, log1pf, isnan, ... also for a host compiler (tests/cuda_emulation)
 #include <cstdint>
+#include <limits>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -92,10 +93,32 @@ FAS_HD bool masked(const Strided3& mask, const Pixel& px) {
   return mask.data != nullptr && static_cast<const uint8_t*>(mask.data)[offset3(mask, px)] != 0;
 }
 
+FAS_HD int64_t label_at(const Strided3& target, const Pixel& px) {
+  return static_cast<const int64_t*>(target.data)[offset3(target, px)];
+}
+
+FAS_HD bool in_classes(int64_t y, int64_t C) { return static_cast<uint64_t>(y) < static_cast<uint64_t>(C); }
+
 // Class label of px, or -1 when it does not count (ignore_index, or outside [0, C): never used as an index).
 FAS_HD int64_t valid_label(const Strided3& target, const Pixel& px, int64_t C, int64_t ignore_index) {
-  const int64_t y = static_cast<const int64_t*>(target.data)[offset3(target, px)];
-  return (y != ignore_index && y >= 0 && y < C) ? y : -1;
+  const int64_t y = label_at(target, px);
+  return (y != ignore_index && in_classes(y, C)) ? y : -1;
+}
+
+// "No bad label seen": the identity of the min-reduction of first-bad pixel indices.
+constexpr int64_t kNoBad = std::numeric_limits<int64_t>::max();
+
+// valid_label for the labelled losses, which also report bad labels (neither ignore_index nor in [0, C)): at pixel
+// p with such a label, bad += 1 and first_bad = min(first_bad, p).
+FAS_HD int64_t checked_label(const Strided3& target, const Pixel& px, int64_t p, int64_t C, int64_t ignore_index,
+                             float& bad, int64_t& first_bad) {
+  const int64_t y = label_at(target, px);
+  if (in_classes(y, C)) return y != ignore_index ? y : -1;  // an ignore_index in [0, C): that class never counts
+  if (y != ignore_index) {
+    bad += 1.f;
+    first_bad = p < first_bad ? p : first_bad;
+  }
+  return -1;
 }
 
 #define FASTADVSEG_PIXEL_LOOP(p, P) \
@@ -122,32 +145,55 @@ FAS_UNROLL
   for (; c < C; ++c) f(c, to_float(x[base + c * sc]));
 }
 
+// Label smoothing of the cross-entropy (PyTorch's F.cross_entropy(label_smoothing=eps)): keep = 1 - eps,
+// each = eps / C; weight: the C class weights or nullptr (all 1).
+struct Smoothing {
+  float keep, each;
+  const float* weight;
+};
+
+inline Smoothing make_smoothing(float eps, int64_t C, const float* weight) {
+  const float each = C > 0 ? static_cast<float>(static_cast<double>(eps) / static_cast<double>(C)) : 0.f;
+  return Smoothing{1.f - eps, each, weight};
+}
+
 // Softmax statistics of one pixel in one pass over the channels (online max / rescaled sum):
 // m = max_c x_c, s = sum_c exp(x_c - m), so log-sum-exp = m + log(s); xsel = x[sel];
-// arg = first index of the maximum (a NaN counts as the maximum, like torch.argmax) when kArgmax.
-// Non-finite logits behave as in PyTorch: a NaN makes s NaN; -inf logits contribute 0 next to a finite maximum
-// (and a pixel whose logits are all -inf is NaN); a +inf logit makes the whole pixel NaN (x - max = inf - inf).
+// arg = first index of the maximum (a NaN counts as the maximum, like torch.argmax) when kArgmax;
+// when kSmooth: wsum = sum_c w_c and t = sum_c w_c (x_c - m) (rescaled online like s: no cancellation between
+// large logits), so sum_c w_c (lse - x_c) = wsum * log(s) - t.
+// Non-finite logits behave as in PyTorch: a NaN makes s (and t) NaN; -inf logits contribute 0 to s next to a
+// finite maximum (and -inf to t: an infinite smoothing loss, as -log_softmax = inf gives); a pixel whose logits
+// are all -inf is NaN; a +inf logit makes the whole pixel NaN (x - max = inf - inf).
 struct RowStats {
   float m, s, xsel;
   int64_t arg;
+  float t, wsum;
 };
 
-template <typename T, bool kArgmax>
-FAS_HD RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int64_t C, int64_t sel) {
+template <typename T, bool kArgmax, bool kSmooth = false>
+FAS_HD RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int64_t C, int64_t sel,
+                          const float* __restrict__ weight = nullptr) {
   const float x0 = to_float(x[base]);
   RowStats r;
   r.m = x0;
   r.s = 1.f;
   r.xsel = x0;
   r.arg = 0;
+  r.t = 0.f;  // w_0 (x_0 - m) with m = x_0: exactly 0 (also for x_0 = -inf)
+  r.wsum = kSmooth ? (weight != nullptr ? weight[0] : 1.f) : 0.f;
   float best = x0;
   for_channels(x, base, sc, 1, C, [&](int64_t c, float v) {
+    const float wc = (kSmooth && weight != nullptr) ? weight[c] : 1.f;
     if (v > r.m) {
       r.s = r.s * expf(r.m - v) + 1.f;
+      if (kSmooth) r.t += r.wsum * (r.m - v);  // the channels so far, measured from the new maximum
       r.m = v;
     } else {
       r.s += (v == r.m) ? 1.f : expf(v - r.m);  // v == m: exp(0), also when both are -inf (not exp(NaN))
+      if (kSmooth && v != r.m) r.t += wc * (v - r.m);
     }
+    if (kSmooth) r.wsum += wc;
     if (!kArgmax && c == sel) r.xsel = v;
     if (kArgmax && (v > best || (isnan(v) && !isnan(best)))) {
       best = v;
@@ -159,15 +205,29 @@ FAS_HD RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int
   return r;
 }
 
-// d(-log softmax(x)[sel]) / dx_c = softmax(x)_c - [c == sel], times `scale`, written for every channel.
-template <typename T>
+// The cross-entropy of one counted pixel with label y and weight wy from its statistics:
+// (1 - eps) w_y (lse - x_y) + (eps/C) sum_c w_c (lse - x_c), or w_y (lse - x_y) without smoothing.
+template <bool kSmooth>
+FAS_HD float ce_loss(const RowStats& r, float wy, const Smoothing& sm) {
+  const float log_s = logf(r.s);
+  const float nll = r.m + log_s - r.xsel;
+  if (!kSmooth) return wy * nll;
+  return sm.keep * wy * nll + sm.each * (r.wsum * log_s - r.t);
+}
+
+// The gradient of one counted pixel, written for every channel c:
+//   scale * (softmax(x)_c - [c == sel])                                   without smoothing,
+//   scale * (p_c - [c == sel]) + (eps/C) (wsum * p_c - w_c)              with (scale = (1 - eps) w_y).
+template <typename T, bool kSmooth = false>
 FAS_HD void write_nll_grad(const T* __restrict__ x, int64_t xbase, int64_t xsc, T* __restrict__ g,
-                                               int64_t gbase, int64_t gsc, int64_t C, const RowStats& r, int64_t sel,
-                                               float scale) {
+                           int64_t gbase, int64_t gsc, int64_t C, const RowStats& r, int64_t sel, float scale,
+                           const Smoothing& sm = Smoothing{1.f, 0.f, nullptr}) {
   const float inv_s = 1.f / r.s;
   for_channels(x, xbase, xsc, 0, C, [&](int64_t c, float v) {
     const float p = expf(v - r.m) * inv_s;
-    g[gbase + c * gsc] = from_float<T>(scale * (p - (c == sel ? 1.f : 0.f)));
+    float d = scale * (p - (c == sel ? 1.f : 0.f));
+    if (kSmooth) d += sm.each * (r.wsum * p - (sm.weight != nullptr ? sm.weight[c] : 1.f));
+    g[gbase + c * gsc] = from_float<T>(d);
   });
 }
 
@@ -188,6 +248,21 @@ FAS_HD float bce_logits(float z, float t) {
 }
 
 // ------------------------------------------------------------------------------------ deterministic sums
+// A loss's workspace (see workspace_bytes in launchers.cuh): G per-block smallest bad pixel indices (labelled ops),
+// then the rows of per-block float sums, row k at partials[k * G + block].
+struct Workspace {
+  float* partials;
+  int64_t* first_bad;  // nullptr for ops without labels
+  int64_t G;
+};
+
+inline Workspace carve_workspace(void* ws, int64_t pixels, bool labelled) {
+  const int64_t G = grid_blocks(pixels);
+  char* bytes = static_cast<char*>(ws);
+  if (!labelled) return Workspace{reinterpret_cast<float*>(bytes), nullptr, G};
+  return Workspace{reinterpret_cast<float*>(bytes + G * 8), reinterpret_cast<int64_t*>(bytes), G};
+}
+
 #ifdef __CUDACC__  // device-only (a host compiler building tests/cuda_emulation skips it)
 // Sum K per-thread values over the block (fixed shuffle tree, then warps in order) and write the block's sums
 // to partials[k * G + blockIdx.x]. Every thread of the block must call it (no early returns in the kernels).
@@ -212,91 +287,65 @@ __device__ __forceinline__ void block_sums_to_partials(const float (&v)[K], floa
     partials[threadIdx.x * G + blockIdx.x] = s;
   }
 }
+
+// The block's smallest per-thread first bad pixel index, written to first_bad[blockIdx.x] (kNoBad when none).
+// Every thread of the block must call it.
+__device__ __forceinline__ void block_first_bad(int64_t v, int64_t* __restrict__ first_bad) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ long long warp_min[kWarps];
+  long long m = static_cast<long long>(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const long long other = __shfl_down_sync(0xffffffffu, m, o);
+    m = other < m ? other : m;
+  }
+  if ((threadIdx.x & 31) == 0) warp_min[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    long long b = warp_min[0];
+#pragma unroll
+    for (int i = 1; i < kWarps; ++i) b = warp_min[i] < b ? warp_min[i] : b;
+    first_bad[blockIdx.x] = static_cast<int64_t>(b);
+  }
+}
 #endif  // __CUDACC__
 
-// What the finalize block computes from the K column sums.
-enum EpilogueKind : int {
-  kEpiMean = 0,           // [sum, count] -> out0 = loss (mean or sum), out1 = denominator
-  kEpiSemi = 1,           // [sum, kept, considered] -> out0 = loss, out1 = denominator, out2 = kept ratio
-  kEpiDiscriminator = 2,  // [fake sum, fake count, real sum, real count] -> out0 = loss, out1/out2 = denominators
-  kEpiGenerator = 3,      // [ce sum, ce count, adv sum, adv count, semi sum, semi count] -> see launchers.cuh
+// What the finalize block writes: the K column sums as float32 to sums[0..K-1]; for a labelled op (bad != nullptr)
+// also bad[0] = row K (the bad-label count) and bad[1] = target's label at the smallest first-bad pixel index,
+// read through its strides (0 when there is none).
+struct Finalize {
+  int K;
+  float* sums;
+  int64_t* bad;
+  Strided3 target;  // absent for ops without labels and for the unlabelled generator (then bad = [0, 0])
+  int64_t H, W;     // the label map's grid, to turn a pixel index back into (n, h, w)
 };
 
-struct Epilogue {
-  int kind;
-  int reduction;
-  int labelled;
-  double lambda_adv;
-  double lambda_semi;
-  double pixels;
-  Outputs out;
-};
+inline Finalize make_finalize(int K, float* sums) { return Finalize{K, sums, nullptr, Strided3{}, 1, 1}; }
 
-FAS_HD double denominator(double count) { return count > 0.0 ? count : 1.0; }
-
-FAS_HD void put_output(const Outputs& out, int i, double v) {
-  if (out.p[i] != nullptr) *out.p[i] = static_cast<float>(v);
+inline Finalize make_labelled_finalize(int K, float* sums, int64_t* bad, Strided3 target, int64_t H, int64_t W) {
+  return Finalize{K, sums, bad, target, H, W};
 }
 
-// The op's results from its K column sums (see EpilogueKind): means divide by count, or by 1 when nothing counted.
-FAS_HD void apply_epilogue(const double* sums, const Epilogue& epi) {
-  const Outputs& out = epi.out;
-  switch (epi.kind) {
-    case kEpiMean:
-    case kEpiSemi: {
-      const double den = epi.reduction == kReduceMean ? denominator(sums[1]) : 1.0;
-      put_output(out, 0, sums[0] / den);
-      put_output(out, 1, den);
-      if (epi.kind == kEpiSemi) put_output(out, 2, sums[1] / (sums[2] > 1.0 ? sums[2] : 1.0));
-      break;
-    }
-    case kEpiDiscriminator: {
-      const double den_fake = denominator(sums[1]);
-      const double den_real = denominator(sums[3]);
-      put_output(out, 0, sums[0] / den_fake + sums[2] / den_real);
-      put_output(out, 1, den_fake);
-      put_output(out, 2, den_real);
-      break;
-    }
-    case kEpiGenerator: {
-      const double den_ce = denominator(sums[1]);
-      const double den_adv = denominator(sums[3]);
-      const double den_semi = denominator(sums[5]);
-      // each field is rounded to float32 first, so total is exactly what the returned fields give
-      const double ce = epi.labelled ? static_cast<float>(sums[0] / den_ce) : 0.0;
-      const double adv = static_cast<float>(sums[2] / den_adv);
-      const double semi = epi.labelled ? 0.0 : static_cast<float>(sums[4] / den_semi);
-      const double total = epi.labelled ? ce + epi.lambda_adv * adv : epi.lambda_adv * adv + epi.lambda_semi * semi;
-      put_output(out, 0, total);
-      put_output(out, 1, ce);
-      put_output(out, 2, adv);
-      put_output(out, 3, semi);
-      put_output(out, 4, epi.labelled ? 0.0 : sums[5] / (epi.pixels > 1.0 ? epi.pixels : 1.0));
-      put_output(out, 5, den_ce);
-      put_output(out, 6, den_adv);
-      put_output(out, 7, den_semi);
-      break;
-    }
-    default:
-      break;
+// The results from the float64 column sums (K, plus the bad count at [K] when labelled) and the smallest first bad
+// pixel index (run by the finalize block's thread 0, and by tests/cuda_emulation).
+FAS_HD void write_results(const double* col, int64_t first_bad, const Finalize& f) {
+  for (int k = 0; k < f.K; ++k) f.sums[k] = static_cast<float>(col[k]);
+  if (f.bad != nullptr) {
+    f.bad[0] = static_cast<int64_t>(col[f.K]);  // exact: integer-valued partials (< 2**24 per block)
+    f.bad[1] = (first_bad != kNoBad && f.target.data != nullptr)
+                   ? label_at(f.target, split_pixel(first_bad, f.H * f.W, f.W))
+                   : 0;
   }
 }
 
-// One block reduces partials (K rows of G floats) in a fixed order and applies the epilogue. Defined in reduce.cu.
-cudaError_t launch_finalize(const float* partials, int64_t G, int K, const Epilogue& epi, cudaStream_t stream);
-
-inline Epilogue make_epilogue(int kind, int reduction, Outputs out) {
-  Epilogue epi{};
-  epi.kind = kind;
-  epi.reduction = reduction;
-  epi.out = out;
-  return epi;
-}
+// One block reduces the workspace's rows (K, +1 when labelled) in a fixed order in float64, min-reduces the
+// first-bad indices (labelled) and writes the results (write_results). Defined in reduce.cu.
+cudaError_t launch_finalize(const Workspace& ws, const Finalize& f, cudaStream_t stream);
 
 // The main kernel's launch error, or else the finalize launch's.
-inline cudaError_t then_finalize(cudaError_t err, const float* partials, int64_t G, int K, const Epilogue& epi,
-                                 cudaStream_t stream) {
-  return err != cudaSuccess ? err : launch_finalize(partials, G, K, epi, stream);
+inline cudaError_t then_finalize(cudaError_t err, const Workspace& ws, const Finalize& f, cudaStream_t stream) {
+  return err != cudaSuccess ? err : launch_finalize(ws, f, stream);
 }
 
 // Calls launch(T{}) with T the logits' element type (float, __half, __nv_bfloat16): every logits kernel is

@@ -1,6 +1,7 @@
 // The per-pixel work of every op, one function per op: what one thread does for pixel p (reads its C logits,
-// writes its outputs and gradients, adds to its running sums). The kernels in *.cu are a grid-stride loop over
-// p around these plus the deterministic block reduction; tests/cuda_emulation runs the same functions on the CPU.
+// writes its outputs and gradients, adds to its running raw sums, records bad labels). The kernels in *.cu are a
+// grid-stride loop over p around these plus the deterministic block reductions; tests/cuda_emulation runs the
+// same functions on the CPU.
 // Math per op: see the header of its .cu file.
 #pragma once
 
@@ -12,8 +13,8 @@ namespace cuda {
 // ---------------------------------------------------------------------------------------------------- softmax2d
 struct SoftmaxArgs {
   Shape4 s;
-  Strided4 x, y;     // forward: y = softmax(x)
-  Strided4 gy, gx;   // backward: gx = p * (gy - <p, gy>), p = softmax(x) recomputed in float32 from x
+  Strided4 x, y;       // forward: y = softmax(x)
+  Strided4 p, gy, gx;  // backward: gx = p * (gy - <p, gy>) from the saved probabilities p = y
 };
 
 template <typename T>
@@ -28,23 +29,20 @@ FAS_HD void softmax_forward_pixel(const SoftmaxArgs& a, int64_t p) {
                [&](int64_t c, float v) { yp[yb + c * ysc] = from_float<T>(expf(v - r.m) * inv_s); });
 }
 
-// The backward recomputes the probabilities from the logits (L1/L2-resident after the first sweep) instead of
-// reading the saved, rounded output: float32 probabilities, as the reference's autograd uses, for half/bfloat16.
+// The backward reads the saved probabilities (no recomputation from the logits): two sweeps over p and gy, the
+// second from L1/L2; float32 math whatever the storage dtype.
 template <typename T>
 FAS_HD void softmax_backward_pixel(const SoftmaxArgs& a, int64_t p) {
-  const T* __restrict__ xp = static_cast<const T*>(a.x.data);
+  const T* __restrict__ pp = static_cast<const T*>(a.p.data);
   const T* __restrict__ gyp = static_cast<const T*>(a.gy.data);
   T* __restrict__ gxp = static_cast<T*>(a.gx.data);
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
-  const int64_t xb = offset4(a.x, px), gyb = offset4(a.gy, px), gxb = offset4(a.gx, px);
+  const int64_t pb = offset4(a.p, px), gyb = offset4(a.gy, px), gxb = offset4(a.gx, px);
   const int64_t gysc = a.gy.sc, gxsc = a.gx.sc;
-  const RowStats r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, -1);
-  const float inv_s = 1.f / r.s;
   float dot = 0.f;
-  for_channels(xp, xb, a.x.sc, 0, a.s.C,
-               [&](int64_t c, float v) { dot += expf(v - r.m) * inv_s * to_float(gyp[gyb + c * gysc]); });
-  for_channels(xp, xb, a.x.sc, 0, a.s.C, [&](int64_t c, float v) {
-    gxp[gxb + c * gxsc] = from_float<T>(expf(v - r.m) * inv_s * (to_float(gyp[gyb + c * gysc]) - dot));
+  for_channels(pp, pb, a.p.sc, 0, a.s.C, [&](int64_t c, float v) { dot += v * to_float(gyp[gyb + c * gysc]); });
+  for_channels(pp, pb, a.p.sc, 0, a.s.C, [&](int64_t c, float v) {
+    gxp[gxb + c * gxsc] = from_float<T>(v * (to_float(gyp[gyb + c * gysc]) - dot));
   });
 }
 
@@ -53,28 +51,32 @@ struct CrossEntropyArgs {
   Shape4 s;
   Strided4 x;
   Strided3 target;
-  const float* weight;  // C values, or nullptr
   int64_t ignore_index;
+  Smoothing sm;         // sm.weight: the C class weights, or nullptr; keep/each used only when kSmooth
   float* loss_map;      // P floats, or nullptr
   Strided4 grad;        // data nullptr: no gradient
 };
 
-// acc: [sum of w_y * nll, sum of w_y]
-template <typename T>
-FAS_HD void cross_entropy_pixel(const CrossEntropyArgs& a, int64_t p, float* acc) {
+// acc: [sum of the losses, sum of w_y, bad labels]; first_bad: the smallest pixel with a bad label seen.
+// kSmooth: label smoothing eps != 0 (eps = 0 is the plain instantiation, which costs nothing extra).
+template <typename T, bool kSmooth>
+FAS_HD void cross_entropy_pixel(const CrossEntropyArgs& a, int64_t p, float* acc, int64_t& first_bad) {
   const T* __restrict__ xp = static_cast<const T*>(a.x.data);
   T* __restrict__ gp = static_cast<T*>(a.grad.data);
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
-  const int64_t y = valid_label(a.target, px, a.s.C, a.ignore_index);
+  const int64_t y = checked_label(a.target, px, p, a.s.C, a.ignore_index, acc[2], first_bad);
   float loss = 0.f;
-  if (y >= 0) {  // the logits of an ignored pixel are never read: a NaN there cannot reach the loss
+  if (y >= 0) {  // the logits of an uncounted pixel are never read: a NaN there cannot reach the loss
     const int64_t xb = offset4(a.x, px);
-    const RowStats r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, y);
-    const float wy = a.weight != nullptr ? a.weight[y] : 1.f;
-    loss = (r.m + logf(r.s) - r.xsel) * wy;
+    const RowStats r = row_stats<T, false, kSmooth>(xp, xb, a.x.sc, a.s.C, y, a.sm.weight);
+    const float wy = a.sm.weight != nullptr ? a.sm.weight[y] : 1.f;
+    loss = ce_loss<kSmooth>(r, wy, a.sm);
     acc[0] += loss;
     acc[1] += wy;
-    if (gp != nullptr) write_nll_grad<T>(xp, xb, a.x.sc, gp, offset4(a.grad, px), a.grad.sc, a.s.C, r, y, wy);
+    if (gp != nullptr) {
+      write_nll_grad<T, kSmooth>(xp, xb, a.x.sc, gp, offset4(a.grad, px), a.grad.sc, a.s.C, r, y,
+                                 kSmooth ? a.sm.keep * wy : wy, a.sm);
+    }
   } else if (gp != nullptr) {
     write_zeros<T>(gp, offset4(a.grad, px), a.grad.sc, a.s.C);
   }
@@ -158,39 +160,41 @@ struct GeneratorArgs {
   Strided3 z, target;  // target.data nullptr: an unlabelled batch
   int64_t ignore_index;
   float threshold;
-  Strided4 grad_x;     // d(ce sum)/dx (labelled) or d(semi sum)/dx (unlabelled), or absent
+  Strided4 grad_x;     // d(term sum)/dx: cross-entropy (labelled) or L_semi (unlabelled), or absent
   Strided3 grad_z;     // d(adv sum)/dz, or absent
 };
 
-// acc: [ce sum, ce count, adv sum, adv count, semi sum, semi count]
+// acc: [term sum, term count, adv sum, adv count, kept, considered, bad labels]; first_bad as in cross_entropy.
 template <typename T>
-FAS_HD void generator_pixel(const GeneratorArgs& a, int64_t p, float* acc) {
+FAS_HD void generator_pixel(const GeneratorArgs& a, int64_t p, float* acc, int64_t& first_bad) {
   const T* __restrict__ xp = static_cast<const T*>(a.x.data);
   T* __restrict__ gxp = static_cast<T*>(a.grad_x.data);
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
   const int64_t xb = offset4(a.x, px);
-  int64_t sel = -1;  // the class whose nll counts at this pixel, -1 if none
+  int64_t sel = -1;  // the class whose nll counts in the term at this pixel, -1 if none
   bool adv_counts;   // whether BCE(z, 1) counts at this pixel
   float zv = 0.f;
   RowStats r{};
-  if (a.target.data != nullptr) {  // labelled: ce and adv over the pixels with a valid label
-    sel = valid_label(a.target, px, a.s.C, a.ignore_index);
+  if (a.target.data != nullptr) {  // labelled: cross-entropy and adv over the pixels with a valid label
+    sel = checked_label(a.target, px, p, a.s.C, a.ignore_index, acc[6], first_bad);
     adv_counts = sel >= 0;
     if (sel >= 0) {
       zv = load_map(a.z, offset3(a.z, px));
       r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, sel);
-      acc[0] += r.m + logf(r.s) - r.xsel;
-      acc[1] += 1.f;
     }
-  } else {  // unlabelled: adv over every pixel, semi over the confident ones
+  } else {  // unlabelled: adv over every pixel, L_semi over the confident ones
     adv_counts = true;
     zv = load_map(a.z, offset3(a.z, px));
+    acc[5] += 1.f;
     if (sigmoid(zv) > a.threshold) {
       r = row_stats<T, true>(xp, xb, a.x.sc, a.s.C, -1);
       sel = r.arg;
-      acc[4] += r.m + logf(r.s) - r.xsel;
-      acc[5] += 1.f;
+      acc[4] += 1.f;
     }
+  }
+  if (sel >= 0) {
+    acc[0] += r.m + logf(r.s) - r.xsel;
+    acc[1] += 1.f;
   }
   if (adv_counts) {
     acc[2] += bce_logits(zv, 1.f);

@@ -1,10 +1,11 @@
 // softmax2d: y[n,c,h,w] = exp(x_c - m) / sum_k exp(x_k - m), m = max_k x_k, per pixel over the C channels.
-// Backward: gx_c = p_c * (gy_c - sum_k p_k gy_k) with p = softmax(x) recomputed in float32 from the logits.
+// Backward: gx_c = p_c * (gy_c - sum_k p_k gy_k) from the saved probabilities p = y (as stored: same dtype as x),
+// in float32 math; the logits are not read.
 // One thread per pixel, float32 math for float/half/bfloat16 data, any strides (int64). Non-finite logits as in
 // PyTorch (see row_stats in common.cuh).
 // Bytes moved (E = bytes per element, N*C*H*W elements): forward reads the logits once from DRAM (the second
-// sweep of a pixel's C values hits L1/L2) and writes y: 2*E per element; backward reads x and gy, writes gx:
-// 3*E per element.
+// sweep of a pixel's C values hits L1/L2) and writes y: 2*E per element; backward reads p and gy once from DRAM
+// (the second sweep hits L1/L2) and writes gx: 3*E per element.
 #include "pixel_ops.cuh"
 
 namespace fastadvseg {
@@ -24,15 +25,15 @@ __global__ void __launch_bounds__(kThreads) softmax_backward_kernel(SoftmaxArgs 
 }  // namespace
 
 cudaError_t softmax2d_forward(Shape4 s, int dtype, Strided4 x, Strided4 y, cudaStream_t stream) {
-  const SoftmaxArgs a{s, x, y, Strided4{}, Strided4{}};
+  const SoftmaxArgs a{s, x, y, Strided4{}, Strided4{}, Strided4{}};
   return dispatch_logits(dtype, [&](auto tag) {
     softmax_forward_kernel<decltype(tag)><<<grid_of(grid_blocks(s.N * s.H * s.W)), kThreads, 0, stream>>>(a);
     return cudaGetLastError();
   });
 }
 
-cudaError_t softmax2d_backward(Shape4 s, int dtype, Strided4 x, Strided4 gy, Strided4 gx, cudaStream_t stream) {
-  const SoftmaxArgs a{s, x, Strided4{}, gy, gx};
+cudaError_t softmax2d_backward(Shape4 s, int dtype, Strided4 p, Strided4 gy, Strided4 gx, cudaStream_t stream) {
+  const SoftmaxArgs a{s, Strided4{}, Strided4{}, p, gy, gx};
   return dispatch_logits(dtype, [&](auto tag) {
     softmax_backward_kernel<decltype(tag)><<<grid_of(grid_blocks(s.N * s.H * s.W)), kThreads, 0, stream>>>(a);
     return cudaGetLastError();

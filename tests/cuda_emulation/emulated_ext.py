@@ -1,11 +1,12 @@
 """A CPU stand-in for the cuda backend's extension, for machines without a GPU.
 
 ``harness.cpp`` (compiled here with the host C++ compiler and the CUDA headers) runs the per-pixel functions of
-``kernels/cuda/pixel_ops.cuh`` -- the code every CUDA kernel runs for one pixel -- over CPU tensors, and the same
-epilogue arithmetic as the finalize kernel. :class:`EmulatedExt` mirrors ``csrc/cuda/binding.cpp`` (allocation,
-strides, dtype codes) on top of it, and :func:`load_emulated_backend` imports ``fastadvseg/backends/cuda.py`` with
-it, so the backend's autograd layer and the kernels' math are tested end to end against the reference backend.
-Not emulated: the grid loop, the block reduction, the launches and the C++ binding itself.
+``kernels/cuda/pixel_ops.cuh`` -- the code every CUDA kernel runs for one pixel -- over CPU tensors in pixel order,
+and the finalize kernel's result code on the float64 column sums (raw sums, bad-label reports). :class:`EmulatedExt`
+mirrors ``csrc/cuda/binding.cpp`` exactly (argument order, returns, allocation, strides, dtype codes) on top of it,
+and :func:`load_emulated_backend` imports ``fastadvseg/backends/cuda.py`` with it, so the backend's autograd layer
+and the kernels' math are tested end to end against the reference backend.
+Not emulated: the grid loop, the block reductions, the launches and the C++ binding itself.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-from ctypes import c_double, c_float, c_int, c_int64, c_uint64, c_void_p
+from ctypes import c_float, c_int, c_int64, c_uint64, c_void_p
 from pathlib import Path
 from typing import Optional
 
@@ -65,25 +66,21 @@ class Strided3(ctypes.Structure):
     _fields_ = [("data", c_void_p), ("sn", c_int64), ("sh", c_int64), ("sw", c_int64), ("dtype", c_int)]
 
 
-class Outputs(ctypes.Structure):
-    _fields_ = [("p", c_void_p * 8)]
-
-
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 NHW = c_int64 * 3
 
 _SIGNATURES = {
     "emu_softmax2d_forward": [Shape4, c_int, Strided4, Strided4],
     "emu_softmax2d_backward": [Shape4, c_int, Strided4, Strided4, Strided4],
-    "emu_cross_entropy2d_forward": [Shape4, c_int, Strided4, Strided3, c_void_p, c_int64, c_int, c_void_p, Strided4,
-                                    Outputs],
-    "emu_bce_with_logits2d_forward": [c_int64, c_int64, c_int64, Strided3, Strided3, c_float, Strided3, c_int,
-                                      c_void_p, Strided3, Outputs],
-    "emu_discriminator_loss_forward": [NHW, Strided3, Strided3, Strided3, NHW, Strided3, Strided3, Strided3, Outputs],
-    "emu_semi_cross_entropy2d_forward": [Shape4, c_int, Strided4, Strided3, c_float, Strided3, c_int, c_void_p,
-                                         Strided4, Outputs],
-    "emu_generator_loss_forward": [Shape4, c_int, Strided4, Strided3, Strided3, c_int64, c_double, c_double, c_float,
-                                   Strided4, Strided3, Outputs],
+    "emu_cross_entropy2d_forward": [Shape4, c_int, Strided4, Strided3, c_void_p, c_int64, c_float, c_void_p, Strided4,
+                                    c_void_p, c_void_p],
+    "emu_bce_with_logits2d_forward": [c_int64, c_int64, c_int64, Strided3, Strided3, c_float, Strided3, c_void_p,
+                                      Strided3, c_void_p],
+    "emu_discriminator_loss_forward": [NHW, Strided3, Strided3, Strided3, NHW, Strided3, Strided3, Strided3, c_void_p],
+    "emu_semi_cross_entropy2d_forward": [Shape4, c_int, Strided4, Strided3, c_float, Strided3, c_void_p, Strided4,
+                                         c_void_p],
+    "emu_generator_loss_forward": [Shape4, c_int, Strided4, Strided3, Strided3, c_int64, c_float, Strided4, Strided3,
+                                   c_void_p, c_void_p],
     "emu_one_hot2d_forward": [Shape4, Strided3, c_int64, c_void_p, c_int, c_uint64],
 }
 
@@ -108,21 +105,23 @@ def _raw(t: Optional[torch.Tensor]) -> Strided3:
     return Strided3() if t is None else Strided3(t.data_ptr(), *t.stride(), -1)
 
 
-def _outputs(*tensors: torch.Tensor) -> Outputs:
-    out = Outputs()
-    for i, t in enumerate(tensors):
-        out.p[i] = t.data_ptr()
-    return out
+def _sums(k: int) -> torch.Tensor:
+    """The binding's K raw sums (float32)."""
+    return torch.empty(k, dtype=torch.float32)
 
 
-def _scalar() -> torch.Tensor:
-    return torch.empty((), dtype=torch.float32)
+def _bad() -> torch.Tensor:
+    """The binding's bad-label report [count, first value] (int64)."""
+    return torch.empty(2, dtype=torch.int64)
+
+
+def _loss_map(need_map: bool, n: int, h: int, w: int) -> Optional[torch.Tensor]:
+    return torch.empty((n, h, w), dtype=torch.float32) if need_map else None
 
 
 class EmulatedExt:
-    """The API of fastadvseg._cuda_kernels (csrc/cuda/binding.cpp), on CPU tensors."""
-
-    REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+    """The API of fastadvseg._cuda_kernels (csrc/cuda/binding.cpp), on CPU tensors: same argument order, same
+    returns (lists with None for results not requested)."""
 
     def __init__(self, lib_path: Path):
         self.lib = ctypes.CDLL(str(lib_path))
@@ -139,59 +138,57 @@ class EmulatedExt:
         self._call("emu_softmax2d_forward", _shape4(x), DTYPE_CODE[x.dtype], _s4(x), _s4(y))
         return y
 
-    def softmax2d_backward(self, x, grad_y):
-        gy = grad_y.to(x.dtype)
-        gx = torch.empty_like(x)
-        self._call("emu_softmax2d_backward", _shape4(x), DTYPE_CODE[x.dtype], _s4(x), _s4(gy), _s4(gx))
+    def softmax2d_backward(self, probs, grad_probs):
+        gy = grad_probs.to(probs.dtype)
+        gx = torch.empty_like(probs)
+        self._call("emu_softmax2d_backward", _shape4(probs), DTYPE_CODE[probs.dtype], _s4(probs), _s4(gy), _s4(gx))
         return gx
 
-    def cross_entropy2d_forward(self, x, target, weight, ignore_index, reduction, need_grad):
+    def cross_entropy2d_forward(self, x, target, weight, ignore_index, label_smoothing, need_map, need_grad):
         n, _, h, w = x.shape
         wt = None if weight is None else weight.float().contiguous()
-        loss_map = torch.empty((n, h, w)) if reduction == self.REDUCTION_NONE else None
+        loss_map = _loss_map(need_map, n, h, w)
         grad = torch.empty_like(x) if need_grad else None
-        value, den = _scalar(), _scalar()
+        sums, bad = _sums(2), _bad()
         self._call("emu_cross_entropy2d_forward", _shape4(x), DTYPE_CODE[x.dtype], _s4(x), _raw(target), _ptr(wt),
-                   ignore_index, reduction, _ptr(loss_map), _s4(grad), _outputs(value, den))
-        return [value if loss_map is None else loss_map, den, grad]
+                   ignore_index, label_smoothing, _ptr(loss_map), _s4(grad), _ptr(sums), _ptr(bad))
+        return [sums, loss_map, grad, bad]
 
-    def bce_with_logits2d_forward(self, z, target, target_value, mask, reduction, need_grad):
+    def bce_with_logits2d_forward(self, z, target, target_value, mask, need_map, need_grad):
         n, h, w = z.shape
         t = None if target is None else (target.expand(z.shape) if target.dim() == 0 else target)
-        loss_map = torch.empty((n, h, w)) if reduction == self.REDUCTION_NONE else None
+        loss_map = _loss_map(need_map, n, h, w)
         grad = torch.empty((n, h, w), dtype=z.dtype) if need_grad else None
-        value, den = _scalar(), _scalar()
-        self._call("emu_bce_with_logits2d_forward", n, h, w, _fmap(z), _fmap(t), target_value, _raw(mask), reduction,
-                   _ptr(loss_map), _fmap(grad), _outputs(value, den))
-        return [value if loss_map is None else loss_map, den, grad]
+        sums = _sums(2)
+        self._call("emu_bce_with_logits2d_forward", n, h, w, _fmap(z), _fmap(t), target_value, _raw(mask),
+                   _ptr(loss_map), _fmap(grad), _ptr(sums))
+        return [sums, loss_map, grad]
+
+    def semi_cross_entropy2d_forward(self, x, z, threshold, mask, need_map, need_grad):
+        n, _, h, w = x.shape
+        loss_map = _loss_map(need_map, n, h, w)
+        grad = torch.empty_like(x) if need_grad else None
+        sums = _sums(3)
+        self._call("emu_semi_cross_entropy2d_forward", _shape4(x), DTYPE_CODE[x.dtype], _s4(x), _fmap(z), threshold,
+                   _raw(mask), _ptr(loss_map), _s4(grad), _ptr(sums))
+        return [sums, loss_map, grad]
+
+    def generator_loss_forward(self, x, z, target, threshold, ignore_index, need_grad_x, need_grad_z):
+        n, _, h, w = x.shape
+        gx = torch.empty_like(x) if need_grad_x else None
+        gz = torch.empty((n, h, w), dtype=z.dtype) if need_grad_z else None
+        sums, bad = _sums(6), _bad()
+        self._call("emu_generator_loss_forward", _shape4(x), DTYPE_CODE[x.dtype], _s4(x), _fmap(z), _raw(target),
+                   ignore_index, threshold, _s4(gx), _fmap(gz), _ptr(sums), _ptr(bad))
+        return [sums, gx, gz, bad]
 
     def discriminator_loss_forward(self, fake, real, fake_mask, real_mask, need_fake_grad, need_real_grad):
         fake_grad = torch.empty(fake.shape, dtype=fake.dtype) if need_fake_grad else None
         real_grad = torch.empty(real.shape, dtype=real.dtype) if need_real_grad else None
-        loss, den_fake, den_real = _scalar(), _scalar(), _scalar()
+        sums = _sums(4)
         self._call("emu_discriminator_loss_forward", NHW(*fake.shape), _fmap(fake), _raw(fake_mask), _fmap(fake_grad),
-                   NHW(*real.shape), _fmap(real), _raw(real_mask), _fmap(real_grad),
-                   _outputs(loss, den_fake, den_real))
-        return [loss, den_fake, den_real, fake_grad, real_grad]
-
-    def semi_cross_entropy2d_forward(self, x, z, threshold, mask, reduction, need_grad):
-        n, _, h, w = x.shape
-        loss_map = torch.empty((n, h, w)) if reduction == self.REDUCTION_NONE else None
-        grad = torch.empty_like(x) if need_grad else None
-        value, den, ratio = _scalar(), _scalar(), _scalar()
-        self._call("emu_semi_cross_entropy2d_forward", _shape4(x), DTYPE_CODE[x.dtype], _s4(x), _fmap(z), threshold,
-                   _raw(mask), reduction, _ptr(loss_map), _s4(grad), _outputs(value, den, ratio))
-        return [value if loss_map is None else loss_map, den, ratio, grad]
-
-    def generator_loss_forward(self, x, z, target, lambda_adv, lambda_semi, threshold, ignore_index, need_gx,
-                               need_gz):
-        n, _, h, w = x.shape
-        gx = torch.empty_like(x) if need_gx else None
-        gz = torch.empty((n, h, w), dtype=z.dtype) if need_gz else None
-        outs = [_scalar() for _ in range(8)]
-        self._call("emu_generator_loss_forward", _shape4(x), DTYPE_CODE[x.dtype], _s4(x), _fmap(z), _raw(target),
-                   ignore_index, lambda_adv, lambda_semi, threshold, _s4(gx), _fmap(gz), _outputs(*outs))
-        return outs + [gx, gz]
+                   NHW(*real.shape), _fmap(real), _raw(real_mask), _fmap(real_grad), _ptr(sums))
+        return [sums, fake_grad, real_grad]
 
     def one_hot2d_forward(self, target, out, ignore_index):
         assert out.is_contiguous()

@@ -1,33 +1,27 @@
 // Host emulation of the CUDA launchers (kernels/cuda/launchers.cuh) for tests on machines without a GPU.
 //
 // Compiled by the host compiler alone (g++ with the CUDA headers on the include path), it runs the very per-pixel
-// functions of kernels/cuda/pixel_ops.cuh that the kernels run, over every pixel in order, then the same epilogue
-// arithmetic as the finalize kernel (kernels/cuda/common.cuh). Only the grid loop, the block reduction and the
-// launches differ. tests/test_cuda_backend.py drives it through ctypes, behind a stand-in for the torch binding.
+// functions of kernels/cuda/pixel_ops.cuh that the kernels run, over every pixel in order (so the first bad label a
+// pixel function records is the first in pixel order), then the finalize block's own result code (write_results in
+// kernels/cuda/common.cuh) on the float64 column sums. Only the grid loop, the block reductions and the launches
+// differ. tests/cuda_emulation/emulated_ext.py drives it through ctypes, behind a stand-in for the torch binding.
 #include "pixel_ops.cuh"
 
 using namespace fastadvseg::cuda;
 
 namespace {
 
-template <int K, typename F>
-void run(int64_t pixels, F&& pixel, const Epilogue& epi) {
-  double sums[K] = {};
+// pixel(p, acc, first_bad) over p = 0 .. pixels-1; acc has `rows` floats (K sums, + the bad count when labelled).
+template <int kRows, typename F>
+void run(int64_t pixels, const Finalize& fin, F&& pixel) {
+  double col[kRows] = {};
+  int64_t first_bad = kNoBad;
   for (int64_t p = 0; p < pixels; ++p) {
-    float acc[K] = {};
-    pixel(p, acc);
-    for (int k = 0; k < K; ++k) sums[k] += acc[k];
+    float acc[kRows] = {};
+    pixel(p, acc, first_bad);
+    for (int k = 0; k < kRows; ++k) col[k] += acc[k];
   }
-  apply_epilogue(sums, epi);
-}
-
-// run<K> with the logits' element type: pixel(tag, p, acc), decltype(tag) = float, __half or __nv_bfloat16.
-template <int K, typename F>
-int run_typed(int dtype, int64_t pixels, const Epilogue& epi, F&& pixel) {
-  return dispatch_logits(dtype, [&](auto tag) {
-    run<K>(pixels, [&](int64_t p, float* acc) { pixel(tag, p, acc); }, epi);
-    return cudaSuccess;
-  });
+  write_results(col, first_bad, fin);
 }
 
 }  // namespace
@@ -35,15 +29,15 @@ int run_typed(int dtype, int64_t pixels, const Epilogue& epi, F&& pixel) {
 extern "C" {
 
 int emu_softmax2d_forward(Shape4 s, int dtype, Strided4 x, Strided4 y) {
-  const SoftmaxArgs a{s, x, y, Strided4{}, Strided4{}};
+  const SoftmaxArgs a{s, x, y, Strided4{}, Strided4{}, Strided4{}};
   return dispatch_logits(dtype, [&](auto tag) {
     for (int64_t p = 0; p < s.N * s.H * s.W; ++p) softmax_forward_pixel<decltype(tag)>(a, p);
     return cudaSuccess;
   });
 }
 
-int emu_softmax2d_backward(Shape4 s, int dtype, Strided4 x, Strided4 gy, Strided4 gx) {
-  const SoftmaxArgs a{s, x, Strided4{}, gy, gx};
+int emu_softmax2d_backward(Shape4 s, int dtype, Strided4 probs, Strided4 gy, Strided4 gx) {
+  const SoftmaxArgs a{s, Strided4{}, Strided4{}, probs, gy, gx};
   return dispatch_logits(dtype, [&](auto tag) {
     for (int64_t p = 0; p < s.N * s.H * s.W; ++p) softmax_backward_pixel<decltype(tag)>(a, p);
     return cudaSuccess;
@@ -51,51 +45,63 @@ int emu_softmax2d_backward(Shape4 s, int dtype, Strided4 x, Strided4 gy, Strided
 }
 
 int emu_cross_entropy2d_forward(Shape4 s, int dtype, Strided4 x, Strided3 target, const float* weight,
-                                int64_t ignore_index, int reduction, float* loss_map, Strided4 grad, Outputs out) {
-  const CrossEntropyArgs a{s, x, target, weight, ignore_index, loss_map, grad};
-  return run_typed<2>(dtype, s.N * s.H * s.W, make_epilogue(kEpiMean, reduction, out),
-                      [&](auto tag, int64_t p, float* acc) { cross_entropy_pixel<decltype(tag)>(a, p, acc); });
+                                int64_t ignore_index, float label_smoothing, float* loss_map, Strided4 grad,
+                                float* sums, int64_t* bad) {
+  const CrossEntropyArgs a{s, x, target, ignore_index, make_smoothing(label_smoothing, s.C, weight), loss_map, grad};
+  const Finalize fin = make_labelled_finalize(2, sums, bad, target, s.H, s.W);
+  return dispatch_logits(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (label_smoothing != 0.f) {  // the launcher's choice of instantiation
+      run<3>(s.N * s.H * s.W, fin,
+             [&](int64_t p, float* acc, int64_t& fb) { cross_entropy_pixel<T, true>(a, p, acc, fb); });
+    } else {
+      run<3>(s.N * s.H * s.W, fin,
+             [&](int64_t p, float* acc, int64_t& fb) { cross_entropy_pixel<T, false>(a, p, acc, fb); });
+    }
+    return cudaSuccess;
+  });
 }
 
 int emu_bce_with_logits2d_forward(int64_t N, int64_t H, int64_t W, Strided3 z, Strided3 target, float target_value,
-                                  Strided3 mask, int reduction, float* loss_map, Strided3 grad, Outputs out) {
+                                  Strided3 mask, float* loss_map, Strided3 grad, float* sums) {
   const BceSegment first{H, W, N * H * W, z, target, mask, grad, target_value, loss_map};
   const BceSegment none{1, 1, 0, Strided3{}, Strided3{}, Strided3{}, Strided3{}, 0.f, nullptr};
-  run<4>(first.P, [&](int64_t q, float* acc) { bce_pair_pixel(first, none, q, acc); },
-         make_epilogue(kEpiMean, reduction, out));
+  run<4>(first.P, make_finalize(2, sums),
+         [&](int64_t q, float* acc, int64_t&) { bce_pair_pixel(first, none, q, acc); });
   return 0;
 }
 
 int emu_discriminator_loss_forward(const int64_t* fake_nhw, Strided3 fake, Strided3 fake_mask, Strided3 fake_grad,
                                    const int64_t* real_nhw, Strided3 real, Strided3 real_mask, Strided3 real_grad,
-                                   Outputs out) {
+                                   float* sums) {
   const BceSegment first{fake_nhw[1], fake_nhw[2], fake_nhw[0] * fake_nhw[1] * fake_nhw[2], fake, Strided3{},
                          fake_mask, fake_grad, 0.f, nullptr};
   const BceSegment second{real_nhw[1], real_nhw[2], real_nhw[0] * real_nhw[1] * real_nhw[2], real, Strided3{},
                           real_mask, real_grad, 1.f, nullptr};
-  run<4>(first.P + second.P, [&](int64_t q, float* acc) { bce_pair_pixel(first, second, q, acc); },
-         make_epilogue(kEpiDiscriminator, kReduceMean, out));
+  run<4>(first.P + second.P, make_finalize(4, sums),
+         [&](int64_t q, float* acc, int64_t&) { bce_pair_pixel(first, second, q, acc); });
   return 0;
 }
 
 int emu_semi_cross_entropy2d_forward(Shape4 s, int dtype, Strided4 x, Strided3 z, float threshold, Strided3 mask,
-                                     int reduction, float* loss_map, Strided4 grad, Outputs out) {
+                                     float* loss_map, Strided4 grad, float* sums) {
   const SemiArgs a{s, x, z, mask, threshold, loss_map, grad};
-  return run_typed<3>(dtype, s.N * s.H * s.W, make_epilogue(kEpiSemi, reduction, out),
-                      [&](auto tag, int64_t p, float* acc) { semi_pixel<decltype(tag)>(a, p, acc); });
+  return dispatch_logits(dtype, [&](auto tag) {
+    run<3>(s.N * s.H * s.W, make_finalize(3, sums),
+           [&](int64_t p, float* acc, int64_t&) { semi_pixel<decltype(tag)>(a, p, acc); });
+    return cudaSuccess;
+  });
 }
 
 int emu_generator_loss_forward(Shape4 s, int dtype, Strided4 x, Strided3 z, Strided3 target, int64_t ignore_index,
-                               double lambda_adv, double lambda_semi, float threshold, Strided4 grad_x,
-                               Strided3 grad_z, Outputs out) {
+                               float threshold, Strided4 grad_x, Strided3 grad_z, float* sums, int64_t* bad) {
   const GeneratorArgs a{s, x, z, target, ignore_index, threshold, grad_x, grad_z};
-  Epilogue epi = make_epilogue(kEpiGenerator, kReduceMean, out);
-  epi.labelled = target.data != nullptr ? 1 : 0;
-  epi.lambda_adv = lambda_adv;
-  epi.lambda_semi = lambda_semi;
-  epi.pixels = static_cast<double>(s.N * s.H * s.W);
-  return run_typed<6>(dtype, s.N * s.H * s.W, epi,
-                      [&](auto tag, int64_t p, float* acc) { generator_pixel<decltype(tag)>(a, p, acc); });
+  const Finalize fin = make_labelled_finalize(6, sums, bad, target, s.H, s.W);
+  return dispatch_logits(dtype, [&](auto tag) {
+    run<7>(s.N * s.H * s.W, fin,
+           [&](int64_t p, float* acc, int64_t& fb) { generator_pixel<decltype(tag)>(a, p, acc, fb); });
+    return cudaSuccess;
+  });
 }
 
 int emu_one_hot2d_forward(Shape4 s, Strided3 target, int64_t ignore_index, void* out, int elem_size,

@@ -1,0 +1,434 @@
+"""The CUDA kernels' own surface (fastadvseg._cuda_kernels), emulated on the CPU, against float64 oracles.
+
+tests/cuda_emulation compiles the kernels' per-pixel code (kernels/cuda/pixel_ops.cuh) and the finalize block's
+result code with the host compiler and runs them over CPU tensors behind :class:`EmulatedExt`, which mirrors
+csrc/cuda/binding.cpp exactly (argument order, returns). These tests call it directly -- no autograd layer, no
+dispatch -- and check what the binding promises: RAW sums (never means), loss maps, gradients of the raw sums
+(exactly 0 where a pixel does not count, also next to NaN/Inf inputs there) and the bad-label reports
+([count, first bad label in pixel order], int64), for float32/float16/bfloat16 inputs in contiguous,
+channels_last and sliced layouts at small odd shapes. The oracles are PyTorch's own functions
+(F.cross_entropy with weight/ignore_index/label_smoothing, F.binary_cross_entropy_with_logits, softmax, autograd)
+in float64 on the inputs as stored. Skipped without g++ or the CUDA headers (no GPU needed).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cuda_emulation.emulated_ext import EmulatedExt, build_harness
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+# odd shapes: N=1, C=1, C not a power of two, H*W prime, W=1, C=150, more pixels than one block of 256
+SHAPES = [(2, 5, 7, 9), (1, 1, 3, 5), (3, 21, 13, 1), (1, 150, 3, 5), (2, 19, 17, 11)]
+IGNORE = 255
+# sums: float32 per pixel, float64 across pixels; maps: float32; gradients: stored in the input dtype
+SUM_TOL = dict(rtol=1e-5, atol=1e-4)
+MAP_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-4),
+}
+
+
+# ------------------------------------------------------------------------------------------------------- inputs
+
+@pytest.fixture(scope="module")
+def ext(tmp_path_factory) -> EmulatedExt:
+    """The host emulation of the kernels (tests/cuda_emulation), compiled once per module."""
+    try:
+        return EmulatedExt(build_harness(tmp_path_factory.mktemp("cuda_emulation")))
+    except FileNotFoundError as exc:
+        pytest.skip(f"cuda emulation: {exc}")
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(20240607)
+
+
+def _rand(shape, gen, scale=3.0):
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+
+def _with_layout(base: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor equal to ``base`` (4-D or 3-D) with the given memory layout."""
+    if layout == "contiguous":
+        return base.clone()
+    if layout == "channels_last":
+        return (base.clone().contiguous(memory_format=torch.channels_last) if base.dim() == 4
+                else base.unsqueeze(1).contiguous(memory_format=torch.channels_last)[:, 0])
+    if layout == "sliced":  # a strided view with a storage offset: every dimension sliced
+        big = torch.zeros([2 * s + 3 for s in base.shape], dtype=base.dtype)
+        out = big[tuple(slice(1, 1 + 2 * s, 2) for s in base.shape)]
+        out.copy_(base)
+        assert out.storage_offset() > 0
+        return out
+    if layout == "w_major":  # 3-D only: memory order (w, h, n), the reverse of pixel order
+        return base.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    raise ValueError(layout)
+
+
+def _logits(shape, dtype, layout, gen, scale=3.0):
+    return _with_layout(_rand(shape, gen, scale).to(dtype), layout)
+
+
+def _target(shape, gen, layout="contiguous", ignore_frac=0.25, ignore_index=IGNORE):
+    n, c, h, w = shape
+    t = torch.randint(0, c, (n, h, w), generator=gen)
+    t[torch.rand((n, h, w), generator=gen) < ignore_frac] = ignore_index
+    return _with_layout(t, layout)
+
+
+def _mask(nhw, gen, layout="contiguous", frac=0.3):
+    return _with_layout(torch.rand(nhw, generator=gen) < frac, layout)
+
+
+def _weight(kind, c, gen):
+    if kind == "none":
+        return None
+    w = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    if kind == "negative":  # some negative class weights (PyTorch allows them)
+        w = w - 1.2
+    return w.float().double()  # the kernel reads float32 weights: the oracle uses the same values
+
+
+def _close(actual, expected, **tol):
+    torch.testing.assert_close(actual.double(), expected.double(), equal_nan=True, **tol)
+
+
+def _grad_close(actual, expected, dtype):
+    assert actual.dtype == dtype
+    _close(actual, expected.to(dtype), **GRAD_TOL[dtype])
+
+
+def _counted(target, c, ignore_index):
+    return (target != ignore_index) & (target >= 0) & (target < c)
+
+
+def _softplus_neg(z):
+    """BCE(z, 1) = softplus(-z), in float64."""
+    return F.binary_cross_entropy_with_logits(z, torch.ones_like(z), reduction="none")
+
+
+# -------------------------------------------------------------------------------------------------- softmax2d
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax2d_forward_and_backward_from_saved_probabilities(ext, shape, dtype, layout, gen):
+    x = _logits(shape, dtype, layout, gen)
+    y = ext.softmax2d_forward(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    _grad_close(y, torch.softmax(x.double(), dim=1), dtype)
+    # the backward reads the probabilities as saved (in x's dtype): the oracle uses those very values
+    p = y.double()
+    for gy in (_with_layout(_rand(shape, gen, 1.0).to(dtype), layout),
+               torch.ones((), dtype=dtype).expand(shape)):  # an expanded gradient, as .sum() gives
+        gx = ext.softmax2d_backward(y, gy)
+        g = gy.double()
+        _grad_close(gx, p * (g - (p * g).sum(dim=1, keepdim=True)), dtype)
+    # a float32 upstream gradient for half probabilities is converted to their dtype, like the binding does
+    gy32 = _rand(shape, gen, 1.0).float()
+    g = gy32.to(dtype).double()
+    _grad_close(ext.softmax2d_backward(y, gy32), p * (g - (p * g).sum(dim=1, keepdim=True)), dtype)
+
+
+# ---------------------------------------------------------------------------------------------- cross_entropy2d
+
+def _ce_oracle(x, target, weight, ignore_index, eps):
+    """(loss map, loss sum, weight sum, gradient of the loss sum) in float64; bad labels do not count."""
+    c = x.shape[1]
+    counted = _counted(target, c, ignore_index)
+    t = torch.where(counted, target, torch.full_like(target, -100))
+    x64 = x.detach().double().requires_grad_(True)
+    loss_map = F.cross_entropy(x64, t, weight=weight, ignore_index=-100, label_smoothing=eps, reduction="none")
+    loss_map = torch.where(counted, loss_map, torch.zeros_like(loss_map))
+    loss_map.sum().backward()
+    w = torch.ones(c, dtype=torch.float64) if weight is None else weight
+    wsum = w[t[counted]].sum()
+    return loss_map.detach(), loss_map.detach().sum(), wsum, x64.grad
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("weight_kind", ["none", "positive", "negative"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cross_entropy2d_raw_sums_map_and_gradient(ext, shape, dtype, layout, weight_kind, eps, gen):
+    x = _logits(shape, dtype, layout, gen)
+    t = _target(shape, gen, layout=layout)
+    w = _weight(weight_kind, shape[1], gen)
+    sums, loss_map, grad, bad = ext.cross_entropy2d_forward(x, t, w, IGNORE, eps, True, True)
+    ref_map, ref_sum, ref_wsum, ref_grad = _ce_oracle(x, t, w, IGNORE, eps)
+    assert sums.dtype == torch.float32 and sums.shape == (2,)
+    assert bad.dtype == torch.int64 and bad.tolist() == [0, 0]
+    assert loss_map.dtype == torch.float32 and loss_map.shape == t.shape
+    _close(loss_map, ref_map, **MAP_TOL)
+    _close(sums[0], ref_sum, **SUM_TOL)
+    _close(sums[1], ref_wsum, **SUM_TOL)
+    _grad_close(grad, ref_grad, dtype)
+    assert torch.all(grad.masked_select(~_counted(t, shape[1], IGNORE).unsqueeze(1).expand(shape)) == 0)
+    if weight_kind != "negative" and ref_wsum > 0:  # PyTorch's mean is the ratio of the two sums
+        mean = F.cross_entropy(x.double(), t, weight=w, ignore_index=IGNORE, label_smoothing=eps)
+        _close(sums[0] / sums[1], mean, rtol=1e-5, atol=1e-6)
+    # nothing requested: the same sums, None for the map and the gradient
+    sums2, map2, grad2, bad2 = ext.cross_entropy2d_forward(x, t, w, IGNORE, eps, False, False)
+    assert map2 is None and grad2 is None and bad2.tolist() == [0, 0]
+    assert torch.equal(sums2, sums)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("ignore_index", [-100, 2, IGNORE])
+def test_cross_entropy2d_ignore_index_values_and_smoothing_extremes(ext, ignore_index, eps, gen):
+    """ignore_index inside [0, C) (that class never counts), negative, or outside; eps up to 1 (uniform target)."""
+    shape = (2, 6, 5, 7)
+    x = _logits(shape, torch.float32, "sliced", gen)
+    t = _target(shape, gen, layout="sliced", ignore_index=ignore_index)
+    w = _weight("positive", 6, gen)
+    sums, loss_map, grad, bad = ext.cross_entropy2d_forward(x, t, w, ignore_index, eps, True, True)
+    ref_map, ref_sum, ref_wsum, ref_grad = _ce_oracle(x, t, w, ignore_index, eps)
+    assert bad.tolist() == [0, 0]
+    _close(loss_map, ref_map, **MAP_TOL)
+    _close(sums, torch.stack([ref_sum, ref_wsum]), **SUM_TOL)
+    _grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy2d_non_finite_logits_like_pytorch(ext, dtype, eps):
+    inf, nan = float("inf"), float("nan")
+    rows = [[inf, 1.0, 2.0, 0.0], [-inf, -inf, 3.0, 1.0], [-inf, -inf, -inf, -inf], [inf, inf, 0.0, 0.0],
+            [nan, 1.0, 2.0, 3.0], [0.5, -inf, 2.0, -inf], [1.0, 2.0, 3.0, 4.0], [-inf, 2.0, 2.0, -inf]]
+    x = torch.tensor(rows, dtype=torch.float64).T.reshape(1, 4, 1, len(rows)).to(dtype)
+    for weight in (None, torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)):
+        for label in range(4):
+            t = torch.full((1, 1, len(rows)), label)
+            _, loss_map, _, _ = ext.cross_entropy2d_forward(x, t, weight, IGNORE, eps, True, False)
+            ref = F.cross_entropy(x.double(), t, weight=weight, label_smoothing=eps, reduction="none")
+            _close(loss_map, ref, **MAP_TOL)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_cross_entropy2d_uncounted_pixels_give_exact_zeros(ext, eps, gen):
+    """NaN/Inf logits at ignored or bad-label pixels never reach the sums; their gradient is exactly 0."""
+    shape = (2, 4, 3, 5)
+    x = _rand(shape, gen).float()
+    t = _target(shape, gen, ignore_frac=0.0)
+    x[0, :, 0, 0] = float("nan")
+    x[1, :, 2, 4] = float("inf")
+    x[1, 1, 1, 1] = -float("inf")
+    t[0, 0, 0] = IGNORE
+    t[1, 2, 4] = 7  # bad
+    t[1, 1, 1] = -1  # bad
+    sums, loss_map, grad, bad = ext.cross_entropy2d_forward(x, t, None, IGNORE, eps, True, True)
+    assert torch.isfinite(sums).all() and torch.isfinite(grad).all()
+    assert bad.tolist() == [2, -1]
+    for n, h, w in ((0, 0, 0), (1, 2, 4), (1, 1, 1)):
+        assert loss_map[n, h, w] == 0 and torch.all(grad[n, :, h, w] == 0)
+    ref_map, ref_sum, _, ref_grad = _ce_oracle(torch.nan_to_num(x), t, None, IGNORE, eps)
+    _close(sums[0], ref_sum, **SUM_TOL)
+    _close(grad, ref_grad, **GRAD_TOL[torch.float32])
+    # all ignored: zero sums and an all-zero gradient
+    t_all = torch.full((2, 3, 5), IGNORE)
+    sums, loss_map, grad, bad = ext.cross_entropy2d_forward(x, t_all, None, IGNORE, eps, True, True)
+    assert sums.tolist() == [0.0, 0.0] and bad.tolist() == [0, 0]
+    assert torch.count_nonzero(loss_map) == 0 and torch.count_nonzero(grad) == 0
+
+
+# -------------------------------------------------------------------------------------------------- bad labels
+
+def _plant_bad_labels(t):
+    """Bad labels whose first in memory order (of a w-major or sliced map) is not the first in pixel order."""
+    n, h, w = t.shape
+    t[n - 1, 0, 0] = -5           # first in a w-major memory order, not in pixel order (later image)
+    t[0, h - 1, w - 1] = 2**40    # the first in pixel order: image 0
+    t[n - 1, h - 1, w - 1] = 6    # == C: bad too
+    t[0, 0, 0] = IGNORE           # ignored, not bad
+    return 3, 2**40
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "w_major"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bad_labels_count_and_first_in_pixel_order(ext, dtype, layout, gen):
+    shape = (3, 6, 5, 7)
+    x = _logits(shape, dtype, "channels_last", gen)
+    z = _with_layout(_rand((3, 5, 7), gen, 2.0).to(dtype), layout)
+    base = _target(shape, gen)
+    count, first = _plant_bad_labels(base)
+    t = _with_layout(base, layout)
+    for eps in (0.0, 0.1):
+        sums, loss_map, grad, bad = ext.cross_entropy2d_forward(x, t, None, IGNORE, eps, True, True)
+        assert bad.dtype == torch.int64 and bad.tolist() == [count, first]
+        ref_map, ref_sum, ref_wsum, ref_grad = _ce_oracle(x, t, None, IGNORE, eps)  # bad pixels do not count
+        _close(loss_map, ref_map, **MAP_TOL)
+        _close(sums, torch.stack([ref_sum, ref_wsum]), **SUM_TOL)
+        _grad_close(grad, ref_grad, dtype)
+    sums, gx, gz, bad = ext.generator_loss_forward(x, z, t, 0.2, IGNORE, True, True)
+    assert bad.tolist() == [count, first]
+    counted = _counted(t, 6, IGNORE)
+    assert sums[1].item() == counted.sum().item() == sums[3].item()
+    # more bad labels than one block of threads, across images, and a negative one first
+    t2 = torch.full((2, 17, 19), -(2**40) - 3)
+    t2[0, 0, :3] = torch.tensor([IGNORE, 0, 1])
+    sums, _, _, bad = ext.cross_entropy2d_forward(_rand((2, 6, 17, 19), gen).to(dtype), t2, None, IGNORE, 0.0,
+                                                  False, False)
+    assert bad.tolist() == [2 * 17 * 19 - 3, -(2**40) - 3]
+    assert sums[1].item() == 2.0
+
+
+def test_bad_labels_with_a_negative_ignore_index(ext, gen):
+    x = _rand((1, 3, 2, 4), gen).float()
+    t = torch.tensor([[[-100, 0, 255, 1], [2, 3, -100, -7]]])
+    _, _, _, bad = ext.cross_entropy2d_forward(x, t, None, -100, 0.0, False, False)
+    assert bad.tolist() == [3, 255]
+    _, _, _, bad = ext.generator_loss_forward(x, torch.zeros(1, 2, 4), t, 0.2, -100, False, False)
+    assert bad.tolist() == [3, 255]
+
+
+# ------------------------------------------------------------------------------------------------ bce, semi, d
+
+@pytest.mark.parametrize("target_kind", ["zero", "one", "soft", "map", "map64", "scalar_tensor"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_with_logits2d(ext, dtype, layout, masked, target_kind, gen):
+    nhw = (3, 11, 13)
+    z = _with_layout(_rand(nhw, gen).to(dtype), layout)
+    target, value = None, {"zero": 0.0, "one": 1.0, "soft": 0.3}.get(target_kind, 0.0)
+    if target_kind in ("map", "map64"):
+        target = _with_layout(torch.rand(nhw, generator=gen, dtype=torch.float64), layout)
+        target = target if target_kind == "map64" else target.float()
+    elif target_kind == "scalar_tensor":
+        target = torch.tensor(0.8)
+    mask = _mask(nhw, gen, layout=layout) if masked else None
+    sums, loss_map, grad = ext.bce_with_logits2d_forward(z, target, value, mask, True, True)
+    t64 = (torch.full(nhw, value, dtype=torch.float64) if target is None
+           else target.double().expand(nhw))
+    keep = torch.ones(nhw, dtype=torch.bool) if mask is None else ~mask
+    ref = F.binary_cross_entropy_with_logits(z.double(), t64, reduction="none")
+    ref = torch.where(keep, ref, torch.zeros_like(ref))
+    assert sums.dtype == torch.float32 and sums.shape == (2,)
+    _close(loss_map, ref, **MAP_TOL)
+    _close(sums, torch.stack([ref.sum(), keep.sum().double()]), **SUM_TOL)
+    ref_grad = torch.where(keep, torch.sigmoid(z.double()) - t64, torch.zeros_like(t64))
+    _grad_close(grad, ref_grad, dtype)
+    sums2, map2, grad2 = ext.bce_with_logits2d_forward(z, target, value, mask, False, False)
+    assert map2 is None and grad2 is None and torch.equal(sums2, sums)
+
+
+def _semi_oracle(x, z, threshold, mask):
+    keep = torch.sigmoid(z.float()) > threshold  # the kernel's test: sigmoid of float32(z), in float32
+    if mask is not None:
+        keep &= ~mask
+    considered = z.numel() if mask is None else int((~mask).sum())
+    x64 = x.detach().double().requires_grad_(True)
+    pseudo = x.double().argmax(dim=1)
+    nll = F.cross_entropy(x64, pseudo, reduction="none")
+    nll = torch.where(keep, nll, torch.zeros_like(nll))
+    nll.sum().backward()
+    return nll.detach(), torch.tensor([nll.sum().item(), keep.sum().item(), considered], dtype=torch.float64), \
+        x64.grad, keep
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 0.7])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_semi_cross_entropy2d(ext, dtype, layout, masked, threshold, gen):
+    shape = (2, 7, 9, 11)
+    x = _logits(shape, dtype, layout, gen)
+    z = _with_layout(_rand((2, 9, 11), gen, 2.0).to(torch.float16), layout)
+    mask = _mask((2, 9, 11), gen, layout=layout) if masked else None
+    sums, loss_map, grad = ext.semi_cross_entropy2d_forward(x, z, threshold, mask, True, True)
+    ref_map, ref_sums, ref_grad, _ = _semi_oracle(x, z, threshold, mask)
+    assert sums.dtype == torch.float32 and sums.shape == (3,)
+    _close(loss_map, ref_map, **MAP_TOL)
+    _close(sums, ref_sums, **SUM_TOL)
+    _grad_close(grad, ref_grad, dtype)
+    sums2, map2, grad2 = ext.semi_cross_entropy2d_forward(x, z, threshold, mask, False, False)
+    assert map2 is None and grad2 is None and torch.equal(sums2, sums)
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+@pytest.mark.parametrize("z_dtype", [None, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 21, 13, 17), (1, 3, 1, 1), (3, 19, 11, 9)])
+def test_generator_loss_raw_terms(ext, shape, dtype, layout, z_dtype, labelled, gen):
+    n, c, h, w = shape
+    x = _logits(shape, dtype, layout, gen)
+    z = _with_layout(_rand((n, h, w), gen, 2.0).to(z_dtype or dtype), layout)
+    t = _target(shape, gen, layout=layout) if labelled else None
+    threshold = 0.2
+    sums, gx, gz, bad = ext.generator_loss_forward(x, z, t, threshold, IGNORE, True, True)
+    assert sums.dtype == torch.float32 and sums.shape == (6,)
+    assert bad.dtype == torch.int64 and bad.tolist() == [0, 0]
+    assert gx.dtype == dtype and gz.dtype == z.dtype and gz.shape == (n, h, w)
+    z64 = z.double()
+    if labelled:
+        _, term, count, ref_gx = _ce_oracle(x, t, None, IGNORE, 0.0)
+        adv_at = _counted(t, c, IGNORE)
+        kept = considered = 0
+    else:
+        _, semi_sums, ref_gx, _ = _semi_oracle(x, z, threshold, None)
+        term, count, kept, considered = semi_sums[0], semi_sums[1], semi_sums[1], n * h * w
+        adv_at = torch.ones((n, h, w), dtype=torch.bool)
+    adv = torch.where(adv_at, _softplus_neg(z64), torch.zeros_like(z64))
+    expected = torch.tensor([float(term), float(count), adv.sum().item(), adv_at.sum().item(), float(kept),
+                             float(considered)], dtype=torch.float64)
+    _close(sums, expected, **SUM_TOL)
+    _grad_close(gx, ref_gx, dtype)
+    _grad_close(gz, torch.where(adv_at, torch.sigmoid(z64) - 1, torch.zeros_like(z64)), z.dtype)
+    sums2, gx2, gz2, bad2 = ext.generator_loss_forward(x, z, t, threshold, IGNORE, False, False)
+    assert gx2 is None and gz2 is None and bad2.tolist() == [0, 0] and torch.equal(sums2, sums)
+
+
+def test_generator_loss_nothing_kept_and_nothing_counted(ext, gen):
+    shape = (2, 5, 4, 6)
+    x = _rand(shape, gen).float()
+    z = torch.full((2, 4, 6), -30.0)  # sigmoid ~ 0: nothing kept
+    sums, gx, gz, bad = ext.generator_loss_forward(x, z, None, 0.2, IGNORE, True, True)
+    assert sums[[0, 1, 4]].tolist() == [0.0, 0.0, 0.0] and sums[5].item() == 48.0 and sums[3].item() == 48.0
+    assert torch.count_nonzero(gx) == 0 and torch.isfinite(gz).all() and bad.tolist() == [0, 0]
+    x[0, :, 1, 1] = float("nan")  # never read: no pixel counts
+    sums, gx, gz, bad = ext.generator_loss_forward(x, z, torch.full((2, 4, 6), IGNORE), 0.2, IGNORE, True, True)
+    assert sums.tolist() == [0.0] * 6 and bad.tolist() == [0, 0]
+    assert torch.count_nonzero(gx) == 0 and torch.count_nonzero(gz) == 0
+
+
+@pytest.mark.parametrize("masks", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_discriminator_loss_raw_sums(ext, dtype, layout, masks, gen):
+    fake = _with_layout(_rand((3, 9, 14), gen).to(dtype), layout)
+    real = _with_layout(_rand((2, 17, 5), gen).to(dtype), layout)
+    mf = _mask((3, 9, 14), gen, layout=layout) if masks[0] else None
+    mr = _mask((2, 17, 5), gen, layout=layout) if masks[1] else None
+    sums, fake_grad, real_grad = ext.discriminator_loss_forward(fake, real, mf, mr, True, True)
+    assert sums.dtype == torch.float32 and sums.shape == (4,)
+    expected, grads = [], []
+    for d, m, label in ((fake, mf, 0.0), (real, mr, 1.0)):
+        keep = torch.ones(d.shape, dtype=torch.bool) if m is None else ~m
+        d64 = d.double()
+        t = torch.full_like(d64, label)
+        loss = F.binary_cross_entropy_with_logits(d64, t, reduction="none")
+        expected += [torch.where(keep, loss, torch.zeros_like(loss)).sum().item(), keep.sum().item()]
+        grads.append(torch.where(keep, torch.sigmoid(d64) - label, torch.zeros_like(d64)))
+    _close(sums, torch.tensor(expected, dtype=torch.float64), **SUM_TOL)
+    _grad_close(fake_grad, grads[0], dtype)
+    _grad_close(real_grad, grads[1], dtype)
+    sums2, fg2, rg2 = ext.discriminator_loss_forward(fake, real, mf, mr, False, True)
+    assert fg2 is None and rg2 is not None and torch.equal(sums2, sums)
+
+
+def test_discriminator_loss_one_empty_map(ext, gen):
+    fake = torch.empty((2, 0, 5))
+    real = _rand((2, 6, 5), gen).float()
+    sums, fake_grad, real_grad = ext.discriminator_loss_forward(fake, real, None, None, True, True)
+    ref = _softplus_neg(real.double()).sum()
+    _close(sums, torch.stack([torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), ref,
+                              torch.tensor(60.0, dtype=torch.float64)]), **SUM_TOL)
+    assert fake_grad.shape == fake.shape and real_grad.shape == real.shape
