@@ -64,7 +64,8 @@ PYBIND11_MODULE(_C_cpu, m) {
       "fused_loss",
       [](const Spec& nchw, const Spec& x, const Spec& grad, double grad_scale, int label_mode, const Spec& labels,
          int64_t ignore_index, int64_t weight, const Spec& z, const Spec& mask, int keep_mode, double threshold,
-         int adv_mode, int64_t loss_map, int64_t grad_z, double grad_z_scale, bool maps_only, int num_threads) {
+         int adv_mode, int64_t loss_map, int64_t grad_z, double grad_z_scale, bool maps_only, int num_threads,
+         double label_smoothing) {
         check_nchw(nchw);
         fas::FusedArgs a;
         a.N = nchw[0];
@@ -88,16 +89,29 @@ PYBIND11_MODULE(_C_cpu, m) {
         a.grad_z_scale = static_cast<float>(grad_z_scale);
         a.maps_only = maps_only;
         a.num_threads = num_threads;
+        a.label_smoothing = static_cast<float>(label_smoothing);
         if (!maps_only && !a.x.ptr) throw std::invalid_argument("fused_loss: logits missing");
         if (label_mode == 0 && !a.labels.ptr) throw std::invalid_argument("fused_loss: labels missing");
         if ((keep_mode || adv_mode) && !a.z.ptr) throw std::invalid_argument("fused_loss: d_logits missing");
         if (a.grad.ptr && a.grad.dtype != a.x.dtype) throw std::invalid_argument("fused_loss: grad dtype");
+        if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0))
+          throw std::invalid_argument("fused_loss: label_smoothing must be in [0, 1]");
+        if (label_smoothing != 0.0 && label_mode != 0)
+          throw std::invalid_argument("fused_loss: label_smoothing needs labels (label_mode 0)");
         return fas::fused_loss(a);
       },
-      py::call_guard<py::gil_scoped_release>(),
+      // the existing arguments stay positional-only (their names are not part of the interface); label_smoothing,
+      // added last, is positional or keyword with a default
+      py::arg("sizes"), py::arg("x"), py::arg("grad"), py::arg("grad_scale"), py::arg("label_mode"),
+      py::arg("labels"), py::arg("ignore_index"), py::arg("weight"), py::arg("z"), py::arg("mask"),
+      py::arg("keep_mode"), py::arg("threshold"), py::arg("adv_mode"), py::arg("loss_map"), py::arg("grad_z"),
+      py::arg("grad_z_scale"), py::arg("maps_only"), py::arg("num_threads"), py::pos_only(),
+      py::arg("label_smoothing") = 0.0, py::call_guard<py::gil_scoped_release>(),
       "One pass over the logits: weighted nll sum, weight sum, adversarial sum and count, kept and considered "
       "pixel counts, count of labels outside [0, C) that are not ignore_index and the flat index of the first "
-      "(-1 if none); optional per-pixel loss map and gradients (scaled by grad_scale / grad_z_scale).");
+      "(-1 if none); optional per-pixel loss map and gradients (scaled by grad_scale / grad_z_scale). "
+      "label_smoothing (labels only, in [0, 1]): PyTorch's cross_entropy label_smoothing; the weight sum stays "
+      "the sum of the labels' class weights.");
 
   m.def(
       "softmax_forward",

@@ -37,6 +37,7 @@ struct FusedArgs {
   Map3 labels;               // int64; labels outside [0, C) or == ignore_index are not counted
   int64_t ignore_index = 255;
   const float* weight = nullptr;  // optional class weights (C,), float32
+  float label_smoothing = 0.f;    // label_mode 0 only: PyTorch's cross_entropy(..., label_smoothing=eps), see below
   Map3 z;                    // float32 discriminator logits (keep mask and adversarial term)
   Map3 mask;                 // bool ignore mask (keep_mode only), ptr == nullptr: none
   int keep_mode = 0;         // 1: count pixel iff not masked and sigmoid(z) > threshold
@@ -48,6 +49,12 @@ struct FusedArgs {
   bool maps_only = false;    // only read the maps (counts for the gradient scale); do not touch the logits
   int num_threads = 1;
 };
+
+// Label smoothing (eps = label_smoothing, label_mode 0): a counted pixel's loss is PyTorch's
+//   (1 - eps) w_y (lse - x_y) + (eps / C) sum_c w_c (lse - x_c),   lse = logsumexp_c x, w_c = 1 without weights,
+// and its gradient grad_scale [(1 - eps) w_y (p_c - [c == y]) + (eps / C) (W p_c - w_c)], W = sum_c w_c. The
+// weight sum stays the sum of w_y (PyTorch's mean divides the smoothed sum by it). eps == 0 runs the kernel
+// without the smoothing terms at all (bit-identical to a call without it).
 
 // Sums returned by fused_loss, in this order; then kBadLabels (labels outside [0, C) that are not ignore_index,
 // which every pass with labels counts, maps_only included) and kFirstBad (the flat (N, H, W) index of the first

@@ -626,9 +626,19 @@ inline StreamRows block_stream(const Tensor4& out, int64_t base, int64_t C, cons
   return StreamRows::make(static_cast<float*>(out.ptr) + base, out.sC, C, prev, lead, cont, ends);
 }
 
-template <class Tag>
+// Label smoothing's per-call constants (kernels.h): a1 = 1 - eps, a2 = eps / C, the class weights w_c (1s without
+// weights) and their sum W, and the gradient's per-channel term, negated: ngw_c = -grad_scale a2 w_c. The
+// per-channel values come as whole pixel vectors ([C][kV]): one plain load each in the channel loops.
+struct Smoothing {
+  float a1 = 1.f, a2 = 0.f, wtot = 0.f;
+  const float* w = nullptr;    // [C][kV]
+  const float* ngw = nullptr;  // [C][kV]
+};
+
+// kSmooth: the label-smoothing terms (a template parameter, so that eps == 0 runs the plain kernel unchanged).
+template <class Tag, bool kSmooth>
 void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scratch, double* sums, bool stream,
-                 RunPos pos) {
+                 RunPos pos, const Smoothing& sm) {
   const int64_t C = a.C, BS = g.BS;
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
@@ -751,6 +761,10 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     const bool argmax = a.label_mode == 1;
 
     auto vectors = [&](const auto& in, const auto& out) {
+      // (locals of the loop, not captures: the stores below, through memcpy, would make it reload captures)
+      [[maybe_unused]] const float* const smooth_w = sm.w;
+      [[maybe_unused]] const float* const smooth_ngw = sm.ngw;
+      [[maybe_unused]] const float smooth_a1 = sm.a1, smooth_a2 = sm.a2, smooth_wtot = sm.wtot;
       for (int64_t v = 0; v < nvec; ++v) {
         const int64_t b = v * kV;
         prefetch_rows<false>(pf_in, b, kAhead * g.B);
@@ -776,29 +790,50 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
           }
           lv = vload_i(lab + b);
         }
-        // 4. exp(x - max) (kept for the gradient), its sum and the label's logit.
-        vf s = vf{}, xt_v = vf{};
+        // 4. exp(x - max) (kept for the gradient), its sum and the label's logit; with label smoothing also
+        //    sx = sum_c w_c (x_c - max), one more FMA per logit already in a register.
+        vf s = vf{}, xt_v = vf{}, sx = vf{};
         for (int64_t c = 0; c < C; ++c) {
           const vf xv = in.load(b + c * in.sc);
           xt_v = vselect(lv == vsplat_i(static_cast<int32_t>(c)), xv, xt_v);
-          const vf e = vexp_nonpositive(xv - m);
+          const vf d = xv - m;
+          const vf e = vexp_nonpositive(d);
           s += e;
+          if constexpr (kSmooth) sx = vfma(vload(smooth_w + c * kV), d, sx);
           vstore(ev + c * kV, e);
         }
         // 5. Loss per pixel: nll = log(sum) - (x[y] - max), PyTorch's log_softmax rounding. Not-counted pixels
-        //    contribute an exact 0 (a select, so that a NaN there cannot leak in).
+        //    contribute an exact 0 (a select, so that a NaN there cannot leak in). With label smoothing:
+        //    a1 w nll + a2 sum_c w_c (lse - x_c), the latter = a2 (W log(sum) - sx).
         const vf w = vload(wt + b);
-        const vf nll = vlog_positive(s) - (xt_v - m);
-        vstore(xt + b, vselect(counted, nll * w, vf{}));
+        const vf ls = vlog_positive(s);
+        const vf nll = ls - (xt_v - m);
+        if constexpr (kSmooth) {
+          const vf smooth = vfma(vsplat(smooth_wtot), ls, -sx);
+          vstore(xt + b, vselect(counted, vfma(nll, w * vsplat(smooth_a1), smooth * vsplat(smooth_a2)), vf{}));
+        } else {
+          vstore(xt + b, vselect(counted, nll * w, vf{}));
+        }
         // 6. Gradient of grad_scale * sum(w * nll): coef * softmax - coef * onehot, exactly 0 where not counted
-        //    (a select: NaN/Inf logits at an ignored pixel stay out of the gradient too).
+        //    (a select: NaN/Inf logits at an ignored pixel stay out of the gradient too). With label smoothing:
+        //    grad_scale (a1 w + a2 W) softmax + ngw_c - grad_scale a1 w onehot (ngw_c in the FMA: no extra op).
         if (want_grad) {
-          const vf coef_v = w * vsplat(grad_scale);
-          const vf k = coef_v / s;
-          for (int64_t c = 0; c < C; ++c) {
-            const vi is_label = lv == vsplat_i(static_cast<int32_t>(c));
-            const vf gr = vload(ev + c * kV) * k - vselect(is_label, coef_v, vf{});
-            put_vec(out, c, v, b, vselect(counted, gr, vf{}));
+          if constexpr (kSmooth) {
+            const vf coef_v = w * vsplat(grad_scale * smooth_a1);
+            const vf k = vfma(w, vsplat(grad_scale * smooth_a1), vsplat(grad_scale * smooth_a2 * smooth_wtot)) / s;
+            for (int64_t c = 0; c < C; ++c) {
+              const vi is_label = lv == vsplat_i(static_cast<int32_t>(c));
+              const vf gr = vfma(vload(ev + c * kV), k, vload(smooth_ngw + c * kV)) - vselect(is_label, coef_v, vf{});
+              put_vec(out, c, v, b, vselect(counted, gr, vf{}));
+            }
+          } else {
+            const vf coef_v = w * vsplat(grad_scale);
+            const vf k = coef_v / s;
+            for (int64_t c = 0; c < C; ++c) {
+              const vi is_label = lv == vsplat_i(static_cast<int32_t>(c));
+              const vf gr = vload(ev + c * kV) * k - vselect(is_label, coef_v, vf{});
+              put_vec(out, c, v, b, vselect(counted, gr, vf{}));
+            }
           }
         }
       }
@@ -952,11 +987,42 @@ std::vector<double> fused_loss(const FusedArgs& a) {
   const int nt = threads_for(a.num_threads, a.maps_only ? a.N * a.H * a.W : elements);
   const bool stream = streams(a.grad, elements);
   std::vector<double> partial(static_cast<size_t>(kNumSums * g.nblocks), 0.0);
-  FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
-    double sums[kNumSums];
-    fused_block<Tag>(a, g, blk, s, sums, stream, pos);
-    for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
-  }));
+  // Label smoothing (label_mode 0 with logits): one branch per call; its constants for every block.
+  const bool smooth = a.label_smoothing != 0.f && a.label_mode == 0 && !a.maps_only;
+  Smoothing sm;
+  std::vector<float> smooth_w, smooth_ngw;
+  if (smooth) {
+    const int64_t C = a.C;
+    const float eps = a.label_smoothing;
+    sm.a1 = 1.f - eps;
+    sm.a2 = static_cast<float>(static_cast<double>(eps) / static_cast<double>(C));
+    smooth_w.resize(static_cast<size_t>(C * kV));
+    smooth_ngw.resize(static_cast<size_t>(C * kV));
+    double wtot = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const float wc = a.weight ? a.weight[c] : 1.f;
+      const float ngw = static_cast<float>(-static_cast<double>(a.grad_scale) * sm.a2 * wc);
+      wtot += wc;
+      std::fill_n(smooth_w.begin() + c * kV, kV, wc);
+      std::fill_n(smooth_ngw.begin() + c * kV, kV, ngw);
+    }
+    sm.wtot = static_cast<float>(wtot);
+    sm.w = smooth_w.data();
+    sm.ngw = smooth_ngw.data();
+  }
+  auto run = [&](auto smooth_tag) {
+    constexpr bool kSmooth = decltype(smooth_tag)::value;
+    FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
+      double sums[kNumSums];
+      fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, pos, sm);
+      for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
+    }));
+  };
+  if (smooth) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
   std::vector<double> out = sum_blocks(partial, g.nblocks, kNumSums);
   out[kFirstBad] = -1;  // the first block that has one, not a sum
   for (int64_t blk = 0; blk < g.nblocks && out[kFirstBad] < 0; ++blk)
