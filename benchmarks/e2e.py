@@ -11,6 +11,10 @@ G and D are the project's ``fastadvseg.models`` when that package is present: ``
 ``deeplabv2_compact`` on CPU, ``deeplabv2_resnet101``, the paper's G, on GPU; its stride-8 logits upsampled to
 the input as in the authors' loop) and ``FCDiscriminator(C)``; otherwise the small stand-ins below, and the
 report says so.
+
+:func:`run_e2e_compile` (``--e2e-compile``) times the same iteration with fastadvseg's losses only, the loss
+functions (:func:`generator_losses`, :func:`discriminator_losses`) called as they are vs under ``torch.compile``,
+and counts the graph breaks ``torch._dynamo.explain`` finds in them.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from .timing import summarize, sync
 E2E_SIZES = {"cpu": (2, 21, 129, 129), "cuda": (10, 21, 321, 321), "tiny": (1, 5, 33, 33)}
 E2E_REPEATS = {"cpu": 15, "cuda": 20, "tiny": 2}
 DEFAULT_SEGMENTER = {"cpu": "deeplabv2_compact", "cuda": "deeplabv2_resnet101"}
+STAND_IN = "stand-in"  # --e2e-segmenter stand-in: the small G below (quick to compile, for smoke tests)
 
 
 class StandInSegmenter(nn.Module):
@@ -73,7 +78,8 @@ def build_models(num_classes: int, segmenter: Optional[str]) -> Tuple[nn.Module,
         notes.append(f"G = fastadvseg.models.build_segmenter({segmenter!r})")
     else:
         g = StandInSegmenter(num_classes)
-        why = "fastadvseg.models missing" if models is None else f"no segmenter {segmenter!r} in fastadvseg.models"
+        why = ("asked for" if segmenter == STAND_IN else "fastadvseg.models missing" if models is None
+               else f"no segmenter {segmenter!r} in fastadvseg.models")
         notes.append(f"G = STAND-IN small conv net ({why})")
     if models is not None and hasattr(models, "FCDiscriminator"):
         d = models.FCDiscriminator(num_classes)
@@ -165,4 +171,110 @@ def run_e2e(device: torch.device, n: int, num_classes: int, h: int, w: int, *, s
     for k in kinds:
         result[k] = dict(stats[k], images_per_s=images / (stats[k]["median_ms"] / 1e3))
     result["speedup"] = stats["reference"]["median_ms"] / stats["fused"]["median_ms"]
+    return result
+
+
+# --- compiled training step (--e2e-compile) -------------------------------------------------------------------
+
+def generator_losses(g, d, img_l, y, img_u):
+    """G's loss of one iteration with fastadvseg's losses, as a user writes it (D frozen by the caller):
+    D(softmax2d(logits)), ``generator_loss`` on the labelled and on the unlabelled batch. Returns the loss and the
+    detached logits for D's update."""
+    import fastadvseg as fas
+
+    pred = _upsampled(g, img_l)
+    loss = fas.generator_loss(pred, _upsampled(d, fas.softmax2d(pred)), y, lambda_adv=LAMBDA_ADV).total
+    pred_u = _upsampled(g, img_u)
+    loss = loss + fas.generator_loss(pred_u, _upsampled(d, fas.softmax2d(pred_u)), None, lambda_adv=LAMBDA_SEMI_ADV,
+                                     lambda_semi=LAMBDA_SEMI, threshold=THRESHOLD).total
+    return loss, pred.detach(), pred_u.detach()
+
+
+def discriminator_losses(d, pred, pred_u, y, num_classes: int):
+    """D's loss: ``discriminator_loss`` on D(softmax2d(detached logits)) and D(one_hot2d(target))."""
+    import fastadvseg as fas
+
+    fake = _upsampled(d, fas.softmax2d(torch.cat([pred, pred_u])))
+    real = _upsampled(d, fas.one_hot2d(y, num_classes))
+    return fas.discriminator_loss(fake, real, ignore_mask_real=y == IGNORE)
+
+
+def compiled_step(g, d, opt_g, opt_d, batch, gen_fn, disc_fn, num_classes: int) -> None:
+    """One iteration: ``gen_fn``/``disc_fn`` (plain or ``torch.compile``d) give the losses, ``.backward()`` and the
+    optimizer steps run outside them (under torch.compile, AOTAutograd compiles the backward with the forward)."""
+    img_l, y, img_u = batch
+    opt_g.zero_grad(set_to_none=True)
+    opt_d.zero_grad(set_to_none=True)
+    d.requires_grad_(False)
+    loss_g, pred, pred_u = gen_fn(g, d, img_l, y, img_u)
+    loss_g.backward()
+    opt_g.step()
+    d.requires_grad_(True)
+    disc_fn(d, pred, pred_u, y, num_classes).backward()
+    opt_d.step()
+
+
+def graph_breaks(g, d, batch, num_classes: int) -> dict:
+    """Graph breaks ``torch._dynamo.explain`` finds in the two loss functions (0 when each traces as one graph)."""
+    img_l, y, img_u = batch
+    try:
+        d.requires_grad_(False)
+        gen = torch._dynamo.explain(generator_losses)(g, d, img_l, y, img_u)
+        _, pred, pred_u = generator_losses(g, d, img_l, y, img_u)
+        d.requires_grad_(True)
+        disc = torch._dynamo.explain(discriminator_losses)(d, pred, pred_u, y, num_classes)
+    except Exception as exc:  # reported, not fatal
+        return {"graph_breaks": None, "break_reasons": [], "explain_status": f"{type(exc).__name__}: {exc}"[:200]}
+    finally:
+        d.requires_grad_(True)
+        torch._dynamo.reset()
+    reasons = []
+    for r in list(gen.break_reasons) + list(disc.break_reasons):
+        text = str(getattr(r, "reason", r)).splitlines()[0][:160]
+        if text not in reasons:
+            reasons.append(text)
+    return {"graph_breaks": gen.graph_break_count + disc.graph_break_count,
+            "graphs": gen.graph_count + disc.graph_count, "break_reasons": reasons[:5], "explain_status": "ok"}
+
+
+def run_e2e_compile(device: torch.device, n: int, num_classes: int, h: int, w: int, *,
+                    segmenter: Optional[str] = None, warmup: int = 2, repeats: int = 10, seed: int = 0) -> dict:
+    """Median step time of :func:`compiled_step` with the loss functions eager vs ``torch.compile``d, same G, D,
+    optimizers and batch, steps interleaved (eager, compiled, eager, ...); ratio compiled/eager of medians."""
+    from .timing import ratio_range, too_noisy
+
+    torch.manual_seed(seed)
+    segmenter = segmenter or DEFAULT_SEGMENTER.get(device.type)
+    g, d, models_note = build_models(num_classes, segmenter)
+    g, d = g.to(device).train(), d.to(device).train()
+    opt_g = torch.optim.SGD(g.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
+    opt_d = torch.optim.Adam(d.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    y = torch.randint(0, num_classes, (n, h, w))
+    y[torch.rand(n, h, w) < 0.05] = IGNORE
+    batch = (torch.randn(n, 3, h, w, device=device), y.to(device), torch.randn(n, 3, h, w, device=device))
+    result = {"shape": f"N={n}+{n}, C={num_classes}, {h}x{w}", "dtype": "float32", "models": models_note,
+              "losses": "fastadvseg (backend auto)", "compile": "torch.compile(default mode) of the two loss functions"}
+    result.update(graph_breaks(g, d, batch, num_classes))
+    torch._dynamo.reset()
+    fns = {"eager": (generator_losses, discriminator_losses),
+           "compiled": (torch.compile(generator_losses), torch.compile(discriminator_losses))}
+    sync(device)
+    t0 = time.perf_counter()
+    compiled_step(g, d, opt_g, opt_d, batch, *fns["compiled"], num_classes)  # compiles forward and backward
+    sync(device)
+    result["first_compiled_step_s"] = time.perf_counter() - t0
+    samples = {k: [] for k in fns}
+    for step in range(warmup + repeats):
+        for k in (fns if step % 2 == 0 else reversed(list(fns))):  # interleaved, order alternating
+            sync(device)
+            t0 = time.perf_counter()
+            compiled_step(g, d, opt_g, opt_d, batch, *fns[k], num_classes)
+            sync(device)
+            if step >= warmup:
+                samples[k].append(time.perf_counter() - t0)
+    for k in fns:
+        result[k] = summarize(samples[k])
+    result["compiled_vs_eager"] = result["compiled"]["median_ms"] / result["eager"]["median_ms"]
+    result["compiled_vs_eager_range"] = ratio_range(result["compiled"], result["eager"])
+    result["too_noisy"] = too_noisy(result["compiled"], result["eager"], 1.0)
     return result

@@ -71,7 +71,8 @@ def render_markdown(result: dict) -> str:
               "medians of per-call times over rotating input copies; `fwd` is the training forward (inputs require "
               "grad), `fwdbwd` adds `torch.autograd.grad`. `eager` = benchmarks/reference_ops.py, `compile` = the "
               "same under torch.compile, other impls = `fastadvseg` with that `backend=`. Peak memory is "
-              "torch.cuda.max_memory_allocated above the inputs (n/a on CPU).\n")
+              "torch.cuda.max_memory_allocated above the inputs (n/a on CPU in these tables; `--memory` adds a "
+              "peak-RSS table).\n")
     md.append("\n## SPEC section 5 targets\n\n")
     checks = result.get("targets", [])
     if checks:
@@ -83,7 +84,7 @@ def render_markdown(result: dict) -> str:
                 md.append(f"\n{c['target']}: {verdict(c)}.\n")
         met = sum(1 for c in checks if c["met"])
         unmeasured = sum(1 for c in checks if c["met"] is None)
-        md.append(f"\n{met} of {len(checks)} checks met ({unmeasured} not measured).\n")
+        md.append(f"\n{met} of {len(checks)} checks met ({unmeasured} not measured or too noisy to tell).\n")
     else:
         md.append("No target applies to what this run measured (targets: GPU at VOC/Cityscapes; CPU `cpu` backend "
                   "at N=2; see benchmarks/README.md).\n")
@@ -111,9 +112,62 @@ def render_markdown(result: dict) -> str:
             (k if k == "reference" else f"fused ({e2e['fused_backend']})", f"{e2e[k]['median_ms']:.1f}",
              f"{e2e[k]['p10_ms']:.1f}-{e2e[k]['p90_ms']:.1f} (n={e2e[k]['n']})", f"{e2e[k]['images_per_s']:.2f}",
              f"{e2e['speedup']:.2f}x" if k == "fused" else "1.00x") for k in ("fused", "reference")]))
+    if result.get("e2e_compile"):
+        md.append(render_e2e_compile(result["e2e_compile"]))
+    if result.get("memory"):
+        md.append(render_memory(result["memory"]))
     md.append("\n## Byte model (fewest bytes each op must move)\n\nP = N*H*W, C classes, e = bytes per logit; "
               "labels int64 (8 B), masks bool (1 B). `fwdbwd` adds the `+bwd` part.\n\n")
     md.append(table(("op", "bytes"), sorted(result.get("byte_model", {}).items())))
+    return "".join(md)
+
+
+def render_e2e_compile(e: dict) -> str:
+    md = ["\n## Compiled training step (fastadvseg losses, eager vs torch.compile)\n\n",
+          f"{e['shape']}, {e['dtype']}; {e['models']}. Losses: {e['losses']}; compiled: {e['compile']}; "
+          "`.backward()` and the optimizer steps run outside it in both. Steps interleaved eager/compiled, the same G, "
+          f"D and optimizers. First compiled step (compilation): {e['first_compiled_step_s']:.1f} s, not timed.\n\n"]
+    if e["graph_breaks"] is None:
+        md.append(f"Graph breaks: not counted (torch._dynamo.explain failed: {e['explain_status']}).\n\n")
+    else:
+        reasons = "; ".join(f"`{r}`" for r in e["break_reasons"])
+        md.append(f"Graph breaks (torch._dynamo.explain of the two loss functions): **{e['graph_breaks']}** in "
+                  f"{e['graphs']} graphs" + (f"; reasons: {reasons}" if reasons else "") + ".\n\n")
+    md.append(table(("step", "median ms", "p10-p90 ms", "compiled / eager"), [
+        (k, f"{e[k]['median_ms']:.1f}", f"{e[k]['p10_ms']:.1f}-{e[k]['p90_ms']:.1f} (n={e[k]['n']})",
+         f"{e['compiled_vs_eager']:.2f}x" if k == "compiled" else "1.00x") for k in ("eager", "compiled")]))
+    lo, hi = e["compiled_vs_eager_range"]
+    if e["too_noisy"]:
+        md.append(f"\nToo noisy to tell whether the compiled step is slower: the p10-p90 spreads allow "
+                  f"compiled/eager from {lo:.2f}x to {hi:.2f}x (median {e['compiled_vs_eager']:.2f}x).\n")
+    else:
+        word = "no slower than" if e["compiled_vs_eager"] <= 1 else "SLOWER than"
+        md.append(f"\nThe compiled step is {word} eager: compiled/eager {e['compiled_vs_eager']:.2f}x "
+                  f"(p10-p90 allow {lo:.2f}x-{hi:.2f}x).\n")
+    return "".join(md)
+
+
+def render_memory(mem: dict) -> str:
+    md = [f"\n## Peak memory of one forward+backward, CPU ({mem['shape']}: N={mem['N']}, C={mem['C']}, "
+          f"{mem['H']}x{mem['W']})\n\n",
+          f"Peak resident set size above the baseline (inputs and everything else alive before the call), "
+          f"outputs and gradients included: {mem['method']}. {mem['malloc']}, so every buffer that large is its own "
+          f"mapping and is returned to the OS when freed. Threads: {mem['threads']}. Median of {mem['repeats']} "
+          "calls with p10-p90. `mem/eager` < 1: the impl needs less. RSS does not depend on other load on the "
+          "machine; `too noisy to tell` marks a ratio whose p10-p90 spreads straddle the target (0.5x for "
+          "cross_entropy2d and labelled generator_loss, else 1x).\n\n"]
+    lines = []
+    for r in sorted(mem["rows"], key=lambda r: (r["dtype"], r["op"], _impl_rank(r["impl"]))):
+        if r["status"] != "ok":
+            lines.append([r["op"], r["dtype"], r["impl"], f"not measured: {r['status']}", "", "", ""])
+            continue
+        note = "-"
+        if r.get("too_noisy"):
+            lo, hi = r["mem_vs_eager_range"]
+            note = f"too noisy to tell ({lo:.2f}x-{hi:.2f}x)"
+        lines.append([r["op"], r["dtype"], r["impl"], f"{r['median_MiB']:.2f}",
+                      f"{r['p10_MiB']:.2f}-{r['p90_MiB']:.2f} (n={r['n']})", _x(r.get("mem_vs_eager")), note])
+    md.append(table(("op", "dtype", "impl", "peak MiB", "p10-p90 MiB", "mem/eager", "note"), lines))
     return "".join(md)
 
 

@@ -2,9 +2,11 @@
 
     python -m benchmarks.report --shapes small --device cpu            # CPU, about 5 minutes on 2 idle cores
     python -m benchmarks.report --shapes full --device cuda --e2e      # GPU: VOC, Cityscapes, ADE20K-like
+    python -m benchmarks.report --device cpu --no-op-timing --memory --e2e-compile  # CPU peak RSS, compiled step
 
-Every ratio in the output is measured within this one run (same process, same inputs); absolute times from
-different runs are never compared. See benchmarks/README.md for what each column means.
+Every ratio in the output is measured within this one run (same process, same inputs; ``--memory``: a fresh
+process per row, see benchmarks/memory.py); absolute times from different runs are never compared. See
+benchmarks/README.md for what each column means.
 """
 from __future__ import annotations
 
@@ -45,10 +47,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-validate-labels", action="store_true",
                    help="switch fastadvseg's label-range check off (default: on, as users get it)")
     p.add_argument("--e2e", action="store_true", help="also time one training iteration, fused vs reference losses")
-    p.add_argument("--e2e-tiny", action="store_true", help="--e2e at a tiny size, 2 timed steps (smoke tests)")
+    p.add_argument("--e2e-tiny", action="store_true",
+                   help="--e2e (and --e2e-compile) at a tiny size, 2 timed steps (smoke tests)")
+    p.add_argument("--e2e-compile", action="store_true",
+                   help="also time one training iteration with fastadvseg's losses, eager vs torch.compile of the "
+                        "loss functions, and count the graph breaks (torch._dynamo.explain)")
+    p.add_argument("--memory", action="store_true",
+                   help="CPU: peak RSS of one fwd+bwd above baseline, a fresh process per op x impl x dtype "
+                        "(several minutes at voc-n2 on 2 cores, most of it starting Python and torch.compile)")
+    p.add_argument("--memory-shape", default="voc-n2",
+                   help="shape for --memory: a shape name (default voc-n2, the CPU target shape) or NxCxHxW")
+    p.add_argument("--no-op-timing", action="store_true",
+                   help="skip the per-op timing tables (run only --memory / --e2e / --e2e-compile)")
     p.add_argument("--e2e-segmenter", default=None,
                    help="fastadvseg.models.build_segmenter name for the e2e G (default: deeplabv2_compact on CPU, "
-                        "deeplabv2_resnet101 on GPU; a labelled stand-in when fastadvseg.models is missing)")
+                        "deeplabv2_resnet101 on GPU); 'stand-in' (or no fastadvseg.models): a small labelled stand-in")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--steady-malloc", action="store_true",
                    help="CPU: keep freed large buffers in the heap (glibc mallopt) so that no timed call pays for "
@@ -207,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.perf_counter()
     meta["copy_bandwidth"] = copy_bandwidth(device)
     log(f"# measured copy bandwidth: {meta['copy_bandwidth']['GBps']:.1f} GB/s")
-    rows = run_cases(args, device, shapes, dtypes, cases, log)
+    rows = [] if args.no_op_timing else run_cases(args, device, shapes, dtypes, cases, log)
     add_bandwidth_pct(rows, meta["copy_bandwidth"]["GBps"])
     e2e = None
     if args.e2e or args.e2e_tiny:
@@ -219,12 +232,35 @@ def main(argv: Optional[List[str]] = None) -> int:
                       warmup=1 if args.e2e_tiny else 2)
         log(f"# e2e: fused {e2e['fused']['images_per_s']:.2f} img/s, reference {e2e['reference']['images_per_s']:.2f}"
             f" img/s, x{e2e['speedup']:.2f} ({e2e['models']})")
+    e2e_compile = None
+    if args.e2e_compile:
+        from .e2e import E2E_REPEATS, E2E_SIZES, run_e2e_compile
+
+        size = "tiny" if args.e2e_tiny else device.type
+        n, c, h, w = E2E_SIZES[size]
+        e2e_compile = run_e2e_compile(device, n, c, h, w, segmenter=args.e2e_segmenter, repeats=E2E_REPEATS[size],
+                                      warmup=1 if args.e2e_tiny else 2)
+        log(f"# e2e compile: eager {e2e_compile['eager']['median_ms']:.1f} ms, compiled "
+            f"{e2e_compile['compiled']['median_ms']:.1f} ms, compiled/eager {e2e_compile['compiled_vs_eager']:.2f}x,"
+            f" graph breaks {e2e_compile['graph_breaks']}")
+    memory = None
+    if args.memory and device.type != "cpu":
+        log("# --memory measures the CPU (RSS); on CUDA the per-op tables already have peak MiB")
+    elif args.memory:
+        from .memory import parse_shape, run_memory
+
+        mshape = parse_shape(args.memory_shape)
+        backends = [b for b in C.fused_backends(device, mshape, args.include_triton_cpu)
+                    if args.backends is None or b in args.backends]
+        memory = run_memory([c.name for c in cases], ["eager"] + ([] if args.no_compile else ["compile"]) + backends,
+                            dtypes, mshape, threads=threads, validate_labels=not args.no_validate_labels, log=log)
     meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     meta["load_average_end"] = env.load_average()
-    checks = targets.evaluate(rows, device.type, e2e)
+    checks = targets.evaluate(rows, device.type, e2e, memory)
     notes = [n for n in (targets.missing_backend_note(device.type, meta.get("backends", []), meta["unavailable"]),)
              if n]
-    result = {"meta": meta, "rows": rows, "e2e": e2e, "targets": checks, "notes": notes,
+    result = {"meta": meta, "rows": rows, "e2e": e2e, "e2e_compile": e2e_compile, "memory": memory,
+              "targets": checks, "notes": notes,
               "byte_model": {c.name: c.byte_model for c in cases}}
 
     os.makedirs(args.out, exist_ok=True)

@@ -3,7 +3,8 @@
 * GPU (cuda), shapes VOC and Cityscapes, float32 and bfloat16, forward+backward, every fused backend:
   >= 4x the eager reference, >= 1.5x torch.compile of it, >= 80% of the measured copy bandwidth for the bytes
   the op must move, peak memory <= 1/2 of eager's.
-* CPU, the same ops at N=2 (shape ``voc-n2``), forward+backward: the ``cpu`` backend >= 3x eager.
+* CPU, the same ops at N=2 (shape ``voc-n2``), forward+backward: the ``cpu`` backend >= 3x eager; and (``--memory``)
+  for ``cross_entropy2d`` and labelled ``generator_loss`` a peak RSS above baseline <= 1/2 of eager's.
 * Training iteration (``--e2e``) on GPU: fused losses >= 1.2x the images/s of the reference losses.
 
 Only measured ratios are judged: a ratio that was not measured (backend missing, op failed) is listed as
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+from .memory import MEMORY_TARGET, MEMORY_TARGET_OPS
 from .shapes import TARGET_SHAPES
 
 TARGET_DTYPES = ("float32", "bfloat16")
@@ -43,7 +45,11 @@ def _judge(value: Optional[float], threshold: float, higher: bool) -> Dict[str, 
     return {"value": value, "met": met, "gap": gap}
 
 
-def evaluate(rows: List[dict], device_type: str, e2e: Optional[dict] = None) -> List[dict]:
+MEMORY_CHECK = "peak RSS <= 1/2 eager"
+
+
+def evaluate(rows: List[dict], device_type: str, e2e: Optional[dict] = None,
+             memory: Optional[dict] = None) -> List[dict]:
     """One check per (target, op, shape, dtype, fused backend) the SPEC names and this run covered."""
     checks = []
     shapes = TARGET_SHAPES.get(device_type, ())
@@ -59,6 +65,20 @@ def evaluate(rows: List[dict], device_type: str, e2e: Optional[dict] = None) -> 
             if row["status"] != "ok":
                 check["gap"] = f"not measured ({row['status']})"
             checks.append(check)
+    memory_rows = (memory or {}).get("rows", []) if device_type == "cpu" else []  # RSS: a CPU measurement
+    for row in memory_rows:
+        if (row["shape"] not in shapes or row["dtype"] not in TARGET_DTYPES or row["op"] not in MEMORY_TARGET_OPS
+                or row["impl"] not in FUSED["cpu"]):
+            continue
+        check = {"target": MEMORY_CHECK, "field": "mem_vs_eager", "op": row["op"], "shape": row["shape"],
+                 "dtype": row["dtype"], "impl": row["impl"], "threshold": MEMORY_TARGET}
+        check.update(_judge(row.get("mem_vs_eager"), MEMORY_TARGET, False))
+        if row["status"] != "ok":
+            check["gap"] = f"not measured ({row['status']})"
+        elif row.get("too_noisy"):
+            lo, hi = row["mem_vs_eager_range"]
+            check.update(met=None, gap=f"too noisy to tell (p10-p90 allow {lo:.2f}x-{hi:.2f}x)")
+        checks.append(check)
     if e2e and device_type == "cuda" and e2e.get("speedup") is not None:
         check = {"target": "training iteration >= 1.2x images/s", "field": "speedup", "op": E2E_OP,
                  "shape": e2e.get("shape", ""),

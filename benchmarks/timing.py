@@ -43,17 +43,36 @@ def num_copies(bytes_per_set: int, device: torch.device, lo: int = 2, hi: int = 
     return max(lo, min(hi, need))
 
 
-def summarize(samples_s: List[float]) -> Dict[str, float]:
-    """Order statistics of per-call times, in milliseconds."""
-    ms = sorted(s * 1e3 for s in samples_s)
+def order_stats(values: List[float], unit: str = "") -> Dict[str, float]:
+    """Median, p10/p90, quartiles, min and count of ``values`` (keys suffixed with ``_<unit>`` when given)."""
+    v = sorted(values)
 
     def q(p: float) -> float:  # linear interpolation between order statistics
-        k = (len(ms) - 1) * p
+        k = (len(v) - 1) * p
         lo, hi = math.floor(k), math.ceil(k)
-        return ms[lo] + (ms[hi] - ms[lo]) * (k - lo)
+        return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
-    return {"median_ms": statistics.median(ms), "p10_ms": q(0.10), "p90_ms": q(0.90), "q1_ms": q(0.25),
-            "q3_ms": q(0.75), "min_ms": ms[0], "n": len(ms)}
+    sfx = f"_{unit}" if unit else ""
+    return {f"median{sfx}": statistics.median(v), f"p10{sfx}": q(0.10), f"p90{sfx}": q(0.90), f"q1{sfx}": q(0.25),
+            f"q3{sfx}": q(0.75), f"min{sfx}": v[0], "n": len(v)}
+
+
+def summarize(samples_s: List[float]) -> Dict[str, float]:
+    """Order statistics of per-call times, in milliseconds."""
+    return order_stats([s * 1e3 for s in samples_s], "ms")
+
+
+def ratio_range(a: Dict[str, float], b: Dict[str, float], unit: str = "ms") -> tuple:
+    """The widest a/b can plausibly be given each side's p10-p90 spread: (a.p10 / b.p90, a.p90 / b.p10).
+    A b at or below 0 (a memory delta within the noise) counts as 1e-12: the range then covers any threshold."""
+    return (a[f"p10_{unit}"] / max(b[f"p90_{unit}"], 1e-12), a[f"p90_{unit}"] / max(b[f"p10_{unit}"], 1e-12))
+
+
+def too_noisy(a: Dict[str, float], b: Dict[str, float], threshold: float, unit: str = "ms") -> bool:
+    """True when the spread of the measurements cannot tell whether a/b is above or below ``threshold``:
+    the range of :func:`ratio_range` contains it. A median ratio on its own is then not a finding."""
+    lo, hi = ratio_range(a, b, unit)
+    return lo <= threshold <= hi
 
 
 def warm_up(fn: Callable[[int], object], device: torch.device, min_calls: int = 3, min_s: float = 0.1,

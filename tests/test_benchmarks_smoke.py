@@ -1,5 +1,6 @@
 """Smoke test of the benchmark suite: the report runs end to end on a tiny shape set and writes a Markdown table,
-a JSON file and a PNG plot that cover every op and every backend; plus the SPEC section 5 judging logic.
+a JSON file and a PNG plot that cover every op and every backend; the CPU peak-memory table (``--memory``) and the
+compiled training step (``--e2e-compile``) at tiny sizes; plus the judging of the targets.
 
 Timings are not asserted (CI machines are shared and noisy); only that every measurement ran and was recorded. One
 thread: on a loaded 2-core machine OpenMP barriers make 2-thread runs of tiny ops 10-20x slower.
@@ -7,6 +8,7 @@ thread: on a loaded 2-core machine OpenMP barriers make 2-thread runs of tiny op
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,6 +81,100 @@ def test_report_covers_every_op_and_backend(smoke_report):
         assert f"| {impl} |" in md
     e2e = result["e2e"]
     assert e2e["fused"]["images_per_s"] > 0 and e2e["reference"]["images_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def extras_report(tmp_path_factory):
+    """``--memory`` and ``--e2e-compile`` alone (``--no-op-timing``), one op, one dtype, a small G: about a minute,
+    most of it starting fresh processes and torch.compile. 1x5x256x256: its logits (1.25 MiB) are far above the
+    mmap threshold and the few hundred KiB the kernel's RSS counters may be off by."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("peak RSS is read from /proc")
+    out = tmp_path_factory.mktemp("bench_extras")
+    cmd = [sys.executable, "-m", "benchmarks.report", "--device", "cpu", "--dtypes", "float32", "--ops",
+           "cross_entropy2d", "--threads", "1", "--no-op-timing", "--no-plot", "--memory", "--memory-shape",
+           "1x5x256x256", "--e2e-tiny", "--e2e-compile", "--e2e-segmenter", "stand-in", "--out", str(out),
+           "--name", "extras"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "extras.json").read_text()), (out / "extras.md").read_text()
+
+
+def _finite_positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_memory_table(extras_report):
+    result, md = extras_report
+    mem = result["memory"]
+    assert (mem["N"], mem["C"], mem["H"], mem["W"]) == (1, 5, 256, 256)
+    backends = [b for b in result["meta"]["backends"] if b != "triton"]
+    rows = {r["impl"]: r for r in mem["rows"]}
+    assert set(rows) == {"eager", "compile", *backends}
+    for impl, r in rows.items():
+        assert r["status"] == "ok", r
+        assert r["op"] == "cross_entropy2d" and r["dtype"] == "float32" and r["n"] >= 3
+        for key in ("median_MiB", "p10_MiB", "p90_MiB", "baseline_MiB"):
+            assert _finite_positive(r[key]), (impl, key, r[key])
+        if impl != "eager":
+            assert _finite_positive(r["mem_vs_eager"]), r
+            assert isinstance(r["too_noisy"], bool)
+    # eager keeps the log-softmax and its gradient alive: at least the 1.25 MiB of the logits' gradient
+    assert rows["eager"]["median_MiB"] > 1.2
+    assert "## Peak memory of one forward+backward, CPU (1x5x256x256: N=1, C=5, 256x256)" in md
+    assert "| op | dtype | impl | peak MiB | p10-p90 MiB | mem/eager | note |" in md
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in md and "Threads: 1" in md
+
+
+def test_compiled_training_step(extras_report):
+    result, md = extras_report
+    e = result["e2e_compile"]
+    for k in ("eager", "compiled"):
+        assert _finite_positive(e[k]["median_ms"]) and e[k]["p10_ms"] <= e[k]["median_ms"] <= e[k]["p90_ms"]
+    assert _finite_positive(e["compiled_vs_eager"]) and _finite_positive(e["first_compiled_step_s"])
+    lo, hi = e["compiled_vs_eager_range"]
+    assert 0 < lo <= e["compiled_vs_eager"] <= hi
+    assert "STAND-IN" in e["models"]
+    if e["graph_breaks"] is None:  # explain failed: the reason is recorded, the timing still ran
+        assert e["explain_status"] != "ok"
+    else:
+        assert e["graph_breaks"] >= 0 and e["graphs"] >= 1
+    assert "## Compiled training step" in md and "Graph breaks" in md
+    assert ("Too noisy to tell" in md) == e["too_noisy"]
+    assert "| step | median ms | p10-p90 ms | compiled / eager |" in md
+
+
+def test_memory_target_is_judged():
+    from benchmarks.targets import MEMORY_CHECK, evaluate
+
+    def mem_row(op, impl, ratio, **kw):
+        row = {"op": op, "impl": impl, "dtype": "float32", "shape": "voc-n2", "status": "ok", "mem_vs_eager": ratio,
+               "mem_vs_eager_range": (ratio * 0.9, ratio * 1.1), "too_noisy": False}
+        row.update(kw)
+        return row
+
+    memory = {"rows": [mem_row("cross_entropy2d", "cpu", 0.35), mem_row("generator_loss[labelled]", "cpu", 0.6),
+                       mem_row("cross_entropy2d", "cpu", 0.5, dtype="bfloat16", too_noisy=True,
+                               mem_vs_eager_range=(0.45, 0.55)),
+                       mem_row("softmax2d", "cpu", 0.9), mem_row("cross_entropy2d", "reference", 1.2),
+                       mem_row("cross_entropy2d", "eager", 1.0)]}
+    checks = {(c["op"], c["dtype"]): c for c in evaluate([], "cpu", None, memory) if c["target"] == MEMORY_CHECK}
+    assert set(checks) == {("cross_entropy2d", "float32"), ("generator_loss[labelled]", "float32"),
+                           ("cross_entropy2d", "bfloat16")}
+    assert checks[("cross_entropy2d", "float32")]["met"] is True
+    assert checks[("generator_loss[labelled]", "float32")]["gap"] == "1.20x over"
+    noisy = checks[("cross_entropy2d", "bfloat16")]
+    assert noisy["met"] is None and noisy["gap"].startswith("too noisy to tell")
+    assert evaluate([], "cuda", None, memory) == []  # the RSS table is about the CPU
+
+
+def test_too_noisy_straddles_threshold():
+    from benchmarks.timing import ratio_range, summarize, too_noisy
+
+    fast, slow = summarize([0.010, 0.011, 0.012]), summarize([0.020, 0.021, 0.022])
+    assert not too_noisy(fast, slow, 1.0) and ratio_range(fast, slow)[1] < 1
+    wide = summarize([0.005, 0.015, 0.030])
+    assert too_noisy(wide, slow, 1.0)
 
 
 def test_readme_table_prints_recorded_rows(smoke_report, capsys):
