@@ -6,7 +6,7 @@
 """
 from ._dispatch import BACKEND_NAMES, available_backends, unavailable_reason
 from ._types import GeneratorLoss
-from ._validate import label_validation, label_validation_enabled, set_label_validation
+from ._labels import check_labels_now, label_validation, label_validation_enabled, set_label_validation
 from .functional import (
     bce_with_logits2d,
     cross_entropy2d,
@@ -34,4 +34,5 @@ __all__ = [
     "set_label_validation",
     "label_validation",
     "label_validation_enabled",
+    "check_labels_now",
 ]

@@ -1,34 +1,34 @@
-"""Backend dispatch: the one table that maps a backend name to its implementation.
+"""Backend dispatch: the one table that maps a backend name to its module.
 
-Every public op goes  public function (checks, once)  ->  :func:`resolve` (backend by name, device and dtype)
-->  the backend module's function of the same name (an autograd Function around a kernel)  ->  kernel.
+Every public op goes  public function (argument checks, once)  ->  :func:`resolve` (backend by name, device and
+dtype)  ->  the registered op ``torch.ops.fastadvseg.<op>(..., backend=name)`` (``fastadvseg/_ops.py``: one
+autograd rule for all kernel backends)  ->  :func:`launcher` (this table)  ->  the backend module's launch  ->
+kernel. The ``reference`` backend is plain PyTorch and is called directly, so that ``torch.compile`` traces it.
 
-A backend is a module in ``fastadvseg.backends`` that defines every op in :data:`OPS` with the argument lists of
-``fastadvseg/backends/reference.py`` (already validated, maps as (N, H, W) views), plus:
+A kernel backend is a module in ``fastadvseg.backends`` that launches kernels and returns what they computed
+(see ``fastadvseg/backends/cpu.py`` for the argument lists and results); it defines every name in
+:data:`LAUNCHES`, plus:
 
 * ``DTYPES``: the logit dtypes it runs;
 * ``supports_device(device) -> bool``: whether it can run on that device *now*;
 * importing it raises ``ImportError`` with a readable reason when it is not usable on this machine;
-* optionally ``find_bad_labels`` (the label check of the public functions, see :func:`find_bad_labels`);
-* optionally ``checks_labels = True`` on an op that takes labels: the op raises
-  :func:`fastadvseg._validate.raise_bad_labels` itself (from a pass it makes anyway) when label validation is on,
-  and the public function skips its separate check.
+* optionally ``find_bad_labels(target, C, ignore_index)`` (one_hot2d's label check; torch ops otherwise).
 
 Adding a backend means writing that module and adding one row to :data:`BACKENDS`.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-OPS = (
+LAUNCHES = (
     "softmax2d",
+    "softmax2d_backward",
     "cross_entropy2d",
     "bce_with_logits2d",
     "semi_cross_entropy2d",
@@ -65,7 +65,7 @@ BACKEND_NAMES = tuple(_BY_NAME)
 _modules: Dict[str, object] = {}
 _unavailable: Dict[str, str] = {}
 _warned: set = set()
-_resolved: Dict[tuple, Tuple[str, Callable]] = {}
+_resolved: Dict[tuple, str] = {}
 
 
 def _load(name: str):
@@ -79,7 +79,7 @@ def _load(name: str):
     except Exception as exc:  # ImportError, or an extension that fails to load
         _unavailable[name] = f"{type(exc).__name__}: {exc}"
         return None
-    missing = [op for op in OPS if not callable(getattr(module, op, None))]
+    missing = [] if name == 'reference' else [op for op in LAUNCHES if not callable(getattr(module, op, None))]
     if missing:
         _unavailable[name] = f"backend module {module.__name__} lacks {', '.join(missing)}"
         return None
@@ -128,7 +128,7 @@ def _explicit(name: str, device: torch.device, dtype: torch.dtype):
         raise ValueError(f"backend {name!r} cannot run on {device.type} tensors{hint}")
     if dtype not in module.DTYPES:
         raise TypeError(f"backend {name!r} does not run {dtype} inputs; it runs {', '.join(map(str, module.DTYPES))}")
-    return module
+    return name
 
 
 def _auto(device: torch.device, dtype: torch.dtype):
@@ -150,65 +150,39 @@ def _auto(device: torch.device, dtype: torch.dtype):
                     f"fastadvseg: using the reference (plain PyTorch) backend for {dtype} on {device.type}; "
                     "faster backends were skipped: " + "; ".join(skipped),
                 )
-            return spec.name, module
+            return spec.name
     raise RuntimeError(f"no fastadvseg backend runs on {device.type}: " + "; ".join(skipped))
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Callable]:
-    """(backend name, implementation) for ``op`` on tensors of ``device``/``dtype``."""
+@torch.compiler.assume_constant_result
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name that runs ``op`` on tensors of ``device``/``dtype``.
+
+    Under ``torch.compile`` this runs once, at trace time, as a constant of the graph (importing a backend
+    there would otherwise be a graph break); a compiled function keeps the backend it was traced with.
+    """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     requested = backend
     if backend == "auto":
         backend = os.environ.get(ENV_BACKEND, "auto").strip() or "auto"
     key = (op, requested, backend, device.type, dtype)
-    hit = _resolved.get(key)
-    if hit is not None:
-        return hit
-    if backend == "auto":
-        name, module = _auto(device, dtype)
-    else:
-        name, module = backend, _explicit(backend, device, dtype)
-    impl = _compile_boundary(name, getattr(module, op))
-    _resolved[key] = (name, impl)
-    return name, impl
+    name = _resolved.get(key)
+    if name is None:
+        name = _auto(device, dtype) if backend == "auto" else _explicit(backend, device, dtype)
+        _resolved[key] = name
+    return name
 
 
-def _compile_boundary(backend: str, fn: Callable) -> Callable:
-    """``fn`` as torch.compile should see it: kernel launches are opaque to it, so a kernel backend's function
-    is an explicit graph break (compiled code that calls our ops keeps working); the reference backend's plain
-    torch ops stay traceable."""
-    if backend == "reference":
-        return fn
-    disabled = torch.compiler.disable(fn)
-
-    @functools.wraps(fn)
-    def boundary(*args, **kwargs):
-        # torch.compiler.disable's wrapper costs ~20 us per call in eager mode too; only traced code needs it
-        if torch.compiler.is_compiling():
-            return disabled(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return boundary
-
-
-def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Tuple[int, int]:
-    """(count, first in pixel order) of int64 labels outside [0, C) that are not ``ignore_index``: the label check
-    of the public functions, by the first backend in :data:`BACKENDS` order that offers this helper for the
-    target's device (the ``cpu`` kernel does it in one pass; ``reference`` with torch ops)."""
-    key = ("find_bad_labels", target.device.type)
-    hit = _resolved.get(key)
-    if hit is None:
-        for spec in BACKENDS:
-            if target.device.type not in spec.auto_devices:
-                continue
-            module = _load(spec.name)
-            if module is not None and hasattr(module, "find_bad_labels") and module.supports_device(target.device):
-                hit = _resolved[key] = (spec.name, _compile_boundary(spec.name, module.find_bad_labels))
-                break
-        else:
-            raise RuntimeError(f"no fastadvseg backend checks labels on {target.device.type}")
-    return hit[1](target, num_classes, ignore_index)
+def launcher(name: str):
+    """The module of a kernel backend, for the registered ops' device implementations."""
+    module = _modules.get(name)
+    if module is None:
+        module = _load(name) if name in _BY_NAME else None
+        if module is None:
+            raise RuntimeError(f"fastadvseg backend {name!r} is not available: "
+                               f"{_unavailable.get(name, 'unknown backend')}")
+    return module
 
 
 def _reset_for_tests() -> None:

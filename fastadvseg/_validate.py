@@ -1,45 +1,17 @@
 """Argument checks, done once in the public layer so that no backend repeats them.
 
 Backends receive tensors that passed these checks, with discriminator-sized maps normalised to (N, H, W) views.
-Label-range validation reads the whole target (and, on CUDA, synchronises); it is on by default and can be switched
-off for speed with :func:`set_label_validation` or ``FASTADVSEG_VALIDATE_LABELS=0``. With it off, every kernel
-treats a label outside ``[0, C)`` as ignored, so no kernel ever reads or writes out of bounds.
+The label-range check is not here: the ops report bad labels from the passes they make anyway
+(``fastadvseg/_labels.py``).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 
-from ._dispatch import find_bad_labels
-
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-_validate_labels = os.environ.get("FASTADVSEG_VALIDATE_LABELS", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def set_label_validation(enabled: bool) -> bool:
-    """Turn the label-range check on or off for the whole process; returns the previous setting."""
-    global _validate_labels
-    previous, _validate_labels = _validate_labels, bool(enabled)
-    return previous
-
-
-def label_validation_enabled() -> bool:
-    return _validate_labels
-
-
-@contextlib.contextmanager
-def label_validation(enabled: bool) -> Iterator[None]:
-    """Context manager form of :func:`set_label_validation`."""
-    previous = set_label_validation(enabled)
-    try:
-        yield
-    finally:
-        set_label_validation(previous)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -84,25 +56,6 @@ def check_target(target, logits: torch.Tensor, name: str = "target") -> torch.Te
         )
     check_same_device(logits, "logits", target, name)
     return target if target.dtype == torch.int64 else target.long()
-
-
-def check_label_range(target: torch.Tensor, num_classes: int, ignore_index: int, name: str = "target") -> None:
-    """Raise ValueError naming a label outside [0, C) that is not ignore_index (when validation is on)."""
-    if not _validate_labels or target.numel() == 0:
-        return
-    count, value = find_bad_labels(target, num_classes, ignore_index)
-    if count:
-        raise_bad_labels(count, value, num_classes, ignore_index, name)
-
-
-def raise_bad_labels(count: int, value: int, num_classes: int, ignore_index: int, name: str = "target") -> None:
-    """The error of :func:`check_label_range`, also raised by a backend that finds bad labels in its own passes
-    (an op whose implementation has ``checks_labels = True``; the public function then skips its check)."""
-    raise ValueError(
-        f"{name} holds label {value} ({count} pixel(s) in all) outside [0, {num_classes}) that is not "
-        f"ignore_index={ignore_index}; fix the labels or pass the right ignore_index "
-        "(fastadvseg.set_label_validation(False) skips this check; such pixels are then ignored)"
-    )
 
 
 def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tuple] = None) -> torch.Tensor:
@@ -202,3 +155,10 @@ def check_number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a python number, got {type(value).__name__}")
     return float(value)
+
+
+def check_label_smoothing(value) -> float:
+    value = check_number(value, "label_smoothing")
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {value}")
+    return value

@@ -1,12 +1,15 @@
-"""The public loss API (``../shared/SPEC.md`` section 2).
+"""The public loss API.
 
-Each function checks its arguments once, resolves a backend (``fastadvseg/_dispatch.py``) and calls that backend's
-implementation. All take NCHW tensors of any strides, float32/float16/bfloat16 logits (float64 runs on the
-reference backend), on CPU or CUDA, and ``backend=`` ("auto", "reference", "triton", "cpu", "cuda").
+Each function checks its arguments once, resolves a backend (``fastadvseg/_dispatch.py``) and gets the op's sums
+and counts from it: from the registered op ``torch.ops.fastadvseg.<op>`` for a kernel backend (``triton``,
+``cuda``, ``cpu``; ``fastadvseg/_ops.py``), or from the plain PyTorch formulas of ``reference``. The means, the
+totals and the reductions are formed here, the same way for every backend. All take NCHW tensors of any strides,
+float32/float16/bfloat16 logits (float64 runs on the reference backend), on CPU or CUDA, and ``backend=``
+("auto", "reference", "triton", "cpu", "cuda").
 
 Losses are returned in float32 (float64 for float64 inputs): accumulation is always in float32, and rounding the
 result back to float16 would only lose what the kernel computed. Gradients have the dtype of their input.
-Every mean over an empty set is 0 with zero gradient, never NaN.
+Every mean over an empty set (or a total class weight of exactly 0) is 0 with zero gradient, never NaN.
 """
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import _labels
+from . import _ops  # noqa: F401  (registers torch.ops.fastadvseg.*)
 from . import _validate as V
 from ._dispatch import resolve
 from ._types import GeneratorLoss
+from .backends import reference
 
 __all__ = [
     "softmax2d",
@@ -28,6 +34,8 @@ __all__ = [
     "discriminator_loss",
     "GeneratorLoss",
 ]
+
+_ops_ = torch.ops.fastadvseg
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -48,34 +56,67 @@ def _empty_map(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(_acc_dtype(logits)).sum(dim=1) * 0
 
 
+def _wants_grad(t: Optional[torch.Tensor]) -> bool:
+    """Whether a kernel should store the gradient of ``t`` (decided here: grad mode is off inside the op)."""
+    return t is not None and torch.is_grad_enabled() and t.requires_grad
+
+
+def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """total / count; 0 with a zero gradient when count is exactly 0 (a negative count, from signed class
+    weights, divides like PyTorch does)."""
+    nonzero = count != 0
+    return torch.where(nonzero, total / torch.where(nonzero, count, torch.ones_like(count)), torch.zeros_like(total))
+
+
+def _reduce(sums: torch.Tensor, loss_map: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss_map
+    return sums[0] if reduction == "sum" else _mean(sums[0], sums[1])
+
+
+def _kernel(backend: str) -> bool:
+    return backend != "reference"
+
+
 def softmax2d(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Channel softmax of (N, C, H, W) logits, in the logits' dtype and memory format; fused backward."""
     V.check_logits(logits)
     if logits.numel() == 0:
         return torch.softmax(logits, dim=1)
-    _, impl = resolve("softmax2d", backend, logits.device, logits.dtype)
-    return impl(logits)
+    name = resolve("softmax2d", backend, logits.device, logits.dtype)
+    if not _kernel(name):
+        return reference.softmax2d(logits)
+    return _ops_.softmax2d(logits, name)
 
 
-def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, *, weight: Optional[torch.Tensor] = None,
-                    ignore_index: int = 255, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
+                    ignore_index: int = 255, reduction: str = "mean", label_smoothing: float = 0.0,
+                    backend: str = "auto") -> torch.Tensor:
     """Drop-in for ``F.cross_entropy`` on (N, C, H, W) logits and (N, H, W) labels.
 
-    Same value and gradient as PyTorch (with ``weight``, the same weighted mean: sum of w[y]·nll over the sum of
-    w[y]); pixels labelled ``ignore_index`` are not counted; all-ignored gives 0, not NaN. ``reduction="none"``
-    returns the (N, H, W) map with zeros where not counted.
+    Same value and gradient as PyTorch, with class weights (the weighted mean divides by the signed sum of
+    w[y] over the counted pixels; a weight that requires grad gets its gradient) and with ``label_smoothing``.
+    Differences, on purpose: ``ignore_index`` defaults to 255, the loss is float32, and a mean over nothing (all
+    ignored, or a total weight of exactly 0) is 0 with a zero gradient. ``reduction="none"`` returns the
+    (N, H, W) map with zeros where not counted.
     """
     V.check_logits(logits)
     target = V.check_target(target, logits)
     weight = V.check_weight(weight, logits)
     V.check_reduction(reduction)
+    label_smoothing = V.check_label_smoothing(label_smoothing)
     ignore_index = int(ignore_index)
     if logits.numel() == 0:
-        return _empty_map(logits) if reduction == "none" else _zero_loss(logits)
-    _, impl = resolve("cross_entropy2d", backend, logits.device, logits.dtype)
-    if not getattr(impl, "checks_labels", False):
-        V.check_label_range(target, logits.shape[1], ignore_index)
-    return impl(logits, target, weight, ignore_index, reduction)
+        return _empty_map(logits) if reduction == "none" else _zero_loss(logits, *([weight] if weight is not None else []))
+    name = resolve("cross_entropy2d", backend, logits.device, logits.dtype)
+    validate = _labels.label_validation_enabled()
+    if _kernel(name):
+        sums, loss_map, _, _ = _ops_.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing,
+                                                     reduction, _wants_grad(logits), validate, name)
+    else:
+        valid = _labels.valid_labels(target, logits.shape[1], ignore_index) if validate else None
+        sums, loss_map = reference.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, valid)
+    return _reduce(sums, loss_map, reduction)
 
 
 def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor], *,
@@ -92,8 +133,16 @@ def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor]
     V.check_reduction(reduction)
     if d.numel() == 0:
         return _empty_map(d.unsqueeze(1)).reshape(d_logits.shape) if reduction == "none" else _zero_loss(d)
-    _, impl = resolve("bce_with_logits2d", backend, d.device, d.dtype)
-    out = impl(d, target, mask, reduction)
+    name = resolve("bce_with_logits2d", backend, d.device, d.dtype)
+    target_map, target_value = (None, target) if isinstance(target, float) else (target.expand_as(d), 0.0)
+    if _kernel(name):
+        if target_map is not None and target_map.device != d.device:  # a 0-dim target may live on the CPU
+            target_map = target_map.to(d.device)
+        sums, loss_map, _, _ = _ops_.bce_with_logits2d(d, target_map, target_value, mask, reduction,
+                                                       _wants_grad(d), name)
+    else:
+        sums, loss_map = reference.bce_with_logits2d(d, target_map, target_value, mask)
+    out = _reduce(sums, loss_map, reduction)
     return out.reshape(d_logits.shape) if reduction == "none" else out
 
 
@@ -116,8 +165,14 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, *, thresh
         loss = _empty_map(logits) if reduction == "none" else _zero_loss(logits)
         ratio = torch.zeros((), dtype=_acc_dtype(logits), device=logits.device)
     else:
-        _, impl = resolve("semi_cross_entropy2d", backend, logits.device, logits.dtype)
-        loss, ratio = impl(logits, d, threshold, mask, reduction)
+        name = resolve("semi_cross_entropy2d", backend, logits.device, logits.dtype)
+        if _kernel(name):
+            sums, loss_map, _, _ = _ops_.semi_cross_entropy2d(logits, d.detach(), threshold, mask, reduction,
+                                                              _wants_grad(logits), name)
+        else:
+            sums, loss_map = reference.semi_cross_entropy2d(logits, d.detach(), threshold, mask)
+        loss = _reduce(sums, loss_map, reduction)
+        ratio = (sums[1] / sums[2].clamp_min(1)).detach()
     return (loss, ratio) if return_ratio else loss
 
 
@@ -135,12 +190,15 @@ def one_hot2d(target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     target = target if target.dtype == torch.int64 else target.long()
     ignore_index = int(ignore_index)
-    V.check_label_range(target, num_classes, ignore_index)
     if target.numel() == 0:
         n, h, w = target.shape
         return torch.zeros((n, num_classes, h, w), dtype=dtype, device=target.device)
-    _, impl = resolve("one_hot2d", backend, target.device, dtype if dtype.is_floating_point else torch.float32)
-    return impl(target, num_classes, ignore_index, dtype)
+    name = resolve("one_hot2d", backend, target.device, dtype if dtype.is_floating_point else torch.float32)
+    validate = _labels.label_validation_enabled()
+    if _kernel(name):
+        return _ops_.one_hot2d(target, num_classes, ignore_index, dtype, validate, name)
+    valid = _labels.valid_labels(target, num_classes, ignore_index) if validate else None
+    return reference.one_hot2d(target, num_classes, ignore_index, dtype, valid)
 
 
 def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor] = None, *,
@@ -166,10 +224,22 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
         zero = _zero_loss(logits, d)
         z = torch.zeros((), dtype=zero.dtype, device=zero.device)
         return GeneratorLoss(zero, z, z, z, z)
-    _, impl = resolve("generator_loss", backend, logits.device, logits.dtype)
-    if target is not None and not getattr(impl, "checks_labels", False):
-        V.check_label_range(target, logits.shape[1], ignore_index)
-    return impl(logits, d, target, lambda_adv, lambda_semi, threshold, ignore_index)
+    name = resolve("generator_loss", backend, logits.device, logits.dtype)
+    if _kernel(name):
+        sums, _, _, _ = _ops_.generator_loss(logits, d, target, lambda_adv, lambda_semi, threshold, ignore_index,
+                                             _wants_grad(logits), _wants_grad(d),
+                                             _labels.label_validation_enabled(), name)
+    else:
+        valid = None
+        if target is not None and _labels.label_validation_enabled():
+            valid = _labels.valid_labels(target, logits.shape[1], ignore_index)
+        sums = reference.generator_loss(logits, d, target, threshold, ignore_index, valid)
+    term, adv = _mean(sums[0], sums[1]), _mean(sums[2], sums[3])
+    zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    if target is not None:
+        return GeneratorLoss(term + lambda_adv * adv, term, adv, zero, zero)
+    ratio = (sums[4] / sums[5].clamp_min(1)).detach()
+    return GeneratorLoss(lambda_adv * adv + lambda_semi * term, zero, adv, term, ratio)
 
 
 def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, *, ignore_mask_fake: Optional[torch.Tensor] = None,
@@ -189,5 +259,10 @@ def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, *, ignore_mas
     if fake.dtype != real.dtype:
         dtype = _acc_dtype(fake, real)
         fake, real = fake.to(dtype), real.to(dtype)
-    _, impl = resolve("discriminator_loss", backend, fake.device, fake.dtype)
-    return impl(fake, real, mask_fake, mask_real)
+    name = resolve("discriminator_loss", backend, fake.device, fake.dtype)
+    if _kernel(name):
+        sums, _, _, _ = _ops_.discriminator_loss(fake, real, mask_fake, mask_real, _wants_grad(fake),
+                                                 _wants_grad(real), name)
+    else:
+        sums = reference.discriminator_loss(fake, real, mask_fake, mask_real)
+    return _mean(sums[0], sums[1]) + _mean(sums[2], sums[3])

@@ -134,7 +134,7 @@ def test_second_backward_after_in_place_change_is_refused(case, gen):
         torch.autograd.grad(loss, [x], retain_graph=True)
         with torch.no_grad():
             x.add_(1.0)
-        with pytest.raises(RuntimeError, match="modified in place"):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             torch.autograd.grad(loss, [x])
 
 

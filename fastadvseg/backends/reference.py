@@ -1,18 +1,22 @@
 """The ``reference`` backend: plain PyTorch ops, float32 accumulation (float64 stays float64).
 
 It is the ground truth the kernels are tested against, the fallback where no kernel backend runs, and the
-definition of every op's argument list: other backends implement these functions with the same signatures.
+definition of what every op computes. Like a kernel backend it returns the op's *sums* (loss sums and the counts
+they are divided by) and per-pixel maps; ``fastadvseg/functional.py`` forms the means from them, the same way for
+every backend. Everything here is differentiable torch code that ``torch.compile`` and ``torch.export`` trace,
+and it is also what the registered ops differentiate for double backward and for the gradient of learnt class
+weights or BCE target maps (``fastadvseg/_ops.py``).
+
 Arguments arrive validated (``fastadvseg/_validate.py``); discriminator-sized maps arrive as (N, H, W) views.
-Labels outside [0, C) that are not ``ignore_index`` (possible only with label validation off) count as ignored.
+``valid`` is the mask of counted labels from :func:`fastadvseg._labels.valid_labels` (which reports bad labels)
+or None, in which case labels outside [0, C) that are not ``ignore_index`` count as ignored.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-
-from .._types import GeneratorLoss
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -26,107 +30,112 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.double() if x.dtype == torch.float64 else x.float()
 
 
-def _valid_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def counted_labels(target: torch.Tensor, num_classes: int, ignore_index: int,
+                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if valid is not None:
+        return valid
     return (target != ignore_index) & (target >= 0) & (target < num_classes)
-
-
-def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """total / count, and 0 (with zero gradient) when nothing was counted."""
-    return total / torch.where(count > 0, count, torch.ones_like(count))
-
-
-def _reduce(loss_map: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return loss_map
-    if reduction == "sum":
-        return loss_map.sum()
-    return _mean(loss_map.sum(), count.to(loss_map.dtype))
 
 
 def softmax2d(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(_acc(logits), dim=1).to(logits.dtype)
 
 
-def _nll_map(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """-log softmax(x)[label] per pixel, (N, H, W), in accumulation precision."""
+def _log_softmax_at(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax (N, C, H, W) in accumulation precision, -log p[label] (N, H, W))."""
     logp = torch.log_softmax(_acc(logits), dim=1)
-    return -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return logp, -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
 
 
-def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                    ignore_index: int, reduction: str) -> torch.Tensor:
-    valid = _valid_labels(target, logits.shape[1], ignore_index)
+def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+                    label_smoothing: float = 0.0, valid: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """([sum of the per-pixel losses, sum of w[y] over counted pixels], per-pixel loss map (N, H, W)).
+
+    Per counted pixel: ``(1 - eps) w[y] (-log p[y]) + eps / C * sum_c w[c] (-log p[c])`` (PyTorch's label
+    smoothing; w = 1 without class weights); uncounted pixels give 0.
+    """
+    c = logits.shape[1]
+    valid = counted_labels(target, c, ignore_index, valid)
     labels = torch.where(valid, target, torch.zeros_like(target))
-    nll = _nll_map(logits, labels)
+    logp, nll = _log_softmax_at(logits, labels)
     if weight is None:
-        w = valid.to(nll.dtype)
+        w_y = valid.to(nll.dtype)
     else:
-        w = torch.where(valid, weight.to(nll.dtype)[labels], torch.zeros((), dtype=nll.dtype, device=nll.device))
+        w = weight.to(nll.dtype)
+        w_y = torch.where(valid, w[labels], _zero(nll))
+    loss = nll * w_y
+    if label_smoothing:
+        smooth = -(logp.sum(1) if weight is None else (logp * w.view(1, c, 1, 1)).sum(1))
+        loss = (1.0 - label_smoothing) * loss + (label_smoothing / c) * smooth
     # where, not a product: a NaN logit at an ignored pixel must not reach the loss (PyTorch's behaviour)
-    loss_map = torch.where(valid, nll * w, torch.zeros((), dtype=nll.dtype, device=nll.device))
-    return _reduce(loss_map, w.sum(), reduction)
+    loss_map = torch.where(valid, loss, _zero(nll))
+    return torch.stack([loss_map.sum(), w_y.sum()]), loss_map
 
 
-def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor],
-                      ignore_mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+def bce_with_logits2d(d_logits: torch.Tensor, target_map: Optional[torch.Tensor], target_value: float,
+                      ignore_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """([loss sum, counted pixels], loss map): BCE(sigmoid(z), t) per pixel, 0 where ``ignore_mask``."""
     z = _acc(d_logits)
-    t = torch.full_like(z, target) if isinstance(target, float) else _acc(target).expand_as(z)
+    t = torch.full_like(z, target_value) if target_map is None else _acc(target_map).expand_as(z)
     loss_map = F.binary_cross_entropy_with_logits(z, t, reduction="none")
     if ignore_mask is None:
-        count = torch.tensor(z.numel(), device=z.device)
+        count = torch.full((), z.numel(), dtype=z.dtype, device=z.device)
     else:
-        loss_map = torch.where(ignore_mask, torch.zeros((), dtype=z.dtype, device=z.device), loss_map)
-        count = (~ignore_mask).sum()
-    return _reduce(loss_map, count, reduction)
+        loss_map = torch.where(ignore_mask, _zero(z), loss_map)
+        count = (~ignore_mask).sum().to(z.dtype)
+    return torch.stack([loss_map.sum(), count]), loss_map
+
+
+def _confident(d_logits: torch.Tensor, threshold: float, ignore_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    keep = torch.sigmoid(d_logits.detach().float()) > threshold
+    return keep if ignore_mask is None else keep & ~ignore_mask
 
 
 def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold: float,
-                         ignore_mask: Optional[torch.Tensor], reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    x = _acc(logits)
-    with torch.no_grad():
-        pseudo = x.argmax(dim=1)
-        keep = torch.sigmoid(d_logits.detach().float()) > threshold
-        if ignore_mask is not None:
-            keep &= ~ignore_mask
-        considered = keep.numel() if ignore_mask is None else int((~ignore_mask).sum())
-        kept = keep.sum()
-        ratio = kept.to(x.dtype) / max(considered, 1)
-    nll = _nll_map(logits, pseudo)
-    loss_map = torch.where(keep, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
-    return _reduce(loss_map, kept, reduction), ratio
+                         ignore_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """([loss sum, kept pixels, considered pixels], loss map): -log p[argmax] where sigmoid(z) > threshold."""
+    pseudo = logits.detach().argmax(dim=1)
+    keep = _confident(d_logits, threshold, ignore_mask)
+    _, nll = _log_softmax_at(logits, pseudo)
+    loss_map = torch.where(keep, nll, _zero(nll))
+    considered = keep.numel() if ignore_mask is None else (~ignore_mask).sum()
+    considered = torch.as_tensor(considered, device=nll.device).to(nll.dtype)
+    return torch.stack([loss_map.sum(), keep.sum().to(nll.dtype), considered]), loss_map
 
 
-def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Tuple[int, int]:
-    """(count, first in pixel order) of labels outside [0, C) that are not ``ignore_index``."""
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    count = int(bad.sum())
-    return count, (int(target[bad][0]) if count else 0)
-
-
-def one_hot2d(target: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
-    n, h, w = target.shape
-    valid = _valid_labels(target, num_classes, ignore_index)
-    out = torch.zeros((n, num_classes, h, w), dtype=dtype, device=target.device)
-    labels = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
-    return out.scatter_(1, labels, valid.unsqueeze(1).to(dtype))
-
-
-def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor],
-                   lambda_adv: float, lambda_semi: float, threshold: float, ignore_index: int) -> GeneratorLoss:
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    zero = torch.zeros((), dtype=acc, device=logits.device)
+def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor], threshold: float,
+                   ignore_index: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[term sum, term count, adv sum, adv count, kept, considered]: the term is the cross-entropy (labelled)
+    or L_semi (unlabelled); adv = BCE(z, 1) over the counted (labelled) or all (unlabelled) pixels."""
     if target is not None:
-        ce = cross_entropy2d(logits, target, None, ignore_index, "mean")
-        ignored = ~_valid_labels(target, logits.shape[1], ignore_index)
-        adv = bce_with_logits2d(d_logits, 1.0, ignored, "mean").to(acc)
-        return GeneratorLoss(ce + lambda_adv * adv, ce, adv, zero, zero)
-    adv = bce_with_logits2d(d_logits, 1.0, None, "mean").to(acc)
-    semi, ratio = semi_cross_entropy2d(logits, d_logits, threshold, None, "mean")
-    return GeneratorLoss(lambda_adv * adv + lambda_semi * semi, zero, adv, semi, ratio.detach())
+        valid = counted_labels(target, logits.shape[1], ignore_index, valid)
+        ce, _ = cross_entropy2d(logits, target, None, ignore_index, 0.0, valid)
+        adv, _ = bce_with_logits2d(d_logits, None, 1.0, ~valid)
+        zero = torch.zeros(2, dtype=ce.dtype, device=ce.device)
+        return torch.cat([ce, adv.to(ce.dtype), zero])
+    adv, _ = bce_with_logits2d(d_logits, None, 1.0, None)
+    semi, _ = semi_cross_entropy2d(logits, d_logits, threshold, None)
+    return torch.cat([semi[:2], adv.to(semi.dtype), semi[1:]])
 
 
 def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_fake: Optional[torch.Tensor],
                        ignore_mask_real: Optional[torch.Tensor]) -> torch.Tensor:
-    fake = bce_with_logits2d(d_fake, 0.0, ignore_mask_fake, "mean")
-    real = bce_with_logits2d(d_real, 1.0, ignore_mask_real, "mean")
-    return fake + real  # float64 if either map is float64, else float32
+    """[fake sum, fake count, real sum, real count] of BCE(d_fake, 0) and BCE(d_real, 1)."""
+    fake, _ = bce_with_logits2d(d_fake, None, 0.0, ignore_mask_fake)
+    real, _ = bce_with_logits2d(d_real, None, 1.0, ignore_mask_real)
+    dtype = torch.promote_types(fake.dtype, real.dtype)
+    return torch.cat([fake.to(dtype), real.to(dtype)])
+
+
+def one_hot2d(target: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype,
+              valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    n, h, w = target.shape
+    valid = counted_labels(target, num_classes, ignore_index, valid)
+    out = torch.zeros((n, num_classes, h, w), dtype=dtype, device=target.device)
+    labels = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    return out.scatter_(1, labels, valid.unsqueeze(1).to(dtype))

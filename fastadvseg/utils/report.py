@@ -35,7 +35,7 @@ def describe_run(cfg, bundle, G, info, run_dir) -> str:
     """The opening lines: what is trained on what, with which loss backend, where the run is written."""
     from .._dispatch import resolve
 
-    backend = resolve("generator_loss", cfg.loss_backend, info.device, torch.float32)[0]
+    backend = resolve("generator_loss", cfg.loss_backend, info.device, torch.float32)
     n_unl = len(bundle.unlabelled) if bundle.unlabelled is not None else 0
     params = sum(p.numel() for p in G.parameters()) / 1e6
     return (f"{cfg.mode} run of {cfg.model} ({params:.2f}M params, BN {'frozen' if cfg.freeze_bn else 'live'}) on "

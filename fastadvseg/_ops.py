@@ -1,0 +1,411 @@
+"""The registered PyTorch ops (``torch.ops.fastadvseg.*``) of the kernel backends, and their one autograd rule.
+
+Every op is a ``torch.library.custom_op`` with a fake (meta) implementation, so ``torch.compile(fullgraph=True)``
+and ``torch.export`` see one opaque node per call. Its device implementation (CPU and CUDA tensors) looks the
+``backend`` argument up in the backend table (``fastadvseg/_dispatch.py``) and calls that backend's launch, which
+only runs kernels and returns what they computed:
+
+* the loss **sums** and the counts a mean divides by (a float32 vector per op, documented in each schema below);
+* the per-pixel loss map for ``reduction="none"``;
+* the **gradient buffers** written in the same pass: the gradient of the first sum (``scales[i]`` times it:
+  a backend may pre-scale, as ``cpu`` does with 1/count, so that a plain ``loss.backward()`` needs no extra pass);
+* the count and first value of bad labels, which :mod:`fastadvseg._labels` turns into the public error.
+
+Written once here, for every backend: the autograd rule (:func:`_backward`): the incoming gradient of the sum
+(or of the loss map) times the stored buffer, scaled in place and handed over, so one gradient-sized buffer
+exists at peak; a second backward through the same graph (``retain_graph=True``) relaunches the op. Gradients
+the kernels do not write (learnt class weights, BCE target maps) and double backward (``create_graph=True``)
+differentiate the reference backend's formula on the saved inputs instead, so they work on every backend.
+The means themselves are formed from the sums by ``fastadvseg/functional.py``.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _labels
+from ._dispatch import launcher
+from .backends import reference
+
+NS = "fastadvseg"
+_DEVICES = ("cpu", "cuda")
+
+
+def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The stand-in of an output a call did not ask for (custom ops return tensors, never None)."""
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return _empty(like, dtype) if t is None else t
+
+
+def _map_grad(grad: Optional[Tensor], d: Tensor) -> Tensor:
+    """A discriminator map's gradient as every backend returns it: contiguous (N, H, W), in d's dtype."""
+    if grad is None:
+        return _empty(d)
+    return grad.to(d.dtype).contiguous()
+
+
+def _grad_like(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _loss_map(x: Tensor, per_pixel: bool) -> Tensor:
+    n, _, h, w = x.shape
+    return x.new_empty((n, h, w) if per_pixel else (0,), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- the autograd rule
+
+class _StoredGradients:
+    """The gradient buffers one forward call wrote, handed to backward once (and relaunched after that)."""
+
+    def __init__(self, buffers: Sequence[Optional[Tensor]], scales: Tensor, recompute: Callable):
+        self.buffers: Optional[List[Optional[Tensor]]] = [b if b is not None and b.numel() else None
+                                                          for b in buffers]
+        self.scales, self.recompute = scales, recompute
+
+    def take(self) -> Tuple[List[Optional[Tensor]], Tensor]:
+        if self.buffers is None:  # a second backward: autograd may own (and have changed) the first buffers
+            return self.recompute()
+        buffers, self.buffers = self.buffers, None
+        return buffers, self.scales
+
+
+def _scaled(buffer: Optional[Tensor], scale: Tensor, upstream: Optional[Tensor]) -> Optional[Tensor]:
+    """``buffer`` (scale x the gradient of a sum) times ``upstream`` (the gradient of that sum, 0-dim, or of the
+    per-pixel map), in place: the buffer itself becomes the input's gradient."""
+    if buffer is None or upstream is None:
+        return None
+    factor = upstream if upstream.dim() else torch.where(scale != 0, upstream / scale, upstream)
+    if type(buffer) is not Tensor:
+        # Traced (torch.compile's backward graph works on functional/fake tensors): out of place. The in-place
+        # op on a saved forward output gave wrong gradients under Inductor (torch 2.13, when another branch of
+        # the graph was live); a product is what the compiler fuses anyway.
+        return buffer * (factor.unsqueeze(1) if buffer.dim() == factor.dim() + 1 else factor)
+    torch.ops.fastadvseg.scale_gradient_(buffer, factor)
+    return buffer
+
+
+@torch.library.custom_op(f"{NS}::scale_gradient_", mutates_args=("grad",), device_types=_DEVICES)
+def scale_gradient_(grad: Tensor, factor: Tensor) -> None:
+    """grad *= factor: a 0-dim factor, or an (N, H, W) map (broadcast over the channels of an (N, C, H, W) grad).
+
+    A CPU factor of exactly 1 (the common ``loss.backward()`` of a pre-scaled gradient) skips the pass over the
+    buffer; the check reads a CPU number only, so it never synchronises a GPU.
+    """
+    if factor.dim() == 0:
+        if factor.device.type == "cpu" and float(factor) == 1.0:
+            return
+        grad.mul_(factor)
+    else:
+        grad.mul_(factor.unsqueeze(1) if grad.dim() == factor.dim() + 1 else factor)
+
+
+@scale_gradient_.register_fake
+def _(grad, factor):
+    return None
+
+
+class _Op:
+    """What the autograd rule needs to know about one registered loss op."""
+
+    def __init__(self, op, reference_outputs: Callable, grad_of: dict, stores: dict, differentiable: Tuple[int, ...]):
+        self.op = op
+        self.reference_outputs = reference_outputs  # (op inputs) -> the differentiable outputs, by the reference
+        self.grad_of = grad_of  # input index -> (index of its buffer, index of the sum it is the gradient of)
+        self.stores = stores  # input index -> index of the op's "store this gradient" flag
+        self.differentiable = differentiable  # output indices that carry gradient (the rest are buffers/scales)
+
+    def register(self, buffer_outputs: Tuple[int, ...], scales_output: int, validate_arg: Optional[int]):
+        def setup_context(ctx, inputs, output):
+            ctx.set_materialize_grads(False)
+            ctx.mark_non_differentiable(*(output[i] for i in buffer_outputs), output[scales_output])
+            ctx.save_for_backward(*(a for a in inputs if isinstance(a, Tensor)))
+            ctx.template = [_SAVED if isinstance(a, Tensor) else a for a in inputs]
+            ctx.spec = self
+
+            def recompute():
+                args = _inputs(ctx)
+                for i, flag in self.stores.items():
+                    args[flag] = ctx.needs_input_grad[i]
+                if validate_arg is not None:
+                    args[validate_arg] = False  # (reported by the first call)
+                with torch.no_grad():
+                    out = self.op(*args)
+                return [out[i] for i in buffer_outputs], out[scales_output]
+
+            ctx.stored = _StoredGradients([output[i] for i in buffer_outputs], output[scales_output], recompute)
+
+        self.op.register_autograd(_backward, setup_context=setup_context)
+
+
+_SAVED = object()  # where a tensor input sits in ctx.template
+
+
+def _inputs(ctx) -> list:
+    """The op's inputs as they were (the saved tensors: autograd refuses them if changed in place since)."""
+    saved = iter(ctx.saved_tensors)
+    return [next(saved) if a is _SAVED else a for a in ctx.template]
+
+
+def _backward(ctx, *grads):
+    spec: _Op = ctx.spec
+    _labels.check_pending()
+    need = ctx.needs_input_grad
+    result: list = [None] * len(need)
+    if torch.is_grad_enabled():  # create_graph=True: every gradient from the (differentiable) reference formula
+        return tuple(_reference_vjp(ctx, grads, [i for i, n in enumerate(need) if n]))
+    kernel_inputs = [i for i in spec.grad_of if need[i]]
+    if kernel_inputs:
+        buffers, scales = ctx.stored.take()
+        per_pixel = len(spec.differentiable) > 1 and grads[1] is not None  # reduction="none": the map's gradient
+        for i in kernel_inputs:
+            b, sum_index = spec.grad_of[i]
+            upstream = grads[1] if per_pixel else (None if grads[0] is None else grads[0][sum_index])
+            result[i] = _scaled(buffers[b], scales[b], upstream)
+    others = [i for i, n in enumerate(need) if n and i not in spec.grad_of]
+    if others:  # learnt class weights, BCE target maps: rare, from the reference formula
+        for i, g in zip(others, _reference_vjp(ctx, grads, others, only=True)):
+            result[i] = g
+    return tuple(result)
+
+
+def _reference_vjp(ctx, grads, wanted: List[int], only: bool = False) -> list:
+    """Gradients of the op's differentiable outputs w.r.t. inputs ``wanted``, through the reference formula.
+
+    With grad mode on (``create_graph=True``) the saved inputs keep their graph, so the result is differentiable
+    again; otherwise (``only``) the wanted inputs are fresh leaves and nothing else is differentiated.
+    """
+    spec: _Op = ctx.spec
+    args = _inputs(ctx)
+    create = torch.is_grad_enabled()
+    if not create:
+        args = [a.detach() if isinstance(a, Tensor) else a for a in args]
+        for i in wanted:
+            args[i] = args[i].requires_grad_()
+    with torch.enable_grad():
+        outs = spec.reference_outputs(*args)
+    pairs = [(o, g) for o, g in zip(outs, (grads[i] for i in spec.differentiable)) if g is not None and o is not None]
+    full = [None] * len(args) if not only else None
+    got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g.to(o.dtype) for o, g in pairs],
+                              create_graph=create, allow_unused=True) if pairs else [None] * len(wanted)
+    got = [None if g is None else g.to(args[i].dtype) for i, g in zip(wanted, got)]
+    if only:
+        return got
+    for i, g in zip(wanted, got):
+        full[i] = g
+    return full
+
+
+def _launch(backend: str):
+    _labels.check_pending()
+    return launcher(backend)
+
+
+# ----------------------------------------------------------------------------------------------------- softmax2d
+
+@torch.library.custom_op(f"{NS}::softmax2d", mutates_args=(), device_types=_DEVICES)
+def softmax2d(logits: Tensor, backend: str) -> Tensor:
+    """Channel softmax of (N, C, H, W) logits, in their dtype; dense layouts keep their memory format."""
+    return _launch(backend).softmax2d(logits)
+
+
+@softmax2d.register_fake
+def _(logits, backend):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op(f"{NS}::softmax2d_backward", mutates_args=(), device_types=_DEVICES)
+def softmax2d_backward(probs: Tensor, grad_probs: Tensor, backend: str) -> Tensor:
+    """p * (g - sum_c p g), from the saved probabilities p."""
+    return _launch(backend).softmax2d_backward(probs, grad_probs.to(probs.dtype))
+
+
+@softmax2d_backward.register_fake
+def _(probs, grad_probs, backend):
+    return torch.empty_like(probs)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+    ctx.backend = inputs[1]
+
+
+def _softmax_backward(ctx, grad_probs):
+    (p,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable torch ops
+        g = grad_probs.to(p.dtype)
+        return p * (g - (p * g).sum(1, keepdim=True)), None
+    return torch.ops.fastadvseg.softmax2d_backward(p, grad_probs, ctx.backend), None
+
+
+softmax2d.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+# ----------------------------------------------------------------------------------------------- cross_entropy2d
+
+@torch.library.custom_op(f"{NS}::cross_entropy2d", mutates_args=(), device_types=_DEVICES)
+def cross_entropy2d(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                    label_smoothing: float, reduction: str, store_grad: bool, validate: bool,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (sums = [loss sum, sum of w[y] over counted pixels], loss map (N, H, W) for reduction "none",
+    gradient of the loss sum (x scales[0]) if store_grad, scales (1,))."""
+    out = _launch(backend).cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, reduction,
+                                           store_grad)
+    if validate:
+        _labels.report(out.bad, logits.shape[1], ignore_index, device=logits.device)
+    return out.sums, _or_empty(out.loss_map, logits, torch.float32), _or_empty(out.grad, logits), out.scales
+
+
+@cross_entropy2d.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, reduction, store_grad, validate, backend):
+    grad = _grad_like(logits) if store_grad else _empty(logits)
+    return (logits.new_empty((2,), dtype=torch.float32), _loss_map(logits, reduction == "none"), grad,
+            logits.new_empty((1,), dtype=torch.float32))
+
+
+def _ce_reference(logits, target, weight, ignore_index, label_smoothing, reduction, store_grad, validate, backend):
+    return reference.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing)
+
+
+_Op(cross_entropy2d, _ce_reference, grad_of={0: (0, 0)}, stores={0: 6}, differentiable=(0, 1)).register(
+    buffer_outputs=(2,), scales_output=3, validate_arg=7)
+
+
+# --------------------------------------------------------------------------------------------- bce_with_logits2d
+
+@torch.library.custom_op(f"{NS}::bce_with_logits2d", mutates_args=(), device_types=_DEVICES)
+def bce_with_logits2d(d_logits: Tensor, target_map: Optional[Tensor], target_value: float,
+                      ignore_mask: Optional[Tensor], reduction: str, store_grad: bool,
+                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (sums = [loss sum, counted pixels], loss map for "none", gradient of the loss sum, scales (1,)).
+
+    ``d_logits`` (N, H, W); ``target_map`` an (N, H, W) float map or None for the constant ``target_value``."""
+    out = _launch(backend).bce_with_logits2d(d_logits, target_map, target_value, ignore_mask, reduction, store_grad)
+    return (out.sums, _or_empty(out.loss_map, d_logits, torch.float32), _map_grad(out.grad, d_logits), out.scales)
+
+
+@bce_with_logits2d.register_fake
+def _(d_logits, target_map, target_value, ignore_mask, reduction, store_grad, backend):
+    loss_map = d_logits.new_empty(tuple(d_logits.shape) if reduction == "none" else (0,), dtype=torch.float32)
+    grad = d_logits.new_empty(d_logits.shape) if store_grad else _empty(d_logits)
+    return d_logits.new_empty((2,), dtype=torch.float32), loss_map, grad, d_logits.new_empty((1,), dtype=torch.float32)
+
+
+def _bce_reference(d_logits, target_map, target_value, ignore_mask, reduction, store_grad, backend):
+    return reference.bce_with_logits2d(d_logits, target_map, target_value, ignore_mask)
+
+
+_Op(bce_with_logits2d, _bce_reference, grad_of={0: (0, 0)}, stores={0: 5}, differentiable=(0, 1)).register(
+    buffer_outputs=(2,), scales_output=3, validate_arg=None)
+
+
+# ------------------------------------------------------------------------------------------ semi_cross_entropy2d
+
+@torch.library.custom_op(f"{NS}::semi_cross_entropy2d", mutates_args=(), device_types=_DEVICES)
+def semi_cross_entropy2d(logits: Tensor, d_logits: Tensor, threshold: float, ignore_mask: Optional[Tensor],
+                         reduction: str, store_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (sums = [loss sum, kept pixels, considered pixels], loss map for "none", gradient of the loss sum,
+    scales (1,)). ``d_logits`` and the pseudo-labels are constants: no gradient for d_logits."""
+    out = _launch(backend).semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, reduction, store_grad)
+    return out.sums, _or_empty(out.loss_map, logits, torch.float32), _or_empty(out.grad, logits), out.scales
+
+
+@semi_cross_entropy2d.register_fake
+def _(logits, d_logits, threshold, ignore_mask, reduction, store_grad, backend):
+    grad = _grad_like(logits) if store_grad else _empty(logits)
+    return (logits.new_empty((3,), dtype=torch.float32), _loss_map(logits, reduction == "none"), grad,
+            logits.new_empty((1,), dtype=torch.float32))
+
+
+def _semi_reference(logits, d_logits, threshold, ignore_mask, reduction, store_grad, backend):
+    return reference.semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask)
+
+
+_Op(semi_cross_entropy2d, _semi_reference, grad_of={0: (0, 0)}, stores={0: 5}, differentiable=(0, 1)).register(
+    buffer_outputs=(2,), scales_output=3, validate_arg=None)
+
+
+# ------------------------------------------------------------------------------------------------ generator_loss
+
+@torch.library.custom_op(f"{NS}::generator_loss", mutates_args=(), device_types=_DEVICES)
+def generator_loss(logits: Tensor, d_logits: Tensor, target: Optional[Tensor], lambda_adv: float,
+                   lambda_semi: float, threshold: float, ignore_index: int, store_grad_logits: bool,
+                   store_grad_d: bool, validate: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (sums = [term sum, term count, adv sum, adv count, kept, considered], gradient of the term sum,
+    gradient of the adv sum, scales (2,)).
+
+    The term is the cross-entropy (labelled: ``target`` given) or L_semi (unlabelled). The lambdas are the weights
+    the caller gives the terms: a backend may pre-scale its stored gradients by them."""
+    out = _launch(backend).generator_loss(logits, d_logits, target, lambda_adv, lambda_semi, threshold,
+                                          ignore_index, store_grad_logits, store_grad_d)
+    if validate and target is not None:
+        _labels.report(out.bad, logits.shape[1], ignore_index, device=logits.device)
+    return out.sums, _or_empty(out.grad, logits), _map_grad(out.grad_d, d_logits), out.scales
+
+
+@generator_loss.register_fake
+def _(logits, d_logits, target, lambda_adv, lambda_semi, threshold, ignore_index, store_grad_logits, store_grad_d,
+      validate, backend):
+    gx = _grad_like(logits) if store_grad_logits else _empty(logits)
+    gz = d_logits.new_empty(d_logits.shape) if store_grad_d else _empty(d_logits)
+    return logits.new_empty((6,), dtype=torch.float32), gx, gz, logits.new_empty((2,), dtype=torch.float32)
+
+
+def _generator_reference(logits, d_logits, target, lambda_adv, lambda_semi, threshold, ignore_index, *_):
+    return (reference.generator_loss(logits, d_logits, target, threshold, ignore_index),)
+
+
+_Op(generator_loss, _generator_reference, grad_of={0: (0, 0), 1: (1, 2)}, stores={0: 7, 1: 8},
+    differentiable=(0,)).register(buffer_outputs=(1, 2), scales_output=3, validate_arg=9)
+
+
+# -------------------------------------------------------------------------------------------- discriminator_loss
+
+@torch.library.custom_op(f"{NS}::discriminator_loss", mutates_args=(), device_types=_DEVICES)
+def discriminator_loss(d_fake: Tensor, d_real: Tensor, ignore_mask_fake: Optional[Tensor],
+                       ignore_mask_real: Optional[Tensor], store_grad_fake: bool, store_grad_real: bool,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (sums = [fake sum, fake count, real sum, real count] of BCE(d_fake, 0) and BCE(d_real, 1), gradient of
+    the fake sum, gradient of the real sum, scales (2,))."""
+    out = _launch(backend).discriminator_loss(d_fake, d_real, ignore_mask_fake, ignore_mask_real, store_grad_fake,
+                                              store_grad_real)
+    return out.sums, _map_grad(out.grad_fake, d_fake), _map_grad(out.grad_real, d_real), out.scales
+
+
+@discriminator_loss.register_fake
+def _(d_fake, d_real, ignore_mask_fake, ignore_mask_real, store_grad_fake, store_grad_real, backend):
+    gf = d_fake.new_empty(d_fake.shape) if store_grad_fake else _empty(d_fake)
+    gr = d_real.new_empty(d_real.shape) if store_grad_real else _empty(d_real)
+    return d_fake.new_empty((4,), dtype=torch.float32), gf, gr, d_fake.new_empty((2,), dtype=torch.float32)
+
+
+def _discriminator_reference(d_fake, d_real, ignore_mask_fake, ignore_mask_real, *_):
+    return (reference.discriminator_loss(d_fake, d_real, ignore_mask_fake, ignore_mask_real),)
+
+
+_Op(discriminator_loss, _discriminator_reference, grad_of={0: (0, 0), 1: (1, 2)}, stores={0: 4, 1: 5},
+    differentiable=(0,)).register(buffer_outputs=(1, 2), scales_output=3, validate_arg=None)
+
+
+# ----------------------------------------------------------------------------------------------------- one_hot2d
+
+@torch.library.custom_op(f"{NS}::one_hot2d", mutates_args=(), device_types=_DEVICES)
+def one_hot2d(target: Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype, validate: bool,
+              backend: str) -> Tensor:
+    """(N, H, W) labels -> contiguous (N, C, H, W) one-hot of ``dtype``; ignored pixels all zero."""
+    module = _launch(backend)
+    if validate:
+        find = getattr(module, "find_bad_labels", _labels.find_bad_labels)
+        _labels.report(find(target, num_classes, ignore_index), num_classes, ignore_index, device=target.device)
+    return module.one_hot2d(target, num_classes, ignore_index, dtype)
+
+
+@one_hot2d.register_fake
+def _(target, num_classes, ignore_index, dtype, validate, backend):
+    n, h, w = target.shape
+    return target.new_empty((n, num_classes, h, w), dtype=dtype)
