@@ -28,8 +28,9 @@ from typing import Iterator, Sequence, Union
 
 import torch
 
-# Device types whose reports are checked later instead of at once (tests add "cpu" to exercise the path).
-DEFERRED_DEVICE_TYPES = {"cuda"}
+# Device types whose values the host must not read on the default path (it would wait for the device): their
+# label reports are checked later, and no other shortcut reads them either. Tests add "cpu" to exercise this.
+ASYNC_DEVICE_TYPES = {"cuda"}
 
 _enabled = os.environ.get("FASTADVSEG_VALIDATE_LABELS", "1").strip().lower() not in ("0", "false", "no", "off")
 _pending: deque = deque()
@@ -69,7 +70,7 @@ def report(bad: Union[torch.Tensor, Sequence[int]], num_classes: int, ignore_ind
     """Raise (now, or at a later call on deferred devices) if ``bad = [count, first value]`` counts any label."""
     if isinstance(bad, torch.Tensor):
         device = bad.device
-    if device is not None and device.type in DEFERRED_DEVICE_TYPES:
+    if device is not None and device.type in ASYNC_DEVICE_TYPES:
         _defer(bad, num_classes, ignore_index, name, device)
         return
     count, value = (int(v) for v in (bad.tolist() if isinstance(bad, torch.Tensor) else bad))
@@ -104,7 +105,7 @@ def check_pending(wait: bool = False) -> None:
             elif not event.query():
                 return
         _pending.popleft()
-        count, value = (int(v) for v in host.tolist())
+        count, value = host.numpy().tolist()  # host memory: reading it never waits for the device
         if count:
             _pending.clear()
             raise bad_labels_error(count, value, num_classes, ignore_index, name)

@@ -64,8 +64,7 @@ class _StoredGradients:
     """The gradient buffers one forward call wrote, handed to backward once (and relaunched after that)."""
 
     def __init__(self, buffers: Sequence[Optional[Tensor]], scales: Tensor, recompute: Callable):
-        self.buffers: Optional[List[Optional[Tensor]]] = [b if b is not None and b.numel() else None
-                                                          for b in buffers]
+        self.buffers: Optional[List[Optional[Tensor]]] = list(buffers)
         self.scales, self.recompute = scales, recompute
 
     def take(self) -> Tuple[List[Optional[Tensor]], Tensor]:
@@ -98,7 +97,7 @@ def scale_gradient_(grad: Tensor, factor: Tensor) -> None:
     buffer; the check reads a CPU number only, so it never synchronises a GPU.
     """
     if factor.dim() == 0:
-        if factor.device.type == "cpu" and float(factor) == 1.0:
+        if factor.device.type not in _labels.ASYNC_DEVICE_TYPES and float(factor) == 1.0:
             return
         grad.mul_(factor)
     else:
@@ -136,9 +135,11 @@ class _Op:
                     args[validate_arg] = False  # (reported by the first call)
                 with torch.no_grad():
                     out = self.op(*args)
-                return [out[i] for i in buffer_outputs], out[scales_output]
+                return [out[j] if stored[b] else None for b, j in enumerate(buffer_outputs)], out[scales_output]
 
-            ctx.stored = _StoredGradients([output[i] for i in buffer_outputs], output[scales_output], recompute)
+            stored = {b: bool(inputs[self.stores[i]]) for i, (b, _) in self.grad_of.items()}  # (else a stand-in)
+            ctx.stored = _StoredGradients([output[j] if stored[b] else None for b, j in enumerate(buffer_outputs)],
+                                          output[scales_output], recompute)
 
         self.op.register_autograd(_backward, setup_context=setup_context)
 
@@ -162,10 +163,14 @@ def _backward(ctx, *grads):
     kernel_inputs = [i for i in spec.grad_of if need[i]]
     if kernel_inputs:
         buffers, scales = ctx.stored.take()
-        per_pixel = len(spec.differentiable) > 1 and grads[1] is not None  # reduction="none": the map's gradient
+        # the gradient of the loss map (reduction="none"; its stored gradient is not pre-scaled) and of the sum
+        per_pixel = grads[1] if len(spec.differentiable) > 1 and grads[1] is not None and grads[1].dim() == 3 \
+            else None
         for i in kernel_inputs:
             b, sum_index = spec.grad_of[i]
-            upstream = grads[1] if per_pixel else (None if grads[0] is None else grads[0][sum_index])
+            upstream = per_pixel
+            if grads[0] is not None:
+                upstream = grads[0][sum_index] if upstream is None else upstream + grads[0][sum_index]
             result[i] = _scaled(buffers[b], scales[b], upstream)
     others = [i for i, n in enumerate(need) if n and i not in spec.grad_of]
     if others:  # learnt class weights, BCE target maps: rare, from the reference formula
@@ -187,6 +192,9 @@ def _reference_vjp(ctx, grads, wanted: List[int], only: bool = False) -> list:
         args = [a.detach() if isinstance(a, Tensor) else a for a in args]
         for i in wanted:
             args[i] = args[i].requires_grad_()
+    else:  # fresh views: gradients w.r.t. them are this op's partial derivatives (an input may depend on another)
+        for i in wanted:
+            args[i] = args[i].view_as(args[i])
     with torch.enable_grad():
         outs = spec.reference_outputs(*args)
     pairs = [(o, g) for o, g in zip(outs, (grads[i] for i in spec.differentiable)) if g is not None and o is not None]

@@ -20,14 +20,15 @@ class Softmax2d(nn.Module):
 
 class CrossEntropy2d(nn.Module):
     def __init__(self, weight: Optional[torch.Tensor] = None, *, ignore_index: int = 255, reduction: str = "mean",
-                 backend: str = "auto"):
+                 label_smoothing: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits, target):
-        return F.cross_entropy2d(logits, target, weight=self.weight, ignore_index=self.ignore_index,
-                                 reduction=self.reduction, backend=self.backend)
+        return F.cross_entropy2d(logits, target, self.weight, ignore_index=self.ignore_index,
+                                 reduction=self.reduction, label_smoothing=self.label_smoothing, backend=self.backend)
 
 
 class BCEWithLogits2d(nn.Module):

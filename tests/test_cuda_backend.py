@@ -170,12 +170,16 @@ def test_softmax2d(shape, dtype, layout, gen, device):
     gy = _rand(shape, gen, 1.0).to(dtype).to(device)
     (y * gy).sum().backward()
     (yr * gy).sum().backward()
-    _close(x.grad.float(), xr.grad.float(), **GRAD_TOL[dtype])
+    # backward from the stored probabilities (in the logits' dtype, like every kernel backend): for 16-bit types
+    # the error is relative to the gradient's scale, not to each element
+    scaled = dict(rtol=GRAD_TOL[dtype]["rtol"], atol=GRAD_TOL[dtype]["rtol"] * float(xr.grad.abs().max()))
+    _close(x.grad.float(), xr.grad.float(), **(GRAD_TOL[dtype] if dtype == torch.float32 else scaled))
     # an expanded (all strides 0) upstream gradient, as .sum() produces
     x.grad = xr.grad = None
     fas.softmax2d(x, backend="cuda").sum().backward()
     fas.softmax2d(xr, backend="reference").sum().backward()
-    _close(x.grad.float(), xr.grad.float(), **GRAD_TOL[dtype])
+    unit = dict(rtol=GRAD_TOL[dtype]["rtol"], atol=GRAD_TOL[dtype]["rtol"])  # the exact gradient is 0 here
+    _close(x.grad.float(), xr.grad.float(), **(GRAD_TOL[dtype] if dtype == torch.float32 else unit))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -103,8 +103,14 @@ def main(argv=None) -> int:
 
 
 def _scenarios(long_ints: bool) -> None:
-    """Launch every kernel through the backend, over the flags and layouts that select different code."""
+    """Launch every kernel through the public API, over the flags and layouts that select different code."""
+    import fastadvseg
+    from fastadvseg import functional as F
     from fastadvseg.backends import triton as B
+
+    T = "triton"
+    B.supports_device = lambda device: True  # the launches only compile here: CPU tensors are fine
+    fastadvseg.set_label_validation(False)  # (nothing runs, so the label reports hold no counts)
 
     g = torch.Generator().manual_seed(0)
 
@@ -127,24 +133,26 @@ def _scenarios(long_ints: bool) -> None:
         d = torch.randn((2, 5, 7), generator=g).to(dtype).requires_grad_(True)
         y = labels(shape)
         mask = torch.rand((2, 5, 7), generator=g) < 0.2
-        B.softmax2d(x).backward(torch.ones(shape, dtype=dtype))
-        B.cross_entropy2d(x, y, torch.rand(19) if dtype == torch.float32 else None, 255, "none")
-        B.bce_with_logits2d(d, torch.rand((2, 5, 7), generator=g), mask, "none")
-        B.semi_cross_entropy2d(x, d, 0.2, mask, "mean")
-        B.generator_loss(x, d, y, 0.01, 0.1, 0.2, 255)
-        B.generator_loss(x, d, None, 0.01, 0.1, 0.2, 255)
-        B.discriminator_loss(d, d[:1, ::2], mask, None)
-        B.one_hot2d(y, 19, 255, dtype)
+        F.softmax2d(x, backend=T).backward(torch.ones(shape, dtype=dtype))
+        F.cross_entropy2d(x, y, torch.rand(19) if dtype == torch.float32 else None, reduction="none", backend=T)
+        F.cross_entropy2d(x, y, label_smoothing=0.1, backend=T)
+        F.bce_with_logits2d(d, torch.rand((2, 5, 7), generator=g).to(dtype), ignore_mask=mask, reduction="none",
+                            backend=T)
+        F.semi_cross_entropy2d(x, d, ignore_mask=mask, backend=T)
+        F.generator_loss(x, d, y, lambda_adv=0.01, backend=T)
+        F.generator_loss(x, d, None, lambda_adv=0.01, backend=T)
+        F.discriminator_loss(d, d[:1, ::2], ignore_mask_fake=mask, backend=T)
+        F.one_hot2d(y, 19, dtype=dtype, backend=T)
         if long_ints:
             return  # the int64 pass needs one sweep, not every combination
     with torch.no_grad():  # flags off: no stored gradients, scalar BCE target, no masks; C = 256 and C = 4100
         for c in (256, 4100):
             x = logits((1, c, 2, 3), torch.float16, "channels_last")
             d = torch.randn((1, 2, 3), generator=g)
-            B.cross_entropy2d(x, labels(x.shape), None, 255, "mean")
-            B.bce_with_logits2d(d, 1.0, None, "sum")
-            B.generator_loss(x, d, None, 0.01, 0.1, 0.2, 255)
-            B.one_hot2d(labels(x.shape), c, 255, torch.float32)
+            F.cross_entropy2d(x, labels(x.shape), backend=T)
+            F.bce_with_logits2d(d, 1.0, reduction="sum", backend=T)
+            F.generator_loss(x, d, None, lambda_adv=0.01, backend=T)
+            F.one_hot2d(labels(x.shape), c, backend=T)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,364 @@
+"""The registered ops and the rules shared by every backend (cpu, reference, triton under TRITON_INTERPRET=1;
+cuda and triton on a GPU): torch.library.opcheck of every op, torch.compile(fullgraph=True) and torch.export,
+F.cross_entropy parity (positional weight, signed weight totals, label smoothing), learnt class weights, double
+backward, the hand-over of the gradient buffer, logits never written, and label errors that never make the host
+wait for the device."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastadvseg as fas
+from fastadvseg import _labels, _ops
+from helpers import BACKEND_CASES, KERNEL_CASES, assert_close, ids, make_d_logits, make_logits, make_target
+
+OPS = torch.ops.fastadvseg
+
+
+class TinyD(torch.nn.Module):
+    """A fully convolutional discriminator small enough for the interpreter: conv, LeakyReLU, conv, upsample."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a = torch.nn.Conv2d(c, 4, 3, stride=2, padding=1)
+        self.b = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, p):
+        y = self.b(F.leaky_relu(self.a(p.float()), 0.2))
+        return F.interpolate(y, size=p.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def _gan_losses(x, t, d_net, backend):
+    """The loss code of one GAN step, as the training loop writes it."""
+    c = x.shape[1]
+    lab = fas.generator_loss(x, d_net(fas.softmax2d(x, backend=backend)), t, lambda_adv=0.01, backend=backend)
+    unl = fas.generator_loss(x, d_net(fas.softmax2d(x, backend=backend)), None, lambda_adv=0.001, lambda_semi=0.1,
+                             backend=backend)
+    d_fake = d_net(fas.softmax2d(x.detach(), backend=backend))
+    d_real = d_net(fas.one_hot2d(t, c, backend=backend))
+    loss_d = fas.discriminator_loss(d_fake, d_real, ignore_mask_real=(t == 255), backend=backend) / 2
+    ce = fas.cross_entropy2d(x, t, None, label_smoothing=0.1, backend=backend)
+    return lab.total + unl.total + ce, loss_d
+
+
+# --------------------------------------------------------------------------------------------------- opcheck
+
+def _op_samples(device, gen):
+    shape = (2, 3, 4, 5)
+    x = make_logits(shape, torch.float32, "contiguous", device, generator=gen)
+    xc = make_logits(shape, torch.bfloat16, "channels_last", device, generator=gen)
+    d = make_d_logits((2, 4, 5), torch.float32, device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    w = torch.rand(3, generator=gen).to(device) + 0.5
+    mask = (torch.rand((2, 4, 5), generator=gen) < 0.3).to(device)
+    p = torch.softmax(x.detach(), 1)
+    return {
+        "softmax2d": [(x, "B"), (xc, "B")],
+        "softmax2d_backward": [(p, torch.randn(shape, generator=gen).to(device), "B")],
+        "cross_entropy2d": [(x, t, None, 255, 0.0, "mean", True, True, "B"),
+                            (xc, t, w, 255, 0.2, "none", True, True, "B"),
+                            (x, t, w, 255, 0.0, "sum", False, False, "B")],
+        "bce_with_logits2d": [(d, None, 1.0, mask, "mean", True, "B"),
+                              (d, torch.rand((2, 4, 5), generator=gen).to(device), 0.0, None, "none", True, "B")],
+        "semi_cross_entropy2d": [(x, d.detach(), 0.2, mask, "mean", True, "B"),
+                                 (xc, d.detach(), 0.2, None, "none", True, "B")],
+        "generator_loss": [(x, d, t, 0.01, 0.1, 0.2, 255, True, True, True, "B"),
+                           (xc, d, None, 0.01, 0.1, 0.2, 255, True, True, True, "B")],
+        "discriminator_loss": [(d, d.detach() * 2, mask, None, True, False, "B")],
+        "one_hot2d": [(t, 3, 255, torch.float32, True, "B")],
+    }
+
+
+_STORE_FLAGS = {"cross_entropy2d": (6,), "bce_with_logits2d": (5,), "semi_cross_entropy2d": (5,),
+                "generator_loss": (7, 8), "discriminator_loss": (4, 5)}
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=ids)
+def test_opcheck_every_registered_op(case, gen):
+    """Schema, fake tensors, autograd registration, and AOT dispatch with dynamic shapes of every op.
+
+    A stored gradient buffer is an output that the backward scales in place and hands to autograd (never seen by
+    users: the public functions drop it), so opcheck's comparison of outputs *after* backward applies only to
+    calls that store none; compiled code with stored gradients is checked end to end below."""
+    backend, device = case
+    for name, samples in _op_samples(device, gen).items():
+        for args in samples:
+            args = tuple(backend if a == "B" else a for a in args)
+            stores = any(args[i] for i in _STORE_FLAGS.get(name, ()))
+            utils = ("test_schema", "test_autograd_registration", "test_faketensor") + \
+                (() if stores else ("test_aot_dispatch_dynamic",))
+            torch.library.opcheck(getattr(OPS, name).default, args, test_utils=utils)
+            if stores:  # the same call without stored gradients, through AOT dispatch
+                args = tuple(False if i in _STORE_FLAGS[name] else a for i, a in enumerate(args))
+                torch.library.opcheck(getattr(OPS, name).default, args, test_utils="test_aot_dispatch_dynamic")
+
+
+def test_opcheck_shared_helpers(gen):
+    g = torch.randn((2, 3, 4, 5), generator=gen)
+    torch.library.opcheck(OPS.scale_gradient_.default, (g, torch.tensor(0.5)))
+    torch.library.opcheck(OPS.scale_gradient_.default, (g, torch.rand((2, 4, 5), generator=gen)))
+    torch.library.opcheck(OPS.valid_labels.default, (make_target((2, 3, 4, 5), "cpu", generator=gen), 3, 255))
+
+
+# ----------------------------------------------------------------------------------- torch.compile, torch.export
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+def test_gan_step_has_no_graph_break_and_compiles_fullgraph(case, gen):
+    """With label validation on: no graph break from fastadvseg; compiled values and gradients are eager's."""
+    backend, device = case
+    assert fas.label_validation_enabled()
+    shape = (2, 3, 6, 7)
+    x = make_logits(shape, torch.float32, "contiguous", device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    d_net = TinyD(3).to(device)
+    params = list(d_net.parameters())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_gan_losses)(x, t, d_net, backend)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(_gan_losses, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
+    got = compiled(x, t, d_net, backend)
+    want = _gan_losses(x, t, d_net, backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    g_got = torch.autograd.grad(got[0] + got[1], [x] + params)
+    g_want = torch.autograd.grad(want[0] + want[1], [x] + params)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+class _LossModule(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.head = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, d, t):
+        logits = self.head(x)
+        lab = fas.generator_loss(logits, d, t, lambda_adv=0.01, backend=self.backend)
+        ce = fas.cross_entropy2d(logits, t, reduction="none", label_smoothing=0.1, backend=self.backend)
+        return lab.total, lab.ce, ce, fas.one_hot2d(t, 3, backend=self.backend)
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+def test_torch_export_runs_and_matches_eager(case, gen):
+    backend, device = case
+    shape = (2, 3, 4, 5)
+    x = torch.randn(shape, generator=gen).to(device)
+    d = torch.randn((2, 1, 4, 5), generator=gen).to(device)
+    t = make_target(shape, device, generator=gen)
+    module = _LossModule(backend).to(device)
+    exported = torch.export.export(module, (x, d, t))
+    assert any("fastadvseg" in str(n.target) for n in exported.graph.nodes) or backend == "reference"
+    for a, b in zip(exported.module()(x, d, t), module(x, d, t)):
+        torch.testing.assert_close(a, b)
+    t_bad = t.clone()
+    t_bad[0, 0, 0] = 7
+    with pytest.raises(ValueError, match="label 7"):
+        exported.module()(x, d, t_bad)
+
+
+# ------------------------------------------------------------------------------ F.cross_entropy parity (NCHW)
+
+WEIGHTS = {"none": None, "positive": [0.3, 1.0, 2.5, 0.7, 1.2], "signed": [-2.0, 1.0, 0.5, -0.4, 0.1]}
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.37])
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_f_cross_entropy(case, eps, weights, reduction, gen):
+    """Value and logits gradient of F.cross_entropy (float64), weight as the third positional argument."""
+    backend, device = case
+    shape = (2, 5, 3, 7)
+    x = make_logits(shape, torch.float32, "sliced", device, generator=gen)
+    t = make_target(shape, device, ignore_index=250, generator=gen)
+    w = None if WEIGHTS[weights] is None else torch.tensor(WEIGHTS[weights], device=device)
+    loss = fas.cross_entropy2d(x, t, w, ignore_index=250, reduction=reduction, label_smoothing=eps, backend=backend)
+    x64 = x.detach().double().cpu().requires_grad_()
+    w64 = None if w is None else w.double().cpu()
+    want = F.cross_entropy(x64, t.cpu(), w64, ignore_index=250, reduction=reduction, label_smoothing=eps)
+    assert_close(loss, want, torch.float32, "value")
+    up = torch.rand(want.shape, generator=gen, dtype=torch.float64) + 0.5
+    (gx,) = torch.autograd.grad((loss.double().cpu() * up).sum(), [x])
+    (gx64,) = torch.autograd.grad((want * up).sum(), [x64])
+    assert_close(gx, gx64, torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+def test_signed_weight_total_and_zero_total(case):
+    backend, device = case
+    x = torch.tensor([[1, 2, .5], [.3, -1, 2]], device=device).reshape(2, 3, 1, 1).requires_grad_()
+    t = torch.tensor([0, 2], device=device).reshape(2, 1, 1)
+    w = torch.tensor([-2, 1, .5], device=device)
+    loss = fas.cross_entropy2d(x, t, w, backend=backend)
+    torch.testing.assert_close(loss.cpu(), F.cross_entropy(x.detach().cpu(), t.cpu(), w.cpu()))
+    zero_total = torch.tensor([1.0, 1.0, -1.0], device=device)  # w[0] + w[2] == 0: our rule, 0 and no gradient
+    loss = fas.cross_entropy2d(x, t, zero_total, label_smoothing=0.2, backend=backend)
+    (g,) = torch.autograd.grad(loss, [x])
+    assert loss.item() == 0.0 and torch.count_nonzero(g) == 0
+
+
+def _weighted_ce_float64(x, t, w, eps, ignore_index):
+    """F.cross_entropy's weighted, smoothed mean written out, so that the weight gets a float64 gradient
+    (PyTorch's own op refuses a weight that requires grad)."""
+    logp = torch.log_softmax(x, 1)
+    valid = t != ignore_index
+    y = torch.where(valid, t, 0)
+    w_y = torch.where(valid, w[y], 0.0)
+    nll = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
+    smooth = -(logp * w.view(1, -1, 1, 1)).sum(1)
+    per_pixel = torch.where(valid, (1 - eps) * w_y * nll + eps / x.shape[1] * smooth, 0.0)
+    return per_pixel.sum() / w_y.sum()
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+@pytest.mark.parametrize("eps", [0.0, 0.25])
+def test_learnt_class_weights_get_the_same_gradient_everywhere(case, eps, gen):
+    backend, device = case
+    shape = (2, 4, 3, 5)
+    x = make_logits(shape, torch.float32, "channels_last", device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    w = (torch.rand(4, generator=gen) + 0.2).to(device).requires_grad_()
+    loss = fas.cross_entropy2d(x, t, w, label_smoothing=eps, backend=backend)
+    gx, gw = torch.autograd.grad(loss * 0.7, [x, w])
+    x64, w64 = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+    gx64, gw64 = torch.autograd.grad(_weighted_ce_float64(x64, t.cpu(), w64, eps, 255) * 0.7, [x64, w64])
+    assert_close(gx, gx64, torch.float32, "logits gradient")
+    assert_close(gw, gw64, torch.float32, "weight gradient")
+
+
+# ------------------------------------------------------------------------------------------------ double backward
+
+def _second_order(fn, x, v):
+    (g,) = torch.autograd.grad(fn(x), [x], create_graph=True)
+    (h,) = torch.autograd.grad((g.double() * v).sum(), [x])
+    return h
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+def test_double_backward_works_on_every_backend(case, gen):
+    backend, device = case
+    shape = (1, 3, 2, 3)
+    x = make_logits(shape, torch.float32, "contiguous", device, generator=gen)
+    d = make_d_logits((1, 2, 3), torch.float32, device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    v = torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+    fns = {
+        "softmax2d": lambda x, b: (fas.softmax2d(x, backend=b) ** 2).sum(),
+        "cross_entropy2d": lambda x, b: fas.cross_entropy2d(x, t, label_smoothing=0.1, backend=b),
+        "semi": lambda x, b: fas.semi_cross_entropy2d(x, d, backend=b),
+        "generator": lambda x, b: fas.generator_loss(x, d * x.sum((1,)), t, lambda_adv=0.3, backend=b).total,
+    }
+    for name, fn in fns.items():
+        got = _second_order(lambda y: fn(y, backend), x, v)
+        x64 = x.detach().double().requires_grad_()
+        want = _second_order(lambda y: fn(y, "reference"), x64, v)
+        assert_close(got, want, torch.float32, name)
+
+
+# ------------------------------------------------------------------------------ buffers: handed over, not written
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=ids)
+def test_gradient_buffer_is_handed_over_not_copied(case, gen, monkeypatch):
+    """A leaf's .grad is the very buffer the kernel wrote (one gradient-sized buffer at peak)."""
+    backend, device = case
+    written = []
+    real = _ops.launcher
+
+    class Recording:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            launch = getattr(self.module, name)
+
+            def record(*args):
+                out = launch(*args)
+                written.extend(g.data_ptr() for g in out[1:3] if isinstance(g, torch.Tensor) and g.dim() == 4)
+                return out
+            return record
+
+    monkeypatch.setattr(_ops, "launcher", lambda name: Recording(real(name)))
+    shape = (2, 3, 4, 5)
+    for make in (lambda x, t, d: fas.cross_entropy2d(x, t, backend=backend),
+                 lambda x, t, d: fas.generator_loss(x, d, t, lambda_adv=0.1, backend=backend).total * 3):
+        written.clear()
+        x = make_logits(shape, torch.float32, "channels_last", device, generator=gen)
+        d = make_d_logits((2, 4, 5), torch.float32, device, generator=gen)
+        make(x, make_target(shape, device, generator=gen), d).backward()
+        assert x.grad.data_ptr() in written
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logits_never_written(case, dtype, gen):
+    backend, device = case
+    shape = (2, 3, 4, 5)
+    x = make_logits(shape, dtype, "sliced", device, generator=gen)
+    d = make_d_logits((2, 4, 5), torch.float32, device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    before = x.detach().clone()
+    losses = [fas.cross_entropy2d(x, t, backend=backend), fas.semi_cross_entropy2d(x, d, backend=backend),
+              fas.generator_loss(x, d, t, lambda_adv=0.1, backend=backend).total,
+              fas.generator_loss(x, d, None, lambda_adv=0.1, backend=backend).total,
+              fas.softmax2d(x, backend=backend).float().sum()]
+    torch.autograd.grad(sum(losses), [x, d])
+    assert torch.equal(x.detach(), before)
+
+
+# ------------------------------------------------------------------------------------ label errors, deferred
+
+@pytest.fixture
+def deferred_cpu(monkeypatch):
+    """Treat CPU tensors the way CUDA tensors are treated: reports checked later, never read at the call."""
+    monkeypatch.setattr(_labels, "ASYNC_DEVICE_TYPES", {"cpu", "cuda"})
+    _labels._pending.clear()
+    yield
+    _labels._pending.clear()
+
+
+@pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c[1] == "cpu"], ids=ids)
+def test_deferred_label_error_surfaces_at_the_next_call(case, deferred_cpu, gen):
+    backend, device = case
+    shape = (1, 3, 4, 5)
+    x = make_logits(shape, torch.float32, "contiguous", device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    t[0, 2, 3] = 9
+    loss = fas.cross_entropy2d(x, t, backend=backend)  # no error yet: the report is queued
+    with pytest.raises(ValueError, match=r"label 9 \(1 pixel"):
+        loss.backward()  # ... and checked at the next backward of a kernel op, or the next op call
+        fas.cross_entropy2d(x, t, backend=backend)
+    fas.cross_entropy2d(x, t, backend=backend)
+    with pytest.raises(ValueError, match=r"label 9 \(1 pixel"):
+        fas.check_labels_now()
+    fas.check_labels_now()  # nothing left
+
+
+def test_no_host_read_of_device_values_on_the_gpu_path(deferred_cpu, gen, monkeypatch):
+    """What runs for CUDA tensors (the shared layer, the triton launches, deferred label reports) never reads a
+    device value on the host: .item(), float(), int(), bool() and .tolist() of a tensor are refused here."""
+    if ("triton", "cpu") not in BACKEND_CASES:
+        pytest.skip("needs the triton backend under TRITON_INTERPRET=1")
+    shape = (2, 3, 4, 5)
+    x = make_logits(shape, torch.float32, "contiguous", "cpu", generator=gen)
+    d = make_d_logits((2, 4, 5), torch.float32, "cpu", generator=gen)
+    t = make_target(shape, "cpu", generator=gen)
+    fas.cross_entropy2d(x, t, backend="triton")  # compile the kernels (the interpreter) before the watch
+
+    def refuse(*_):
+        raise AssertionError("a device value was read on the host")
+
+    deferred = []
+    real_defer = _labels._defer
+    monkeypatch.setattr(_labels, "_defer", lambda *a: deferred.append(a) or real_defer(*a))
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    losses = [fas.cross_entropy2d(x, t, None, label_smoothing=0.1, backend="triton"),
+              fas.generator_loss(x, d, t, lambda_adv=0.1, backend="triton").total,
+              fas.generator_loss(x, d, None, lambda_adv=0.1, backend="triton").total,
+              fas.discriminator_loss(d, d * 2, backend="triton"),
+              fas.bce_with_logits2d(d, 1.0, backend="triton")]
+    torch.autograd.grad(sum(losses), [x, d])
+    monkeypatch.undo()
+    assert len(deferred) == 2  # the two labelled losses queued their reports instead of reading them
+    fas.check_labels_now()
