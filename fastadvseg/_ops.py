@@ -81,32 +81,17 @@ def _scaled(buffer: Optional[Tensor], scale: Tensor, upstream: Optional[Tensor])
         return None
     factor = upstream if upstream.dim() else torch.where(scale != 0, upstream / scale, upstream)
     if type(buffer) is not Tensor:
-        # Traced (torch.compile's backward graph works on functional/fake tensors): out of place. The in-place
-        # op on a saved forward output gave wrong gradients under Inductor (torch 2.13, when another branch of
-        # the graph was live); a product is what the compiler fuses anyway.
+        # Traced (torch.compile's backward graph works on functional/fake tensors): out of place. Scaling a saved
+        # forward output in place gave wrong gradients under Inductor (torch 2.13, when another branch of the graph
+        # was live); a product is what the compiler fuses anyway.
         return buffer * (factor.unsqueeze(1) if buffer.dim() == factor.dim() + 1 else factor)
-    torch.ops.fastadvseg.scale_gradient_(buffer, factor)
-    return buffer
-
-
-@torch.library.custom_op(f"{NS}::scale_gradient_", mutates_args=("grad",), device_types=_DEVICES)
-def scale_gradient_(grad: Tensor, factor: Tensor) -> None:
-    """grad *= factor: a 0-dim factor, or an (N, H, W) map (broadcast over the channels of an (N, C, H, W) grad).
-
-    A CPU factor of exactly 1 (the common ``loss.backward()`` of a pre-scaled gradient) skips the pass over the
-    buffer; the check reads a CPU number only, so it never synchronises a GPU.
-    """
     if factor.dim() == 0:
+        # the common loss.backward() of a pre-scaled gradient: a factor of exactly 1 skips the pass over the buffer
+        # (read only where that never waits for a device)
         if factor.device.type not in _labels.ASYNC_DEVICE_TYPES and float(factor) == 1.0:
-            return
-        grad.mul_(factor)
-    else:
-        grad.mul_(factor.unsqueeze(1) if grad.dim() == factor.dim() + 1 else factor)
-
-
-@scale_gradient_.register_fake
-def _(grad, factor):
-    return None
+            return buffer
+        return buffer.mul_(factor)
+    return buffer.mul_(factor.unsqueeze(1) if buffer.dim() == factor.dim() + 1 else factor)
 
 
 class _Op:
