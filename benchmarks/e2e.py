@@ -136,8 +136,9 @@ def train_step(g, d, opt_g, opt_d, batch, losses: Dict[str, Callable], num_class
     opt_d.step()
 
 
-def run_e2e(device: torch.device, n: int, num_classes: int, h: int, w: int, *, segmenter: Optional[str] = None,
-            warmup: int = 2, repeats: int = 10, seed: int = 0) -> dict:
+def _setup(device: torch.device, n: int, num_classes: int, h: int, w: int, segmenter: Optional[str], seed: int):
+    """G, D and their optimizers (the paper's settings) and one batch (labelled images, labels, unlabelled images),
+    seeded: what every timed training step starts from."""
     torch.manual_seed(seed)
     segmenter = segmenter or DEFAULT_SEGMENTER.get(device.type)
     g, d, models_note = build_models(num_classes, segmenter)
@@ -147,6 +148,12 @@ def run_e2e(device: torch.device, n: int, num_classes: int, h: int, w: int, *, s
     y = torch.randint(0, num_classes, (n, h, w))
     y[torch.rand(n, h, w) < 0.05] = IGNORE
     batch = (torch.randn(n, 3, h, w, device=device), y.to(device), torch.randn(n, 3, h, w, device=device))
+    return g, d, opt_g, opt_d, batch, models_note
+
+
+def run_e2e(device: torch.device, n: int, num_classes: int, h: int, w: int, *, segmenter: Optional[str] = None,
+            warmup: int = 2, repeats: int = 10, seed: int = 0) -> dict:
+    g, d, opt_g, opt_d, batch, models_note = _setup(device, n, num_classes, h, w, segmenter, seed)
     kinds = ("fused", "reference")
     losses = {k: _loss_set(k) for k in kinds}
     samples = {k: [] for k in kinds}
@@ -243,15 +250,7 @@ def run_e2e_compile(device: torch.device, n: int, num_classes: int, h: int, w: i
     optimizers and batch, steps interleaved (eager, compiled, eager, ...); ratio compiled/eager of medians."""
     from .timing import ratio_range, too_noisy
 
-    torch.manual_seed(seed)
-    segmenter = segmenter or DEFAULT_SEGMENTER.get(device.type)
-    g, d, models_note = build_models(num_classes, segmenter)
-    g, d = g.to(device).train(), d.to(device).train()
-    opt_g = torch.optim.SGD(g.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
-    opt_d = torch.optim.Adam(d.parameters(), lr=1e-4, betas=(0.9, 0.99))
-    y = torch.randint(0, num_classes, (n, h, w))
-    y[torch.rand(n, h, w) < 0.05] = IGNORE
-    batch = (torch.randn(n, 3, h, w, device=device), y.to(device), torch.randn(n, 3, h, w, device=device))
+    g, d, opt_g, opt_d, batch, models_note = _setup(device, n, num_classes, h, w, segmenter, seed)
     result = {"shape": f"N={n}+{n}, C={num_classes}, {h}x{w}", "dtype": "float32", "models": models_note,
               "losses": "fastadvseg (backend auto)", "compile": "torch.compile(default mode) of the two loss functions"}
     result.update(graph_breaks(g, d, batch, num_classes))

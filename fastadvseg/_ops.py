@@ -144,31 +144,34 @@ def _backward(ctx, *grads):
     need = ctx.needs_input_grad
     result: list = [None] * len(need)
     if torch.is_grad_enabled():  # create_graph=True: every gradient from the (differentiable) reference formula
-        return tuple(_reference_vjp(ctx, grads, [i for i, n in enumerate(need) if n]))
-    kernel_inputs = [i for i in spec.grad_of if need[i]]
-    if kernel_inputs:
-        buffers, scales = ctx.stored.take()
-        # the gradient of the loss map (reduction="none"; its stored gradient is not pre-scaled) and of the sum
-        per_pixel = grads[1] if len(spec.differentiable) > 1 and grads[1] is not None and grads[1].dim() == 3 \
-            else None
-        for i in kernel_inputs:
-            b, sum_index = spec.grad_of[i]
-            upstream = per_pixel
-            if grads[0] is not None:
-                upstream = grads[0][sum_index] if upstream is None else upstream + grads[0][sum_index]
-            result[i] = _scaled(buffers[b], scales[b], upstream)
-    others = [i for i, n in enumerate(need) if n and i not in spec.grad_of]
-    if others:  # learnt class weights, BCE target maps: rare, from the reference formula
-        for i, g in zip(others, _reference_vjp(ctx, grads, others, only=True)):
+        by_reference = [i for i, n in enumerate(need) if n]
+    else:
+        kernel_inputs = [i for i in spec.grad_of if need[i]]
+        if kernel_inputs:
+            buffers, scales = ctx.stored.take()
+            # the gradient of the loss map (reduction="none"; its stored gradient is not pre-scaled) and of the sum
+            per_pixel = grads[1] if len(spec.differentiable) > 1 and grads[1] is not None and grads[1].dim() == 3 \
+                else None
+            for i in kernel_inputs:
+                b, sum_index = spec.grad_of[i]
+                upstream = per_pixel
+                if grads[0] is not None:
+                    upstream = grads[0][sum_index] if upstream is None else upstream + grads[0][sum_index]
+                result[i] = _scaled(buffers[b], scales[b], upstream)
+        # learnt class weights, BCE target maps: rare, from the reference formula
+        by_reference = [i for i, n in enumerate(need) if n and i not in spec.grad_of]
+    if by_reference:
+        for i, g in zip(by_reference, _reference_vjp(ctx, grads, by_reference)):
             result[i] = g
     return tuple(result)
 
 
-def _reference_vjp(ctx, grads, wanted: List[int], only: bool = False) -> list:
-    """Gradients of the op's differentiable outputs w.r.t. inputs ``wanted``, through the reference formula.
+def _reference_vjp(ctx, grads, wanted: List[int]) -> list:
+    """Gradients of the op's differentiable outputs w.r.t. its inputs ``wanted`` (in that order), through the
+    reference formula.
 
     With grad mode on (``create_graph=True``) the saved inputs keep their graph, so the result is differentiable
-    again; otherwise (``only``) the wanted inputs are fresh leaves and nothing else is differentiated.
+    again; otherwise the wanted inputs are fresh leaves and nothing else is differentiated.
     """
     spec: _Op = ctx.spec
     args = _inputs(ctx)
@@ -183,15 +186,11 @@ def _reference_vjp(ctx, grads, wanted: List[int], only: bool = False) -> list:
     with torch.enable_grad():
         outs = spec.reference_outputs(*args)
     pairs = [(o, g) for o, g in zip(outs, (grads[i] for i in spec.differentiable)) if g is not None and o is not None]
-    full = [None] * len(args) if not only else None
+    if not pairs:
+        return [None] * len(wanted)
     got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g.to(o.dtype) for o, g in pairs],
-                              create_graph=create, allow_unused=True) if pairs else [None] * len(wanted)
-    got = [None if g is None else g.to(args[i].dtype) for i, g in zip(wanted, got)]
-    if only:
-        return got
-    for i, g in zip(wanted, got):
-        full[i] = g
-    return full
+                              create_graph=create, allow_unused=True)
+    return [None if g is None else g.to(args[i].dtype) for i, g in zip(wanted, got)]
 
 
 def _launch(backend: str):

@@ -65,7 +65,7 @@ def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """total / count; 0 with a zero gradient when count is exactly 0 (a negative count, from signed class
     weights, divides like PyTorch does)."""
     nonzero = count != 0
-    return torch.where(nonzero, total / torch.where(nonzero, count, torch.ones_like(count)), torch.zeros_like(total))
+    return torch.where(nonzero, total / torch.where(nonzero, count, 1.0), 0.0)
 
 
 def _reduce(sums: torch.Tensor, loss_map: torch.Tensor, reduction: str) -> torch.Tensor:

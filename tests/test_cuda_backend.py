@@ -26,6 +26,7 @@ import torch
 import fastadvseg as fas
 from fastadvseg import _dispatch
 
+from cuda_emulation import inputs
 from cuda_emulation.emulated_ext import EmulatedExt, build_harness, load_emulated_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,27 +55,11 @@ GRAD_TOL = {
 
 # ------------------------------------------------------------------------------------------------------- inputs
 
-def _rand(shape, gen, scale=3.0):
-    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+_rand = inputs.rand
 
 
 def _with_layout(base: torch.Tensor, layout: str, device="cuda") -> torch.Tensor:
-    """A leaf tensor on ``device`` equal to ``base`` (4-D or 3-D) with the given memory layout."""
-    base = base.to(device)
-    if layout == "contiguous":
-        out = base.clone()
-    elif layout == "channels_last":
-        out = (base.clone().contiguous(memory_format=torch.channels_last) if base.dim() == 4
-               else base.unsqueeze(1).contiguous(memory_format=torch.channels_last)[:, 0])
-    elif layout == "sliced":  # a strided view with a storage offset: every dimension sliced
-        big_shape = [2 * s + 3 for s in base.shape]
-        big = torch.zeros(big_shape, dtype=base.dtype, device=base.device)
-        out = big[tuple(slice(1, 1 + 2 * s, 2) for s in base.shape)]
-        out.copy_(base)
-        assert out.storage_offset() > 0
-    else:
-        raise ValueError(layout)
-    return out.detach()
+    return inputs.with_layout(base, layout, device)
 
 
 def _logits(shape, dtype, layout, gen, scale=3.0, device="cuda"):
@@ -82,14 +67,11 @@ def _logits(shape, dtype, layout, gen, scale=3.0, device="cuda"):
 
 
 def _target(shape, gen, ignore_frac=0.25, ignore_index=255, layout="contiguous", device="cuda"):
-    n, c, h, w = shape
-    t = torch.randint(0, c, (n, h, w), generator=gen)
-    t[torch.rand((n, h, w), generator=gen) < ignore_frac] = ignore_index
-    return _with_layout(t, layout, device=device)
+    return inputs.target(shape, gen, ignore_frac, ignore_index, layout, device)
 
 
 def _mask(shape_nhw, gen, frac=0.3, layout="contiguous", device="cuda"):
-    return _with_layout(torch.rand(shape_nhw, generator=gen) < frac, layout, device=device)
+    return inputs.mask(shape_nhw, gen, frac, layout, device)
 
 
 def _twin(t: torch.Tensor) -> torch.Tensor:

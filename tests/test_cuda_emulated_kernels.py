@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cuda_emulation import inputs
 from cuda_emulation.emulated_ext import EmulatedExt, build_harness
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -49,26 +50,8 @@ def gen():
     return torch.Generator().manual_seed(20240607)
 
 
-def _rand(shape, gen, scale=3.0):
-    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-
-
-def _with_layout(base: torch.Tensor, layout: str) -> torch.Tensor:
-    """A tensor equal to ``base`` (4-D or 3-D) with the given memory layout."""
-    if layout == "contiguous":
-        return base.clone()
-    if layout == "channels_last":
-        return (base.clone().contiguous(memory_format=torch.channels_last) if base.dim() == 4
-                else base.unsqueeze(1).contiguous(memory_format=torch.channels_last)[:, 0])
-    if layout == "sliced":  # a strided view with a storage offset: every dimension sliced
-        big = torch.zeros([2 * s + 3 for s in base.shape], dtype=base.dtype)
-        out = big[tuple(slice(1, 1 + 2 * s, 2) for s in base.shape)]
-        out.copy_(base)
-        assert out.storage_offset() > 0
-        return out
-    if layout == "w_major":  # 3-D only: memory order (w, h, n), the reverse of pixel order
-        return base.permute(2, 1, 0).contiguous().permute(2, 1, 0)
-    raise ValueError(layout)
+_rand = inputs.rand
+_with_layout = inputs.with_layout
 
 
 def _logits(shape, dtype, layout, gen, scale=3.0):
@@ -76,14 +59,11 @@ def _logits(shape, dtype, layout, gen, scale=3.0):
 
 
 def _target(shape, gen, layout="contiguous", ignore_frac=0.25, ignore_index=IGNORE):
-    n, c, h, w = shape
-    t = torch.randint(0, c, (n, h, w), generator=gen)
-    t[torch.rand((n, h, w), generator=gen) < ignore_frac] = ignore_index
-    return _with_layout(t, layout)
+    return inputs.target(shape, gen, ignore_frac, ignore_index, layout)
 
 
 def _mask(nhw, gen, layout="contiguous", frac=0.3):
-    return _with_layout(torch.rand(nhw, generator=gen) < frac, layout)
+    return inputs.mask(nhw, gen, frac, layout)
 
 
 def _weight(kind, c, gen):
