@@ -79,6 +79,12 @@ def _scaled(buffer: Optional[Tensor], scale: Tensor, upstream: Optional[Tensor])
     per-pixel map), in place: the buffer itself becomes the input's gradient."""
     if buffer is None or upstream is None:
         return None
+    if upstream.dim() == 0 and type(buffer) is Tensor and buffer.device.type not in _labels.ASYNC_DEVICE_TYPES:
+        # eager, where reading the numbers never waits for a device: the common loss.backward() of a pre-scaled
+        # gradient finds a factor of exactly 1 and skips the pass over the buffer
+        up, pre = float(upstream), float(scale)
+        factor = up / pre if pre != 0 else up
+        return buffer if factor == 1.0 else buffer.mul_(factor)
     factor = upstream if upstream.dim() else torch.where(scale != 0, upstream / scale, upstream)
     if type(buffer) is not Tensor:
         # Traced (torch.compile's backward graph works on functional/fake tensors): out of place. Scaling a saved
@@ -86,10 +92,6 @@ def _scaled(buffer: Optional[Tensor], scale: Tensor, upstream: Optional[Tensor])
         # was live); a product is what the compiler fuses anyway.
         return buffer * (factor.unsqueeze(1) if buffer.dim() == factor.dim() + 1 else factor)
     if factor.dim() == 0:
-        # the common loss.backward() of a pre-scaled gradient: a factor of exactly 1 skips the pass over the buffer
-        # (read only where that never waits for a device)
-        if factor.device.type not in _labels.ASYNC_DEVICE_TYPES and float(factor) == 1.0:
-            return buffer
         return buffer.mul_(factor)
     return buffer.mul_(factor.unsqueeze(1) if buffer.dim() == factor.dim() + 1 else factor)
 

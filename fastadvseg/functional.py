@@ -63,8 +63,14 @@ def _wants_grad(t: Optional[torch.Tensor]) -> bool:
 
 def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """total / count; 0 with a zero gradient when count is exactly 0 (a negative count, from signed class
-    weights, divides like PyTorch does)."""
+    weights, divides like PyTorch does).
+
+    A count that carries no gradient (all but learnt class weights) is a constant: the mean is then one product
+    by its inverse (one autograd node), and d(mean)/d(total) is exactly that inverse, the number a backend that
+    pre-scales its stored gradient (``cpu``) already divided by."""
     nonzero = count != 0
+    if not count.requires_grad:
+        return total * torch.where(nonzero, 1.0 / torch.where(nonzero, count, 1.0), 0.0)
     return torch.where(nonzero, total / torch.where(nonzero, count, 1.0), 0.0)
 
 

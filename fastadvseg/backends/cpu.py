@@ -81,9 +81,11 @@ def _round32(value: float) -> float:
 
 def _pre(k: float, count: float) -> float:
     """The gradient pre-scale of a mean weighted by ``k``: exactly the float32 number autograd will pass back,
-    ``float32(k) / float32(count)`` (0 for an empty mean), so that backward finds a factor of exactly 1."""
+    ``float32(k) * float32(1 / float32(count))`` (0 for an empty mean; the shared layer multiplies a sum by the
+    inverse of its count), so that backward finds a factor of exactly 1. (Products and quotients of float32
+    numbers, done in double and rounded once, are the float32 results.)"""
     count = _round32(count)
-    return _round32(_round32(k) / count) if count != 0 else 0.0
+    return _round32(_round32(k) * _round32(1.0 / count)) if count != 0 else 0.0
 
 
 def _lam(value: float) -> float:
