@@ -20,7 +20,7 @@ The means themselves are formed from the sums by ``fastadvseg/functional.py``.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -60,18 +60,7 @@ def _loss_map(x: Tensor, per_pixel: bool) -> Tensor:
 
 # --------------------------------------------------------------------------------------------- the autograd rule
 
-class _StoredGradients:
-    """The gradient buffers one forward call wrote, handed to backward once (and relaunched after that)."""
-
-    def __init__(self, buffers: Sequence[Optional[Tensor]], scales: Tensor, recompute: Callable):
-        self.buffers: Optional[List[Optional[Tensor]]] = list(buffers)
-        self.scales, self.recompute = scales, recompute
-
-    def take(self) -> Tuple[List[Optional[Tensor]], Tensor]:
-        if self.buffers is None:  # a second backward: autograd may own (and have changed) the first buffers
-            return self.recompute()
-        buffers, self.buffers = self.buffers, None
-        return buffers, self.scales
+_ONE_WITHIN = 2.0 ** -22  # two float32 ulps above 1
 
 
 def _scaled(buffer: Optional[Tensor], scale: Tensor, upstream: Optional[Tensor]) -> Optional[Tensor]:
@@ -81,10 +70,11 @@ def _scaled(buffer: Optional[Tensor], scale: Tensor, upstream: Optional[Tensor])
         return None
     if upstream.dim() == 0 and type(buffer) is Tensor and buffer.device.type not in _labels.ASYNC_DEVICE_TYPES:
         # eager, where reading the numbers never waits for a device: the common loss.backward() of a pre-scaled
-        # gradient finds a factor of exactly 1 and skips the pass over the buffer
+        # gradient finds a factor of 1 and skips the pass over the buffer. "1" within two float32 roundings: the
+        # backend and autograd may form k / count in different orders, and the buffer is float32-accurate anyway.
         up, pre = float(upstream), float(scale)
         factor = up / pre if pre != 0 else up
-        return buffer if factor == 1.0 else buffer.mul_(factor)
+        return buffer if abs(factor - 1.0) <= _ONE_WITHIN else buffer.mul_(factor)
     factor = upstream if upstream.dim() else torch.where(scale != 0, upstream / scale, upstream)
     if type(buffer) is not Tensor:
         # Traced (torch.compile's backward graph works on functional/fake tensors): out of place. Scaling a saved
@@ -107,28 +97,42 @@ class _Op:
         self.differentiable = differentiable  # output indices that carry gradient (the rest are buffers/scales)
 
     def register(self, buffer_outputs: Tuple[int, ...], scales_output: int, validate_arg: Optional[int]):
+        self.buffer_outputs, self.scales_output, self.validate_arg = buffer_outputs, scales_output, validate_arg
+
         def setup_context(ctx, inputs, output):
             ctx.set_materialize_grads(False)
             ctx.mark_non_differentiable(*(output[i] for i in buffer_outputs), output[scales_output])
             ctx.save_for_backward(*(a for a in inputs if isinstance(a, Tensor)))
             ctx.template = [_SAVED if isinstance(a, Tensor) else a for a in inputs]
             ctx.spec = self
-
-            def recompute():
-                args = _inputs(ctx)
-                for i, flag in self.stores.items():
-                    args[flag] = ctx.needs_input_grad[i]
-                if validate_arg is not None:
-                    args[validate_arg] = False  # (reported by the first call)
-                with torch.no_grad():
-                    out = self.op(*args)
-                return [out[j] if stored[b] else None for b, j in enumerate(buffer_outputs)], out[scales_output]
-
-            stored = {b: bool(inputs[self.stores[i]]) for i, (b, _) in self.grad_of.items()}  # (else a stand-in)
-            ctx.stored = _StoredGradients([output[j] if stored[b] else None for b, j in enumerate(buffer_outputs)],
-                                          output[scales_output], recompute)
+            # the buffers the call was asked to store (the others are stand-ins). Nothing on ctx refers back to
+            # ctx: a cycle would keep the buffers alive until the garbage collector runs, so every call would get
+            # fresh pages from the OS (measured: 8 ms instead of 1.6 ms per cross_entropy2d at N=2, C=21, 321x321)
+            ctx.stored_flags = [False] * len(buffer_outputs)
+            for i, (b, _) in self.grad_of.items():
+                ctx.stored_flags[b] = bool(inputs[self.stores[i]])
+            ctx.buffers = self._buffers(ctx, output)
+            ctx.scales = output[scales_output]
 
         self.op.register_autograd(_backward, setup_context=setup_context)
+
+    def _buffers(self, ctx, output) -> List[Optional[Tensor]]:
+        return [output[j] if ctx.stored_flags[b] else None for b, j in enumerate(self.buffer_outputs)]
+
+    def take(self, ctx) -> Tuple[List[Optional[Tensor]], Tensor]:
+        """The gradient buffers the forward call wrote, handed over once; a second backward (``retain_graph``)
+        relaunches the op, since autograd may own (and have changed) the first buffers."""
+        if ctx.buffers is not None:
+            buffers, ctx.buffers = ctx.buffers, None
+            return buffers, ctx.scales
+        args = _inputs(ctx)
+        for i, flag in self.stores.items():
+            args[flag] = ctx.needs_input_grad[i]
+        if self.validate_arg is not None:
+            args[self.validate_arg] = False  # (reported by the first call)
+        with torch.no_grad():
+            out = self.op(*args)
+        return self._buffers(ctx, out), out[self.scales_output]
 
 
 _SAVED = object()  # where a tensor input sits in ctx.template
@@ -150,7 +154,7 @@ def _backward(ctx, *grads):
     else:
         kernel_inputs = [i for i in spec.grad_of if need[i]]
         if kernel_inputs:
-            buffers, scales = ctx.stored.take()
+            buffers, scales = spec.take(ctx)
             # the gradient of the loss map (reduction="none"; its stored gradient is not pre-scaled) and of the sum
             per_pixel = grads[1] if len(spec.differentiable) > 1 and grads[1] is not None and grads[1].dim() == 3 \
                 else None
