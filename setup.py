@@ -1,7 +1,7 @@
 """Build and install fastadvseg.
 
-``kernels/`` (Triton sources in kernels/triton, CUDA device code in kernels/cuda) is installed as the subpackage
-``fastadvseg.kernels``; ``csrc/`` holds the C++ bindings and CPU code of the native extensions.
+``fastadvseg/kernels/`` holds the kernel sources (Triton in kernels/triton, CUDA device code in kernels/cuda);
+``csrc/`` holds the C++ bindings and CPU code of the native extensions.
 """
 import os
 import sys
@@ -9,10 +9,7 @@ import sys
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
-PACKAGES = find_packages(include=["fastadvseg", "fastadvseg.*"]) + [
-    "fastadvseg.kernels",
-    "fastadvseg.kernels.triton",
-]
+PACKAGES = find_packages(include=["fastadvseg", "fastadvseg.*"])
 
 
 # --- native extensions -------------------------------------------------------------------------------------------
@@ -90,7 +87,7 @@ class OptionalBuildExt(build_ext):
               "the library falls back to the other backends", file=sys.stderr)
 
 
-# The cuda backend (csrc/cuda/binding.cpp + kernels/cuda/*.cu -> fastadvseg._cuda_kernels): a torch CUDAExtension,
+# The cuda backend (csrc/cuda/binding.cpp + fastadvseg/kernels/cuda/*.cu -> fastadvseg._cuda_kernels): a torch CUDAExtension,
 # built only where torch itself has CUDA and finds a CUDA toolkit (CUDA_HOME) of the same major version; anywhere
 # else (a CPU build of torch, an isolated build without torch, no toolkit) it is skipped, and the library runs the
 # other backends. On a GPU machine build it with `pip install -e . --no-build-isolation`. Targets sm_80 and sm_90
@@ -135,9 +132,9 @@ def _cuda_extensions():
                        "-gencode=arch=compute_90,code=compute_90"]
     return [cpp_extension.CUDAExtension(
         CUDA_EXT,
-        sources=["csrc/cuda/binding.cpp"] + sorted(glob.glob("kernels/cuda/*.cu")),
-        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "cuda")],
-        depends=sorted(glob.glob("kernels/cuda/*.cuh")),
+        sources=["csrc/cuda/binding.cpp"] + sorted(glob.glob("fastadvseg/kernels/cuda/*.cu")),
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastadvseg", "kernels", "cuda")],
+        depends=sorted(glob.glob("fastadvseg/kernels/cuda/*.cuh")),
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )]
 
@@ -165,7 +162,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=PACKAGES,
-    package_dir={"fastadvseg": "fastadvseg", "fastadvseg.kernels": "kernels"},
     package_data={"fastadvseg": ["configs/*.yaml", "configs/*.json"], "fastadvseg.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     # No upper pins and no CUDA-specific wheels: a CPU machine keeps its CPU torch.
     # matplotlib: the training run's and the benchmark report's PNG plots; pyyaml: the shipped run configs;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA backend on a machine without a GPU or a CUDA build of torch, so that a syntax or template
 # error cannot land unseen:
-#  1. every kernels/cuda/*.cu with nvcc alone (nvcc -c, sm_80 and sm_90 in one call per file, -O2), with the flags
+#  1. every fastadvseg/kernels/cuda/*.cu with nvcc alone (nvcc -c, sm_80 and sm_90 in one call per file, -O2), with the flags
 #     of torch's CUDAExtension build (C++17, no implicit half/bfloat16 conversions or operators), warnings as errors;
 #  2. the binding csrc/cuda/binding.cpp with `g++ -c` against the installed torch's headers (a CPU build of torch
 #     ships the c10/cuda headers but not the one generated at its CUDA build, cuda_cmake_macros.h: a one-line
@@ -25,12 +25,12 @@ flags=(-c -O2 -std=c++17 -Xcompiler -Wall -Werror all-warnings
        -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
-       -I "$root/kernels/cuda")
+       -I "$root/fastadvseg/kernels/cuda")
 
 shopt -s nullglob
-files=("$root"/kernels/cuda/*.cu)
+files=("$root"/fastadvseg/kernels/cuda/*.cu)
 if [ "${#files[@]}" -eq 0 ]; then
-    echo "nvcc_check: no kernels/cuda/*.cu files found" >&2
+    echo "nvcc_check: no fastadvseg/kernels/cuda/*.cu files found" >&2
     exit 1
 fi
 
@@ -39,9 +39,9 @@ status=0
 for f in "${files[@]}"; do
     name="$(basename "$f" .cu)"
     if "$NVCC" "${flags[@]}" "$f" -o "$tmp/$name.o"; then
-        echo "nvcc_check: ok   kernels/cuda/$name.cu (sm_80, sm_90)"
+        echo "nvcc_check: ok   fastadvseg/kernels/cuda/$name.cu (sm_80, sm_90)"
     else
-        echo "nvcc_check: FAIL kernels/cuda/$name.cu" >&2
+        echo "nvcc_check: FAIL fastadvseg/kernels/cuda/$name.cu" >&2
         status=1
     fi
 done
@@ -63,7 +63,7 @@ if [ "${NVCC_CHECK_BINDING:-1}" != "0" ]; then
         for d in $torch_includes "$tmp/stub" "$py_include" "$cuda_include"; do inc+=(-isystem "$d"); done
         bstart=$SECONDS
         if g++ -c -O0 -fPIC -std=c++20 -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_cuda_kernels \
-               -DTORCH_API_INCLUDE_EXTENSION_H "${inc[@]}" -I "$root/kernels/cuda" "$root/csrc/cuda/binding.cpp" \
+               -DTORCH_API_INCLUDE_EXTENSION_H "${inc[@]}" -I "$root/fastadvseg/kernels/cuda" "$root/csrc/cuda/binding.cpp" \
                -o "$tmp/binding.o"; then
             echo "nvcc_check: ok   csrc/cuda/binding.cpp (g++ -c against torch's headers, $((SECONDS - bstart)) s)"
             # every launcher the binding calls must be defined, with the same signature, by the .cu objects

@@ -14,7 +14,7 @@ w.r.t. every differentiable input. ``one_hot2d`` has no backward.
 Byte model (:data:`BYTE_MODEL`): the fewest bytes the op must move through memory -- each input read once, each
 output written once, gradients included for ``fwdbwd`` -- with P = N*H*W pixels, C classes, e the logits' element
 size, labels int64 (8 bytes), masks bool (1 byte). Losses (scalars) count as 0. These are the same counts the
-kernels state in their "Bytes moved" notes (kernels/triton/*.py docstrings, kernels/cuda/*.cu headers), minus
+kernels state in their "Bytes moved" notes (fastadvseg/kernels/triton/*.py docstrings, fastadvseg/kernels/cuda/*.cu headers), minus
 their per-block partial sums. Achieved bandwidth = bytes / median time.
 """
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""The ``cuda`` backend (CUDA C++ kernels of kernels/cuda/) against the reference backend.
+"""The ``cuda`` backend (CUDA C++ kernels of fastadvseg/kernels/cuda/) against the reference backend.
 
 Each op test runs twice (the ``device`` fixture):
 * ``cuda``: the real kernels on a GPU; skipped without CUDA or without the built extension
   (``pip install -e . --no-build-isolation`` on a machine with a CUDA build of torch and the CUDA toolkit);
 * ``emulated``: on any machine with g++ and the CUDA headers, the kernels' per-pixel code
-  (kernels/cuda/pixel_ops.cuh) compiled for the host and run over CPU tensors behind a stand-in of the binding
+  (fastadvseg/kernels/cuda/pixel_ops.cuh) compiled for the host and run over CPU tensors behind a stand-in of the binding
   (tests/cuda_emulation), with the backend's real autograd layer (fastadvseg/backends/cuda.py).
 The reference backend runs on the same tensors, so both see identical inputs; values are compared in float32,
 gradients in the input dtype. Determinism, streams, >2**31 elements and the triton comparison need the GPU.
 
-``test_nvcc_compiles_cuda_kernels`` runs on any machine with nvcc: it compiles every kernels/cuda/*.cu for sm_80
+``test_nvcc_compiles_cuda_kernels`` runs on any machine with nvcc: it compiles every fastadvseg/kernels/cuda/*.cu for sm_80
 and sm_90 and syntax-checks the binding (``.ci/nvcc_check.sh``), so a syntax error cannot land unseen. Deselect it
 with ``-k "not nvcc"`` or FASTADVSEG_SKIP_NVCC_TEST=1 (CI runs the script itself).
 """
@@ -495,7 +495,7 @@ def test_agrees_with_triton_backend(dtype, gen):
 @pytest.mark.skipif(os.environ.get("FASTADVSEG_SKIP_NVCC_TEST") == "1",
                     reason="FASTADVSEG_SKIP_NVCC_TEST=1: .ci/nvcc_check.sh already ran in this CI job")
 def test_nvcc_compiles_cuda_kernels():
-    """Every kernels/cuda/*.cu compiles for sm_80 and sm_90 (no GPU needed): a syntax error cannot land unseen."""
+    """Every fastadvseg/kernels/cuda/*.cu compiles for sm_80 and sm_90 (no GPU needed): a syntax error cannot land unseen."""
     proc = subprocess.run(["bash", str(ROOT / ".ci" / "nvcc_check.sh")], capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr

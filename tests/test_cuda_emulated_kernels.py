@@ -1,6 +1,6 @@
 """The CUDA kernels' own surface (fastadvseg._cuda_kernels), emulated on the CPU, against float64 oracles.
 
-tests/cuda_emulation compiles the kernels' per-pixel code (kernels/cuda/pixel_ops.cuh) and the finalize block's
+tests/cuda_emulation compiles the kernels' per-pixel code (fastadvseg/kernels/cuda/pixel_ops.cuh) and the finalize block's
 result code with the host compiler and runs them over CPU tensors behind :class:`EmulatedExt`, which mirrors
 csrc/cuda/binding.cpp exactly (argument order, returns). These tests call it directly -- no autograd layer, no
 dispatch -- and check what the binding promises: RAW sums (never means), loss maps, gradients of the raw sums

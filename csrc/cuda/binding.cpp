@@ -1,6 +1,6 @@
 // Python binding of the CUDA backend (module fastadvseg._cuda_kernels): turns torch tensors into raw pointers,
 // sizes and strides, allocates outputs, gradient buffers and workspaces through torch's caching allocator, and
-// calls the launchers of kernels/cuda/ on torch's current stream of the tensors' device. Nothing synchronises
+// calls the launchers of fastadvseg/kernels/cuda/ on torch's current stream of the tensors' device. Nothing synchronises
 // with the host (no .item()): bad labels come back as a device tensor.
 // The losses return RAW sums (float32 device tensors; see launchers.cuh), loss maps and gradients of the raw
 // sums; optional results are None. Means, gradient scaling and autograd live in fastadvseg/backends/cuda.py.
@@ -247,7 +247,7 @@ void one_hot2d_forward(const at::Tensor& target, const at::Tensor& out, int64_t 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastadvseg CUDA kernels (raw sums, see kernels/cuda/launchers.cuh); autograd: fastadvseg/backends/cuda.py";
+  m.doc() = "fastadvseg CUDA kernels (raw sums, see fastadvseg/kernels/cuda/launchers.cuh); autograd: fastadvseg/backends/cuda.py";
   m.def("softmax2d_forward", &softmax2d_forward, "softmax over channels");
   m.def("softmax2d_backward", &softmax2d_backward, "softmax backward from the saved probabilities and their gradient");
   m.def("cross_entropy2d_forward", &cross_entropy2d_forward,

@@ -1,9 +1,9 @@
-"""The ``cuda`` backend: launches of the CUDA C++ kernels of ``kernels/cuda/``.
+"""The ``cuda`` backend: launches of the CUDA C++ kernels of ``fastadvseg/kernels/cuda/``.
 
 Only launches: the autograd rule, the means and the label error are shared by every backend
 (``fastadvseg/_ops.py``, ``fastadvseg/functional.py``). Path of every call: this module -> the binding
 ``fastadvseg._cuda_kernels`` (``csrc/cuda/binding.cpp``, launching on torch's current stream) -> a launcher in
-``kernels/cuda/*.cu``. Each loss kernel reads the logits once and writes, in the same pass, the gradient of the
+``fastadvseg/kernels/cuda/*.cu``. Each loss kernel reads the logits once and writes, in the same pass, the gradient of the
 loss's unnormalised sum into a separate buffer (never into the logits); a one-block launch reduces the per-block
 partial sums in a fixed order (deterministic, no float atomics). Nothing here waits for the GPU.
 

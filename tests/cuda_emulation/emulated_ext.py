@@ -1,7 +1,7 @@
 """A CPU stand-in for the cuda backend's extension, for machines without a GPU.
 
 ``harness.cpp`` (compiled here with the host C++ compiler and the CUDA headers) runs the per-pixel functions of
-``kernels/cuda/pixel_ops.cuh`` -- the code every CUDA kernel runs for one pixel -- over CPU tensors in pixel order,
+``fastadvseg/kernels/cuda/pixel_ops.cuh`` -- the code every CUDA kernel runs for one pixel -- over CPU tensors in pixel order,
 and the finalize kernel's result code on the float64 column sums (raw sums, bad-label reports). :class:`EmulatedExt`
 mirrors ``csrc/cuda/binding.cpp`` exactly (argument order, returns, allocation, strides, dtype codes) on top of it,
 and :func:`load_emulated_backend` imports ``fastadvseg/backends/cuda.py`` with it, so the backend's autograd layer
@@ -47,7 +47,7 @@ def build_harness(out_dir: Path) -> Path:
         raise FileNotFoundError("needs a C++ compiler and the CUDA headers (CUDA_HOME/include)")
     lib = out_dir / "libfastadvseg_cuda_emulation.so"
     cmd = [cxx, "-shared", "-fPIC", "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-isystem", include,
-           "-I", str(ROOT / "kernels" / "cuda"), str(HARNESS), "-o", str(lib)]
+           "-I", str(ROOT / "fastadvseg" / "kernels" / "cuda"), str(HARNESS), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the emulation harness failed:\n{' '.join(cmd)}\n{proc.stderr}")

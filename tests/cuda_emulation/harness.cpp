@@ -1,9 +1,9 @@
-// Host emulation of the CUDA launchers (kernels/cuda/launchers.cuh) for tests on machines without a GPU.
+// Host emulation of the CUDA launchers (fastadvseg/kernels/cuda/launchers.cuh) for tests on machines without a GPU.
 //
 // Compiled by the host compiler alone (g++ with the CUDA headers on the include path), it runs the very per-pixel
-// functions of kernels/cuda/pixel_ops.cuh that the kernels run, over every pixel in order (so the first bad label a
+// functions of fastadvseg/kernels/cuda/pixel_ops.cuh that the kernels run, over every pixel in order (so the first bad label a
 // pixel function records is the first in pixel order), then the finalize block's own result code (write_results in
-// kernels/cuda/common.cuh) on the float64 column sums. Only the grid loop, the block reductions and the launches
+// fastadvseg/kernels/cuda/common.cuh) on the float64 column sums. Only the grid loop, the block reductions and the launches
 // differ. tests/cuda_emulation/emulated_ext.py drives it through ctypes, behind a stand-in for the torch binding.
 #include "pixel_ops.cuh"
 
