@@ -5,7 +5,7 @@
     out.total.backward()
 """
 from ._dispatch import BACKEND_NAMES, available_backends, unavailable_reason
-from ._types import GeneratorLoss
+from ._types import GeneratorLossOutput
 from ._labels import check_labels_now, label_validation, label_validation_enabled, set_label_validation
 from .functional import (
     bce_with_logits2d,
@@ -23,7 +23,7 @@ __all__ = [
     "available_backends",
     "unavailable_reason",
     "BACKEND_NAMES",
-    "GeneratorLoss",
+    "GeneratorLossOutput",
     "softmax2d",
     "cross_entropy2d",
     "bce_with_logits2d",

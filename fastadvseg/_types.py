@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 
 
-class GeneratorLoss(NamedTuple):
+class GeneratorLossOutput(NamedTuple):
     """Result of :func:`fastadvseg.generator_loss`.
 
     ``total`` is what you call ``backward()`` on. Every field is a float32 0-dim tensor; ``ce``, ``adv`` and

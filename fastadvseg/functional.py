@@ -21,7 +21,7 @@ from . import _labels
 from . import _ops  # noqa: F401  (registers torch.ops.fastadvseg.*)
 from . import _validate as V
 from ._dispatch import resolve
-from ._types import GeneratorLoss
+from ._types import GeneratorLossOutput
 from .backends import reference
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "one_hot2d",
     "generator_loss",
     "discriminator_loss",
-    "GeneratorLoss",
+    "GeneratorLossOutput",
 ]
 
 _ops_ = torch.ops.fastadvseg
@@ -209,14 +209,14 @@ def one_hot2d(target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
 
 def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                    lambda_adv: float, lambda_semi: float = 0.1, threshold: float = 0.2, ignore_index: int = 255,
-                   backend: str = "auto") -> GeneratorLoss:
+                   backend: str = "auto") -> GeneratorLossOutput:
     """The generator's whole loss for one batch, in one fused pass.
 
     Labelled batch (``target`` given): ``total = L_ce + lambda_adv·L_adv``, the adversarial term a mean over
     pixels whose label is not ``ignore_index``. Unlabelled batch (``target=None``):
     ``total = lambda_adv·L_adv + lambda_semi·L_semi`` (pass ``lambda_semi=0`` before ``semi_start``).
     ``d_logits = D(softmax2d(logits))`` is (N, 1, H, W) or (N, H, W); its gradient flows back through D.
-    Returns ``GeneratorLoss(total, ce, adv, semi, semi_ratio)``.
+    Returns ``GeneratorLossOutput(total, ce, adv, semi, semi_ratio)``.
     """
     V.check_logits(logits)
     d = V.check_map(d_logits, logits, "d_logits")
@@ -229,7 +229,7 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
     if logits.numel() == 0:
         zero = _zero_loss(logits, d)
         z = torch.zeros((), dtype=zero.dtype, device=zero.device)
-        return GeneratorLoss(zero, z, z, z, z)
+        return GeneratorLossOutput(zero, z, z, z, z)
     name = resolve("generator_loss", backend, logits.device, logits.dtype)
     if _kernel(name):
         sums, _, _, _ = _ops_.generator_loss(logits, d, target, lambda_adv, lambda_semi, threshold, ignore_index,
@@ -243,9 +243,9 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
     term, adv = _mean(sums[0], sums[1]), _mean(sums[2], sums[3])
     zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
     if target is not None:
-        return GeneratorLoss(term + lambda_adv * adv, term, adv, zero, zero)
+        return GeneratorLossOutput(term + lambda_adv * adv, term, adv, zero, zero)
     ratio = (sums[4] / sums[5].clamp_min(1)).detach()
-    return GeneratorLoss(lambda_adv * adv + lambda_semi * term, zero, adv, term, ratio)
+    return GeneratorLossOutput(lambda_adv * adv + lambda_semi * term, zero, adv, term, ratio)
 
 
 def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, *, ignore_mask_fake: Optional[torch.Tensor] = None,

@@ -350,7 +350,7 @@ def test_generator_loss(shape, dtype, layout, d_dtype, labelled, gen, device):
     kw = dict(lambda_adv=0.01, lambda_semi=0.1, threshold=0.2)
     out = fas.generator_loss(x, d4, t, backend="cuda", **kw)
     ref = fas.generator_loss(xr, dr, t, backend="reference", **kw)
-    assert isinstance(out, fas.GeneratorLoss)
+    assert isinstance(out, fas.GeneratorLossOutput)
     for field in out._fields:
         a, b = getattr(out, field), getattr(ref, field)
         assert a.dtype == torch.float32 and a.dim() == 0, field

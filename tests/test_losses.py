@@ -177,7 +177,7 @@ def test_generator_loss(case, dtype, layout, shape, labelled, gen):
     d = make_d_logits((n, h, w), dtype, device, layout=layout, generator=gen)
     t = make_target(shape, device, generator=gen) if labelled else None
     out = fas.generator_loss(x, d.unsqueeze(1), t, lambda_adv=0.01, lambda_semi=0.1, threshold=0.2, backend=backend)
-    assert isinstance(out, fas.GeneratorLoss)
+    assert isinstance(out, fas.GeneratorLossOutput)
     x64, d64 = _leaf64(x), _leaf64(d)
     out64 = oracle.generator_loss(x64, d64, None if t is None else t.cpu(), 0.01, 0.1, 0.2)
     for name, a, e in zip(out._fields, out, out64):

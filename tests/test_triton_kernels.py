@@ -2,7 +2,7 @@
 
 Tile edges (H·W = BLOCK_P ± 1), C = 256 and a C large enough for BLOCK_P = 1, every layout against the reference
 backend, fp16/bf16 against float64, a view with a large storage offset, logits feeding two losses (no in-place
-corruption), each GeneratorLoss field's gradient on its own, backward twice with retain_graph, gradients stored
+corruption), each GeneratorLossOutput field's gradient on its own, backward twice with retain_graph, gradients stored
 only when needed, and a compile of every kernel for a GPU target (sm_90) through Triton's real compiler, so that
 CI without a GPU also checks the code path the interpreter does not run.
 
