@@ -44,6 +44,7 @@ def set_label_validation(enabled: bool) -> bool:
 
 
 def label_validation_enabled() -> bool:
+    """Whether label validation is on now: on unless ``FASTADVSEG_VALIDATE_LABELS=0`` or :func:`set_label_validation`."""
     return _enabled
 
 

@@ -1,4 +1,13 @@
-"""``nn.Module`` wrappers that mirror :mod:`fastadvseg.functional` (same arguments, stored at construction)."""
+"""``nn.Module`` wrappers of the fused losses in :mod:`fastadvseg.functional`.
+
+Each module stores the keyword arguments of its function at construction and passes the tensors of ``forward`` on
+to it, so ``Module(**kw)(*tensors)`` is ``fastadvseg.<function>(*tensors, **kw)``: same values, gradients, errors
+and backends. They hold no parameters (``CrossEntropy2d``'s class weights are a buffer, so ``.to()`` moves them).
+
+    import fastadvseg.nn as fnn
+    criterion = fnn.CrossEntropy2d(ignore_index=255)
+    loss = criterion(logits, target)
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,6 +19,14 @@ from . import functional as F
 
 
 class Softmax2d(nn.Module):
+    """Channel softmax of (N, C, H, W) logits with a fused backward: :func:`fastadvseg.softmax2d`.
+
+    forward(logits) -> probabilities, same shape, dtype and memory format as ``logits``.
+
+    Args:
+        backend: "auto", "triton", "cuda", "cpu" or "reference" (see :func:`fastadvseg.available_backends`).
+    """
+
     def __init__(self, *, backend: str = "auto"):
         super().__init__()
         self.backend = backend
@@ -19,6 +36,20 @@ class Softmax2d(nn.Module):
 
 
 class CrossEntropy2d(nn.Module):
+    """Drop-in for ``nn.CrossEntropyLoss`` on (N, C, H, W) logits: :func:`fastadvseg.cross_entropy2d`.
+
+    forward(logits, target) -> float32 loss: a 0-dim mean or sum, or the (N, H, W) map for ``reduction="none"``.
+    ``target`` is (N, H, W) integer labels in ``[0, C)`` or ``ignore_index``.
+
+    Args:
+        weight: optional (C,) class weights, stored as a buffer; the mean divides by their total over the counted
+            pixels, as PyTorch does.
+        ignore_index: label whose pixels are not counted (default 255).
+        reduction: "mean", "sum" or "none".
+        label_smoothing: PyTorch's label smoothing, in ``[0, 1]``.
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+    """
+
     def __init__(self, weight: Optional[torch.Tensor] = None, *, ignore_index: int = 255, reduction: str = "mean",
                  label_smoothing: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -32,6 +63,17 @@ class CrossEntropy2d(nn.Module):
 
 
 class BCEWithLogits2d(nn.Module):
+    """Numerically stable binary cross-entropy over a discriminator map: :func:`fastadvseg.bce_with_logits2d`.
+
+    forward(d_logits, target, ignore_mask=None) -> float32 loss. ``d_logits`` is (N, 1, H, W) or (N, H, W);
+    ``target`` a float (0.0 = fake, 1.0 = real) or a map of the same shape; ``ignore_mask`` a bool map of pixels
+    not counted.
+
+    Args:
+        reduction: "mean", "sum" or "none".
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+    """
+
     def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
         self.reduction, self.backend = reduction, backend
@@ -42,6 +84,19 @@ class BCEWithLogits2d(nn.Module):
 
 
 class SemiCrossEntropy2d(nn.Module):
+    """The masked self-training loss L_semi of Hung et al.: :func:`fastadvseg.semi_cross_entropy2d`.
+
+    forward(logits, d_logits, ignore_mask=None) -> float32 loss (and the kept fraction if ``return_ratio``).
+    The pseudo-label is the argmax of ``logits``, counted where ``sigmoid(d_logits) > threshold``; the gradient goes
+    to ``logits`` only.
+
+    Args:
+        threshold: the confidence threshold T_semi (default 0.2).
+        reduction: "mean", "sum" or "none".
+        return_ratio: also return the fraction of counted pixels the mask kept.
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+    """
+
     def __init__(self, *, threshold: float = 0.2, reduction: str = "mean", return_ratio: bool = False,
                  backend: str = "auto"):
         super().__init__()
@@ -53,6 +108,21 @@ class SemiCrossEntropy2d(nn.Module):
 
 
 class GeneratorLoss(nn.Module):
+    """The generator's whole loss for one batch in one fused pass: :func:`fastadvseg.generator_loss`.
+
+    forward(logits, d_logits, target=None) -> :class:`fastadvseg.GeneratorLossOutput` ``(total, ce, adv, semi,
+    semi_ratio)``; call ``.total.backward()``. With ``target`` (labelled batch) ``total = L_ce + lambda_adv·L_adv``;
+    without (unlabelled batch) ``total = lambda_adv·L_adv + lambda_semi·L_semi``. ``d_logits`` is
+    ``D(softmax2d(logits))``.
+
+    Args:
+        lambda_adv: weight of the adversarial term (the paper: 0.01 labelled, 0.001 unlabelled).
+        lambda_semi: weight of L_semi on an unlabelled batch (default 0.1; 0 before ``semi_start``).
+        threshold: T_semi (default 0.2).
+        ignore_index: label whose pixels are not counted (default 255).
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+    """
+
     def __init__(self, *, lambda_adv: float, lambda_semi: float = 0.1, threshold: float = 0.2,
                  ignore_index: int = 255, backend: str = "auto"):
         super().__init__()
@@ -65,6 +135,16 @@ class GeneratorLoss(nn.Module):
 
 
 class DiscriminatorLoss(nn.Module):
+    """The discriminator's loss ``BCE(d_fake, 0) + BCE(d_real, 1)`` in one launch: :func:`fastadvseg.discriminator_loss`.
+
+    forward(d_fake, d_real, ignore_mask_fake=None, ignore_mask_real=None) -> float32 0-dim loss, each term a mean
+    over its non-ignored pixels (halve it for the paper's ``/2``). ``d_fake`` is D on the generator's detached
+    softmax, ``d_real`` D on the one-hot ground truth (:func:`fastadvseg.one_hot2d`).
+
+    Args:
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+    """
+
     def __init__(self, *, backend: str = "auto"):
         super().__init__()
         self.backend = backend
