@@ -3,15 +3,13 @@
 Tile edges (H·W = BLOCK_P ± 1), C = 256 and a C large enough for BLOCK_P = 1, every layout against the reference
 backend, fp16/bf16 against float64, a view with a large storage offset, logits feeding two losses (no in-place
 corruption), each GeneratorLossOutput field's gradient on its own, backward twice with retain_graph, gradients stored
-only when needed, and a compile of every kernel for a GPU target (sm_90) through Triton's real compiler, so that
-CI without a GPU also checks the code path the interpreter does not run.
+only when needed. (The compile of every kernel for sm_90 through Triton's real compiler, the path the interpreter
+does not run, is tests/test_kernel_resources.py.)
 
 Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (the shared conftest sets it when there is no GPU). Shapes are
 small: the interpreter runs each program in numpy.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -310,22 +308,6 @@ def test_supports_device(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not backend.supports_device("cpu")
     assert backend.supports_device("cuda") == torch.cuda.is_available()
-
-
-# -------------------------------------------------------------------------------------- compiled (GPU) code path
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test above already runs compiled kernels")
-def test_every_kernel_compiles_for_sm90():
-    """Under TRITON_INTERPRET=1 the kernels never meet Triton's compiler; compile each one (as the backend
-    launches it, for several shapes, dtypes and flags) for an sm_90 target, in a process without the interpreter.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "fastadvseg.kernels.triton.compile_check", "--arch", "90"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode == 3:
-        pytest.skip(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 def test_labels_beyond_int32_are_ignored_not_truncated(gen):
