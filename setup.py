@@ -4,12 +4,21 @@
 ``csrc/`` holds the C++ bindings and CPU code of the native extensions.
 """
 import os
+import re
 import sys
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 PACKAGES = find_packages(include=["fastadvseg", "fastadvseg.*"])
+
+
+def _version():
+    """The one place the version is written: ``__version__`` in fastadvseg/__init__.py (read, not imported: the
+    package imports torch, which a build need not have)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastadvseg", "__init__.py"),
+              encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
 
 
 # --- native extensions -------------------------------------------------------------------------------------------
@@ -156,20 +165,42 @@ CMDCLASS = {"build_ext": _with_cuda_build(OptionalBuildExt, EXT_MODULES)}
 
 setup(
     name="fastadvseg",
-    version="0.1.0",
+    version=_version(),
     description="Fused kernels and a training pipeline for semi-supervised semantic segmentation with adversarial learning",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license_expression="Apache-2.0",
+    license_files=["LICENSE"],
+    keywords=["semantic segmentation", "semi-supervised learning", "adversarial learning", "pytorch", "triton",
+              "fused kernels"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+        "Typing :: Typed",
+    ],
     python_requires=">=3.9",
     packages=PACKAGES,
-    package_data={"fastadvseg": ["configs/*.yaml", "configs/*.json"], "fastadvseg.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
+    package_data={"fastadvseg": ["py.typed", "configs/*.yaml", "configs/*.json"],
+                  "fastadvseg.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     # No upper pins and no CUDA-specific wheels: a CPU machine keeps its CPU torch.
     # matplotlib: the training run's and the benchmark report's PNG plots; pyyaml: the shipped run configs;
     # pillow: reading dataset images and palette/greyscale PNG masks (fastadvseg.data).
-    install_requires=["torch>=2.4", "numpy", "matplotlib", "pyyaml", "pillow", "triton>=3.0; platform_system == 'Linux'"],
+    # Triton is not required: the CUDA builds of torch on Linux bring their own, and a CPU machine never runs it
+    # (the `triton` backend then says what is missing: fastadvseg.unavailable_reason("triton")). The `triton` extra
+    # names it for the rare GPU install without it; the `test` extra keeps it, to test the Triton kernels under
+    # TRITON_INTERPRET=1 on CPU, and pybind11 + setuptools, to build the sdist and wheel offline in the tests.
+    install_requires=["torch>=2.4", "numpy", "matplotlib", "pyyaml", "pillow"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "pybind11>=2.10", "setuptools>=77"],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,

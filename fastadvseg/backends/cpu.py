@@ -34,9 +34,15 @@ if os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no
 try:
     from .. import _C_cpu as _ext
 except ImportError as exc:  # not built (no C++ compiler at install time) or fails to load
+    _package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _where = ""
+    if os.path.isfile(os.path.join(os.path.dirname(_package), "setup.py")):  # a source checkout, not an install
+        _where = (f"; {_package} is a source tree, imported because Python looks in the current directory first: "
+                  "build its extension in place with `pip install -e .`, or run from another directory to use an "
+                  "installed fastadvseg")
     raise ImportError(
         f"the C++ extension fastadvseg._C_cpu is not available ({exc}); it is built by `pip install -e .` "
-        "(or `python setup.py build_ext --inplace`) on a machine with a C++17 compiler"
+        f"(or `python setup.py build_ext --inplace`) on a machine with a C++17 compiler{_where}"
     ) from exc
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

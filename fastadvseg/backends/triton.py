@@ -20,8 +20,9 @@ try:
     import triton  # noqa: F401  (the kernels below need it; fail here with a readable reason)
 except ImportError as exc:  # pragma: no cover - depends on the machine
     raise ImportError(
-        f"the 'triton' backend needs the triton package, which could not be imported ({exc}); "
-        "install it with `pip install triton` (Linux), or use backend='cpu'/'reference'"
+        f"the 'triton' backend needs the triton package, which could not be imported ({exc}); the CUDA builds "
+        "of torch on Linux bring it, otherwise `pip install \"fastadvseg[triton]\"`; on CPU tensors use "
+        "backend='cpu' or 'reference'"
     ) from exc
 
 from ..kernels.triton import bce as _bce
