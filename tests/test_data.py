@@ -240,6 +240,9 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
         _rgb(tmp_path / "images" / f"a{k}.png", k)
         _mask(tmp_path / "masks" / f"a{k}.png", _label(k, 3))
     (tmp_path / "images" / "a1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match=r"a1\.png"):  # inferring the classes reads every item: found at once
+        build_data("folder", str(tmp_path), crop_size=8, labelled_fraction=1.0)
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
     b = build_data("folder", str(tmp_path), crop_size=8, labelled_fraction=1.0)
     with pytest.raises(ValueError, match=r"a1\.png"):
         [b.labelled[i] for i in range(len(b.labelled))] + [b.val[i] for i in range(len(b.val))]

@@ -9,6 +9,7 @@ Datasets (``dataset``): ``"synthetic"`` (embedded, generated, no files: the defa
 (PASCAL VOC 2012 + SBD train_aug), ``"cityscapes"`` (19 trainIds), ``"folder"`` (images/ + masks/).
 Each source module documents its layout. Module map::
 
+    check.py       checking every file before training (parallel, cached by size and mtime)
     io.py          reading images / masks / id lists, errors that name the file (Pillow)
     base.py        Source (a dataset's layout) and SegmentationSet (items, augmentation), palettes
     transforms.py  the paper's augmentation (random scale, pad with ignore, random crop, mirror), val padding

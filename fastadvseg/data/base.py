@@ -74,6 +74,10 @@ class Source:
     def load(self, item_id: str) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def files(self, item_id: str) -> List[str]:
+        """The files ``load(item_id)`` reads, image first, mask last ([] for generated data)."""
+        return []
+
 
 class SegmentationSet(Dataset):
     """Items ``(image, label, name)`` of ``source`` for ``ids``; augmented when ``train`` is True.

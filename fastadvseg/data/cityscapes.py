@@ -65,10 +65,13 @@ class CityscapesSource(Source):
             self.split_of.update({i: split for i in ids[split]})
         self.train_ids, self.val_ids = ids["train"], ids["val"]
 
-    def load(self, item_id: str):
+    def files(self, item_id: str):
         split = self.split_of.get(item_id)
         if split is None:
             raise KeyError(f"unknown Cityscapes id {item_id!r}")
-        image = read_image(os.path.join(self.root, "leftImg8bit", split, item_id + _IMG_SUFFIX))
-        label = read_mask(os.path.join(self.root, "gtFine", split, item_id + _LABEL_SUFFIX))
-        return image, labelids_to_trainids(label)
+        return [os.path.join(self.root, "leftImg8bit", split, item_id + _IMG_SUFFIX),
+                os.path.join(self.root, "gtFine", split, item_id + _LABEL_SUFFIX)]
+
+    def load(self, item_id: str):
+        image_path, label_path = self.files(item_id)
+        return read_image(image_path), labelids_to_trainids(read_mask(label_path))

@@ -9,7 +9,8 @@ Layout under ``root``::
                           by name: every 10th id (the 10th, 20th, ...) is val (at least one val id).
     classes.txt           optional class names, one per line (line k = class k). Without it the number
                           of classes is max(mask value other than 255) + 1 over all masks, read once at
-                          build time, and the names are "class_0", "class_1", ...
+                          build time (in parallel, remembered: see check.py), and the names are "class_0",
+                          "class_1", ...; a mask value above 254 is refused, naming its file.
 
 Normalisation: the ImageNet mean/std.
 """
@@ -17,9 +18,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from .base import IMAGENET_MEAN, IMAGENET_STD, Source, default_palette
+from .check import infer_num_classes
 from .io import IMAGE_EXTENSIONS, read_id_list, read_image, read_mask, require_dir
 
 __all__ = ["FolderSource"]
@@ -63,22 +63,17 @@ class FolderSource(Source):
                 self.class_names = [line.strip() for line in f if line.strip()]
             if not self.class_names:
                 raise ValueError(f"{classes_txt} lists no class names")
-        else:
-            top = -1
-            for i in dict.fromkeys(self.train_ids + self.val_ids):
-                m = read_mask(self._mask_path(i))
-                valid = m[m != ignore_index]
-                if valid.size:
-                    top = max(top, int(valid.max()))
-            if top < 0:
-                raise ValueError(f"every mask in {self.mask_dir} is all ignore ({ignore_index}); "
-                                 f"cannot infer the classes (add {classes_txt})")
-            self.class_names = [f"class_{k}" for k in range(top + 1)]
+        else:  # every item read once, in parallel, remembered for the check before training (check.py)
+            n = infer_num_classes(self, self.train_ids + self.val_ids, ignore_index, where=self.mask_dir)
+            self.class_names = [f"class_{k}" for k in range(n)]
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.palette = default_palette(len(self.class_names))
 
     def _mask_path(self, item_id: str) -> str:
         return os.path.join(self.mask_dir, item_id + ".png")
+
+    def files(self, item_id: str):
+        return [self.images.get(item_id, os.path.join(self.image_dir, item_id)), self._mask_path(item_id)]
 
     def load(self, item_id: str):
         if item_id not in self.images:

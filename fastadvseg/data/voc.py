@@ -59,11 +59,15 @@ class VOCSource(Source):
         if not self.label_dirs:
             raise FileNotFoundError(f"no label folder in {self.base}: expected SegmentationClassAug/ or SegmentationClass/")
 
+    def files(self, item_id: str):
+        labels = [os.path.join(d, item_id + ".png") for d in self.label_dirs]
+        return [os.path.join(self.base, "JPEGImages", item_id + ".jpg"),
+                next((p for p in labels if os.path.isfile(p)), labels[0])]
+
     def load(self, item_id: str):
-        image = read_image(os.path.join(self.base, "JPEGImages", item_id + ".jpg"))
-        for d in self.label_dirs:
-            path = os.path.join(d, item_id + ".png")
-            if os.path.isfile(path):
-                return image, read_mask(path)
+        image_path, label_path = self.files(item_id)
+        image = read_image(image_path)
+        if os.path.isfile(label_path):
+            return image, read_mask(label_path)
         raise FileNotFoundError(f"label of {item_id!r} not found: looked for "
                                 + " and ".join(os.path.join(d, item_id + ".png") for d in self.label_dirs))
