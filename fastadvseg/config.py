@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -31,93 +33,118 @@ LOSS_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 class TrainConfig:
     # --- run ---
     name: Optional[str] = None  # run directory name under run_root (default: a timestamp)
-    run_root: str = "runs"
     seed: int = 1234  # model init, batch order and augmentation all derive from it
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
-    # --- data (fastadvseg.data.build_data) ---
+    # --- data ---
     dataset: str = "synthetic"  # "synthetic" (embedded, no download), "voc", "cityscapes", "folder"
-    data_root: Optional[str] = None
-    crop_size: Tuple[int, int] = (64, 64)  # synthetic default; paper VOC: 321x321
-    scale_range: Tuple[float, float] = (0.5, 1.5)
-    mirror: bool = True
+    data_root: Optional[str] = None  # the dataset's folder (not needed for synthetic)
+    # resize every train and val item to (h, w) first (image bilinear, label nearest); paper Cityscapes: 512x1024
+    image_size: Optional[Tuple[int, int]] = None
+    crop_size: Tuple[int, int] = (64, 64)  # training crop (h, w); synthetic default; paper VOC: 321x321
+    scale_range: Tuple[float, float] = (0.5, 1.5)  # random scale of training items (low, high)
+    mirror: bool = True  # random horizontal flip of training items
     labelled_fraction: float = 0.125  # 1/8, 1/4, 1/2 or 1 of the training ids
     labelled_count: Optional[int] = None  # an absolute count instead of the fraction
     split_seed: int = 0  # the labelled/unlabelled split is drawn with this seed and saved with the run
-    split_file: Optional[str] = None  # reuse a saved split
-    val_pad: Optional[int] = None  # VOC protocol: 505
+    split_file: Optional[str] = None  # reuse a saved split (a run's split.json)
+    val_pad: Optional[int] = None  # pad val images to N x N so they batch; VOC protocol: 505
     val_limit: Optional[int] = 96  # evaluate on the first N val images (None: all); synthetic default
-    num_workers: int = 0
-    # --- models ---
-    model: str = "deeplabv2_compact"  # synthetic default; paper: deeplabv2_resnet101
+    num_workers: int = 0  # DataLoader worker processes
+    # --- model ---
+    model: str = "deeplabv2_compact"  # the segmenter (fastadvseg.models.SEGMENTERS); synthetic default; paper: deeplabv2_resnet101
     pretrained: Optional[str] = None  # local weights file (torchvision ImageNet or the authors' COCO layout)
     pretrained_d: Optional[str] = None  # local discriminator state_dict
-    freeze_bn: bool = False  # synthetic default (from scratch); paper: true
+    freeze_bn: bool = False  # freeze BatchNorm (statistics and affine); synthetic default (from scratch); paper: true
     # bottleneck stride on the 1x1 conv (authors' DeepLab/Caffe layout) or the 3x3 (torchvision); None: as the
     # pretrained file's layout says (1x1 without a file). The run's config.yaml records the resolved value.
     stride_in_1x1: Optional[bool] = None
     # feed the net Caffe input (BGR, 0..255, Caffe mean subtracted), as the authors' Caffe-trained COCO weights
     # expect; None: true exactly for the DeepLab/COCO weights layout. Recorded resolved in the run's config.yaml.
     caffe_input: Optional[bool] = None
-    ndf: int = 32  # synthetic default; paper: 64
-    # --- method ---
+    ndf: int = 32  # discriminator width; synthetic default; paper: 64
+    # --- losses ---
     mode: str = "semi"  # baseline (L_ce), adv (+L_adv), semi (+L_adv on unlabelled + L_semi)
-    batch_size: int = 8  # global batch (split over DDP ranks); synthetic default; paper: 10
-    steps: int = 900  # synthetic default; paper: 20000
-    lambda_adv: float = 0.01
-    lambda_semi: float = 0.1
-    lambda_semi_adv: float = 0.001
-    semi_threshold: float = 0.2  # T_semi
-    semi_start: int = 225  # synthetic default (1/4 of the steps, as the paper's 5000 of 20000)
+    lambda_adv: float = 0.01  # weight of L_adv on labelled images
+    lambda_semi: float = 0.1  # weight of L_semi (pseudo-labels where D is confident)
+    lambda_semi_adv: float = 0.001  # weight of L_adv on unlabelled images
+    semi_threshold: float = 0.2  # T_semi: L_semi keeps pixels where sigmoid(D) > T_semi
     d_unlabelled: bool = True  # D also sees the unlabelled predictions as fake (the authors' D_remain)
     # --- optimisation ---
-    lr: float = 0.02  # synthetic default; paper: 2.5e-4
-    head_lr_mult: float = 1.0  # synthetic default; paper: 10 (the classifier head's lr multiplier)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    power: float = 0.9
-    lr_d: float = 1e-4
-    betas_d: Tuple[float, float] = (0.9, 0.99)
+    batch_size: int = 8  # global batch (split over DDP ranks); synthetic default; paper: 10
+    lr: float = 0.02  # SGD learning rate of G; synthetic default; paper: 2.5e-4
+    head_lr_mult: float = 1.0  # the classifier head's lr multiplier; synthetic default; paper: 10
+    momentum: float = 0.9  # SGD momentum of G, in [0, 1)
+    weight_decay: float = 5e-4  # SGD weight decay of G
+    lr_d: float = 1e-4  # Adam learning rate of D
+    betas_d: Tuple[float, float] = (0.9, 0.99)  # Adam betas of D, each in [0, 1)
+    # --- schedule ---
+    steps: int = 900  # training iterations; synthetic default; paper: 20000
+    power: float = 0.9  # poly learning-rate decay: lr * (1 - step/steps)^power
+    semi_start: int = 225  # first step of L_semi; synthetic default (1/4 of the steps, as the paper's 5000 of 20000)
     # --- speed ---
     # torch intra-op threads when training on the CPU (None: torch's default, one per core). 1 is the fastest for the
     # small default model on a shared 2-core machine: measured 5x faster than 2 threads when other jobs load the CPUs.
     num_threads: Optional[int] = 1
     amp: str = "none"  # "none", "bf16", "fp16" (fp16 uses a GradScaler on CUDA)
-    channels_last: bool = False
+    channels_last: bool = False  # channels-last memory format for the nets
     loss_backend: str = "auto"  # auto, reference, cpu, triton, cuda
-    # --- logging, evaluation, checkpoints ---
-    log_every: int = 10
-    eval_every: int = 300  # 0: only at the end
-    checkpoint_every: int = 100
-    eval_batch_size: int = 8
-    num_vis_images: int = 4
-    plots: bool = True
+    # --- output ---
+    run_root: str = "runs"  # run directories are created under it
+    log_every: int = 10  # print and record losses averaged over this many steps
+    eval_every: int = 300  # validate every N steps (0: only at the end)
+    checkpoint_every: int = 100  # write checkpoints/last.pt every N steps (0: only at the end)
+    eval_batch_size: int = 8  # images per evaluation batch
+    num_vis_images: int = 4  # val images shown in samples.png
+    plots: bool = True  # write losses.png, miou.png, samples.png at the end
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the optional tensorboard package)
 
     def validate(self) -> "TrainConfig":
+        """Refuse values that cannot work (ConfigError naming the key), before anything is built or written."""
         def bad(key, msg):
             raise ConfigError(f"config {key}={getattr(self, key)!r}: {msg}")
 
+        from .data import DATASETS
         from .models import SEGMENTERS
 
-        if self.model not in SEGMENTERS:
-            bad("model", f"choose one of {SEGMENTERS}")
-        if self.mode not in MODES:
-            bad("mode", f"choose one of {MODES}")
-        if self.amp not in AMP_MODES:
-            bad("amp", f"choose one of {AMP_MODES}")
-        if self.loss_backend not in LOSS_BACKENDS:
-            bad("loss_backend", f"choose one of {LOSS_BACKENDS}")
-        for key in ("batch_size", "steps", "log_every", "eval_batch_size"):
+        for key, choices in (("model", SEGMENTERS), ("mode", MODES), ("amp", AMP_MODES),
+                             ("loss_backend", LOSS_BACKENDS), ("dataset", DATASETS)):
+            if getattr(self, key) not in choices:
+                bad(key, f"choose one of {tuple(choices)}")
+        for key in ("batch_size", "steps", "log_every", "eval_batch_size", "ndf"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
         for key in ("eval_every", "checkpoint_every", "semi_start", "num_workers", "num_vis_images"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
+        for key in ("labelled_count", "val_pad", "val_limit"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                bad(key, "must be >= 1 (or none)")
+        if self.num_threads is not None and self.num_threads < 0:
+            bad("num_threads", "must be >= 0 (or none: torch's default)")
+        # numbers: a NaN or an infinity is never meaningful here
+        for key in ("lr", "lr_d", "head_lr_mult"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                bad(key, "must be a finite number > 0")
+        for key in ("weight_decay", "power", "lambda_adv", "lambda_semi", "lambda_semi_adv"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                bad(key, "must be a finite number >= 0")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", "must be in [0, 1)")
+        if not all(0 <= b < 1 for b in self.betas_d):
+            bad("betas_d", "each must be in [0, 1)")
         if not 0 < self.labelled_fraction <= 1:
             bad("labelled_fraction", "must be in (0, 1]")
         if not 0 <= self.semi_threshold <= 1:
             bad("semi_threshold", "must be in [0, 1]")
+        lo, hi = self.scale_range
+        if not (math.isfinite(hi) and 0 < lo <= hi):
+            bad("scale_range", "must be (low, high) with 0 < low <= high, both finite")
         if min(self.crop_size) < 33:
             bad("crop_size", "must be at least 33x33 (the discriminator downsamples by 32)")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            bad("tensorboard", "needs the tensorboard package (pip install tensorboard), which is not installed")
+        if self.image_size is not None and min(self.image_size) < 33:
+            bad("image_size", "must be at least 33x33 (or none: items keep their size)")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -193,6 +220,16 @@ def _scalar(tp, value):
     raise TypeError(tp)
 
 
+def _metavar(hint) -> str:
+    """INT, FLOAT, BOOL, STR; A,B for pairs; "|none" where None is allowed."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        return _metavar(next(a for a in args if a is not type(None))) + "|none"
+    if typing.get_origin(hint) is tuple:
+        return ",".join(_metavar(a) for a in args)
+    return hint.__name__.upper()
+
+
 def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
@@ -212,9 +249,20 @@ def resolve_config_path(name_or_path: str) -> str:
 
 
 def read_config_file(name_or_path: str) -> Dict[str, Any]:
+    """The mapping in a YAML/JSON config file; a file that cannot be read or parsed is a ConfigError naming it."""
     path = resolve_config_path(name_or_path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"config file {path} is not valid YAML: {what}{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -269,14 +317,62 @@ def parse_overrides(argv: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``error: ...``, exit code 2 (like every other refused command)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
-    fields = ", ".join(_FIELDS)
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Every TrainConfig field is also an option --key value: {fields}.\n"
-               f"Shipped configs: {', '.join(shipped_configs())}.")
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False,
+                     epilog="Every TrainConfig field (fastadvseg/config.py) is also an option --key value, applied after "
+                            "--config:\n\n" + describe_options() +
+                            f"\n\nShipped configs (--config NAME): {', '.join(shipped_configs())}.")
     parser.add_argument("--config", help="a YAML/JSON file or a shipped config name (e.g. voc_1_8)")
     return parser
+
+
+def field_help() -> Dict[str, Tuple[str, str]]:
+    """{field: (group, help)} from the comments of :class:`TrainConfig` (``# --- group ---`` headers, the comment
+    lines above a field and the comment after it): the dataclass stays the one place that documents a setting."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(TrainConfig).splitlines()
+    except (OSError, TypeError):  # no source (e.g. a frozen build): names, types and defaults only
+        return {}
+    out, group, above = {}, "", []
+    for line in lines:
+        text = line.strip()
+        header = re.fullmatch(r"# --- (.+) ---", text)
+        field = re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", text)
+        if header:
+            group, above = header.group(1), []
+        elif text.startswith("#"):
+            above.append(text.lstrip("# "))
+        elif field and field.group(1) in _FIELDS:
+            out[field.group(1)] = (group, " ".join(above + [field.group(2) or ""]).strip())
+            above = []
+    return out
+
+
+def describe_options() -> str:
+    """The options grouped as in TrainConfig, each with its type, default and one line of help."""
+    helps = field_help()
+    lines, group = [], None
+    for f in dataclasses.fields(TrainConfig):
+        g, text = helps.get(f.name, ("options", ""))
+        if g != group:
+            lines.append(("\n" if lines else "") + f"{g}:")
+            group = g
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        opt = f"  --{f.name} {_metavar(_HINTS[f.name])}"
+        lines.append(f"{opt:<34} {text.split('. ')[0].rstrip('.')} [default: {shown}]")
+    return "\n".join(lines)
 
 
 def load_config(config: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
