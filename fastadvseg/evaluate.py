@@ -1,6 +1,10 @@
 """Evaluate a segmenter: confusion matrix on the device, per-class IoU, mIoU (absent classes excluded), pixel accuracy.
 
     python -m fastadvseg.evaluate --run runs/NAME                 # its config and best.pt (else last.pt)
+
+With ``--run`` the best usable checkpoint is used and named: best.pt, or last.pt when best.pt is missing, damaged
+or holds non-finite weights (said as a warning). A run without checkpoints, like any other bad input, is one line
+``error: ...`` and exit code 2.
     python -m fastadvseg.evaluate --checkpoint G.pt --config voc_1_8 --data_root /data/VOCdevkit
 
 VOC protocol: single scale; with ``val_pad`` (505 in the VOC configs) images are padded bottom/right so they batch,
@@ -19,11 +23,11 @@ import torch
 
 import fastadvseg as fas
 
-from .config import TrainConfig, build_parser, from_dict, load_config, parse_overrides, read_config_file
+from .config import ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides, read_config_file
 from .metrics import ConfusionMatrix, SegMetrics, format_table
 from .utils import distributed as dist_utils
-from .utils.builders import autocast, build_bundle, build_segmenter_for_eval, segment, to_device
-from .utils.checkpoint import BEST, LAST
+from .utils.builders import autocast, build_bundle, build_segmenter_for_eval, check_data, segment, to_device
+from .utils.checkpoint import BEST, LAST, CheckpointError, first_non_finite, read_checkpoint
 
 
 def _batches(dataset, indices: Sequence[int], batch_size: int):
@@ -97,36 +101,79 @@ def write_report(result: SegMetrics, class_names, out_dir: str, stem: str = "eva
     return table
 
 
+def usable_checkpoint(run_dir: str, which: str = "best", log=print):
+    """(path, state) of the run's best.pt (``which="last"``: last.pt first), falling back to the other one when the
+    first is missing or damaged (said on ``log``). No usable checkpoint: a ConfigError saying why."""
+    order = (BEST, LAST) if which == "best" else (LAST, BEST)
+    problems = []
+    for name in order:
+        path = os.path.join(run_dir, "checkpoints", name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            state = read_checkpoint(path)
+            if not isinstance(state, dict) or not isinstance(state.get("G"), dict):
+                raise CheckpointError(f"checkpoint {path} holds no segmenter weights ('G')")
+            bad = first_non_finite(state["G"])
+            if bad:
+                raise CheckpointError(f"checkpoint {path} holds non-finite weights ({bad})")
+        except CheckpointError as e:
+            problems.append(str(e))
+            log(f"warning: {e}; trying the other checkpoint")
+            continue
+        return path, state
+    if not problems:
+        raise ConfigError(f"run directory {run_dir} has no checkpoints (checkpoints/{BEST}, checkpoints/{LAST}): "
+                          f"it has not saved any yet; train it (or continue it with --resume {run_dir}) first")
+    raise ConfigError(f"run directory {run_dir} has no usable checkpoint: " + "; ".join(problems))
+
+
+def _describe(path: str, state) -> str:
+    step, miou = (state.get("step"), state.get("val_miou")) if isinstance(state, dict) else (None, None)
+    return (f"checkpoint {path}" + (f" (step {step}" if step is not None else "") +
+            (f", val mIoU {100 * miou:.2f} when saved" if isinstance(miou, float) else "") +
+            (")" if step is not None else ""))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 done; 2 refused (one line ``error: ...``: a bad option, config, checkpoint or data file)."""
     parser = build_parser("Evaluate a trained segmenter (mIoU, per-class IoU, pixel accuracy).")
     parser.add_argument("--run", help="a run directory: uses its config.yaml and checkpoints/best.pt (else last.pt)")
     parser.add_argument("--checkpoint", help="a checkpoint or a segmenter state_dict")
     parser.add_argument("--which", choices=("best", "last"), default="best", help="with --run: which checkpoint")
     parser.add_argument("--out", help="directory for eval.md / eval.json (default: the run directory)")
     args, rest = parser.parse_known_args(argv)
+    warn = lambda msg: print(msg, file=sys.stderr)
     try:
         overrides = parse_overrides(rest)
         if args.run:
-            base = from_dict(read_config_file(os.path.join(args.run, "config.yaml")))
-            cfg = load_config(args.config, overrides, base=base)
-            ckpt = os.path.join(args.run, "checkpoints", BEST if args.which == "best" else LAST)
-            if not os.path.isfile(ckpt):
-                ckpt = os.path.join(args.run, "checkpoints", LAST)
+            config_yaml = os.path.join(args.run, "config.yaml")
+            if not os.path.isfile(config_yaml):
+                raise ConfigError(f"{args.run} is not a run directory (no config.yaml in it)")
+            cfg = load_config(args.config, overrides, base=from_dict(read_config_file(config_yaml)))
+            ckpt, state = usable_checkpoint(args.run, args.which, warn)
             split = os.path.join(args.run, "split.json")
             if os.path.isfile(split) and "split_file" not in overrides:
                 cfg.split_file = split
         elif args.checkpoint:
             cfg, ckpt = load_config(args.config, overrides), args.checkpoint
+            state = read_checkpoint(ckpt)
+            if not isinstance(state, dict) or not isinstance(state.get("G"), dict):
+                state = None  # a bare state_dict (any known layout): read by the model's weight loader
         else:
             parser.error("give --run DIR or --checkpoint PATH")
-    except ValueError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = dist_utils.setup(cfg.device)
+    code = 0
     try:
         with dist_utils.cpu_threads(cfg.num_threads if info.device.type == "cpu" else None):
             bundle = build_bundle(cfg)
-            G = build_segmenter_for_eval(cfg, bundle, ckpt, info.device)
+            check_data(bundle, print if info.is_main else (lambda *a: None), train=False)
+            G = build_segmenter_for_eval(cfg, bundle, state if state is not None else ckpt, info.device, ckpt)
+            if info.is_main:
+                print(f"evaluating {_describe(ckpt, state)}")
             result = evaluate(G, bundle.val, bundle.num_classes, device=info.device,
                               batch_size=cfg.eval_batch_size, cfg=cfg, info=info)
         if info.is_main:
@@ -134,10 +181,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             table = write_report(result, bundle.class_names, out, extra={"checkpoint": ckpt})
             print(table)
             print(f"mIoU {100 * result.miou:.2f}  pixel accuracy {100 * result.pixel_acc:.2f}  "
-                  f"({len(bundle.val)} images; report in {out}/eval.md, eval.json)")
+                  f"({len(bundle.val)} images; {_describe(ckpt, state)}; report in {out}/eval.md, eval.json)")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
     finally:
         dist_utils.teardown(info)
-    return dist_utils.finish(info)
+    return dist_utils.finish(info, code)
 
 
 if __name__ == "__main__":

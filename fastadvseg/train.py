@@ -10,21 +10,27 @@ continues to the same result as an uninterrupted run (bit-identical on CPU). Hel
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from .config import ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides, save_config
+from .config import (ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides,
+                     read_config_file, save_config)
 from .evaluate import evaluate
 from .utils import distributed as dist_utils
-from .utils.builders import build_bundle, build_models, build_optimizers, make_scaler, set_lr, to_device
-from .utils.checkpoint import (BEST, LAST, atomic_save, load_checkpoint, resolve_checkpoint, restore_training_state,
-                               run_dir_of, training_state)
-from .utils.log import MetricsLog, Progress
+from .utils.builders import build_bundle, build_models, build_optimizers, check_data, make_scaler, set_lr, to_device
+from .utils.checkpoint import (BEST, LAST, CheckpointError, atomic_save, check_data_fits, check_resume,
+                               config_differences, first_non_finite, read_training_state, recorded_miou,
+                               remove_stale_temp_files, resolve_checkpoint, restore_training_state, run_dir_of,
+                               training_state, unwrap)
+from .utils.log import MetricsLog, Progress, TensorBoardLog, WindowMean
 from .utils.report import describe_run, final_report, make_run_dir
 from .utils.sampling import StepBatches, step_loader
 from .utils.step import Nets, train_step
@@ -55,82 +61,199 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_utils.DistInfo] = None) -> dict:
-    """Train (or continue) a run; returns {"run_dir", "miou", "step", "interrupted", ...}."""
+@dataclass
+class Resume:
+    """A checkpoint to continue: its path and its checked training state (read once)."""
+    path: str
+    state: dict
+
+    @property
+    def run_dir(self) -> str:
+        return run_dir_of(self.path)
+
+
+def open_resume(path: str) -> Resume:
+    """``--resume RUN|FILE``: the checkpoint found, read and checked (CheckpointError naming it otherwise)."""
+    ckpt = resolve_checkpoint(path)
+    return Resume(ckpt, read_training_state(ckpt))
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its last step (non-finite values, a checkpoint that cannot be written); the
+    checkpoints on disk are those of before the problem. Exit code 3."""
+
+
+def train(cfg: TrainConfig, resume=None, info: Optional[dist_utils.DistInfo] = None) -> dict:
+    """Train (or continue: ``resume`` is a run directory, a checkpoint or a :class:`Resume`) a run; returns
+    {"run_dir", "miou", "step", "interrupted", "signal", ...}. User errors raise ConfigError before anything is
+    written; a run stopped midway raises RunStopped."""
     info = info or dist_utils.setup(cfg.device)
     with dist_utils.cpu_threads(cfg.num_threads if info.device.type == "cpu" else None):
-        return _train(cfg, resume, info)
+        return _train(cfg, open_resume(resume) if isinstance(resume, str) else resume, info)
 
 
-def _train(cfg: TrainConfig, resume: Optional[str], info: dist_utils.DistInfo) -> dict:
+def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    state = load_checkpoint(resolve_checkpoint(resume)) if resume else None
-    try:  # before the run directory: a bad data setting leaves nothing behind
-        bundle = build_bundle(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        hint = " (set --data_root)" if "root" in str(e) and not cfg.data_root else ""
-        raise ConfigError(f"{e}{hint}") from e
-    run_dir = make_run_dir(cfg, info, run_dir_of(resolve_checkpoint(resume)) if resume else None)
     log = print if info.is_main else (lambda *a, **k: None)
-    G, D = build_models(cfg, bundle, info.device, log)
+    state = resume.state if resume else None
+    # ---- everything is checked before the run directory is created or changed: a refused run leaves no trace ----
+    changed = check_resume(cfg.to_dict(), state, resume.path) if resume else {}
+    bundle = build_bundle(cfg)
+    check_data(bundle, log)
+    if resume:
+        check_data_fits(state, bundle.class_names, resume.path)
+    G, D = build_models(cfg, bundle, info.device, log, pretrained=state is None)
     opt_g, opt_d = build_optimizers(cfg, G, D)
     scaler_g, scaler_d = make_scaler(cfg, info.device), make_scaler(cfg, info.device)
-    start, best = restore_training_state(state, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d})
+    start, best = restore_training_state(state, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d},
+                                         resume.path if resume else "")
+    # ---- the run: one process per run directory (its lock); files are written from here on ----
+    run_dir, lock = make_run_dir(cfg, info, resume.run_dir if resume else None)
+    with lock, contextlib.ExitStack() as cleanup:  # on leaving: logs closed, signal handlers restored, lock released
+        return _run(Setup(cfg, info, bundle, G, D, opt_g, opt_d, scaler_g, scaler_d), run_dir, resume, changed,
+                    start, best, cleanup, t_start, cpu_start)
+
+
+@dataclass
+class Setup:
+    """What a run trains with, built and checked by ``_train`` before its run directory is touched."""
+    cfg: TrainConfig
+    info: dist_utils.DistInfo
+    bundle: object
+    G: torch.nn.Module
+    D: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: object
+    scaler_d: object
+
+
+def _run(setup: Setup, run_dir: str, resume: Optional[Resume], changed: dict, start: int, best: Optional[float],
+         cleanup: contextlib.ExitStack, t_start: float, cpu_start: float) -> dict:
+    """The training loop of the paper's method (one G + D iteration per step: fastadvseg/utils/step.py), with
+    logging, evaluation, checkpoints and the stop on non-finite values."""
+    cfg, info, bundle, G, D = setup.cfg, setup.info, setup.bundle, setup.G, setup.D
+    opt_g, opt_d, scaler_g, scaler_d = setup.opt_g, setup.opt_d, setup.scaler_g, setup.scaler_d
+    log = print if info.is_main else (lambda *a, **k: None)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if resume:
+        check_same_run(run_dir, resume)
+        best = _best_so_far(best, os.path.join(ckpt_dir, BEST))
     log(describe_run(cfg, bundle, G, info, run_dir))
-    if state is not None:
-        log(f"resumed {run_dir} at step {start} (best mIoU so far {best})")
-    if info.is_main:  # on resume: the config with this session's overrides (e.g. more steps); the split is kept
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        if state is None:
+    if info.is_main:
+        for path in remove_stale_temp_files(run_dir):
+            log(f"removed {path} (left by a write that was killed)")
+        # on resume: the config with this session's overrides (e.g. more steps); the split is kept
+        write_config(cfg, os.path.join(run_dir, "config.yaml"))
+        if resume is None:
             from .data import save_split
 
             save_split(bundle.split, os.path.join(run_dir, "split.json"), dataset=cfg.dataset, seed=cfg.split_seed)
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if info.is_main else None, resume_step=start)
+    tb = TensorBoardLog(run_dir if info.is_main and cfg.tensorboard else None)
+    cleanup.callback(metrics.close), cleanup.callback(tb.close)
+    if resume:
+        log(f"resumed {run_dir} at step {start} (best mIoU so far {best})" +
+            "".join(f"; {k} {old} -> {new}" for k, (old, new) in changed.items()))
+        if changed:  # recorded: config.yaml has the new values, metrics.jsonl when they changed
+            metrics.write({"kind": "resume", "step": start, "changed": {k: list(v) for k, v in changed.items()}})
     nets = Nets(*_wrap(G, D, cfg, info), D_raw=D, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d)
     use_unl = cfg.mode == "semi" and bundle.unlabelled is not None and len(bundle.unlabelled) > 0
     loaders = [step_loader(StepBatches(ds, cfg.batch_size, cfg.seed, stream, info.rank, info.world_size),
                            start, cfg.steps, cfg.num_workers, info.device.type == "cuda")
                for stream, ds in (("labelled", bundle.labelled), ("unlabelled", bundle.unlabelled if use_unl else None))
                if ds is not None]
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if info.is_main else None, resume_step=start)
-    progress, stop = Progress(cfg.steps, start, enabled=info.is_main), StopFlag()
-    save = lambda step, path: atomic_save(training_state(step, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d},
-                                                         best, cfg.to_dict()), path)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    progress, stop, window = Progress(cfg.steps, start, enabled=info.is_main), StopFlag(), WindowMean()
+    cleanup.callback(stop.restore)
+
+    def save(step: int, name: str, val_miou: Optional[float] = None) -> None:
+        """Checkpoint after ``step`` steps, never with non-finite weights; an OSError stops the run, naming the path."""
+        bad = first_non_finite({"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict()})
+        if bad:
+            raise RunStopped(f"step {step}: weight {bad} is not finite, so it was not saved (the checkpoints on disk "
+                             f"are of earlier steps): training diverged. Lower --lr and start a new run")
+        path = os.path.join(ckpt_dir, name)
+        state = training_state(step, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d}, best, cfg.to_dict(),
+                               extra={"classes": list(bundle.class_names), "val_miou": val_miou})
+        try:
+            atomic_save(state, path)
+        except OSError as e:
+            raise RunStopped(f"cannot write checkpoint {path}: {e.strerror or e} (the previous {name} is unchanged "
+                             f"and usable): free some space, then continue with --resume {run_dir}") from None
+
     G.train(), D.train()
-    result, stopping = None, False
+    result, stopping, step = None, False, start - 1
     for step, batches in zip(range(start, cfg.steps), zip(*loaders)):
         lr = set_lr(opt_g, cfg.lr, step, cfg.steps, cfg.power)
         lr_d = set_lr(opt_d, cfg.lr_d, step, cfg.steps, cfg.power)
         (images, labels, _), images_u = batches[0], (batches[1][0] if use_unl else None)
-        out = train_step(cfg, nets, step, to_device(images, info.device, cfg.channels_last), labels.to(info.device),
+        out = train_step(cfg, nets, step, to_device(images, info.device, cfg.channels_last),
+                         labels.to(info.device),
                          None if images_u is None else to_device(images_u, info.device, cfg.channels_last))
+        values = dict(zip(out, torch.stack(list(out.values())).float().tolist()))  # one device sync per step
+        bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
+        if bad:  # the first non-finite loss or gradient norm stops the run; nothing of this step is saved
+            metrics.write({"kind": "train", "step": step + 1, "lr": lr, "lr_d": lr_d, **values, "window": 1})
+            metrics.write({"kind": "stopped", "step": step + 1, "reason": f"{bad} is {values[bad]}"})
+            raise RunStopped(f"step {step + 1}: {bad} is {values[bad]}: training diverged and was stopped. The "
+                             f"checkpoints are those of before (last.pt, best.pt unchanged). Lower --lr "
+                             f"(now {cfg.lr}) or --lr_d (now {cfg.lr_d}) and start a new run")
+        window.add(values)
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last or step == 0:
-            values = {"kind": "train", "step": step + 1, "lr": lr, "lr_d": lr_d, **{k: float(v) for k, v in out.items()}}
-            metrics.write(values), progress.print(step, values)
+            record = {"kind": "train", "step": step + 1, "lr": lr, "lr_d": lr_d, **window.pop()}
+            metrics.write(record), tb.write(record), progress.print(step, record)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
-                              cfg=cfg, info=info)
-            metrics.write({"kind": "val", "step": step + 1, "miou": result.miou, "pixel_acc": result.pixel_acc})
+            result = evaluate(G, bundle.val, bundle.num_classes, device=info.device,
+                              batch_size=cfg.eval_batch_size, cfg=cfg, info=info)
+            record = {"kind": "val", "step": step + 1, "miou": result.miou, "pixel_acc": result.pixel_acc}
+            metrics.write(record), tb.write(record)
             log(f"step {step + 1}: val mIoU {100 * result.miou:.2f}  pixel acc {100 * result.pixel_acc:.2f}")
-            if best is None or result.miou > best:
+            if math.isfinite(result.miou) and (best is None or result.miou > best):  # never a worse model
                 best = result.miou
                 if info.is_main:
-                    save(step + 1, os.path.join(ckpt_dir, BEST))
+                    save(step + 1, BEST, val_miou=result.miou)
         stopping = dist_utils.any_true(stop.signal is not None, info)
         if info.is_main and (last or stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
-            save(step + 1, os.path.join(ckpt_dir, LAST))
+            save(step + 1, LAST)
         if stopping:
             log(f"stopped after step {step + 1}; continue with: python -m fastadvseg.train --resume {run_dir}")
             break
-    stop.restore(), metrics.close()
     if stopping:
-        return {"run_dir": run_dir, "step": step + 1, "interrupted": True, "miou": None, "best_miou": best}
+        return {"run_dir": run_dir, "step": step + 1, "interrupted": True, "signal": stop.signal or signal.SIGTERM,
+                "miou": None, "best_miou": best}
     if result is None:  # resumed a finished run: just report
         result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
                           cfg=cfg, info=info)
     return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - t_start,
-                        time.process_time() - cpu_start)
+                        time.process_time() - cpu_start, step=max(step + 1, start))
+
+
+def check_same_run(run_dir: str, resume: Resume) -> None:
+    """The checkpoint belongs to this run directory: its settings are those of the run's config.yaml (except
+    RESUMABLE ones). Catches a checkpoint copied in from a run with other settings."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    differ = config_differences(resume.state["config"], read_config_file(path))
+    if differ:
+        what = ", ".join(f"{k} {a!r} (config.yaml: {b!r})" for k, (a, b) in differ.items())
+        raise CheckpointError(f"checkpoint {resume.path} is not of the run in {run_dir}: it was trained with {what}. "
+                              f"Put back the run's own checkpoint, or resume that checkpoint's run instead")
+
+
+def _best_so_far(best: Optional[float], best_path: str) -> Optional[float]:
+    """The best mIoU to beat: the checkpoint's, or that of the best.pt on disk if higher (best.pt is never replaced
+    by a worse model, even if the checkpoint resumed from is older than best.pt)."""
+    on_disk = recorded_miou(best_path) if os.path.isfile(best_path) else None
+    return max((b for b in (best, on_disk) if b is not None), default=None)
+
+
+def write_config(cfg: TrainConfig, path: str) -> None:
+    """config.yaml, replaced atomically (a kill never leaves half of it)."""
+    tmp = path + ".tmp"
+    save_config(cfg, tmp)
+    os.replace(tmp, path)
 
 
 def _wrap(G, D, cfg: TrainConfig, info: dist_utils.DistInfo):
@@ -151,35 +274,45 @@ def _wrap(G, D, cfg: TrainConfig, info: dist_utils.DistInfo):
 
 
 def parse_cli(argv: Optional[Sequence[str]] = None):
+    """(config, Resume or None) from the command line; ConfigError for anything wrong in it."""
     parser = build_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--resume", help="a run directory or checkpoint to continue (its config, then overrides)")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest)
     if args.resume:
-        base = from_dict(load_checkpoint(resolve_checkpoint(args.resume))["config"])
-        cfg = load_config(args.config, overrides, base=base)
-        split = os.path.join(run_dir_of(resolve_checkpoint(args.resume)), "split.json")
+        resume = open_resume(args.resume)
+        cfg = load_config(args.config, overrides, base=from_dict(resume.state["config"]))
+        split = os.path.join(resume.run_dir, "split.json")
         if os.path.isfile(split):
             cfg.split_file = split
-        return cfg, args.resume
+        return cfg, resume
     return load_config(args.config, overrides), None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 done; 2 refused (a bad option, config, data file, checkpoint, or a busy run directory: one
+    line ``error: ...``, nothing written); 3 stopped midway (non-finite values, a checkpoint that cannot be written:
+    the checkpoints on disk are still usable); 130 / 143 interrupted by SIGINT / SIGTERM after saving."""
     try:
         cfg, resume = parse_cli(argv)
-    except (ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = dist_utils.setup(cfg.device)
+    code = 0
     try:
-        train(cfg, resume, info)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:  # bad data, weights paths, run names
+        out = train(cfg, resume, info)
+        if out.get("interrupted"):
+            code = 128 + int(out["signal"])
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 3
     finally:
         dist_utils.teardown(info)
-    return dist_utils.finish(info)
+    return dist_utils.finish(info, code)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,9 @@ class Sweep:
             with self.lock:
                 self.procs.pop(cell.name, None)
         wall = time.perf_counter() - t0
-        if rc != 0:
+        if rc in (130, 143) and cell_state(run_dir) == "partial":  # SIGINT / SIGTERM: saved, continues next time
+            status = "interrupted"
+        elif rc != 0:
             status = f"failed (exit code {rc}, see {os.path.join(self.logs_dir, cell.name + '.log')})"
         else:
             status = "trained" if cell_state(run_dir) == "done" else "interrupted"

@@ -2,49 +2,86 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..models import FCDiscriminator, build_segmenter
 
 
 def build_bundle(cfg: TrainConfig):
+    """The data of ``cfg``; a missing folder, an unreadable file or a bad split is a ConfigError naming it."""
     from ..data import build_data
 
-    return build_data(cfg.dataset, cfg.data_root, crop_size=tuple(cfg.crop_size),
-                      labelled_fraction=cfg.labelled_fraction, labelled_count=cfg.labelled_count,
-                      split_seed=cfg.split_seed, split_file=cfg.split_file, scale_range=tuple(cfg.scale_range),
-                      mirror=cfg.mirror, val_pad=cfg.val_pad, val_limit=cfg.val_limit)
+    try:
+        return build_data(cfg.dataset, cfg.data_root, crop_size=tuple(cfg.crop_size),
+                          labelled_fraction=cfg.labelled_fraction, labelled_count=cfg.labelled_count,
+                          split_seed=cfg.split_seed, split_file=cfg.split_file, scale_range=tuple(cfg.scale_range),
+                          mirror=cfg.mirror, val_pad=cfg.val_pad, val_limit=cfg.val_limit,
+                          image_size=None if cfg.image_size is None else tuple(cfg.image_size))
+    except (ValueError, OSError) as e:
+        hint = " (set --data_root)" if "root" in str(e) and not cfg.data_root else ""
+        raise ConfigError(f"{e}{hint}") from None
 
 
-def _segmenter(cfg: TrainConfig, bundle, pretrained: Optional[str]):
-    G = build_segmenter(cfg.model, bundle.num_classes, pretrained, freeze_bn=cfg.freeze_bn,
-                        stride_in_1x1=cfg.stride_in_1x1, caffe_input=cfg.caffe_input, input_mean=bundle.mean,
-                        input_std=bundle.std)
+def check_data(bundle, log=print, train: bool = True) -> None:
+    """Every file a run reads (only the val files without ``train``) checked before its first step
+    (fastadvseg/data/check.py); a ConfigError naming a bad one."""
+    from ..data.check import check_bundle
+
+    try:
+        check_bundle(bundle, log, train=train)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from None
+
+
+@contextlib.contextmanager
+def weights_errors(path: str, key: str):
+    """A weights file that is missing, damaged or of another network: a ConfigError naming it (never a traceback)."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load / load_state_dict failures: the file does not fit
+        from .checkpoint import describe_damage
+
+        text = str(e).strip()
+        reason = " ".join(text.splitlines()[:2]) if "state_dict" in text or not os.path.isfile(path) \
+            else describe_damage(path, e)
+        raise ConfigError(f"{key} {path} cannot be used: {reason}") from None
+
+
+def _segmenter(cfg: TrainConfig, bundle, pretrained: Optional[str], what: str = "pretrained"):
+    with weights_errors(pretrained or "", what):
+        G = build_segmenter(cfg.model, bundle.num_classes, pretrained, freeze_bn=cfg.freeze_bn,
+                            stride_in_1x1=cfg.stride_in_1x1, caffe_input=cfg.caffe_input, input_mean=bundle.mean,
+                            input_std=bundle.std)
     # record the resolved choices with the run, so evaluation rebuilds the same network
     cfg.stride_in_1x1, cfg.caffe_input = G.backbone.stride_in_1x1, G.input_transform is not None
     return G
 
 
-def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print):
-    """G and D initialised from ``cfg.seed`` (so every rank and every resume builds the same ones)."""
+def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print, pretrained: bool = True):
+    """G and D initialised from ``cfg.seed`` (so every rank and every resume builds the same ones), with the
+    pretrained weights of the config unless ``pretrained`` is False (a resume: the checkpoint replaces them)."""
     torch.manual_seed(cfg.seed)
     num_classes = bundle.num_classes
-    G = _segmenter(cfg, bundle, cfg.pretrained)
+    G = _segmenter(cfg, bundle, cfg.pretrained if pretrained else None)
     if G.load_report is not None:
         log(G.load_report.summary())
-    elif cfg.freeze_bn:
+    elif cfg.freeze_bn and pretrained:
         log("WARNING: frozen BatchNorm without --pretrained weights: every BN is the identity, and a deep net trained "
             "from scratch this way blows up (measured: ResNet-101 CE 1e4 at step 1). Pass --pretrained FILE (the "
             "paper uses resnet101COCO-41f33a49.pth) or --freeze_bn false.")
     D = FCDiscriminator(num_classes, ndf=cfg.ndf)
-    if cfg.pretrained_d:
+    if cfg.pretrained_d and pretrained:
         from ..models.weights import read_state_dict
 
-        D.load_state_dict(read_state_dict(cfg.pretrained_d))
+        with weights_errors(cfg.pretrained_d, "pretrained_d"):
+            D.load_state_dict(read_state_dict(cfg.pretrained_d))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
 
@@ -90,11 +127,20 @@ def segment(G, images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(G(images), size=size, mode="bilinear", align_corners=True)
 
 
-def build_segmenter_for_eval(cfg: TrainConfig, bundle, checkpoint: str, device: torch.device):
-    """G with the weights of ``checkpoint`` (a training checkpoint's "G", or a bare state_dict of any known layout)."""
-    G = _segmenter(cfg, bundle, checkpoint)  # settings the config leaves open follow the file's key layout
+def build_segmenter_for_eval(cfg: TrainConfig, bundle, checkpoint, device: torch.device, name: str = ""):
+    """G with the weights of ``checkpoint``: a training checkpoint already read (a dict with "G"), or the path of a
+    training checkpoint or bare state_dict of any known layout. A file that does not fit is a ConfigError."""
+    if isinstance(checkpoint, dict):
+        G = _segmenter(cfg, bundle, None)
+        try:
+            G.load_state_dict(checkpoint["G"])
+        except RuntimeError as e:
+            raise ConfigError(f"checkpoint {name} does not fit model {cfg.model} with {bundle.num_classes} classes: "
+                              + " ".join(str(e).strip().splitlines()[:2])) from None
+        return G.to(device).eval()
+    G = _segmenter(cfg, bundle, checkpoint, "checkpoint")  # settings the config leaves open follow the file's layout
     report = G.load_report
     if report.missing or report.mismatched:
-        raise ValueError(f"checkpoint {checkpoint} does not fit model {cfg.model} with {bundle.num_classes} classes:\n"
-                         + report.summary())
+        raise ConfigError(f"checkpoint {checkpoint} does not fit model {cfg.model} with {bundle.num_classes} "
+                          f"classes: " + report.summary().replace("\n", ";"))
     return G.to(device).eval()

@@ -90,12 +90,12 @@ def teardown(info: DistInfo) -> None:
     sys.stderr.flush()
 
 
-def finish(info: DistInfo) -> int:
-    """Exit status 0 for a CLI whose work is done; a distributed worker (after ``teardown``) leaves at once with
+def finish(info: DistInfo, code: int = 0) -> int:
+    """The exit status ``code`` of a CLI; a distributed worker (after ``teardown``) leaves at once with
     ``os._exit``, skipping the interpreter teardown where gloo on CPU now and then aborts."""
     if info.enabled:
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code
 
 
 @contextlib.contextmanager

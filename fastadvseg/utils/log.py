@@ -1,4 +1,5 @@
-"""Metrics as JSON lines and a progress line with losses, lr, kept fraction and ETA."""
+"""Metrics as JSON lines and a progress line with losses (averaged over the steps since the previous line), lr,
+kept fraction and ETA; optional TensorBoard scalars."""
 from __future__ import annotations
 
 import json
@@ -46,6 +47,51 @@ class MetricsLog:
             self._f.close()
 
 
+class WindowMean:
+    """Means of each value over the steps since the last log line: what a log line and metrics.jsonl show."""
+
+    def __init__(self):
+        self.sums: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+        self.steps = 0
+
+    def add(self, values: Dict[str, float]) -> None:
+        self.steps += 1
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop(self) -> Dict[str, float]:
+        """The means (and "window": the number of steps), then start a new window."""
+        out = {k: s / self.counts[k] for k, s in self.sums.items()}
+        out["window"] = self.steps
+        self.__init__()
+        return out
+
+
+class TensorBoardLog:
+    """The metrics.jsonl records as TensorBoard scalars (``RUN/tensorboard``) when ``tensorboard`` is on; the
+    ``tensorboard`` package is optional (config.validate refuses the option without it)."""
+
+    def __init__(self, run_dir: Optional[str]):
+        self.writer = None
+        if run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for k, v in record.items():
+            if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def read_metrics(path: str) -> List[Dict[str, Any]]:
     out = []
     with open(path, encoding="utf-8") as f:
@@ -67,7 +113,8 @@ def fmt_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Prints ``step 120/500 [24%] ce 0.512 adv 0.693 semi 0.000 kept 0.0% D 0.691 lr 2.1e-04 | 3.1 it/s ETA 2m02s``."""
+    """Prints ``step 120/500 [24%] ce 0.512 adv 0.693 semi 0.000 kept 0.0% D 0.691 lr 2.1e-04 | 3.1 it/s ETA 2m02s``
+    (losses: means over the ``window`` steps since the previous line, said as ``(mean of 10)``)."""
 
     def __init__(self, total: int, start: int, enabled: bool = True, stream=None):
         self.total, self.start = total, start
@@ -91,6 +138,8 @@ class Progress:
         if "semi_ratio" in values:
             parts.append(f"kept {100 * values['semi_ratio']:.1f}%")
         parts.append(f"lr {values['lr']:.2e}")
+        if values.get("window", 1) > 1:
+            parts.append(f"(mean of {values['window']})")
         parts.append(f"| {done / elapsed:.2f} it/s ETA {fmt_duration(self.eta(step))}")
         return " ".join(parts)
 

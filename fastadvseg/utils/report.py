@@ -7,28 +7,35 @@ import time
 
 import torch
 
+from ..config import ConfigError
 from .distributed import broadcast_object
+from .lock import RunLock
 from .log import fmt_duration, read_metrics
 from .plots import plot_curves, plot_samples
 
 
-def make_run_dir(cfg, info, existing=None) -> str:
-    """``run_root/name`` (default: a timestamp), chosen on rank 0 and shared; refuses to reuse a run's directory."""
-    if existing is not None:
-        return existing
-    path = None
+def make_run_dir(cfg, info, existing=None):
+    """(``run_root/name`` (default: a timestamp), its RunLock held): chosen on rank 0 and shared. Refuses a directory
+    that holds a run (unless it is the ``existing`` run being resumed) or that another process is using."""
+    path, lock = existing, RunLock(existing or "")
     if info.is_main:
-        name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
-        path = os.path.join(cfg.run_root, name)
-        if cfg.name is None:
-            k = 1
-            while os.path.exists(path):
-                path, k = os.path.join(cfg.run_root, f"{name}-{k}"), k + 1
-        elif os.path.exists(os.path.join(path, "checkpoints", "last.pt")):
-            raise FileExistsError(f"run directory {path} already holds a run: continue it with --resume {path}, "
-                                  f"or pick another --name")
-        os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
-    return broadcast_object(path, info)
+        if existing is None:
+            name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
+            path = os.path.join(cfg.run_root, name)
+            if cfg.name is None:
+                k = 1
+                while os.path.exists(path):
+                    path, k = os.path.join(cfg.run_root, f"{name}-{k}"), k + 1
+            try:
+                os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot create run directory {path}: {e.strerror or e}") from None
+        lock = RunLock(path).acquire()  # before looking inside: a second process started now is refused here
+        if existing is None and os.path.exists(os.path.join(path, "checkpoints", "last.pt")):
+            lock.release()
+            raise ConfigError(f"run directory {path} already holds a run: continue it with --resume {path}, "
+                              f"or pick another --name")
+    return broadcast_object(path, info), lock
 
 
 def describe_run(cfg, bundle, G, info, run_dir) -> str:
@@ -45,11 +52,13 @@ def describe_run(cfg, bundle, G, info, run_dir) -> str:
             f"run directory {run_dir}")
 
 
-def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=None) -> dict:
-    """Rank 0: curves, the prediction/confidence figure, eval.md/json, summary.json; prints the IoU table."""
+def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=None, step=None) -> dict:
+    """Rank 0: curves, the prediction/confidence figure, eval.md/json, summary.json; prints the IoU table. ``step``:
+    the step of the model reported (that of checkpoints/last.pt)."""
     from ..evaluate import confidence_maps, write_report
 
-    summary = {"run_dir": run_dir, "step": cfg.steps, "interrupted": False, "miou": result.miou,
+    step = cfg.steps if step is None else step
+    summary = {"run_dir": run_dir, "step": step, "interrupted": False, "miou": result.miou,
                "pixel_acc": result.pixel_acc, "best_miou": best, "wall_s": wall_s,
                "cpu_s": cpu_s, "threads": torch.get_num_threads()}
     if not info.is_main:
@@ -66,9 +75,11 @@ def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=N
             preds, conf = confidence_maps(G, D, images, tuple(labels.shape[-2:]), cfg)
             plot_samples(images, labels, preds, conf, bundle.palette, bundle.mean, bundle.std,
                          os.path.join(run_dir, "samples.png"), titles=[it[2] for it in items])
-    table = write_report(result, bundle.class_names, run_dir, extra={"step": cfg.steps})
-    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+    table = write_report(result, bundle.class_names, run_dir, extra={"step": step})
+    path = os.path.join(run_dir, "summary.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # replaced atomically: it marks a finished run
         json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
     print(table)
     print(f"mIoU {100 * result.miou:.2f} (best {100 * (best or 0):.2f})  pixel accuracy {100 * result.pixel_acc:.2f}  "
           f"wall time {fmt_duration(wall_s)} (CPU time {fmt_duration(cpu_s or 0)})  run directory {run_dir}", flush=True)

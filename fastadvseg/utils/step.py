@@ -35,6 +35,14 @@ def _backward(loss: torch.Tensor, scaler) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
+def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of all of ``module``'s gradients (0-dim tensor, no sync); the loop stops on a non-finite one."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
+
 def _step(opt, scaler) -> None:
     if scaler is not None:
         scaler.step(opt)
@@ -44,7 +52,8 @@ def _step(opt, scaler) -> None:
 
 
 def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u=None) -> Dict[str, torch.Tensor]:
-    """Run one iteration on device tensors; returns detached 0-dim loss tensors (convert them only when logging)."""
+    """Run one iteration on device tensors; returns detached 0-dim tensors: the losses, the kept fraction of L_semi
+    and the gradient norms of G and D (the loop checks that they are finite)."""
     device = images.device
     ignore = 255
     num_classes = fas_num_classes(nets)
@@ -80,6 +89,8 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         out["loss_semi_adv"] = u.adv
         if step >= cfg.semi_start:  # before semi_start L_semi is off: nothing is kept
             out["loss_semi"], out["semi_ratio"] = u.semi, u.semi_ratio
+    if nets.scaler_g is None:  # (a GradScaler expects inf gradients now and then, and skips those steps itself)
+        out["grad_norm_g"] = grad_norm(nets.G)
     _step(nets.opt_g, nets.scaler_g)
     nets.D_raw.requires_grad_(True)
     if not adversarial:
@@ -100,8 +111,10 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         loss_d = fas.discriminator_loss(d_fake, d_real, ignore_mask_fake=fake_ignore.unsqueeze(1),
                                         ignore_mask_real=(labels == ignore).unsqueeze(1), backend=be) / 2
     _backward(loss_d, nets.scaler_d)
-    _step(nets.opt_d, nets.scaler_d)
     out["loss_d"] = loss_d
+    if nets.scaler_d is None:
+        out["grad_norm_d"] = grad_norm(nets.D)
+    _step(nets.opt_d, nets.scaler_d)
     return {k: v.detach() for k, v in out.items()}
 
 
