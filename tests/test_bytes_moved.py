@@ -1,0 +1,207 @@
+"""Bytes moved, measured from the Triton kernels themselves.
+
+Under ``TRITON_INTERPRET=1`` every ``tl.load`` / ``tl.store`` of a kernel reaches the interpreter's builder
+(``create_masked_load`` / ``create_masked_store``) with the element addresses and the mask of the access. The
+builder is instrumented here to record, per access, the addresses it touches (masked-off lanes excluded), so that
+a test can count how often each element of each tensor is read and written by one launch:
+
+* every logit (and label, discriminator logit, mask, target) is read exactly once, every gradient / output element
+  written exactly once, the inputs are never written, and nothing else is touched (not even the padding of a
+  sliced view), for every kernel at an odd shape, a channels_last one and a sliced one;
+* the only other accesses are the per-program partial sums and bad-label reports: single-element stores, each
+  cell written once, never read by a kernel;
+* the benchmark byte model (``benchmarks/cases.py``) equals the bytes these kernels move, per op, for the
+  forward without gradients and for forward + backward.
+"""
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import layout_3d, layout_4d
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="counts the accesses of Triton's interpreter (CPU, TRITON_INTERPRET=1)")
+triton_interpreter = pytest.importorskip("triton.runtime.interpreter")
+
+from benchmarks import cases as C  # noqa: E402
+from benchmarks.shapes import SMOKE  # noqa: E402
+from fastadvseg.kernels.triton import bce, cross_entropy, discriminator, generator, one_hot, semi, softmax  # noqa
+
+
+class Accesses:
+    """The element addresses each load and store touched while :func:`counted` was active."""
+
+    def __init__(self):
+        self.events = []  # (kind, byte addresses touched, bytes per element, scalar access)
+
+    def record(self, kind, ptrs, mask):
+        touched = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+        self.events.append((kind, touched.astype(np.uint64), ptrs.get_element_ty().primitive_bitwidth // 8,
+                            ptrs.data.size == 1))
+
+    def addresses(self, kind, scalar=False):
+        picked = [a for k, a, _, s in self.events if k == kind and s == scalar]
+        return np.concatenate(picked) if picked else np.zeros(0, dtype=np.uint64)
+
+    def counts(self, t: torch.Tensor, kind: str) -> np.ndarray:
+        """How often each element of ``t`` (any strides) was touched by ``kind`` accesses of whole blocks."""
+        uniq, cnt = np.unique(self.addresses(kind), return_counts=True)
+        want = element_addresses(t)
+        pos = np.minimum(np.searchsorted(uniq, want), max(len(uniq) - 1, 0))
+        hit = (uniq[pos] == want) if len(uniq) else np.zeros(want.shape, dtype=bool)
+        return np.where(hit, cnt[pos] if len(uniq) else 0, 0)
+
+    def tile_bytes(self) -> int:
+        """Bytes of every block access (loads and stores), i.e. all but the per-program scalar rows."""
+        return sum(len(a) * size for _, a, size, scalar in self.events if not scalar)
+
+
+def element_addresses(t: torch.Tensor) -> np.ndarray:
+    """Byte address of every element of ``t``, in ``t``'s logical order (strides and storage offset applied)."""
+    storage = t.untyped_storage()
+    index = torch.arange(storage.nbytes() // t.element_size()).as_strided(t.shape, t.stride(), t.storage_offset())
+    return np.uint64(storage.data_ptr()) + index.reshape(-1).numpy().astype(np.uint64) * np.uint64(t.element_size())
+
+
+@contextlib.contextmanager
+def counted():
+    """Instrument the interpreter's loads and stores (masked or not: the unmasked ones go through the same two)."""
+    builder = triton_interpreter.interpreter_builder
+    load, store = builder.create_masked_load, builder.create_masked_store
+    acc = Accesses()
+
+    def counted_load(ptrs, mask, other, cache_policy, is_volatile):
+        acc.record("load", ptrs, mask)
+        return load(ptrs, mask, other, cache_policy, is_volatile)
+
+    def counted_store(ptrs, value, mask, cache_policy):
+        acc.record("store", ptrs, mask)
+        return store(ptrs, value, mask, cache_policy)
+
+    builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+    try:
+        yield acc
+    finally:
+        del builder.create_masked_load, builder.create_masked_store  # back to the class's methods
+
+
+def assert_each_once(acc: Accesses, read=(), written=()):
+    """Each element of ``read`` loaded once and never stored, each of ``written`` stored once and never loaded,
+    and no block access outside them; scalar accesses are stores only, each cell once."""
+    for kind, other, tensors in (("load", "store", read), ("store", "load", written)):
+        for name, t in tensors:
+            n = acc.counts(t, kind)
+            assert n.min() == 1 and n.max() == 1, f"{name}: {kind} counts {np.bincount(n)} (index = times)"
+            assert not acc.counts(t, other).any(), f"{name} was {other}d"
+        expected = sum(t.numel() for _, t in tensors)
+        assert len(acc.addresses(kind)) == expected, f"{kind}s outside the listed tensors"
+    scalar_stores = acc.addresses("store", scalar=True)
+    assert len(acc.addresses("load", scalar=True)) == 0
+    assert len(np.unique(scalar_stores)) == len(scalar_stores), "a partial-sum cell written twice"
+
+
+# ------------------------------------------------------------------------------------- each element, once
+
+LAYOUTS = [("contiguous", (2, 19, 13, 11)), ("channels_last", (1, 150, 5, 7)), ("sliced", (2, 5, 9, 7))]
+
+
+@pytest.fixture(params=LAYOUTS, ids=[f"{lay}-{'x'.join(map(str, s))}" for lay, s in LAYOUTS])
+def inputs(request, gen):
+    """Logits, labels (some ignored, some out of range), D-logits, a target map and a mask in one layout; an odd
+    H·W that is not a multiple of any block, with more than one block per image."""
+    layout, shape = request.param
+    n, c, h, w = shape
+    y = torch.randint(0, c, (n, h, w), generator=gen)
+    y[torch.rand((n, h, w), generator=gen) < 0.2] = 255
+    y[0, 0, 0] = c + 3  # a bad label: reported, never used as an index
+    mask = torch.rand((n, h, w), generator=gen) < 0.3
+    return {
+        "x": layout_4d(torch.randn(shape, generator=gen) * 3, layout),
+        "y": layout_3d(y, layout),
+        "d": layout_3d(torch.randn((n, h, w), generator=gen), layout),
+        "t": layout_3d(torch.rand((n, h, w), generator=gen), layout),
+        "m": layout_3d(mask, layout),
+        "g": layout_4d(torch.randn(shape, generator=gen), layout),
+    }
+
+
+def test_softmax_reads_each_logit_once_and_writes_each_probability_once(inputs):
+    x, g = inputs["x"], inputs["g"]
+    with counted() as acc:
+        p = softmax.softmax_forward(x)
+    assert_each_once(acc, read=[("logits", x)], written=[("probabilities", p)])
+    with counted() as acc:
+        dx = softmax.softmax_backward(p, g)
+    assert_each_once(acc, read=[("probabilities", p), ("grad_output", g)], written=[("grad_input", dx)])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_reads_each_logit_once_and_writes_each_gradient_once(inputs, smoothing):
+    x, y = inputs["x"], inputs["y"]
+    with counted() as acc:
+        _, _, loss_map, grad, _ = cross_entropy.cross_entropy_forward(x, y, None, 255, label_smoothing=smoothing,
+                                                                      store_grad=True, store_map=True)
+    assert_each_once(acc, read=[("logits", x), ("labels", y)], written=[("gradient", grad), ("loss map", loss_map)])
+    with counted() as acc:  # no gradient needed: only the reads
+        cross_entropy.cross_entropy_forward(x, y, None, 255, store_grad=False, store_map=False)
+    assert_each_once(acc, read=[("logits", x), ("labels", y)])
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["labelled", "unlabelled"])
+def test_generator_loss_reads_each_logit_once_and_writes_each_gradient_once(inputs, labelled):
+    x, d, y = inputs["x"], inputs["d"], inputs["y"]
+    with counted() as acc:
+        *_, gx, gz, _ = generator.generator_forward(x, d, y if labelled else None, 255, 0.2, store_gx=True,
+                                                    store_gz=True)
+    read = [("logits", x), ("d_logits", d)] + ([("labels", y)] if labelled else [])
+    assert_each_once(acc, read=read, written=[("logits gradient", gx), ("d_logits gradient", gz)])
+
+
+def test_semi_cross_entropy_reads_each_logit_once_and_writes_each_gradient_once(inputs):
+    x, d, m = inputs["x"], inputs["d"], inputs["m"]
+    with counted() as acc:
+        *_, loss_map, grad = semi.semi_forward(x, d, 0.2, m, store_grad=True, store_map=True)
+    assert_each_once(acc, read=[("logits", x), ("d_logits", d), ("mask", m)],
+                     written=[("gradient", grad), ("loss map", loss_map)])
+
+
+def test_bce_and_discriminator_read_each_map_once_and_write_each_gradient_once(inputs):
+    d, t, m = inputs["d"], inputs["t"], inputs["m"]
+    with counted() as acc:
+        _, _, loss_map, grad = bce.bce_forward(d, t, m, store_grad=True, store_map=True)
+    assert_each_once(acc, read=[("d_logits", d), ("target", t), ("mask", m)],
+                     written=[("gradient", grad), ("loss map", loss_map)])
+    real = t[:1] * 4 - 2  # another map, of another shape and layout
+    with counted() as acc:
+        _, _, g_fake, g_real = discriminator.discriminator_forward(d, real, m, None, grad_fake=True, grad_real=True)
+    assert_each_once(acc, read=[("fake", d), ("real", real), ("fake mask", m)],
+                     written=[("fake gradient", g_fake), ("real gradient", g_real)])
+
+
+def test_one_hot_reads_each_label_once_and_writes_each_output_once(inputs):
+    y = inputs["y"]
+    c = inputs["x"].shape[1]
+    with counted() as acc:
+        out = one_hot.one_hot(y, c, 255, torch.float16)
+    assert_each_once(acc, read=[("labels", y)], written=[("one-hot", out)])
+
+
+# ------------------------------------------------------------------------------------ the benchmark byte model
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", C.CASES, ids=C.CASE_NAMES)
+def test_byte_model_is_what_the_kernels_move(case, dtype):
+    """benchmarks/cases.py's byte model, per op, against the block accesses of every Triton launch the public
+    function makes: the forward without gradients, and the training forward plus backward."""
+    fn = C.impl_function(case, "triton")
+    inputs = C.make_inputs(case, SMOKE, dtype, torch.device("cpu"), seed=0)
+    with torch.no_grad(), counted() as acc:
+        fn(inputs)
+    assert acc.tile_bytes() == case.bytes(SMOKE, dtype, "fwd")
+    if case.has_backward:
+        with counted() as acc:
+            C.forward_backward(case, fn)(inputs)
+        assert acc.tile_bytes() == case.bytes(SMOKE, dtype, "fwdbwd")
