@@ -502,3 +502,33 @@ def test_tensorboard_is_optional(tmp_path):
     else:  # pragma: no cover - where tensorboard is installed
         out = train_mod.train(tiny(tmp_path, tensorboard=True, steps=1))
         assert os.listdir(os.path.join(out["run_dir"], "tensorboard"))
+
+
+def test_plots_are_readable():
+    import matplotlib.pyplot as plt
+
+    from fastadvseg.data.synthetic import CLASS_NAMES, PALETTE
+    from fastadvseg.utils.plots import loss_figure, miou_figure, samples_figure
+
+    records = [{"kind": "train", "step": s, "window": 10, "loss_ce": 2.0 / s, "loss_d": 0.7} for s in range(10, 210, 10)]
+    records += [{"kind": "val", "step": 100, "miou": 0.3012}, {"kind": "val", "step": 200, "miou": 0.3019}]
+    fig = loss_figure(records)
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "step" and ax.get_ylabel() == "loss" and ax.get_title()
+        assert len(ax.lines) == 2  # the window means and their running mean
+    assert "mean of 10 steps" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fig = miou_figure(records)
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0, 100) and ax.get_ylabel() == "val mIoU (%)"  # a 0.07-point change looks small
+    labels = torch.zeros(2, 40, 40, dtype=torch.long)
+    labels[:, 10:20, 10:20] = 3
+    labels[:, 0] = 255
+    conf = torch.linspace(0, 1, 1600).view(40, 40).expand(2, 40, 40)
+    fig = samples_figure(torch.zeros(2, 3, 40, 40), labels, labels.clamp(max=7), conf, PALETTE, (0.5,) * 3,
+                         (0.2,) * 3, CLASS_NAMES, threshold=0.2, titles=["a", "b"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["background", "triangle", "crescent", "ignore (255)"]  # the classes shown, by name
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 2 and all(any(abs(line.get_ydata()[0] - 0.2) < 1e-9 for line in b.lines) for b in bars)
+    assert "T_semi=0.2" in fig.axes[3].get_title()
+    plt.close("all")

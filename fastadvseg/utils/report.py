@@ -74,7 +74,8 @@ def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=N
             labels = torch.stack([it[1] for it in items])
             preds, conf = confidence_maps(G, D, images, tuple(labels.shape[-2:]), cfg)
             plot_samples(images, labels, preds, conf, bundle.palette, bundle.mean, bundle.std,
-                         os.path.join(run_dir, "samples.png"), titles=[it[2] for it in items])
+                         os.path.join(run_dir, "samples.png"), titles=[it[2] for it in items],
+                         class_names=bundle.class_names, threshold=cfg.semi_threshold)
     table = write_report(result, bundle.class_names, run_dir, extra={"step": step})
     path = os.path.join(run_dir, "summary.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:  # replaced atomically: it marks a finished run
