@@ -7,6 +7,13 @@ with the per-class IoU table. ``--config voc_1_8`` etc. restore the paper's reci
 A run directory ``runs/<name>/`` holds config.yaml, split.json, metrics.jsonl, checkpoints/{last,best}.pt, PNG
 plots and eval.{md,json}. SIGINT/SIGTERM finish the current step, save, and exit; ``--resume runs/<name>``
 continues to the same result as an uninterrupted run (bit-identical on CPU). Helpers live in fastadvseg/utils/.
+
+What is checked, in order, before the run directory is created or changed (a refused run is one line ``error: ...``,
+exit code 2): the config (types, ranges, finite numbers), the checkpoint to resume (readable, a complete finite
+training state, resume overrides that keep its meaning), the data (every file readable, masks of their image's size,
+values in [0, C) or 255), the checkpoint against the data's classes and the networks, the run directory (not another
+run's, not in use: a lock). During the run the first non-finite loss or gradient norm stops it (exit code 3) and
+nothing non-finite is ever saved; best.pt is only ever replaced by a better model. See ``main`` for the exit codes.
 """
 from __future__ import annotations
 
@@ -291,8 +298,9 @@ def parse_cli(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done; 2 refused (a bad option, config, data file, checkpoint, or a busy run directory: one
-    line ``error: ...``, nothing written); 3 stopped midway (non-finite values, a checkpoint that cannot be written:
-    the checkpoints on disk are still usable); 130 / 143 interrupted by SIGINT / SIGTERM after saving."""
+    line ``error: ...``, nothing written); 3 stopped midway (non-finite values, a file that cannot be written:
+    the checkpoints on disk are still usable); 130 / 143 interrupted by SIGINT / SIGTERM after saving (130 also
+    for a second SIGINT, which stops without saving)."""
     try:
         cfg, resume = parse_cli(argv)
     except ConfigError as e:
@@ -310,6 +318,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
         code = 3
+    except OSError as e:  # writing the run's other files (metrics, config, plots, report): name the path
+        print(f"error: cannot write {e.filename or 'a file of the run'}: {e.strerror or e}; the checkpoints are "
+              f"unchanged: fix it, then continue with --resume", file=sys.stderr)
+        code = 3
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
+        print("error: interrupted twice: stopped without saving this step; the last checkpoint is unchanged",
+              file=sys.stderr)
+        code = 130
     finally:
         dist_utils.teardown(info)
     return dist_utils.finish(info, code)

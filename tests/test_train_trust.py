@@ -532,3 +532,22 @@ def test_plots_are_readable():
     assert len(bars) == 2 and all(any(abs(line.get_ydata()[0] - 0.2) < 1e-9 for line in b.lines) for b in bars)
     assert "T_semi=0.2" in fig.axes[3].get_title()
     plt.close("all")
+
+
+def test_a_failing_write_of_another_run_file_is_one_error_naming_it(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from fastadvseg.utils import log as log_mod
+
+    real = log_mod.MetricsLog.write
+
+    def write(self, record):
+        if record.get("step") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", self.path)
+        return real(self, record)
+
+    monkeypatch.setattr(log_mod.MetricsLog, "write", write)
+    code = train_mod.main(argv(tmp_path, steps=4))
+    err = capsys.readouterr().err
+    assert code == 3 and err.count("\n") == 1
+    assert f"error: cannot write {tmp_path / 'run' / 'metrics.jsonl'}: No space left on device" in err

@@ -101,10 +101,12 @@ def scan_items(source, ids: Sequence[str], workers: Optional[int] = None) -> Dic
         else:
             todo.append(i)
     if todo:
-        workers = workers or min(16, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1))
+        try:
             for i, values in zip(todo, pool.map(lambda i: _read_item(source, i), todo)):
                 out[i] = _MEMO[(source.name, i, stats[i])] = values
+        finally:  # a bad file: the error now, without reading the rest
+            pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
