@@ -152,6 +152,9 @@ def _run(setup: Setup, run_dir: str, resume: Optional[Resume], changed: dict, st
             log(f"removed {path} (left by a write that was killed)")
         # on resume: the config with this session's overrides (e.g. more steps); the split is kept
         write_config(cfg, os.path.join(run_dir, "config.yaml"))
+        summary = os.path.join(run_dir, "summary.json")
+        if start < cfg.steps and os.path.isfile(summary):  # a finished run given more steps: not finished any more
+            os.unlink(summary)
         if resume is None:
             from .data import save_split
 
@@ -288,7 +291,11 @@ def parse_cli(argv: Optional[Sequence[str]] = None):
     overrides = parse_overrides(rest)
     if args.resume:
         resume = open_resume(args.resume)
-        cfg = load_config(args.config, overrides, base=from_dict(resume.state["config"]))
+        try:
+            base = from_dict(resume.state["config"])
+        except ConfigError as e:  # e.g. written by a version with other settings
+            raise CheckpointError(f"checkpoint {resume.path} holds a config this version cannot use: {e}") from None
+        cfg = load_config(args.config, overrides, base=base)
         split = os.path.join(resume.run_dir, "split.json")
         if os.path.isfile(split):
             cfg.split_file = split

@@ -253,3 +253,27 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
         build_data("voc", str(tmp_path))
     with pytest.raises(ValueError, match="unknown dataset"):
         build_data("imagenet", str(tmp_path))
+
+
+def test_voc_and_cityscapes_items_are_checked_naming_the_file(tmp_path):
+    from fastadvseg.data.check import DataError, check_bundle
+
+    base = tmp_path / "voc" / "VOC2012"
+    ids = [f"2007_{i:06d}" for i in range(4)]
+    for k, i in enumerate(ids):
+        _rgb(base / "JPEGImages" / f"{i}.jpg", k)
+        _mask(base / "SegmentationClass" / f"{i}.png", _label(k, 21), palette=True)
+    sets = base / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("\n".join(ids[:3]) + "\n")
+    (sets / "val.txt").write_text(ids[3] + "\n")
+    check_bundle(build_data("voc", str(base)), log=lambda *a: None)  # fine
+    _mask(base / "SegmentationClass" / f"{ids[3]}.png", np.full((H, W), 30), palette=True)
+    with pytest.raises(DataError, match=rf"{ids[3]}\.png has value\(s\) \[30\].*21 classes"):
+        check_bundle(build_data("voc", str(base)), log=lambda *a: None)
+    city = tmp_path / "cs"
+    for split in ("train", "val"):
+        _rgb(city / "leftImg8bit" / split / "bonn" / "bonn_0_leftImg8bit.png", 0)
+        _mask(city / "gtFine" / split / "bonn" / "bonn_0_gtFine_labelIds.png", np.full((H, W + 1), 7))
+    with pytest.raises(DataError, match=r"bonn_0_gtFine_labelIds\.png is 20x31 but its image .* is 20x30"):
+        check_bundle(build_data("cityscapes", str(city)), log=lambda *a: None)

@@ -551,3 +551,20 @@ def test_a_failing_write_of_another_run_file_is_one_error_naming_it(tmp_path, mo
     err = capsys.readouterr().err
     assert code == 3 and err.count("\n") == 1
     assert f"error: cannot write {tmp_path / 'run' / 'metrics.jsonl'}: No space left on device" in err
+
+
+def test_a_finished_run_given_more_steps_is_no_longer_marked_finished(finished, tmp_path, monkeypatch):
+    run = copy_run(finished, tmp_path / "run")
+    real = train_mod.train_step
+
+    def step_then_signal(cfg, nets, s, *a, **k):
+        out = real(cfg, nets, s, *a, **k)
+        if s == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    out = train_mod.train(*train_mod.parse_cli(["--resume", run, "--steps", "6"]))
+    assert out["interrupted"] and out["signal"] == signal.SIGTERM
+    assert not os.path.exists(os.path.join(run, "summary.json"))  # summary.json marks a finished run
+    assert ckpt_mod.load_checkpoint(run)["step"] == 4 and load_config(os.path.join(run, "config.yaml")).steps == 6
