@@ -167,16 +167,22 @@ def _label(seed, n):
     return lab
 
 
-def test_voc_layout(tmp_path):
-    base = tmp_path / "VOCdevkit" / "VOC2012"
-    ids = [f"2007_{i:06d}" for i in range(6)]
+def _voc_tree(base, n, n_train):
+    """A VOC2012 folder of ``n`` items (palette masks), the first ``n_train`` listed in train.txt, the rest in val.txt."""
+    ids = [f"2007_{i:06d}" for i in range(n)]
     for k, i in enumerate(ids):
         _rgb(base / "JPEGImages" / f"{i}.jpg", k)
         _mask(base / "SegmentationClass" / f"{i}.png", _label(k, 21), palette=True)
     sets = base / "ImageSets" / "Segmentation"
     sets.mkdir(parents=True)
-    (sets / "train.txt").write_text("\n".join(ids[:4]) + "\n")
-    (sets / "val.txt").write_text("\n".join(ids[4:]) + "\n")
+    (sets / "train.txt").write_text("\n".join(ids[:n_train]) + "\n")
+    (sets / "val.txt").write_text("\n".join(ids[n_train:]) + "\n")
+    return ids, sets
+
+
+def test_voc_layout(tmp_path):
+    base = tmp_path / "VOCdevkit" / "VOC2012"
+    ids, sets = _voc_tree(base, 6, 4)
     b = build_data("voc", str(tmp_path), crop_size=(16, 16), labelled_count=2, val_pad=32)
     assert b.num_classes == 21 and b.class_names == VOC_CLASSES and len(b.labelled) == 2 and len(b.unlabelled) == 2
     x, y, name = b.val[0]
@@ -259,14 +265,7 @@ def test_voc_and_cityscapes_items_are_checked_naming_the_file(tmp_path):
     from fastadvseg.data.check import DataError, check_bundle
 
     base = tmp_path / "voc" / "VOC2012"
-    ids = [f"2007_{i:06d}" for i in range(4)]
-    for k, i in enumerate(ids):
-        _rgb(base / "JPEGImages" / f"{i}.jpg", k)
-        _mask(base / "SegmentationClass" / f"{i}.png", _label(k, 21), palette=True)
-    sets = base / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    (sets / "train.txt").write_text("\n".join(ids[:3]) + "\n")
-    (sets / "val.txt").write_text(ids[3] + "\n")
+    ids, _ = _voc_tree(base, 4, 3)
     check_bundle(build_data("voc", str(base)), log=lambda *a: None)  # fine
     _mask(base / "SegmentationClass" / f"{ids[3]}.png", np.full((H, W), 30), palette=True)
     with pytest.raises(DataError, match=rf"{ids[3]}\.png has value\(s\) \[30\].*21 classes"):

@@ -554,16 +554,10 @@ def test_a_failing_write_of_another_run_file_is_one_error_naming_it(tmp_path, mo
 
 
 def test_a_finished_run_given_more_steps_is_no_longer_marked_finished(finished, tmp_path, monkeypatch):
+    from test_train import _interrupt_at
+
     run = copy_run(finished, tmp_path / "run")
-    real = train_mod.train_step
-
-    def step_then_signal(cfg, nets, s, *a, **k):
-        out = real(cfg, nets, s, *a, **k)
-        if s == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    _interrupt_at(monkeypatch, 3)
     out = train_mod.train(*train_mod.parse_cli(["--resume", run, "--steps", "6"]))
     assert out["interrupted"] and out["signal"] == signal.SIGTERM
     assert not os.path.exists(os.path.join(run, "summary.json"))  # summary.json marks a finished run
