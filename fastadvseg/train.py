@@ -105,6 +105,8 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
     state = resume.state if resume else None
     # ---- everything is checked before the run directory is created or changed: a refused run leaves no trace ----
     changed = check_resume(cfg.to_dict(), state, resume.path) if resume else {}
+    if resume:
+        check_same_run(resume)
     bundle = build_bundle(cfg)
     check_data(bundle, log)
     if resume:
@@ -144,7 +146,6 @@ def _run(setup: Setup, run_dir: str, resume: Optional[Resume], changed: dict, st
     log = print if info.is_main else (lambda *a, **k: None)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if resume:
-        check_same_run(run_dir, resume)
         best = _best_so_far(best, os.path.join(ckpt_dir, BEST))
     log(describe_run(cfg, bundle, G, info, run_dir))
     if info.is_main:
@@ -239,9 +240,10 @@ def _run(setup: Setup, run_dir: str, resume: Optional[Resume], changed: dict, st
                         time.process_time() - cpu_start, step=max(step + 1, start))
 
 
-def check_same_run(run_dir: str, resume: Resume) -> None:
-    """The checkpoint belongs to this run directory: its settings are those of the run's config.yaml (except
+def check_same_run(resume: Resume) -> None:
+    """The checkpoint belongs to its run directory: its settings are those of the run's config.yaml (except
     RESUMABLE ones). Catches a checkpoint copied in from a run with other settings."""
+    run_dir = resume.run_dir
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         return

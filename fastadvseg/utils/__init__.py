@@ -3,8 +3,10 @@
 * ``builders``    - config -> data, networks, optimisers, poly schedule, autocast; the shared forward pass
 * ``sampling``    - batches and augmentation derived from (seed, step): exact resume, any number of workers
 * ``step``        - one G + D iteration of the paper's method
-* ``checkpoint``  - complete checkpoints (models, optimisers, RNG, step, best mIoU), written atomically
-* ``log``         - metrics.jsonl and the progress line
+* ``checkpoint``  - complete checkpoints (models, optimisers, RNG, step, best mIoU), written atomically, checked
+  before use (readable, finite, of this run, resume overrides that keep their meaning)
+* ``lock``        - one process per run directory
+* ``log``         - metrics.jsonl, the progress line (window means), optional TensorBoard
 * ``plots``       - loss / mIoU curves and the prediction + discriminator-confidence figure
 * ``distributed`` - torchrun / DDP setup and a clean teardown
 """
