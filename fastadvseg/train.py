@@ -82,7 +82,13 @@ class Resume:
 def open_resume(path: str) -> Resume:
     """``--resume RUN|FILE``: the checkpoint found, read and checked (CheckpointError naming it otherwise)."""
     ckpt = resolve_checkpoint(path)
-    return Resume(ckpt, read_training_state(ckpt))
+    try:
+        return Resume(ckpt, read_training_state(ckpt))
+    except CheckpointError as e:
+        best = os.path.join(os.path.dirname(ckpt), BEST)
+        if os.path.basename(ckpt) == LAST and os.path.isfile(best):
+            raise CheckpointError(f"{e} (its best.pt may be usable: --resume {best})") from None
+        raise
 
 
 class RunStopped(RuntimeError):
@@ -332,8 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"unchanged: fix it, then continue with --resume", file=sys.stderr)
         code = 3
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
-        print("error: interrupted twice: stopped without saving this step; the last checkpoint is unchanged",
-              file=sys.stderr)
+        print("error: interrupted (a second Ctrl-C, or one before training started): stopped without saving; the "
+              "last checkpoint is unchanged", file=sys.stderr)
         code = 130
     finally:
         dist_utils.teardown(info)

@@ -136,7 +136,7 @@ def test_damaged_checkpoint_on_resume_is_named_and_changes_nothing(finished, tmp
         f.write(DAMAGE[damage](data))
     before = snapshot(run)
     code, err = run_main(train_mod.main, ["--resume", run, "--steps", "5"], capsys)
-    assert_one_line_error(code, err, last, "damaged")
+    assert_one_line_error(code, err, last, "damaged", "its best.pt may be usable")
     assert "weights_only" not in err and snapshot(run) == before
 
 
@@ -562,3 +562,16 @@ def test_a_finished_run_given_more_steps_is_no_longer_marked_finished(finished, 
     assert out["interrupted"] and out["signal"] == signal.SIGTERM
     assert not os.path.exists(os.path.join(run, "summary.json"))  # summary.json marks a finished run
     assert ckpt_mod.load_checkpoint(run)["step"] == 4 and load_config(os.path.join(run, "config.yaml")).steps == 6
+
+
+def test_a_checkpoint_with_unsafe_objects_is_refused_without_loading_it(finished, tmp_path, capsys):
+    import argparse
+
+    run = copy_run(finished, tmp_path / "run")
+    last = os.path.join(run, "checkpoints", "last.pt")
+    state = torch.load(last, weights_only=True)
+    state["extra"] = argparse.Namespace(a=1)
+    torch.save(state, last)
+    code, err = run_main(train_mod.main, ["--resume", run], capsys)
+    assert_one_line_error(code, err, last, "cannot be loaded safely", "argparse.Namespace")
+    assert "weights_only=False" not in err

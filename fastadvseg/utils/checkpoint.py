@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
+import re
 import random
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
@@ -92,12 +92,11 @@ def describe_damage(path: str, error: BaseException) -> str:
     size = os.path.getsize(path)
     if size == 0:
         return "the file is empty"
-    text = str(error)
-    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
-        return "it holds Python objects other than tensors and plain values, which a safe load refuses"
-    if isinstance(error, (EOFError, RuntimeError)) or "zip" in text:
-        return f"{size} bytes that are not a complete torch checkpoint (truncated or overwritten)"
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if unsafe:
+        return (f"it holds Python objects ({unsafe.group(1)}) besides tensors and plain values; a safe load refuses "
+                f"them, and loading it unsafely could run code")
+    return f"its {size} bytes are not a complete torch checkpoint (truncated, overwritten or another kind of file)"
 
 
 def read_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> Any:
@@ -107,7 +106,9 @@ def read_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any failure to read is damage, reported as such
-        raise CheckpointError(f"checkpoint {path} is damaged: {describe_damage(path, e)}") from None
+        reason = describe_damage(path, e)
+        what = "cannot be loaded safely" if reason.startswith("it holds") else "is damaged"
+        raise CheckpointError(f"checkpoint {path} {what}: {reason}") from None
 
 
 def first_non_finite(tensors: Dict[str, Any], prefix: str = "") -> Optional[str]:
