@@ -141,6 +141,15 @@ class TrainConfig:
             bad("scale_range", "must be (low, high) with 0 < low <= high, both finite")
         if min(self.crop_size) < 33:
             bad("crop_size", "must be at least 33x33 (the discriminator downsamples by 32)")
+        if self.device != "auto":
+            import torch
+
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                bad("device", "expected auto, cpu, cuda or cuda:N")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                bad("device", "CUDA is not available here (torch.cuda.is_available() is False); use --device cpu")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             bad("tensorboard", "needs the tensorboard package (pip install tensorboard), which is not installed")
         if self.image_size is not None and min(self.image_size) < 33:
@@ -270,15 +279,17 @@ def read_config_file(name_or_path: str) -> Dict[str, Any]:
     return data
 
 
-def from_dict(values: Dict[str, Any], base: Optional[TrainConfig] = None) -> TrainConfig:
-    """``base`` (default: the defaults) with ``values`` applied; unknown keys and bad values raise ConfigError."""
+def from_dict(values: Dict[str, Any], base: Optional[TrainConfig] = None, validate: bool = True) -> TrainConfig:
+    """``base`` (default: the defaults) with ``values`` applied; unknown keys and bad values raise ConfigError.
+    ``validate=False`` skips the checks of the whole config (for a saved config that overrides complete, e.g. a
+    CUDA run's config resumed with ``--device cpu``)."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     for key, value in values.items():
         key = key.replace("-", "_")
         if key not in _FIELDS:
             raise ConfigError(f"unknown config key {key!r}" + _suggest(key))
         setattr(cfg, key, _coerce(key, value))
-    return cfg.validate()
+    return cfg.validate() if validate else cfg
 
 
 def _suggest(key: str) -> str:
@@ -378,7 +389,7 @@ def describe_options() -> str:
 def load_config(config: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
                 base: Optional[TrainConfig] = None) -> TrainConfig:
     """Defaults (or ``base``) <- the config file <- the overrides."""
-    cfg = from_dict(read_config_file(config), base) if config else (base or TrainConfig())
+    cfg = from_dict(read_config_file(config), base, validate=False) if config else (base or TrainConfig())
     return from_dict(overrides or {}, cfg)
 
 

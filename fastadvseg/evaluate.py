@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config_yaml = os.path.join(args.run, "config.yaml")
             if not os.path.isfile(config_yaml):
                 raise ConfigError(f"{args.run} is not a run directory (no config.yaml in it)")
-            cfg = load_config(args.config, overrides, base=from_dict(read_config_file(config_yaml)))
+            cfg = load_config(args.config, overrides, base=from_dict(read_config_file(config_yaml), validate=False))
             ckpt, state = usable_checkpoint(args.run, args.which, warn)
             split = os.path.join(args.run, "split.json")
             if os.path.isfile(split) and "split_file" not in overrides:

@@ -110,6 +110,9 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
     log = print if info.is_main else (lambda *a, **k: None)
     state = resume.state if resume else None
     # ---- everything is checked before the run directory is created or changed: a refused run leaves no trace ----
+    if cfg.batch_size % info.world_size:
+        raise ConfigError(f"config batch_size={cfg.batch_size}: the global batch must split evenly over the "
+                          f"{info.world_size} processes")
     changed = check_resume(cfg.to_dict(), state, resume.path) if resume else {}
     if resume:
         check_same_run(resume)
@@ -300,7 +303,7 @@ def parse_cli(argv: Optional[Sequence[str]] = None):
     if args.resume:
         resume = open_resume(args.resume)
         try:
-            base = from_dict(resume.state["config"])
+            base = from_dict(resume.state["config"], validate=False)  # validated with the overrides applied
         except ConfigError as e:  # e.g. written by a version with other settings
             raise CheckpointError(f"checkpoint {resume.path} holds a config this version cannot use: {e}") from None
         cfg = load_config(args.config, overrides, base=base)

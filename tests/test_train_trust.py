@@ -74,6 +74,8 @@ def assert_one_line_error(code, err, *fragments):
     (["--dataset", "folder"], "set --data_root"), (["--dataset", "folder", "--data_root", "/nonexistent/x"], "/nonexistent/x"),
     (["--config", "/nonexistent/c.yaml"], "c.yaml"), (["--pretrained", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
     (["--resume", "/nonexistent/run"], "/nonexistent/run"), (["--config"], "--config"),
+    (["--device", "gpu"], "device='gpu'"), (["--val_pad", "50"], "larger than val_pad=50"),
+    (["--labelled_count", "5000"], "labelled_count"), (["--split_file", "/nonexistent/s.json"], "s.json"),
 ])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, extra, fragment):
     if extra == ["--learning_rate", "1"]:
@@ -575,3 +577,23 @@ def test_a_checkpoint_with_unsafe_objects_is_refused_without_loading_it(finished
     code, err = run_main(train_mod.main, ["--resume", run], capsys)
     assert_one_line_error(code, err, last, "cannot be loaded safely", "argparse.Namespace")
     assert "weights_only=False" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_run_resumes_on_the_cpu_with_device_cpu(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    last = os.path.join(run, "checkpoints", "last.pt")
+    state = torch.load(last, weights_only=True)
+    state["config"]["device"] = "cuda"
+    torch.save(state, last)
+    code, err = run_main(train_mod.main, ["--resume", run, "--steps", "4"], capsys)
+    assert_one_line_error(code, err, "device='cuda'", "--device cpu")
+    assert run_main(train_mod.main, ["--resume", run, "--steps", "4", "--device", "cpu"], capsys)[0] == 0
+
+
+def test_val_images_larger_than_val_pad_are_found_before_training(tmp_path, capsys):
+    root = folder_dataset(tmp_path / "data")
+    code, err = run_main(train_mod.main, argv(tmp_path / "runs", dataset="folder", data_root=str(root), val_pad=40),
+                         capsys)
+    assert_one_line_error(code, err, str(root / "images" / "i0.png"), "40x48, larger than val_pad=40", "--val_pad 48")
+    assert not (tmp_path / "runs").exists()
