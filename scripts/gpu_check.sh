@@ -1,27 +1,183 @@
 #!/usr/bin/env bash
-# On a GPU machine: build every backend (cuda included), run the whole test suite on CUDA tensors, run the benchmark
-# report, and keep the logs. Results land in ${OUT:-gpu_results}/ (commit the benchmark files under
-# benchmarks/results/ with the GPU named; the report names its files by machine and date).
+# One command on a GPU machine (one H100/H200, no network): build, test and benchmark within a time budget, the
+# most valuable part first, everything written to one folder of files that can be committed as they are.
 #
-#   bash scripts/gpu_check.sh            # install + tests + benchmarks (VOC and Cityscapes shapes, e2e)
-#   bash scripts/gpu_check.sh tests      # install + tests only          (each part fits in ~10 minutes on an H100)
-#   bash scripts/gpu_check.sh bench      # install + benchmarks only
+#   bash scripts/gpu_check.sh [--budget SECONDS] [--out DIR] [--dry-run]
 #
-# Needs a CUDA build of torch, Triton, a CUDA toolkit of torch's major version, pybind11, pytest, pytest-benchmark,
-# matplotlib, pyyaml and pillow already installed: nothing is downloaded (--no-deps).
+#   --budget   seconds of work, default 480 (8 minutes: a 15-minute GPU lease less start-up and transfers)
+#   --out      default benchmarks/results/gpu-check-<gpu>-<UTC date and time>/
+#   --dry-run  on any machine, no GPU needed (CI runs it): proves every part is well-formed without running it --
+#              its commands exist, its test selections collect tests (on CPU tensors), its benchmark selections
+#              resolve to ops, shapes and dtypes
+#
+# Order, and what each part takes on one H100/H200 (estimates until a GPU run measures them; every run writes the
+# seconds each part took to <out>/summary.md). A part runs with at most its cap and never past the budget; a
+# part that needs more than what is left is skipped, and the end of the run lists what was skipped.
+#
+#   1. environment + build     ~1.5 min (cap 4)  pip install -e . (cpu and cuda extensions, this GPU's arch only);
+#                                                environment.txt: GPU, versions, backends
+#   2. contract tests          ~2 min   (cap 3)  tests/test_losses.py and tests/test_ops.py on CUDA tensors, triton
+#                                                and cuda backends: every op, dtype, layout and flag at one shape
+#                                                (scripts/gpu_check_plugin.py)
+#   3. core benchmark rows     ~1.5 min (cap 2 each)  VOC, then Cityscapes: generator_loss labelled and unlabelled,
+#                                                cross_entropy2d; fp32 and bf16; eager vs triton vs cuda
+#   4. the rest, while time remains:
+#      a. the core rows against torch.compile (VOC, Cityscapes)       ~3 min   (cap 2.5 each)
+#      b. the other ops' rows (VOC, Cityscapes)                        ~2 min   (cap 1.5 each)
+#      c. registers and spills with this machine's Triton and nvcc    ~0.5 min (cap 1.5)
+#      d. one training iteration, fused vs reference losses           ~1 min   (cap 2)
+#      e. the rest of the test suite on CUDA tensors, until the budget is spent (pytest stops starting tests)
+#
+# Exit status: 0 when nothing that ran failed (a part cut at its time limit is not a failure), 1 otherwise, 2 bad
+# arguments. Needs a CUDA build of torch, Triton, a CUDA toolkit of torch's major version, pybind11, pytest,
+# matplotlib, pyyaml and pillow already installed: nothing is downloaded (--no-deps, --no-build-isolation).
+# PYTHON=<interpreter> picks the Python (default python3). Commit <out>/ as it is (logs, environment.txt,
+# summary.md, the benchmark reports' .json/.md/.png).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what="${1:-all}"
-out="${OUT:-gpu_results}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-py=python3
 
-echo "== install (cuda extension built against this torch)"
-if ! $py -m pip install --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1; then
-    tail -40 "$out/install.log"; exit 1
+budget=480
+out=""
+dry=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --budget) budget="${2:?--budget needs seconds}"; shift 2 ;;
+        --budget=*) budget="${1#*=}"; shift ;;
+        --out) out="${2:?--out needs a folder}"; shift 2 ;;
+        --out=*) out="${1#*=}"; shift ;;
+        --dry-run) dry=1; shift ;;
+        -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+case "$budget" in ''|*[!0-9]*) echo "gpu_check: --budget takes whole seconds, got '$budget'" >&2; exit 2 ;; esac
+
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"  # the pytest plugin
+deadline=$((SECONDS + budget))
+device=cuda
+if [ "$dry" = 1 ]; then
+    device=cpu
+    out="${out:-$(mktemp -d)/gpu-check-dry-run}"
+elif [ -z "$out" ]; then
+    gpu="$($py -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu")')"
+    slug="$(printf '%s' "$gpu" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')"
+    out="benchmarks/results/gpu-check-${slug:-gpu}-$(date -u +%Y-%m-%d-%H%M)"
 fi
-$py - <<'PY' | tee "$out/environment.txt"
+mkdir -p "$out"
+echo "gpu_check: budget ${budget} s, results in $out$([ "$dry" = 1 ] && echo ' (dry run)')"
+
+status=0
+rows=()
+skipped=()
+
+# part NAME CAP MIN KIND ARGS...: run (or, with --dry-run, check) one part, log in $out/NAME.log.
+# KIND: build | pytest (ARGS: plugin mode and files) | bench (ARGS: benchmarks.report arguments) | module (ARGS:
+# a python module and its arguments). CAP: most seconds it may take; MIN: it is skipped with less left than this.
+part() {
+    local name="$1" cap="$2" min="$3" kind="$4"
+    shift 4
+    local left=$((deadline - SECONDS)) t0=$SECONDS rc note
+    if [ "$dry" = 1 ]; then
+        check_part "$name" "$kind" "$@" >"$out/$name.log" 2>&1
+        rc=$?
+        note="$(tail -n 1 "$out/$name.log")"
+        [ "$rc" = 0 ] || { status=1; tail -n 20 "$out/$name.log"; }
+        echo "== dry run $name ($kind, cap ${cap} s): $([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc") -- $note"
+        rows+=("| $name | $kind | dry run: $([ "$rc" = 0 ] && echo ok || echo "failed ($rc)") | $note |")
+        return
+    fi
+    if [ "$left" -lt "$min" ]; then
+        skipped+=("$name (needs ~${min} s, ${left} s left)")
+        rows+=("| $name | $kind | skipped: ${left} s left, needs ~${min} s | |")
+        echo "== SKIP $name (${left} s left, needs ~${min} s)"
+        return
+    fi
+    local limit=$((cap < left ? cap : left))
+    echo "== $name: at most ${limit} s ($((left)) s of the budget left)"
+    GPU_CHECK_DEADLINE=$(($(date +%s) + limit - 20)) timeout --kill-after=15 "$limit" \
+        bash -c 'run_part "$@"' run_part "$name" "$kind" "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    tail -n 12 "$out/$name.log"
+    case "$rc" in
+        0) note="ok" ;;
+        124|137) note="cut at ${limit} s" ;;
+        *) note="FAILED (exit $rc)"; status=1 ;;
+    esac
+    note="$note; $(grep -h '^gpu_check: .* not started' "$out/$name.log" | tail -n 1)"
+    rows+=("| $name | $kind | ${note%; } | $((SECONDS - t0)) s |")
+    echo "== $name: ${note%; }, $((SECONDS - t0)) s"
+}
+
+run_part() {  # what a part runs (under timeout, in a child bash: hence exported below)
+    local name="$1" kind="$2"
+    shift 2
+    case "$kind" in
+        build)
+            local arch
+            arch="$($py -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+            TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" \
+                $py -m pip install --no-build-isolation --no-deps -e . || return 1
+            environment >"$out/environment.txt"
+            cat "$out/environment.txt" ;;
+        pytest)
+            local mode="$1"
+            shift
+            $py -m pytest -q -p no:cacheprovider -p gpu_check_plugin --gpu-check "$mode" --gpu-check-device "$device" \
+                -rfE --durations=10 "$@" ;;
+        bench)
+            $py -m benchmarks.report --device "$device" --out "$out" --name "$name" "$@" ;;
+        module)
+            $py -m "$@" ;;
+    esac
+}
+
+check_part() {  # --dry-run: is the part well-formed? The last line it prints goes to the summary.
+    local name="$1" kind="$2"
+    shift 2
+    command -v timeout >/dev/null || { echo "timeout (coreutils) not found"; return 1; }
+    case "$kind" in
+        build)
+            $py -m pip --version || return 1
+            $py -c 'import setuptools, pybind11, torch' || return 1
+            command -v nvcc >/dev/null && echo "nvcc: $(nvcc --version | tail -1)" || echo "nvcc not on PATH here"
+            echo "pip, setuptools, pybind11 and torch import" ;;
+        pytest)
+            local mode="$1"
+            shift
+            local log
+            log="$($py -m pytest -q -p no:cacheprovider -p gpu_check_plugin --gpu-check "$mode" \
+                   --gpu-check-device "$device" --collect-only "$@" 2>&1)" || { echo "$log" | tail -n 30; return 1; }
+            echo "$log" | grep '^gpu_check' || true
+            echo "$log" | tail -n 1
+            echo "$log" | tail -n 1 | grep -Eq '^[1-9][0-9]*(/[0-9]+)? tests? collected' ;;
+        bench)
+            $py - "$@" <<'PY'
+import sys
+from benchmarks.cases import select_cases
+from benchmarks.report import parse_args
+from benchmarks.shapes import shape_set
+
+args = parse_args(sys.argv[1:])  # exits 2 on a bad flag or dtype
+cases, shapes = select_cases(args.ops), shape_set(args.shapes)
+assert cases and shapes
+dtypes = args.dtypes or ["float32", "bfloat16", "float16"]
+timed = "no op timing" if args.no_op_timing else (
+    f"{len(cases)} rows x {len(shapes)} shapes x {len(dtypes)} dtypes: {', '.join(c.name for c in cases)} at "
+    f"{', '.join(s.name for s in shapes)}, {', '.join(dtypes)}" + ("" if args.no_compile else ", with torch.compile"))
+print(timed + ("; e2e: one training iteration, fused vs reference losses" if args.e2e else ""))
+PY
+            ;;
+        module)
+            $py -c 'import importlib, sys; importlib.import_module(sys.argv[1])' "$1" || return 1
+            $py -m "$1" --help >/dev/null || return 1
+            echo "python -m $* (module imports, --help runs)" ;;
+    esac
+}
+
+environment() {
+    $py - <<'PY'
 import datetime, platform, torch
 import fastadvseg
 print("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -37,17 +193,43 @@ for name in fastadvseg.BACKEND_NAMES:
     if reason:
         print(f"  {name} unavailable: {reason}")
 PY
+}
+export -f run_part environment
+export py device out
 
-status=0
-if [ "$what" = all ] || [ "$what" = tests ]; then
-    echo "== tests (shared suite on cuda and cpu, backend-specific GPU tests)"
-    $py -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest_gpu.log" | tail -25
-    status=${PIPESTATUS[0]}
+core=(--ops generator_loss cross_entropy2d --dtypes float32 bfloat16 --no-plot)
+others=(--ops softmax2d bce_with_logits2d semi_cross_entropy2d one_hot2d discriminator_loss --dtypes float32 bfloat16
+        --no-compile --no-plot)
+
+part 1-build                240 60  build
+part 2-contract-tests       180 45  pytest subset tests/test_losses.py tests/test_ops.py
+part 3-bench-voc-core       120 40  bench --shapes voc "${core[@]}" --no-compile
+part 3-bench-cityscapes-core 120 40 bench --shapes cityscapes "${core[@]}" --no-compile
+part 4a-bench-voc-core-vs-compile        150 60 bench --shapes voc "${core[@]}" --backends triton cuda
+part 4a-bench-cityscapes-core-vs-compile 150 60 bench --shapes cityscapes "${core[@]}" --backends triton cuda
+part 4b-bench-voc-other-ops        90 40 bench --shapes voc "${others[@]}"
+part 4b-bench-cityscapes-other-ops 90 40 bench --shapes cityscapes "${others[@]}"
+part 4c-kernel-resources    90  30  module fastadvseg.kernels.triton.compile_check --json "$out/4c-kernel-resources.json"
+part 4d-bench-e2e           120 60  bench --shapes voc --e2e --no-op-timing --no-plot
+part 4e-rest-of-tests       600 30  pytest rest tests
+
+{
+    echo "# gpu_check $([ "$dry" = 1 ] && echo '(dry run) ')$(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "budget ${budget} s, used $((SECONDS - deadline + budget)) s; order and caps: scripts/gpu_check.sh"
+    echo
+    echo "| part | kind | result | time |"
+    echo "| --- | --- | --- | --- |"
+    printf '%s\n' "${rows[@]}"
+    echo
+    if [ "${#skipped[@]}" -gt 0 ]; then echo "Skipped (time budget):"; printf -- '- %s\n' "${skipped[@]}"; fi
+} >"$out/summary.md"
+echo
+cat "$out/summary.md"
+if [ "${#skipped[@]}" -gt 0 ]; then
+    echo "gpu_check: skipped ${#skipped[@]} part(s): ${skipped[*]}"
+else
+    echo "gpu_check: no part skipped"
 fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
-    echo "== benchmarks"
-    stem="$($py -c 'import torch, datetime; print(torch.cuda.get_device_name().replace(" ", "_") + "-" + datetime.date.today().isoformat())')"
-    $py -m benchmarks.report --shapes voc --device cuda --e2e --out "$out" --name "$stem-voc" 2>&1 | tee "$out/bench_voc.log" | tail -15
-    $py -m benchmarks.report --shapes cityscapes --device cuda --out "$out" --name "$stem-cityscapes" 2>&1 | tee "$out/bench_cityscapes.log" | tail -15
-fi
+grep -h '^gpu_check: .* not started' "$out"/*.log 2>/dev/null | sed 's/^/gpu_check: tests /' || true
 exit "$status"

@@ -1,0 +1,155 @@
+"""scripts/gpu_check.sh without a GPU: its dry run, the order and commands of a real run (with a stand-in python
+that records what it is asked to run), the time budget, and the pytest plugin's subset and deadline."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+PARTS = ["1-build", "2-contract-tests", "3-bench-voc-core", "3-bench-cityscapes-core",
+         "4a-bench-voc-core-vs-compile", "4a-bench-cityscapes-core-vs-compile", "4b-bench-voc-other-ops",
+         "4b-bench-cityscapes-other-ops", "4c-kernel-resources", "4d-bench-e2e", "4e-rest-of-tests"]
+
+
+def _run(*args, env=None, timeout=600):
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def _summary_rows(out: Path):
+    return [line.split(" | ") for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")
+            and not line.startswith("| part") and not line.startswith("| ---")]
+
+
+def test_header_states_the_order_and_the_time_of_each_part():
+    header = SCRIPT.read_text().split("\nset -uo")[0]
+    steps = re.findall(r"^#\s+(\d\.|[a-e]\.)\s+(.+?)\s+~([\d.]+) min", header, flags=re.M)
+    assert [s[0] for s in steps] == ["1.", "2.", "3.", "a.", "b.", "c.", "d."], steps
+    assert "budget" in header and "480" in header and "rest of the test suite" in header
+
+
+def test_dry_run_proves_every_part_well_formed(tmp_path):
+    out = tmp_path / "dry"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rows = _summary_rows(out)
+    assert [r[0].strip("| ") for r in rows] == PARTS
+    assert all(r[2] == "dry run: ok" for r in rows), rows
+    by = {r[0].strip("| "): r[3] for r in rows}
+    for name in ("2-contract-tests", "4e-rest-of-tests"):  # test selections collect tests
+        assert int(re.match(r"(\d+)/\d+ tests collected", by[name]).group(1)) > 0, by[name]
+    assert "cross_entropy2d, generator_loss[labelled], generator_loss[unlabelled] at voc, float32, bfloat16" \
+        in by["3-bench-voc-core"]
+    assert "with torch.compile" in by["4a-bench-cityscapes-core-vs-compile"]
+    subset = (out / "2-contract-tests.log").read_text()
+    assert "backends ['cpu', 'triton'] on cpu" in subset  # the subset rule, on the backends CPU tensors have
+    assert "gpu_check: no part skipped" in proc.stdout
+
+
+def test_dry_run_fails_on_a_selection_that_does_not_resolve(tmp_path):
+    """A dry run is a check: a benchmark part that names an unknown op fails it (the script, cut to that part)."""
+    script = tmp_path / "scripts" / "gpu_check.sh"
+    script.parent.mkdir()
+    lines = SCRIPT.read_text().replace("--ops generator_loss cross_entropy2d", "--ops generator_los").splitlines()
+    script.write_text("\n".join(line for line in lines if not line.startswith("part ")
+                                 or line.startswith("part 3-bench-voc-core")) + "\n")
+    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
+    proc = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "dry")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout
+    assert "unknown op(s) ['generator_los']" in proc.stdout
+    assert _summary_rows(tmp_path / "dry")[0][2] == "dry run: failed (1)"
+
+
+STAND_IN = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    # records every call, answers the one-line questions the script asks python
+    echo "$*" >> "$CALLS"
+    case "$1" in
+        -c) echo "Stand In GPU" ;;
+        -) cat > /dev/null; echo "gpu Stand In GPU" ;;
+        -m) [ "$2" = pytest ] && echo "gpu_check: 3 tests not started (time budget spent)" ;;
+    esac
+    exit 0
+""")
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(STAND_IN)
+    python.chmod(0o755)
+    return {"PYTHON": str(python), "CALLS": str(tmp_path / "calls")}
+
+
+def test_a_run_makes_its_parts_in_order_on_cuda_tensors(tmp_path, stand_in):
+    out = tmp_path / "out"
+    proc = _run("--out", str(out), env=stand_in)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    calls = Path(stand_in["CALLS"]).read_text().splitlines()
+    work = [c for c in calls if c.startswith("-m ")]
+    assert re.match(r"-m pip install --no-build-isolation --no-deps -e \.$", work[0])
+    assert re.match(r"-m pytest .*--gpu-check subset --gpu-check-device cuda .*tests/test_losses.py tests/test_ops.py",
+                    work[1])
+    reports = [c for c in work if c.startswith("-m benchmarks.report")]
+    assert [re.search(r"--name (\S+)", c).group(1) for c in reports] == [p for p in PARTS if "bench" in p]
+    assert all("--device cuda" in c and f"--out {out}" in c for c in reports)
+    assert "--ops generator_loss cross_entropy2d --dtypes float32 bfloat16" in reports[0]
+    assert "--shapes voc" in reports[0] and "--shapes cityscapes" in reports[1] and "--no-compile" in reports[1]
+    assert "--no-compile" not in reports[2] and "--no-compile" not in reports[3]
+    assert work[-3].startswith("-m fastadvseg.kernels.triton.compile_check --json")  # then e2e, then tests
+    assert re.match(r"-m pytest .*--gpu-check rest --gpu-check-device cuda .* tests$", work[-1])
+    rows = _summary_rows(out)
+    assert [r[0].strip("| ") for r in rows] == PARTS and all(r[2].startswith("ok") for r in rows)
+    assert "3 tests not started" in rows[1][2]  # the plugin's deadline count reaches the summary
+    assert (out / "environment.txt").read_text().startswith("gpu Stand In GPU")
+    assert "gpu_check: no part skipped" in proc.stdout
+
+
+def test_a_spent_budget_skips_and_lists_every_part(tmp_path, stand_in):
+    out = tmp_path / "out"
+    proc = _run("--budget", "0", "--out", str(out), env=stand_in)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    calls = Path(stand_in["CALLS"])
+    assert not calls.exists() or not [c for c in calls.read_text().splitlines() if c.startswith("-m ")]
+    assert f"gpu_check: skipped {len(PARTS)} part(s)" in proc.stdout
+    assert all(r[2].startswith("skipped") for r in _summary_rows(out))
+    assert _run("--budget", "soon", env=stand_in).returncode == 2
+
+
+def test_a_part_past_its_limit_is_cut_not_failed(tmp_path):
+    """A part gets at most what is left of the budget: with 31 s, every part that needs more is skipped, the
+    resource check (at least 30 s) starts and is stopped at its limit, and the run does not fail for it."""
+    python = tmp_path / "python"
+    python.write_text("#!/usr/bin/env bash\n[ \"$2\" = fastadvseg.kernels.triton.compile_check ] && sleep 300\n"
+                      "echo x\n")
+    python.chmod(0o755)
+    start = time.monotonic()
+    proc = _run("--budget", "31", "--out", str(tmp_path / "out"), env={"PYTHON": str(python)})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert 25 < time.monotonic() - start < 90
+    results = {r[0].strip("| "): r[2] for r in _summary_rows(tmp_path / "out")}
+    assert results.pop("4c-kernel-resources").startswith("cut at 31 s")
+    assert all(r.startswith("skipped") for r in results.values()), results
+
+
+def test_plugin_deadline_skips_tests_not_started(tmp_path):
+    tests = tmp_path / "test_few.py"
+    tests.write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), "GPU_CHECK_DEADLINE": str(time.time() - 1)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gpu_check_plugin", "-p", "no:cacheprovider",
+                           "-rs", str(tests)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert "2 skipped" in proc.stdout and "gpu_check: 2 tests not started (time budget spent)" in proc.stdout
+    env["GPU_CHECK_DEADLINE"] = str(time.time() + 600)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gpu_check_plugin", "-p", "no:cacheprovider",
+                           str(tests)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert "2 passed" in proc.stdout and "gpu_check: 0 tests not started" in proc.stdout
