@@ -128,8 +128,9 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
     # ---- the run: one process per run directory (its lock); files are written from here on ----
     run_dir, lock = make_run_dir(cfg, info, resume.run_dir if resume else None)
     with lock, contextlib.ExitStack() as cleanup:  # on leaving: logs closed, signal handlers restored, lock released
-        return _run(Setup(cfg, info, bundle, G, D, opt_g, opt_d, scaler_g, scaler_d), run_dir, resume, changed,
-                    start, best, cleanup, t_start, cpu_start)
+        setup = Setup(cfg, info, bundle, G, D, opt_g, opt_d, scaler_g, scaler_d, resume, changed, start, best,
+                      t_start, cpu_start)
+        return _run(setup, run_dir, cleanup)
 
 
 @dataclass
@@ -144,14 +145,20 @@ class Setup:
     opt_d: torch.optim.Optimizer
     scaler_g: object
     scaler_d: object
+    resume: Optional[Resume]  # None: a new run
+    changed: dict  # resume overrides allowed: {key: (old, new)}
+    start: int  # the first step to run
+    best: Optional[float]  # the best val mIoU so far
+    t_start: float
+    cpu_start: float
 
 
-def _run(setup: Setup, run_dir: str, resume: Optional[Resume], changed: dict, start: int, best: Optional[float],
-         cleanup: contextlib.ExitStack, t_start: float, cpu_start: float) -> dict:
+def _run(setup: Setup, run_dir: str, cleanup: contextlib.ExitStack) -> dict:
     """The training loop of the paper's method (one G + D iteration per step: fastadvseg/utils/step.py), with
     logging, evaluation, checkpoints and the stop on non-finite values."""
     cfg, info, bundle, G, D = setup.cfg, setup.info, setup.bundle, setup.G, setup.D
     opt_g, opt_d, scaler_g, scaler_d = setup.opt_g, setup.opt_d, setup.scaler_g, setup.scaler_d
+    resume, changed, start, best = setup.resume, setup.changed, setup.start, setup.best
     log = print if info.is_main else (lambda *a, **k: None)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if resume:
@@ -245,8 +252,8 @@ def _run(setup: Setup, run_dir: str, resume: Optional[Resume], changed: dict, st
     if result is None:  # resumed a finished run: just report
         result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
                           cfg=cfg, info=info)
-    return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - t_start,
-                        time.process_time() - cpu_start, step=max(step + 1, start))
+    return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - setup.t_start,
+                        time.process_time() - setup.cpu_start, step=max(step + 1, start))
 
 
 def check_same_run(resume: Resume) -> None:
