@@ -1,4 +1,4 @@
-"""Benchmark cases: for every op of SPEC section 2, its inputs, its implementations and the bytes it must move.
+"""Benchmark cases: for every public op, its inputs, its implementations and the bytes it must move.
 
 An implementation ("impl") is one of
 
@@ -28,7 +28,7 @@ from . import reference_ops as R
 from .shapes import Shape
 
 IGNORE = R.IGNORE
-LAMBDA_ADV = 0.01  # SPEC 4: labelled batch
+LAMBDA_ADV = 0.01  # the paper's lambda_adv on a labelled batch
 LAMBDA_SEMI_ADV = 0.001  # unlabelled batch
 LAMBDA_SEMI = 0.1
 THRESHOLD = 0.2
@@ -40,7 +40,7 @@ Inputs = Dict[str, object]  # tensors by name, plus "num_classes" (int) and "dty
 @dataclass(frozen=True)
 class OpCase:
     name: str  # row name in the report
-    api: str  # fastadvseg function it exercises (SPEC section 2)
+    api: str  # fastadvseg function it exercises
     inputs: Tuple[str, ...]  # which of x, y, z, z_real, m_real, gout it reads
     grads: Tuple[str, ...]  # differentiable inputs; empty: forward only
     eager: Callable[[Inputs], torch.Tensor]

@@ -1,6 +1,6 @@
 """End-to-end figure: images/s of one training iteration of the paper's method, fused losses vs reference losses.
 
-One iteration (as in the authors' loop, SPEC section 4): G update on a labelled batch (``generator_loss`` with
+One iteration (as in the authors' training loop): G update on a labelled batch (``generator_loss`` with
 targets, lambda_adv = 0.01) and an unlabelled batch (lambda_adv = 0.001, lambda_semi = 0.1), then a D update with
 ``discriminator_loss`` on G's detached predictions (fake) and the one-hot ground truth (real, ignore pixels
 masked). "fused" calls fastadvseg (backend auto); "reference" calls :mod:`benchmarks.reference_ops`. Both run the

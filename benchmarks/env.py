@@ -82,6 +82,7 @@ def collect(device: torch.device, threads: int) -> Dict[str, object]:
         "stamp": now.strftime("%Y-%m-%d-%H%M"),
         "git_commit": git_commit(),
         "load_average_start": load_average(),
+        "logical_cpus": os.cpu_count(),
         "platform": platform.platform(),
         "argv": " ".join(sys.argv),
     }

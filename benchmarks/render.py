@@ -1,9 +1,20 @@
-"""Markdown table and PNG plot of a report's result dict (the JSON written next to them)."""
+"""Markdown table and PNG plot of a report's result dict (the JSON written next to them).
+
+    python -m benchmarks.render benchmarks/results/FILE.json ...   # rewrite FILE.md and FILE.png from the JSON
+
+Re-rendering re-judges the targets with the current rules (benchmarks/targets.py, benchmarks/quality.py); it
+measures nothing.
+"""
 from __future__ import annotations
 
+import json
+import sys
 from typing import Iterable, List, Optional
 
-from .targets import E2E_OP, compact_rows, verdict
+from .quality import OVERLAP_LEGEND, add_ranges, assess, ratio_cell, spreads_overlap
+from .quality import header as quality_header
+from .shapes import TARGET_SHAPES
+from .targets import E2E_OP, compact_rows, evaluate, verdict
 
 IMPL_ORDER = ("eager", "compile", "reference", "cpu", "cuda", "triton")
 
@@ -36,7 +47,7 @@ def result_rows(rows: List[dict]) -> List[List[str]]:
         out.append([
             r["op"], r["dtype"], r["direction"], r["impl"], f"{r['median_ms']:.3f}",
             f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f} (n={r['n']})",
-            _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")),
+            ratio_cell(r, "eager"), ratio_cell(r, "compile"),
             _f(None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2**20, "{:.1f}"),
             _x(r.get("mem_vs_eager")), f"{r['GBps']:.1f}", _f(r.get("bw_pct"), "{:.0f}%"),
             _f(r.get("diff_vs_eager"), "{:.1e}", "-"),
@@ -50,7 +61,8 @@ RESULT_HEADER = ("op", "dtype", "dir", "impl", "median ms", "p10-p90 ms", "x eag
 
 def render_markdown(result: dict) -> str:
     m = result["meta"]
-    md = [f"# fastadvseg benchmark: {m['device']}, {m['date']}\n"]
+    add_ranges(result["rows"])
+    md = [f"# fastadvseg benchmark: {m['device']}, {m['date']}\n\n", quality_header(result), "\n"]
     md.append(table(("key", "value"), [
         ("device", m["device"]), ("CPU", m["cpu"]), ("threads (torch.set_num_threads)", m["threads"]),
         ("python / torch / triton", f"{m['python']} / {m['torch']} / {m['triton']}"),
@@ -72,8 +84,8 @@ def render_markdown(result: dict) -> str:
               "grad), `fwdbwd` adds `torch.autograd.grad`. `eager` = benchmarks/reference_ops.py, `compile` = the "
               "same under torch.compile, other impls = `fastadvseg` with that `backend=`. Peak memory is "
               "torch.cuda.max_memory_allocated above the inputs (n/a on CPU in these tables; `--memory` adds a "
-              "peak-RSS table).\n")
-    md.append("\n## SPEC section 5 targets\n\n")
+              "peak-RSS table). " + OVERLAP_LEGEND + "\n")
+    md.append("\n## Targets\n\n")
     checks = result.get("targets", [])
     if checks:
         header, *lines = compact_rows(checks)
@@ -112,6 +124,9 @@ def render_markdown(result: dict) -> str:
             (k if k == "reference" else f"fused ({e2e['fused_backend']})", f"{e2e[k]['median_ms']:.1f}",
              f"{e2e[k]['p10_ms']:.1f}-{e2e[k]['p90_ms']:.1f} (n={e2e[k]['n']})", f"{e2e[k]['images_per_s']:.2f}",
              f"{e2e['speedup']:.2f}x" if k == "fused" else "1.00x") for k in ("fused", "reference")]))
+        if spreads_overlap(e2e["reference"], e2e["fused"]):
+            md.append("\nThe two p10-p90 spreads overlap: this run cannot tell whether the fused losses make the "
+                      "iteration faster.\n")
     if result.get("e2e_compile"):
         md.append(render_e2e_compile(result["e2e_compile"]))
     if result.get("memory"):
@@ -191,16 +206,22 @@ def render_plot(result: dict, path: str) -> None:
                              squeeze=False)
     width = 0.8 / max(1, len(impls))
     target = {"cuda": 4.0, "cpu": 3.0}.get(result["meta"].get("device_type"))
+    add_ranges(result["rows"])
     for ax, (shape, dtype) in zip(axes[:, 0], panels):
         for j, impl in enumerate(impls):
-            vals = []
+            vals, low, high = [], [], []
             for op in ops:
                 hit = [r for r in rows if (r["shape"], r["dtype"], r["op"], r["impl"]) == (shape, dtype, op, impl)]
-                vals.append(hit[0].get("speedup_vs_eager") or 0 if hit else 0)
-            ax.bar([i + (j - (len(impls) - 1) / 2) * width for i in range(len(ops))], vals, width, label=impl)
+                value = (hit[0].get("speedup_vs_eager") or 0) if hit else 0
+                bounds = (hit[0].get("speedup_vs_eager_range") if hit else None) or (value, value)
+                vals.append(value)
+                low.append(max(value - bounds[0], 0))
+                high.append(max(bounds[1] - value, 0))
+            ax.bar([i + (j - (len(impls) - 1) / 2) * width for i in range(len(ops))], vals, width, label=impl,
+                   yerr=[low, high], error_kw={"elinewidth": 0.8, "capsize": 2})
         ax.axhline(1.0, color="black", linewidth=0.8)
-        if target:
-            ax.axhline(target, color="red", linewidth=0.8, linestyle="--", label=f"SPEC target {target:g}x")
+        if target and shape in TARGET_SHAPES.get(result["meta"].get("device_type"), ()):
+            ax.axhline(target, color="red", linewidth=0.8, linestyle="--", label=f"{target:g}x eager")
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(FixedLocator([0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 2, 3, 5, 10, 30, 100, 300]))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
@@ -209,9 +230,31 @@ def render_plot(result: dict, path: str) -> None:
         ax.set_title(f"{shape}, {dtype}, forward+backward (one_hot2d: forward)", fontsize=9)
         ax.set_xticks(range(len(ops)))
         ax.set_xticklabels(ops, rotation=20, ha="right", fontsize=7)
-    axes[0, 0].legend(fontsize=7, ncol=len(impls) + 1)
+    for ax in axes[:, 0]:
+        ax.legend(fontsize=7, ncol=len(impls) + 1)
     m = result["meta"]
-    fig.suptitle(f"fastadvseg speed-up over eager PyTorch: {m['device']}, {m['date']}", fontsize=9)
+    flags = assess(result)["flags"]
+    fig.suptitle(f"fastadvseg speed-up over eager PyTorch (median; error bars: p10-p90 of the ratio): {m['device']}, "
+                 f"{m['date']}" + (f" - {' and '.join(flags)} RUN" if flags else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rerender(path: str) -> None:
+    """Rewrite the .md and .png of a results JSON with the current renderer and target rules."""
+    with open(path) as f:
+        result = json.load(f)
+    add_ranges(result["rows"])
+    result["targets"] = evaluate(result["rows"], result["meta"]["device_type"], result.get("e2e"),
+                                 result.get("memory"))
+    stem = path[:-len(".json")] if path.endswith(".json") else path
+    with open(stem + ".md", "w") as f:
+        f.write(render_markdown(result))
+    render_plot(result, stem + ".png")
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        rerender(arg)
+        print(f"rendered {arg}")

@@ -150,6 +150,8 @@ def _row_line(row: dict) -> str:
 
 def _add_ratios(rows: List[dict]) -> None:
     """Speed-ups over eager and compile, memory vs eager: all within this run, same case and direction."""
+    from .quality import add_ranges
+
     base: Dict[tuple, dict] = {}
     for r in rows:
         if r["impl"] in ("eager", "compile") and r["status"] == "ok":
@@ -173,6 +175,7 @@ def _add_ratios(rows: List[dict]) -> None:
         triton = by_impl.get(key[:4] + ("triton",))
         if key[4] == "cuda" and triton:
             r["cuda_vs_triton"] = triton["median_ms"] / r["median_ms"]
+    add_ranges(rows)  # each ratio's p10-p90 bounds, and whether the two spreads overlap
 
 
 def add_bandwidth_pct(rows: List[dict], copy_gbps: Optional[float]) -> None:

@@ -21,7 +21,7 @@ class Shape(NamedTuple):
 
 
 SMOKE = Shape("smoke", 2, 5, 17, 23, tiny=True)  # odd sizes: no kernel gets a lucky multiple of its block
-VOC_SMALL = Shape("voc-n2", 2, 21, 321, 321)  # SPEC 5, CPU: the VOC shape at N=2
+VOC_SMALL = Shape("voc-n2", 2, 21, 321, 321)  # the CPU target shape: VOC at N=2
 VOC = Shape("voc", 10, 21, 321, 321)
 CITYSCAPES = Shape("cityscapes", 2, 19, 512, 1024)
 ADE = Shape("ade", 8, 150, 512, 512)
@@ -35,7 +35,7 @@ SHAPE_SETS: Dict[str, List[Shape]] = {
     "full": [VOC, CITYSCAPES, ADE],
 }
 
-# Shapes the SPEC's targets name, per device type.
+# Shapes the performance targets name, per device type.
 TARGET_SHAPES = {"cuda": ("voc", "cityscapes"), "cpu": ("voc-n2",)}
 
 

@@ -1,4 +1,4 @@
-"""Every op of SPEC section 2 x every available backend x dtype x direction, against eager and torch.compile.
+"""Every public op x every available backend x dtype x direction, against eager and torch.compile.
 
 Run: ``pytest benchmarks/ --benchmark-only`` (options in ``benchmarks/conftest.py``). Each benchmark's
 ``extra_info`` carries the op, shape, dtype, direction, impl and the byte model's byte count. The Markdown/PNG

@@ -1,4 +1,5 @@
-"""Float64 ground truth for every op, written from the definitions in SPEC section 1, independent of the backends.
+"""Float64 ground truth for every op, written from the definitions of the paper and PyTorch's losses,
+independent of the backends.
 
 Inputs are converted to float64 *after* their own rounding (a float16 input is compared with the float64 math on
 its float16 values), so the only differences a backend may show are its accumulation and output rounding.

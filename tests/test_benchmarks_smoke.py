@@ -182,7 +182,8 @@ def test_readme_table_prints_recorded_rows(smoke_report, capsys):
 
     assert readme_table.main([str(smoke_report.with_suffix(".json"))]) == 0
     text = capsys.readouterr().out
-    assert "| op | dtype | backend |" in text and "softmax2d" in text and "images/s" in text
+    assert "| op | backend | float32 ms | float32 x eager |" in text and "softmax2d" in text and "images/s" in text
+    assert "run quality:" in text
 
 
 def _row(impl, **kw):
@@ -219,9 +220,34 @@ def test_byte_model_and_order_statistics():
 
     gen = select_cases(["generator_loss[labelled]"])[0]
     p, c = VOC.n * VOC.h * VOC.w, VOC.c
-    # read logits, labels, z; write their gradients (SPEC 5: "the bytes the op must move")
+    # read logits, labels, z; write their gradients (the byte model: the fewest bytes the op must move)
     assert gen.bytes(VOC, torch.float32, "fwdbwd") == 2 * p * c * 4 + 8 * p + 2 * p * 4
     assert gen.bytes(VOC, torch.bfloat16, "fwd") == p * c * 2 + 8 * p + p * 2
     stats = summarize([0.004, 0.001, 0.003, 0.002, 0.005])
     assert (stats["median_ms"], stats["min_ms"], stats["n"]) == (3.0, 1.0, 5)
     assert stats["p10_ms"] < stats["q1_ms"] < stats["median_ms"] < stats["q3_ms"] < stats["p90_ms"]
+
+
+def test_quality_flags_a_loaded_noisy_run_and_overlapping_ratios():
+    from benchmarks.quality import add_ranges, assess, ratio_cell
+    from benchmarks.targets import evaluate
+
+    def row(impl, p10, median, p90):
+        return {"op": "cross_entropy2d", "shape": "voc-n2", "dtype": "float32", "direction": "fwdbwd", "impl": impl,
+                "status": "ok", "p10_ms": p10, "median_ms": median, "p90_ms": p90}
+
+    eager, cpu = row("eager", 0.27, 47.9, 60.0), row("cpu", 2.0, 2.4, 3.0)  # the loaded eager median
+    rows = [eager, cpu, row("compile", 5.0, 5.2, 5.4)]
+    for r in rows[1:]:
+        r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"]
+    cpu["speedup_vs_compile"] = 5.2 / 2.4
+    add_ranges(rows)
+    assert cpu["speedup_vs_eager_overlap"] and ratio_cell(cpu, "eager").startswith("~")
+    assert not cpu["speedup_vs_compile_overlap"] and ratio_cell(cpu, "compile") == "2.17x"
+    q = assess({"meta": {"load_average_start": [1.9, 1.5, 1.4], "device": "X (2 logical CPUs)"}, "rows": rows})
+    assert q["flags"] == ["LOADED", "NOISY"]
+    quiet = assess({"meta": {"load_average_start": [0.1, 0.1, 0.1], "logical_cpus": 2}, "rows": rows[1:]})
+    assert quiet["flags"] == []
+    # a target the p10-p90 range straddles is not judged on the median alone
+    check = evaluate([cpu], "cpu")[0]
+    assert check["met"] is None and check["gap"].startswith("too noisy to tell")

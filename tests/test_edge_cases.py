@@ -1,4 +1,4 @@
-"""SPEC section 2 edge cases on every backend: empty sets give 0 with zero gradient, NaN/Inf behave as PyTorch,
+"""Edge cases of the API contract on every backend: empty sets give 0 with zero gradient, NaN/Inf behave as PyTorch,
 empty batches give 0, out-of-range labels with validation off are ignored (never read out of bounds)."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error that names the problem (SPEC section 2), before any result is returned: from the
+"""Bad input gets a clear error that names the problem, before any result is returned: from the
 public checks, or (labels outside [0, C) on the cpu backend) from the pass the backend makes over the labels."""
 import pytest
 import torch
