@@ -123,6 +123,30 @@ def test_gan_step_has_no_graph_break_and_compiles_fullgraph(case, gen):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+def test_compiled_with_dynamic_shapes_matches_eager(case, gen):
+    """One compiled graph serves batches of other sizes and resolutions (torch.compile(dynamic=True)): values and
+    gradients of the logits and of D's map are eager's at each shape."""
+    backend, device = case
+
+    def losses(x, z, t):
+        lab = fas.generator_loss(x, z, t, lambda_adv=0.01, backend=backend)
+        unl = fas.generator_loss(x, z, None, lambda_adv=0.001, lambda_semi=0.1, backend=backend)
+        return lab.total + unl.total + fas.cross_entropy2d(x, t, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(losses, dynamic=True, fullgraph=True,
+                             backend="aot_eager" if backend == "triton" else "inductor")
+    for shape in [(2, 3, 5, 7), (3, 3, 9, 4), (1, 3, 6, 11)]:
+        x = make_logits(shape, torch.float32, "contiguous", device, generator=gen)
+        z = make_d_logits((shape[0], shape[2], shape[3]), torch.float32, device, generator=gen).unsqueeze(1)
+        t = make_target(shape, device, generator=gen)
+        got, want = compiled(x, z, t), losses(x, z, t)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(got, [x, z]), torch.autograd.grad(want, [x, z])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 class _LossModule(torch.nn.Module):
     def __init__(self, backend):
         super().__init__()
@@ -144,9 +168,16 @@ def test_torch_export_runs_and_matches_eager(case, gen):
     d = torch.randn((2, 1, 4, 5), generator=gen).to(device)
     t = make_target(shape, device, generator=gen)
     module = _LossModule(backend).to(device)
-    exported = torch.export.export(module, (x, d, t))
-    assert any("fastadvseg" in str(n.target) for n in exported.graph.nodes) or backend == "reference"
+    n, h, w = torch.export.Dim("n"), torch.export.Dim("h", min=2), torch.export.Dim("w", min=2)
+    exported = torch.export.export(module, (x, d, t), dynamic_shapes=({0: n, 2: h, 3: w}, {0: n, 2: h, 3: w},
+                                                                        {0: n, 1: h, 2: w}))
+    assert any("fastadvseg" in str(node.target) for node in exported.graph.nodes) or backend == "reference"
     for a, b in zip(exported.module()(x, d, t), module(x, d, t)):
+        torch.testing.assert_close(a, b)
+    other = (3, 3, 7, 2)  # another batch size and resolution through the same exported program
+    x2, d2 = torch.randn(other, generator=gen).to(device), torch.randn((3, 1, 7, 2), generator=gen).to(device)
+    t2 = make_target(other, device, generator=gen)
+    for a, b in zip(exported.module()(x2, d2, t2), module(x2, d2, t2)):
         torch.testing.assert_close(a, b)
     t_bad = t.clone()
     t_bad[0, 0, 0] = 7
