@@ -153,3 +153,25 @@ def test_plugin_deadline_skips_tests_not_started(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gpu_check_plugin", "-p", "no:cacheprovider",
                            str(tests)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert "2 passed" in proc.stdout and "gpu_check: 0 tests not started" in proc.stdout
+
+
+def _collect(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                           "-p", "gpu_check_plugin", *args, "tests/test_losses.py", "tests/test_ops.py"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return {line for line in proc.stdout.splitlines() if "::" in line}
+
+
+def test_plugin_subset_keeps_every_dtype_and_layout_and_leaves_the_rest_to_the_rest():
+    every = _collect()
+    subset = _collect("--gpu-check", "subset", "--gpu-check-device", "cpu")
+    rest = _collect("--gpu-check", "rest", "--gpu-check-device", "cpu")
+    assert subset and rest and not subset & rest and subset | rest == every
+    assert not [t for t in subset if re.search(r"compile|export|reference-cpu", t)]
+    assert all("(2, 19, 7, 11)" in t for t in subset if re.search(r"\(\d+, \d+, \d+, \d+\)", t))
+    for backend in ("triton-cpu", "cpu-cpu"):
+        softmax = {t for t in subset if t.startswith("tests/test_losses.py::test_softmax2d[") and backend in t}
+        assert len(softmax) == 9  # 3 layouts x 3 dtypes
+        assert any(f"test_opcheck_every_registered_op[{backend}]" in t for t in subset)
