@@ -14,7 +14,8 @@
 # seconds each part took to <out>/summary.md). A part runs with at most its cap and never past the budget; a
 # part that needs more than what is left is skipped, and the end of the run lists what was skipped.
 #
-#   1. environment + build     ~1.5 min (cap 4)  pip install -e . (cpu and cuda extensions, this GPU's arch only);
+#   1. environment + build     ~2 min   (cap 4)  pip install -e .: the cuda extension for this GPU's arch only, not
+#                                                the cpu one (CI tests it; FASTADVSEG_NO_CPU_EXT=0 builds it too);
 #                                                environment.txt: GPU, versions, backends
 #   2. contract tests          ~2 min   (cap 3)  tests/test_losses.py and tests/test_ops.py on CUDA tensors, triton
 #                                                and cuda backends: every op, dtype, layout and flag at one shape
@@ -117,7 +118,7 @@ run_part() {  # what a part runs (under timeout, in a child bash: hence exported
         build)
             local arch
             arch="$($py -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
-            TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" \
+            TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" FASTADVSEG_NO_CPU_EXT="${FASTADVSEG_NO_CPU_EXT:-1}" \
                 $py -m pip install --no-build-isolation --no-deps -e . || return 1
             environment >"$out/environment.txt"
             cat "$out/environment.txt" ;;
