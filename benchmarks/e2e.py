@@ -12,9 +12,10 @@ G and D are the project's ``fastadvseg.models`` when that package is present: ``
 the input as in the authors' loop) and ``FCDiscriminator(C)``; otherwise the small stand-ins below, and the
 report says so.
 
-:func:`run_e2e_compile` (``--e2e-compile``) times the same iteration with fastadvseg's losses only, the loss
-functions (:func:`generator_losses`, :func:`discriminator_losses`) called as they are vs under ``torch.compile``,
-and counts the graph breaks ``torch._dynamo.explain`` finds in them.
+:func:`run_e2e_compile` (``--e2e-compile``) times the same iteration with the loss functions of
+:func:`loss_functions` called as they are vs under ``torch.compile``, with fastadvseg's losses and, to tell
+torch.compile's effect on G and D apart from the losses', with the reference losses; and counts the graph breaks
+``torch._dynamo.explain`` finds in fastadvseg's loss functions.
 """
 from __future__ import annotations
 
@@ -183,27 +184,30 @@ def run_e2e(device: torch.device, n: int, num_classes: int, h: int, w: int, *, s
 
 # --- compiled training step (--e2e-compile) -------------------------------------------------------------------
 
-def generator_losses(g, d, img_l, y, img_u):
-    """G's loss of one iteration with fastadvseg's losses, as a user writes it (D frozen by the caller):
-    D(softmax2d(logits)), ``generator_loss`` on the labelled and on the unlabelled batch. Returns the loss and the
-    detached logits for D's update."""
-    import fastadvseg as fas
+def loss_functions(kind: str = "fused") -> Tuple[Callable, Callable]:
+    """(G's loss, D's loss) of one iteration as a user writes them, with fastadvseg's losses (``"fused"``) or the
+    plain PyTorch composition (``"reference"``):
 
-    pred = _upsampled(g, img_l)
-    loss = fas.generator_loss(pred, _upsampled(d, fas.softmax2d(pred)), y, lambda_adv=LAMBDA_ADV).total
-    pred_u = _upsampled(g, img_u)
-    loss = loss + fas.generator_loss(pred_u, _upsampled(d, fas.softmax2d(pred_u)), None, lambda_adv=LAMBDA_SEMI_ADV,
-                                     lambda_semi=LAMBDA_SEMI, threshold=THRESHOLD).total
-    return loss, pred.detach(), pred_u.detach()
+    * G's loss (D frozen by the caller): D(softmax2d(logits)), ``generator_loss`` on the labelled and on the
+      unlabelled batch; returns the loss and the detached logits for D's update;
+    * D's loss: ``discriminator_loss`` on D(softmax2d(detached logits)) and D(one_hot2d(target)).
+    """
+    losses = _loss_set(kind)
 
+    def generator_losses(g, d, img_l, y, img_u):
+        pred = _upsampled(g, img_l)
+        loss = losses["gen"](pred, _upsampled(d, losses["softmax"](pred)), y, LAMBDA_ADV, 0.0)
+        pred_u = _upsampled(g, img_u)
+        loss = loss + losses["gen"](pred_u, _upsampled(d, losses["softmax"](pred_u)), None, LAMBDA_SEMI_ADV,
+                                    LAMBDA_SEMI)
+        return loss, pred.detach(), pred_u.detach()
 
-def discriminator_losses(d, pred, pred_u, y, num_classes: int):
-    """D's loss: ``discriminator_loss`` on D(softmax2d(detached logits)) and D(one_hot2d(target))."""
-    import fastadvseg as fas
+    def discriminator_losses(d, pred, pred_u, y, num_classes: int):
+        fake = _upsampled(d, losses["softmax"](torch.cat([pred, pred_u])))
+        real = _upsampled(d, losses["one_hot"](y, num_classes))
+        return losses["disc"](fake, real, y == IGNORE)
 
-    fake = _upsampled(d, fas.softmax2d(torch.cat([pred, pred_u])))
-    real = _upsampled(d, fas.one_hot2d(y, num_classes))
-    return fas.discriminator_loss(fake, real, ignore_mask_real=y == IGNORE)
+    return generator_losses, discriminator_losses
 
 
 def compiled_step(g, d, opt_g, opt_d, batch, gen_fn, disc_fn, num_classes: int) -> None:
@@ -224,6 +228,7 @@ def compiled_step(g, d, opt_g, opt_d, batch, gen_fn, disc_fn, num_classes: int) 
 def graph_breaks(g, d, batch, num_classes: int) -> dict:
     """Graph breaks ``torch._dynamo.explain`` finds in the two loss functions (0 when each traces as one graph)."""
     img_l, y, img_u = batch
+    generator_losses, discriminator_losses = loss_functions("fused")
     try:
         d.requires_grad_(False)
         gen = torch._dynamo.explain(generator_losses)(g, d, img_l, y, img_u)
@@ -244,27 +249,39 @@ def graph_breaks(g, d, batch, num_classes: int) -> dict:
             "graphs": gen.graph_count + disc.graph_count, "break_reasons": reasons[:5], "explain_status": "ok"}
 
 
+# The timed variants of the compiled step: (loss functions, compiled?). The two "reference" variants are the same
+# step with the plain PyTorch losses: they tell how much of a difference between compiled and eager is
+# torch.compile's on G and D on this machine rather than the losses'.
+COMPILE_VARIANTS = {"eager": ("fused", False), "compiled": ("fused", True),
+                    "reference_eager": ("reference", False), "reference_compiled": ("reference", True)}
+
+
 def run_e2e_compile(device: torch.device, n: int, num_classes: int, h: int, w: int, *,
                     segmenter: Optional[str] = None, warmup: int = 2, repeats: int = 10, seed: int = 0) -> dict:
-    """Median step time of :func:`compiled_step` with the loss functions eager vs ``torch.compile``d, same G, D,
-    optimizers and batch, steps interleaved (eager, compiled, eager, ...); ratio compiled/eager of medians."""
+    """Median step time of :func:`compiled_step` with the loss functions eager vs ``torch.compile``d, with
+    fastadvseg's losses and with the reference losses (:data:`COMPILE_VARIANTS`); same G, D, optimizers and batch,
+    steps interleaved with the order alternating; ratios of medians."""
     from .timing import ratio_range, too_noisy
 
     g, d, opt_g, opt_d, batch, models_note = _setup(device, n, num_classes, h, w, segmenter, seed)
     result = {"shape": f"N={n}+{n}, C={num_classes}, {h}x{w}", "dtype": "float32", "models": models_note,
-              "losses": "fastadvseg (backend auto)", "compile": "torch.compile(default mode) of the two loss functions"}
+              "losses": "fastadvseg (backend auto); reference: the plain PyTorch composition",
+              "compile": "torch.compile(default mode) of the two loss functions"}
     result.update(graph_breaks(g, d, batch, num_classes))
     torch._dynamo.reset()
-    fns = {"eager": (generator_losses, discriminator_losses),
-           "compiled": (torch.compile(generator_losses), torch.compile(discriminator_losses))}
-    sync(device)
-    t0 = time.perf_counter()
-    compiled_step(g, d, opt_g, opt_d, batch, *fns["compiled"], num_classes)  # compiles forward and backward
-    sync(device)
-    result["first_compiled_step_s"] = time.perf_counter() - t0
+    fns = {}
+    for name, (kind, compiled) in COMPILE_VARIANTS.items():
+        pair = loss_functions(kind)
+        fns[name] = tuple(torch.compile(f) for f in pair) if compiled else pair
+    for name in ("compiled", "reference_compiled"):
+        sync(device)
+        t0 = time.perf_counter()
+        compiled_step(g, d, opt_g, opt_d, batch, *fns[name], num_classes)  # compiles forward and backward
+        sync(device)
+        result[f"first_{name}_step_s"] = time.perf_counter() - t0
     samples = {k: [] for k in fns}
     for step in range(warmup + repeats):
-        for k in (fns if step % 2 == 0 else reversed(list(fns))):  # interleaved, order alternating
+        for k in (list(fns) if step % 2 == 0 else list(fns)[::-1]):  # interleaved, order alternating
             sync(device)
             t0 = time.perf_counter()
             compiled_step(g, d, opt_g, opt_d, batch, *fns[k], num_classes)
@@ -273,7 +290,10 @@ def run_e2e_compile(device: torch.device, n: int, num_classes: int, h: int, w: i
                 samples[k].append(time.perf_counter() - t0)
     for k in fns:
         result[k] = summarize(samples[k])
-    result["compiled_vs_eager"] = result["compiled"]["median_ms"] / result["eager"]["median_ms"]
-    result["compiled_vs_eager_range"] = ratio_range(result["compiled"], result["eager"])
+    for name, num, den in (("compiled_vs_eager", "compiled", "eager"),
+                           ("reference_compiled_vs_eager", "reference_compiled", "reference_eager"),
+                           ("compiled_vs_reference_compiled", "compiled", "reference_compiled")):
+        result[name] = result[num]["median_ms"] / result[den]["median_ms"]
+        result[f"{name}_range"] = ratio_range(result[num], result[den])
     result["too_noisy"] = too_noisy(result["compiled"], result["eager"], 1.0)
     return result

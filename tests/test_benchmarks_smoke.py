@@ -129,11 +129,13 @@ def test_memory_table(extras_report):
 def test_compiled_training_step(extras_report):
     result, md = extras_report
     e = result["e2e_compile"]
-    for k in ("eager", "compiled"):
+    for k in ("eager", "compiled", "reference_eager", "reference_compiled"):
         assert _finite_positive(e[k]["median_ms"]) and e[k]["p10_ms"] <= e[k]["median_ms"] <= e[k]["p90_ms"]
-    assert _finite_positive(e["compiled_vs_eager"]) and _finite_positive(e["first_compiled_step_s"])
-    lo, hi = e["compiled_vs_eager_range"]
-    assert 0 < lo <= e["compiled_vs_eager"] <= hi
+    assert _finite_positive(e["first_compiled_step_s"]) and _finite_positive(e["first_reference_compiled_step_s"])
+    for ratio in ("compiled_vs_eager", "reference_compiled_vs_eager", "compiled_vs_reference_compiled"):
+        lo, hi = e[f"{ratio}_range"]
+        assert 0 < lo <= e[ratio] <= hi, ratio
+    assert e["compiled_vs_eager"] == pytest.approx(e["compiled"]["median_ms"] / e["eager"]["median_ms"])
     assert "STAND-IN" in e["models"]
     if e["graph_breaks"] is None:  # explain failed: the reason is recorded, the timing still ran
         assert e["explain_status"] != "ok"
@@ -141,7 +143,8 @@ def test_compiled_training_step(extras_report):
         assert e["graph_breaks"] >= 0 and e["graphs"] >= 1
     assert "## Compiled training step" in md and "Graph breaks" in md
     assert ("Too noisy to tell" in md) == e["too_noisy"]
-    assert "| step | median ms | p10-p90 ms | compiled / eager |" in md
+    assert "| losses | step | median ms | p10-p90 ms | compiled / eager |" in md
+    assert "With the reference losses, compiled/eager is" in md
 
 
 def test_memory_target_is_judged():
