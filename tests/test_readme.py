@@ -17,3 +17,21 @@ def test_readme_opens_with_the_two_commands():
     head = "\n".join(README.read_text(encoding="utf-8").splitlines()[:15])
     assert "python -m fastadvseg.train" in head
     assert "python -m pytest" in head
+
+
+def _commands(text):
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_ci_runs_the_readme_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
+    setup, test = _commands(first_block)
+    ci = _commands((README.parent / ".ci" / "run").read_text(encoding="utf-8"))
+    assert ci[-1] == test, "CI's last command must be the README's test command"
+    for step in setup.split(" && ")[:2]:  # the install steps, as CI runs them (quietly, through python -m pip)
+        assert any(line.replace("python -m pip install -q", "pip install") == step for line in ci), step
+
+
+def test_benchmarks_readme_opens_with_the_commands_and_numbers():
+    head = "\n".join((README.parent / "benchmarks" / "README.md").read_text(encoding="utf-8").splitlines()[:40])
+    assert "python -m benchmarks.report" in head and "x eager" in head
