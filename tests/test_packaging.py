@@ -80,7 +80,7 @@ def built(tmp_path_factory):
     sdist = _build("build_sdist", clean, tmp / "dist")
     with tarfile.open(sdist) as tar:
         sdist_names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-        tar.extractall(tmp / "unpacked", filter="data")
+        tar.extractall(tmp / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     wheel = _build("build_wheel", tmp / "unpacked" / NAME, tmp / "dist")
     site = tmp / "site"
     with zipfile.ZipFile(wheel) as whl:
