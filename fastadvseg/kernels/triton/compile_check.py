@@ -307,8 +307,11 @@ def spill_failures(rows, accepted) -> List[str]:
 
 # ------------------------------------------------------------------------------------------- the CUDA kernels
 
-CUDA_FLAGS = ["-cubin", "-O2", "-std=c++17", "--resource-usage", "-D__CUDA_NO_HALF_OPERATORS__",
-              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+# the device-code flags of the build (setup.py: -O3 -lineinfo; torch's CUDAExtension: C++17 and its
+# COMMON_NVCC_FLAGS), plus --resource-usage
+CUDA_FLAGS = ["-cubin", "-O3", "-lineinfo", "-std=c++17", "--resource-usage", "-D__CUDA_NO_HALF_OPERATORS__",
+              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+              "--expt-relaxed-constexpr"]
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
