@@ -108,7 +108,8 @@ _TARGET = None
 
 
 def cubin_resources(cubin: bytes) -> Dict[str, int]:
-    """(regs, stack) of the one kernel in a cubin, from ``cuobjdump -res-usage`` (shipped with triton)."""
+    """{regs, spill} of the one kernel in a cubin, from ``cuobjdump -res-usage`` (shipped with triton): spill is
+    the stack frame (plus local memory, none in Triton code), ptxas' "bytes stack frame"."""
     from triton import knobs
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -233,7 +234,7 @@ def _flags_off(shape, g) -> None:
     n, c, h, w = shape
     with torch.no_grad():
         x = _logits(shape, torch.float16, "channels_last", g)
-        d = torch.randn((n, h, w), generator=g)
+        d = torch.randn((n, h, w), generator=g).to(torch.float16)
         y = torch.randint(0, c, (n, h, w), generator=g)
         F.cross_entropy2d(x, y, backend=T)
         F.bce_with_logits2d(d, 1.0, reduction="sum", backend=T)
