@@ -36,7 +36,7 @@ def test_header_states_the_order_and_the_time_of_each_part():
 
 def test_dry_run_proves_every_part_well_formed(tmp_path):
     out = tmp_path / "dry"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -63,7 +63,7 @@ def test_dry_run_fails_on_a_selection_that_does_not_resolve(tmp_path):
                                  or line.startswith("part 3-bench-voc-core")) + "\n")
     (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
     proc = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "dry")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 1, proc.stdout
     assert "unknown op(s) ['generator_los']" in proc.stdout
     assert _summary_rows(tmp_path / "dry")[0][2] == "dry run: failed (1)"
