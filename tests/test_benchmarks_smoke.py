@@ -45,6 +45,7 @@ def test_report_files_exist_and_parse(smoke_report):
                 "copy_bandwidth"):
         assert key in meta, key
     assert "| op | dtype | dir | impl | median ms" in md
+    assert md.splitlines()[2].startswith("**Run quality: ")  # loaded / noisy / quiet, before any number
     if sys.platform.startswith("linux"):  # glibc: the allocator setting the run used is in the header
         assert meta["malloc"].startswith("steady"), meta["malloc"]
         assert "| malloc | steady" in md
