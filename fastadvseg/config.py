@@ -96,6 +96,9 @@ class TrainConfig:
     eval_batch_size: int = 8  # images per evaluation batch
     num_vis_images: int = 4  # val images shown in samples.png
     plots: bool = True  # write losses.png, miou.png, samples.png at the end
+    # at the end, also score the final model on the held-out test split (synthetic: 200 images disjoint from train and
+    # val); written to summary.json and eval_test.md, never used to choose anything (best.pt is chosen on val)
+    eval_test: bool = False
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the optional tensorboard package)
 
     def validate(self) -> "TrainConfig":

@@ -1,6 +1,7 @@
 """Evaluate a segmenter: confusion matrix on the device, per-class IoU, mIoU (absent classes excluded), pixel accuracy.
 
     python -m fastadvseg.evaluate --run runs/NAME                 # its config and best.pt (else last.pt)
+    python -m fastadvseg.evaluate --run runs/NAME --which last --split test   # the final model on the test split
 
 With ``--run`` the best usable checkpoint is used and named: best.pt, or last.pt when best.pt is missing, damaged
 or holds non-finite weights (said as a warning). A run without checkpoints, like any other bad input, is one line
@@ -141,6 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--run", help="a run directory: uses its config.yaml and checkpoints/best.pt (else last.pt)")
     parser.add_argument("--checkpoint", help="a checkpoint or a segmenter state_dict")
     parser.add_argument("--which", choices=("best", "last"), default="best", help="with --run: which checkpoint")
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="the images scored: val (default) or the held-out test split (synthetic data; report it, "
+                             "choose nothing on it); the report is eval.md / eval_test.md")
     parser.add_argument("--out", help="directory for eval.md / eval.json (default: the run directory)")
     args, rest = parser.parse_known_args(argv)
     warn = lambda msg: print(msg, file=sys.stderr)
@@ -171,17 +175,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with dist_utils.cpu_threads(cfg.num_threads if info.device.type == "cpu" else None):
             bundle = build_bundle(cfg)
             check_data(bundle, print if info.is_main else (lambda *a: None), train=False)
+            images = bundle.val if args.split == "val" else bundle.test
+            if images is None:
+                raise ConfigError(f"--split test: dataset {cfg.dataset} has no held-out test split here (the "
+                                  f"embedded synthetic data has one)")
             G = build_segmenter_for_eval(cfg, bundle, state if state is not None else ckpt, info.device, ckpt)
             if info.is_main:
                 print(f"evaluating {_describe(ckpt, state)}")
-            result = evaluate(G, bundle.val, bundle.num_classes, device=info.device,
+            result = evaluate(G, images, bundle.num_classes, device=info.device,
                               batch_size=cfg.eval_batch_size, cfg=cfg, info=info)
         if info.is_main:
             out = args.out or args.run or os.path.dirname(os.path.abspath(ckpt))
-            table = write_report(result, bundle.class_names, out, extra={"checkpoint": ckpt})
+            stem = "eval" if args.split == "val" else "eval_test"
+            table = write_report(result, bundle.class_names, out, stem, extra={"checkpoint": ckpt, "split": args.split})
             print(table)
-            print(f"mIoU {100 * result.miou:.2f}  pixel accuracy {100 * result.pixel_acc:.2f}  "
-                  f"({len(bundle.val)} images; {_describe(ckpt, state)}; report in {out}/eval.md, eval.json)")
+            print(f"{args.split} mIoU {100 * result.miou:.2f}  pixel accuracy {100 * result.pixel_acc:.2f}  "
+                  f"({len(images)} {args.split} images; {_describe(ckpt, state)}; report in {out}/{stem}.md, "
+                  f"{stem}.json)")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2

@@ -118,6 +118,9 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
         check_same_run(resume)
     bundle = build_bundle(cfg)
     check_data(bundle, log)
+    if cfg.eval_test and bundle.test is None:
+        raise ConfigError(f"config eval_test=True: dataset {cfg.dataset} has no held-out test split here (the embedded "
+                          f"synthetic data has one)")
     if resume:
         check_data_fits(state, bundle.class_names, resume.path)
     G, D = build_models(cfg, bundle, info.device, log, pretrained=state is None)
@@ -252,8 +255,10 @@ def _run(setup: Setup, run_dir: str, cleanup: contextlib.ExitStack) -> dict:
     if result is None:  # resumed a finished run: just report
         result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
                           cfg=cfg, info=info)
+    test = evaluate(G, bundle.test, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size, cfg=cfg,
+                    info=info) if cfg.eval_test else None  # the final model, as on val; nothing is chosen on it
     return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - setup.t_start,
-                        time.process_time() - setup.cpu_start, step=max(step + 1, start))
+                        time.process_time() - setup.cpu_start, step=max(step + 1, start), test=test)
 
 
 def check_same_run(resume: Resume) -> None:

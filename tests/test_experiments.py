@@ -25,7 +25,8 @@ def _commands_run(log_path):
 
 def _interrupted_cell(out, cell, monkeypatch):
     """Train ``cell`` exactly as the sweep would, stopped by SIGTERM after its first step (a checkpoint, no result)."""
-    overrides = {"dataset": "synthetic", **parse_overrides(TINY), "num_threads": "1", "semi_start": str(STEPS // 4)}
+    overrides = {"dataset": "synthetic", **parse_overrides(TINY), "num_threads": "1", "semi_start": str(STEPS // 4),
+                 "eval_test": "true"}
     args = table.train_args(cell, STEPS, overrides, os.path.join(out, "cells"))
     cfg = load_config(None, parse_overrides(args))
     real = train_mod.train_step
@@ -68,9 +69,14 @@ def test_tiny_sweep_writes_table_skips_done_cells_and_resumes_a_partial_one(tmp_
     assert {r["cell"] for r in res["cells"]} == set(names)
     assert all(0 <= r["miou"] <= 1 and r["split_seed"] == 0 and r["train_seed"] == 1234 for r in res["cells"])
     assert res["aggregate"]["cells"]["semi"]["1/2"]["n"] == 1
+    # the reported score is the final model's on the held-out test split; the val scores stay beside it
+    assert all(0 <= r["test_miou"] <= 1 for r in res["cells"]) and res["aggregate_test"]["cells"]["semi"]["1/2"]["n"] == 1
+    semi = next(r for r in res["cells"] if r["cell"] == "semi_1-8_s0")
+    assert all(set(d) == set(table.DIAG_KEYS) for d in semi["diagnostics"].values())
     with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
         md = f.read()
     assert "| baseline (L_ce) |" in md and "66.0" in md and "(n=1)" in md and res["command"] in md
+    assert md.index("held-out test split") < md.index("on the val set") and "D conf. on predictions" in md
     with open(os.path.join(out, "table.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -38,7 +38,7 @@ DATASETS = ("synthetic", "voc", "cityscapes", "folder")
 class DataBundle:
     labelled: Dataset                 # training items whose labels are used (augmented)
     unlabelled: Optional[Dataset]     # training items whose labels are not used (augmented); None at fraction 1
-    val: Dataset                      # evaluation items, not augmented
+    val: Dataset                      # evaluation items, not augmented (every choice is made on these)
     num_classes: int
     class_names: List[str]
     ignore_index: int
@@ -47,16 +47,18 @@ class DataBundle:
     std: Tuple[float, float, float]
     palette: List[Tuple[int, int, int]] = field(default_factory=list)  # RGB per class, for figures
     dataset: str = ""
+    test: Optional[Dataset] = None    # held-out test items, not augmented (synthetic only); None: no test split
 
 
 def build_source(dataset: str, root: Optional[str] = None, *, ignore_index: int = 255, synthetic_seed: int = 0,
-                 synthetic_size: int = 96, synthetic_num_train: int = 1000, synthetic_num_val: int = 200) -> Source:
+                 synthetic_size: int = 96, synthetic_num_train: int = 1000, synthetic_num_val: int = 200,
+                 synthetic_num_test: int = 200) -> Source:
     """The :class:`Source` (layout, ids, classes, loader) of ``dataset``."""
     if dataset == "synthetic":
         from .synthetic import SyntheticSource
 
         return SyntheticSource(seed=synthetic_seed, size=synthetic_size, num_train=synthetic_num_train,
-                               num_val=synthetic_num_val)
+                               num_val=synthetic_num_val, num_test=synthetic_num_test)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     if root is None:
@@ -78,7 +80,8 @@ def build_data(dataset: str, root: Optional[str] = None, *, crop_size=(321, 321)
                labelled_count: Optional[int] = None, split_seed: int = 0, split_file: Optional[str] = None,
                scale_range=(0.5, 1.5), mirror: bool = True, val_pad: Optional[int] = None,
                val_limit: Optional[int] = None, ignore_index: int = 255, image_size=None, synthetic_seed: int = 0,
-               synthetic_size: int = 96, synthetic_num_train: int = 1000, synthetic_num_val: int = 200) -> DataBundle:
+               synthetic_size: int = 96, synthetic_num_train: int = 1000, synthetic_num_val: int = 200,
+               synthetic_num_test: int = 200) -> DataBundle:
     """Build the labelled / unlabelled / val datasets of ``dataset``.
 
     Split: with ``split_file`` the saved split is reused (error naming the file if it is missing, corrupt
@@ -86,7 +89,8 @@ def build_data(dataset: str, root: Optional[str] = None, *, crop_size=(321, 321)
     with ``numpy.random.default_rng(split_seed)``. ``labelled_fraction == 1`` (and no unlabelled ids) gives
     ``unlabelled = None``. Training items are augmented (random scale in ``scale_range``, pad with ignore,
     random crop to ``crop_size``, random mirror) with torch's RNG; val items are not, and are padded to
-    ``val_pad`` x ``val_pad`` when it is given. ``val_limit`` keeps the first ``val_limit`` val ids.
+    ``val_pad`` x ``val_pad`` when it is given. ``val_limit`` keeps the first ``val_limit`` val ids. A source with a
+    held-out test split (synthetic) also gives ``test`` (all its ids, treated as val items); else ``test`` is None.
     ``image_size`` (h, w), when given, resizes every train and val item to that size first (image bilinear,
     label nearest): the paper's Cityscapes protocol is ``image_size=(512, 1024)``, ``scale_range=(1, 1)``,
     ``crop_size=(512, 1024)``; metrics are then computed at that resolution.
@@ -101,7 +105,7 @@ def build_data(dataset: str, root: Optional[str] = None, *, crop_size=(321, 321)
         raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
     source = build_source(dataset, root, ignore_index=ignore_index, synthetic_seed=synthetic_seed,
                           synthetic_size=synthetic_size, synthetic_num_train=synthetic_num_train,
-                          synthetic_num_val=synthetic_num_val)
+                          synthetic_num_val=synthetic_num_val, synthetic_num_test=synthetic_num_test)
     if split_file is not None:
         split = resolve_split(split_file, source.train_ids)
     else:
@@ -120,7 +124,11 @@ def build_data(dataset: str, root: Optional[str] = None, *, crop_size=(321, 321)
     unlabelled = SegmentationSet(source, split["unlabelled"], **train_kw) if split["unlabelled"] else None
     val = SegmentationSet(source, val_ids, train=False, val_pad=val_pad, ignore_index=ignore_index,
                           image_size=image_size)
+    test_ids = list(getattr(source, "test_ids", None) or [])
+    test = SegmentationSet(source, test_ids, train=False, val_pad=val_pad, ignore_index=ignore_index,
+                           image_size=image_size) if test_ids else None
     return DataBundle(labelled=labelled, unlabelled=unlabelled, val=val, num_classes=source.num_classes,
                       class_names=list(source.class_names), ignore_index=ignore_index, split=split,
                       mean=tuple(source.mean), std=tuple(source.std),
-                      palette=list(source.palette or default_palette(source.num_classes)), dataset=dataset)
+                      palette=list(source.palette or default_palette(source.num_classes)), dataset=dataset,
+                      test=test)

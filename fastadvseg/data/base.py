@@ -65,6 +65,7 @@ class Source:
     std: Tuple[float, float, float] = IMAGENET_STD
     train_ids: List[str] = []
     val_ids: List[str] = []
+    test_ids: List[str] = []  # a held-out test split, where the dataset has one (synthetic); else none
     palette: Optional[List[Tuple[int, int, int]]] = None
 
     @property

@@ -169,6 +169,22 @@ def _texture_for(rng, cls: int) -> int:
     return int(rng.integers(NUM_TEXTURES))
 
 
+def object_frame(rng, r: float, size: int, margin: float = 0.2):
+    """An object of radius ``r`` placed at random (centre at least ``margin * r`` inside the image), rotated and
+    mildly stretched: its bounding box ``region``, the pixel coordinates ``y, x`` there and its local frame ``u, v``
+    (the shape's circumradius is about 1)."""
+    yy, xx = _grid(size)
+    cy, cx = rng.uniform(margin * r, size - margin * r, 2)
+    theta = rng.uniform(0, 2 * math.pi)
+    stretch = rng.uniform(0.85, 1.15)
+    region = _box(cy - 1.45 * r, cy + 1.45 * r, cx - 1.45 * r, cx + 1.45 * r, size)
+    y, x = yy[region], xx[region]
+    dy, dx = y - cy, x - cx
+    u = (math.cos(theta) * dx + math.sin(theta) * dy) / (r * stretch)
+    v = (-math.sin(theta) * dx + math.cos(theta) * dy) * stretch / r
+    return region, y, x, u, v
+
+
 def generate(index: int, split: str = "train", seed: int = 0, size: int = 96) -> Tuple[np.ndarray, np.ndarray]:
     """Item ``index`` of ``split``: a (size, size, 3) float32 image in [0, 1] and a (size, size) uint8 label."""
     if split not in SPLITS:
@@ -209,20 +225,19 @@ def generate(index: int, split: str = "train", seed: int = 0, size: int = 96) ->
     for _ in range(int(rng.integers(2, 7))):
         cls = int(rng.integers(1, len(CLASS_NAMES)))
         r = _R_MIN * (_R_MAX / _R_MIN) ** rng.random() * size / 96.0
-        cy, cx = rng.uniform(0.2 * r, size - 0.2 * r, 2)
-        theta = rng.uniform(0, 2 * math.pi)
-        stretch = rng.uniform(0.85, 1.15)
-        region = _box(cy - 1.45 * r, cy + 1.45 * r, cx - 1.45 * r, cx + 1.45 * r, size)
-        y, x = yy[region], xx[region]
-        dy, dx = y - cy, x - cx
-        u = (math.cos(theta) * dx + math.sin(theta) * dy) / (r * stretch)
-        v = (-math.sin(theta) * dx + math.cos(theta) * dy) * stretch / r
+        region, y, x, u, v = object_frame(rng, r, size)
         mask = _shape_mask(cls, u, v)
         hue = _class_hue(cls) + rng.normal(0, _HUE_SPREAD)
         _paint(img, region, y, x, rng, _texture_for(rng, cls), hue, mask)
         label[region][mask] = cls
 
-    # Illumination: gain, linear light gradient, colour cast; then blur and sensor noise.
+    return finish(img, label, rng, size)
+
+
+def finish(img: np.ndarray, label: np.ndarray, rng, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The camera, shared with the pretraining data (fastadvseg/data/pretrain_shapes.py): illumination (gain, linear
+    light gradient, colour cast), blur and sensor noise; then the 1-pixel ignore band inside every object contour."""
+    yy, xx = _grid(size)
     gy, gx = rng.uniform(-0.5, 0.5, 2)
     light = rng.uniform(0.55, 1.35) * (1 + gy * (yy / size - 0.5) + gx * (xx / size - 0.5))
     img *= light[..., None] * (1 + rng.normal(0, 0.06, 3)).astype(np.float32)
@@ -244,9 +259,12 @@ def generate(index: int, split: str = "train", seed: int = 0, size: int = 96) ->
 
 
 class SyntheticSource(Source):
-    """``num_train`` train ids ``train_0000...`` and ``num_val`` val ids ``val_0000...``, generated on demand."""
+    """``num_train`` train ids ``train_0000...``, ``num_val`` val ids ``val_0000...`` and ``num_test`` held-out test ids
+    ``test_0000...``, generated on demand. The three splits are disjoint by construction: each item's randomness is
+    ``default_rng([seed, split_code, index])`` with its own split code (train 0, val 1, test 2), so no test image is a
+    train or val image, whatever the counts; the test split was fixed (200 items of seed 0) before any run scored it."""
 
-    def __init__(self, seed: int = 0, size: int = 96, num_train: int = 1000, num_val: int = 200):
+    def __init__(self, seed: int = 0, size: int = 96, num_train: int = 1000, num_val: int = 200, num_test: int = 200):
         self.name = "synthetic"
         self.seed, self.size = int(seed), int(size)
         self.class_names = list(CLASS_NAMES)
@@ -254,6 +272,7 @@ class SyntheticSource(Source):
         self.palette = list(PALETTE)
         self.train_ids = [f"train_{i:04d}" for i in range(int(num_train))]
         self.val_ids = [f"val_{i:04d}" for i in range(int(num_val))]
+        self.test_ids = [f"test_{i:04d}" for i in range(int(num_test))]
 
     def load(self, item_id: str):
         split, _, idx = item_id.rpartition("_")

@@ -19,8 +19,10 @@ images it is the same computation as ``adv`` (the paper also leaves that cell em
 At the end (and with ``--report-only``) it writes ``OUT/table.md`` (mean +- sample std of the final mIoU over seeds
 per mode x fraction, n shown, the paper's VOC numbers beside, the paired difference to the baseline),
 ``OUT/table.png`` (mIoU vs label fraction, one line per mode, error bars = std) and ``OUT/results.json`` (every
-cell's numbers and the exact command line). The score of a cell is the mIoU of its final model on the val set
-(not the best of its intermediate evaluations, which would select on the test data).
+cell's numbers, its training diagnostics and the exact command line). The score of a cell is the mIoU of its final
+model (not the best of its intermediate evaluations, which would select on the data it is scored on); on the embedded
+data it is reported on the held-out test split (``eval_test``: 200 images disjoint from train and val), the val
+scores beside, and any choice (a setting, a remedy) is made on val.
 
 Any other ``--key value`` is passed to every cell as a TrainConfig override (``python -m fastadvseg.train --help``).
 """
@@ -203,8 +205,59 @@ def read_cell(cells_dir: str, cell: Cell) -> Dict:
         with open(os.path.join(run_dir, RESULT_FILE), encoding="utf-8") as f:
             s = json.load(f)
         row.update(miou=s.get("miou"), best_miou=s.get("best_miou"), pixel_acc=s.get("pixel_acc"),
+                   test_miou=s.get("test_miou"), test_pixel_acc=s.get("test_pixel_acc"),
                    wall_s=s.get("wall_s"), cpu_s=s.get("cpu_s"), steps=s.get("step"))
+        row["diagnostics"] = cell_diagnostics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "config.yaml"))
     return row
+
+
+# Training diagnostics per cell (from its metrics.jsonl): D's mean confidence sigmoid(D) on the predictions (fake:
+# labelled, and in semi mode unlabelled, softmax maps) and on the one-hot ground truth (real), the fraction of
+# unlabelled pixels L_semi keeps (from semi_start on), and L_semi's share of the generator loss
+# lambda_semi L_semi / (L_ce + lambda_adv L_adv + lambda_semi_adv L_adv,unl + lambda_semi L_semi), per phase of the run.
+DIAG_KEYS = ("d_conf_fake", "d_conf_real", "semi_ratio", "semi_share")
+PHASES = ((0.0, 0.05), (0.05, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+
+
+def cell_diagnostics(metrics_path: str, config_path: str) -> Optional[Dict]:
+    """{phase "a-b": {key: mean over the logged windows of that phase}} (None without metrics)."""
+    if not os.path.isfile(metrics_path):
+        return None
+    import yaml
+
+    cfg = {}
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    lam = {k: float(cfg.get(k, d)) for k, d in (("lambda_adv", 0.01), ("lambda_semi_adv", 0.001), ("lambda_semi", 0.1))}
+    steps = int(cfg.get("steps", 0)) or None
+    records = []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("kind") == "train":
+                records.append(r)
+    if not records:
+        return None
+    steps = steps or max(r["step"] for r in records)
+    out = {}
+    for lo, hi in PHASES:
+        sel = [r for r in records if lo * steps < r["step"] <= hi * steps]
+        vals: Dict[str, List[float]] = {k: [] for k in DIAG_KEYS}
+        for r in sel:
+            for k in DIAG_KEYS[:3]:
+                if k in r:
+                    vals[k].append(r[k])
+            if "loss_semi" in r:
+                semi = lam["lambda_semi"] * r["loss_semi"]
+                total = (r.get("loss_ce", 0.0) + lam["lambda_adv"] * r.get("loss_adv", 0.0)
+                         + lam["lambda_semi_adv"] * r.get("loss_semi_adv", 0.0) + semi)
+                vals["semi_share"].append(semi / total if total > 0 else 0.0)
+        out[f"{round(lo * steps)}-{round(hi * steps)}"] = {k: (sum(v) / len(v) if v else None) for k, v in vals.items()}
+    return out
 
 
 def mean_std(values: Sequence[float]):
@@ -222,9 +275,10 @@ def _fmt(mean, std, n) -> str:
     return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "") + f" (n={n})"
 
 
-def aggregate(rows: Sequence[Dict], modes: Sequence[str], fractions: Sequence[str]) -> Dict:
-    """{mode: {fraction: {"mean", "std", "n", "seeds"}}} in mIoU percent, plus paired differences to the baseline."""
-    done = {(r["mode"], r["fraction"], r["seed"]): 100 * r["miou"] for r in rows if r.get("miou") is not None}
+def aggregate(rows: Sequence[Dict], modes: Sequence[str], fractions: Sequence[str], key: str = "miou") -> Dict:
+    """{mode: {fraction: {"mean", "std", "n", "seeds"}}} in mIoU percent (``key``: "miou" on val, "test_miou" on the
+    test split), plus paired differences to the baseline."""
+    done = {(r["mode"], r["fraction"], r["seed"]): 100 * r[key] for r in rows if r.get(key) is not None}
     agg: Dict = {"cells": {}, "delta_vs_baseline": {}}
     for m in modes:
         for f in fractions:
@@ -238,12 +292,9 @@ def aggregate(rows: Sequence[Dict], modes: Sequence[str], fractions: Sequence[st
     return agg
 
 
-def write_table(path: str, agg: Dict, modes: Sequence[str], fractions: Sequence[str], meta: Dict) -> str:
+def _score_rows(agg: Dict, modes: Sequence[str], fractions: Sequence[str]) -> List[str]:
     head = "| | " + " | ".join(f"{f} labels" for f in fractions) + " |"
-    sep = "|---" * (len(fractions) + 1) + "|"
-    lines = [f"# Label-fraction table: {meta['dataset']}, {meta['steps']} steps", "",
-             f"mIoU (%) of the final model on the val set, mean ± sample std over seeds (n = seeds done). "
-             f"Seed k: split_seed k, training seed {TRAIN_SEED_BASE}+k.", "", head, sep]
+    lines = [head, "|---" * (len(fractions) + 1) + "|"]
     for m in modes:
         cells = agg["cells"][m]
         lines.append(f"| {MODE_LABELS.get(m, m)} | "
@@ -254,8 +305,54 @@ def write_table(path: str, agg: Dict, modes: Sequence[str], fractions: Sequence[
                      + " | ".join("–" if m == "semi" and f == "1" else
                                   (f"{d[f]['mean']:+.1f}" + (f" ± {d[f]['std']:.1f}" if d[f]["std"] is not None else "")
                                    if d[f]["n"] else "–") for f in fractions) + " |")
+    return lines
+
+
+def diagnostics_table(rows: Sequence[Dict], modes: Sequence[str], fractions: Sequence[str]) -> List[str]:
+    """Per mode x fraction x phase of training: the diagnostics (DIAG_KEYS), mean over the seeds done."""
+    lines = ["| mode | labels | steps | D conf. on predictions | D conf. on ground truth | kept fraction (L_semi) "
+             "| L_semi share of G's loss |", "|---|---|---|---|---|---|---|"]
+    for m in modes:
+        if m == "baseline":
+            continue  # no discriminator
+        for f in fractions:
+            diags = [r["diagnostics"] for r in rows if r["mode"] == m and r["fraction"] == f and r.get("diagnostics")]
+            if not diags:
+                continue
+            for phase in diags[0]:
+                vals = []
+                for k in DIAG_KEYS:
+                    v = [d[phase][k] for d in diags if phase in d and d[phase][k] is not None]
+                    vals.append("–" if not v else (f"{100 * sum(v) / len(v):.2f} %" if k == "semi_share"
+                                                   else f"{sum(v) / len(v):.3f}"))
+                lines.append(f"| {PLOT_LABELS.get(m, m)} | {f} | {phase} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def write_table(path: str, aggs: Dict[str, Dict], modes: Sequence[str], fractions: Sequence[str], meta: Dict,
+                rows: Sequence[Dict] = ()) -> str:
+    """``aggs``: {"test": aggregate on the test split (reported), "val": on val}; the test table comes first."""
+    lines = [f"# Label-fraction table: {meta['dataset']}, {meta['steps']} steps"
+             + (f", init {meta['init']}" if meta.get("init") else ""), ""]
+    if "test" in aggs:
+        lines += [f"**Reported: mIoU (%) of the final model on the held-out test split**, mean ± sample std over seeds "
+                  f"(n = seeds done). Seed k: split_seed k, training seed {TRAIN_SEED_BASE}+k. Nothing was chosen on "
+                  f"the test split; the val table below is what any choice looks at.", ""]
+        lines += _score_rows(aggs["test"], modes, fractions)
+        lines += ["", "mIoU (%) of the final model on the val set (the same models):", ""]
+    else:
+        lines += [f"mIoU (%) of the final model on the val set, mean ± sample std over seeds (n = seeds done). "
+                  f"Seed k: split_seed k, training seed {TRAIN_SEED_BASE}+k.", ""]
+    lines += _score_rows(aggs["val"], modes, fractions)
+    diag = diagnostics_table(rows, modes, fractions)
+    if len(diag) > 2:
+        lines += ["", "Training diagnostics (mean over the seeds and the logged windows of each phase; D conf. = mean "
+                  "sigmoid(D) over non-ignored pixels; predictions: the softmax maps D sees as fake, in adv+semi mode "
+                  "labelled and unlabelled; kept fraction: unlabelled pixels above semi_threshold, from semi_start on; "
+                  "L_semi share: lambda_semi L_semi over G's whole loss):", ""] + diag
+    head = "| | " + " | ".join(f"{f} labels" for f in fractions) + " |"
     lines += ["", "For reference only, a different setting (PASCAL VOC 2012 val, DeepLab-v2 ResNet-101 from COCO-pretrained "
-              "weights, 20k steps; Hung et al., BMVC 2018):", "", head, sep]
+              "weights, 20k steps; Hung et al., BMVC 2018):", "", head, "|---" * (len(fractions) + 1) + "|"]
     for m, row in PAPER_VOC.items():
         lines.append(f"| paper VOC: {MODE_LABELS[m]} | "
                      + " | ".join(("–" if row.get(f) is None else f"{row[f]:.1f}") if f in row else "n/a"
@@ -269,7 +366,8 @@ def write_table(path: str, agg: Dict, modes: Sequence[str], fractions: Sequence[
     return text
 
 
-def plot_table(path: str, agg: Dict, modes: Sequence[str], fractions: Sequence[str], title: str) -> None:
+def plot_table(path: str, agg: Dict, modes: Sequence[str], fractions: Sequence[str], title: str,
+               split: str = "val") -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -294,7 +392,7 @@ def plot_table(path: str, agg: Dict, modes: Sequence[str], fractions: Sequence[s
         a.set_xticks(xs if a is ax else [0.125, 0.25, 0.5, 1.0])
         a.set_xticklabels(fractions if a is ax else ["1/8", "1/4", "1/2", "1"])
         a.set_xlabel("fraction of labelled training images")
-        a.set_ylabel("val mIoU (%)")
+        a.set_ylabel(f"{split if a is ax else 'val'} mIoU (%)")
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=8)
@@ -309,14 +407,18 @@ def report(out: str, cells: Sequence[Cell], modes, fractions, meta: Dict, status
     for row, st in zip(rows, statuses or [{}] * len(rows)):
         if st.get("status"):
             row["last_status"] = st["status"]
-    agg = aggregate(rows, modes, fractions)
+    aggs = {"val": aggregate(rows, modes, fractions)}
+    if any(r.get("test_miou") is not None for r in rows):
+        aggs = {"test": aggregate(rows, modes, fractions, "test_miou"), **aggs}
     meta = {**meta, "done": sum(r["state"] == "done" for r in rows), "total": len(rows)}
     os.makedirs(out, exist_ok=True)
-    text = write_table(os.path.join(out, "table.md"), agg, modes, fractions, meta)
-    plot_table(os.path.join(out, "table.png"), agg, modes, fractions,
-               f"{meta['dataset']}, {meta['steps']} steps, mean ± std over seeds")
+    text = write_table(os.path.join(out, "table.md"), aggs, modes, fractions, meta, rows)
+    split = "test" if "test" in aggs else "val"
+    plot_table(os.path.join(out, "table.png"), aggs[split], modes, fractions,
+               f"{meta['dataset']}, {meta['steps']} steps, {split} mIoU, mean ± std over seeds", split)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({**meta, "paper_voc": PAPER_VOC, "aggregate": agg, "cells": rows}, f, indent=2)
+        json.dump({**meta, "paper_voc": PAPER_VOC, "aggregate": aggs["val"], "aggregate_test": aggs.get("test"),
+                   "cells": rows}, f, indent=2)
     return text, rows
 
 
@@ -356,6 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides.setdefault("num_threads", "1")
         if args.dataset == "synthetic" and not args.config:
             overrides.setdefault("val_limit", "none")  # all 200 val images (the training default scores 96)
+            overrides.setdefault("eval_test", "true")  # and the final model on the 200 held-out test images
         base = load_config(args.config, overrides)  # validates every override once, before any cell starts
         steps = args.steps or (DEFAULT_STEPS if args.dataset == "synthetic" and not args.config else base.steps)
         if "semi_start" not in overrides and not args.config:
@@ -368,7 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cells = build_cells(modes, fractions, range(args.seeds))
     meta = {"command": shlex.join(["python", "-m", "fastadvseg.experiments.table", *argv]),
             "dataset": args.dataset, "steps": steps, "modes": modes, "fractions": fractions, "seeds": args.seeds,
-            "overrides": overrides, "config": args.config}
+            "overrides": overrides, "config": args.config,}
     statuses = None
     previous = os.path.join(args.out, "results.json")
     if args.report_only and os.path.isfile(previous):  # keep the command that trained the cells

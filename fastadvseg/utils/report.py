@@ -52,15 +52,18 @@ def describe_run(cfg, bundle, G, info, run_dir) -> str:
             f"run directory {run_dir}")
 
 
-def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=None, step=None) -> dict:
+def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=None, step=None, test=None) -> dict:
     """Rank 0: curves, the prediction/confidence figure, eval.md/json, summary.json; prints the IoU table. ``step``:
-    the step of the model reported (that of checkpoints/last.pt)."""
+    the step of the model reported (that of checkpoints/last.pt); ``test``: its scores on the held-out test split
+    (eval_test.md/json, test_miou in summary.json)."""
     from ..evaluate import confidence_maps, write_report
 
     step = cfg.steps if step is None else step
     summary = {"run_dir": run_dir, "step": step, "interrupted": False, "miou": result.miou,
                "pixel_acc": result.pixel_acc, "best_miou": best, "wall_s": wall_s,
                "cpu_s": cpu_s, "threads": torch.get_num_threads()}
+    if test is not None:
+        summary.update(test_miou=test.miou, test_pixel_acc=test.pixel_acc, test_images=len(bundle.test))
     if not info.is_main:
         return summary
     if cfg.plots:
@@ -77,6 +80,8 @@ def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=N
                          os.path.join(run_dir, "samples.png"), titles=[it[2] for it in items],
                          class_names=bundle.class_names, threshold=cfg.semi_threshold)
     table = write_report(result, bundle.class_names, run_dir, extra={"step": step})
+    if test is not None:
+        write_report(test, bundle.class_names, run_dir, stem="eval_test", extra={"step": step, "split": "test"})
     path = os.path.join(run_dir, "summary.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:  # replaced atomically: it marks a finished run
         json.dump(summary, f, indent=2)
@@ -84,5 +89,8 @@ def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=N
     print(table)
     print(f"mIoU {100 * result.miou:.2f} (best {100 * (best or 0):.2f})  pixel accuracy {100 * result.pixel_acc:.2f}  "
           f"wall time {fmt_duration(wall_s)} (CPU time {fmt_duration(cpu_s or 0)})  run directory {run_dir}", flush=True)
+    if test is not None:
+        print(f"held-out test split ({len(bundle.test)} images, final model): mIoU {100 * test.miou:.2f}  pixel accuracy "
+              f"{100 * test.pixel_acc:.2f}", flush=True)
     return summary
 

@@ -112,10 +112,18 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
                                         ignore_mask_real=(labels == ignore).unsqueeze(1), backend=be) / 2
     _backward(loss_d, nets.scaler_d)
     out["loss_d"] = loss_d
+    with torch.no_grad():  # D's mean confidence sigmoid(D) on the predictions (fake) and on the ground truth (real)
+        out["d_conf_fake"] = _masked_mean(torch.sigmoid(d_fake.float()), ~fake_ignore.unsqueeze(1))
+        out["d_conf_real"] = _masked_mean(torch.sigmoid(d_real.float()), (labels != ignore).unsqueeze(1))
     if nets.scaler_d is None:
         out["grad_norm_d"] = grad_norm(nets.D)
     _step(nets.opt_d, nets.scaler_d)
     return {k: v.detach() for k, v in out.items()}
+
+
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    keep = keep.to(x.dtype)
+    return (x * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 def _fmt(cfg: TrainConfig):
