@@ -188,7 +188,8 @@ setup(
     ],
     python_requires=">=3.9",
     packages=PACKAGES,
-    package_data={"fastadvseg": ["py.typed", "configs/*.yaml", "configs/*.json"],
+    package_data={"fastadvseg": ["py.typed", "configs/*.yaml", "configs/*.json", "models/pretrained/*.pt",
+                                "models/pretrained/*.json"],
                   "fastadvseg.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     # No upper pins and no CUDA-specific wheels: a CPU machine keeps its CPU torch.
     # matplotlib: the training run's and the benchmark report's PNG plots; pyyaml: the shipped run configs;
