@@ -25,6 +25,7 @@ import yaml
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 MODES = ("baseline", "adv", "semi")
+INITS = ("scratch", "pretrained")
 AMP_MODES = ("none", "bf16", "fp16")
 LOSS_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
@@ -53,6 +54,10 @@ class TrainConfig:
     # --- model ---
     model: str = "deeplabv2_compact"  # the segmenter (fastadvseg.models.SEGMENTERS); synthetic default; paper: deeplabv2_resnet101
     pretrained: Optional[str] = None  # local weights file (torchvision ImageNet or the authors' COCO layout)
+    # the segmenter's start: "scratch" (random init) or "pretrained" (--pretrained FILE, else, for deeplabv2_compact,
+    # the backbone shipped in the package: pretrained on a disjoint synthetic task by python -m fastadvseg.pretrain,
+    # no download); none: pretrained exactly when --pretrained is given
+    init: Optional[str] = None
     pretrained_d: Optional[str] = None  # local discriminator state_dict
     freeze_bn: bool = False  # freeze BatchNorm (statistics and affine); synthetic default (from scratch); paper: true
     # bottleneck stride on the 1x1 conv (authors' DeepLab/Caffe layout) or the 3x3 (torchvision); None: as the
@@ -113,6 +118,16 @@ class TrainConfig:
                              ("loss_backend", LOSS_BACKENDS), ("dataset", DATASETS)):
             if getattr(self, key) not in choices:
                 bad(key, f"choose one of {tuple(choices)}")
+        if self.init is not None and self.init not in INITS:
+            bad("init", f"choose one of {INITS} (or none: pretrained exactly when --pretrained is given)")
+        if self.init == "scratch" and self.pretrained:
+            bad("init", f"contradicts --pretrained {self.pretrained}: drop one of them")
+        if self.init == "pretrained" and not self.pretrained:
+            from .models.weights import SHIPPED
+
+            if self.model not in SHIPPED:
+                bad("init", f"no pretrained weights are shipped for model {self.model} (only for "
+                            f"{', '.join(SHIPPED)}): give --pretrained FILE")
         for key in ("batch_size", "steps", "log_every", "eval_batch_size", "ndf"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")

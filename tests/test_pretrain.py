@@ -5,11 +5,18 @@ import json
 import os
 
 import pytest
+import torch
 
 import fastadvseg.train as train_mod
 from fastadvseg import evaluate as evaluate_mod
+from fastadvseg import pretrain as pretrain_mod
+from fastadvseg.config import ConfigError, load_config
 from fastadvseg.data import build_data
-from fastadvseg.data.synthetic import generate
+from fastadvseg.data.pretrain_shapes import PRETRAIN_CLASSES, generate_pretrain
+from fastadvseg.data.synthetic import CLASS_NAMES, generate
+from fastadvseg.models import build_segmenter
+from fastadvseg.models.weights import SHIPPED, sha256_file, shipped_weights
+from fastadvseg.utils.builders import start_weights
 
 from test_train import tiny
 
@@ -45,3 +52,73 @@ def test_train_scores_the_final_model_on_the_test_split_and_evaluate_can_too(tmp
     assert "test mIoU" in capsys.readouterr().out
     with open(tmp_path / "ev" / "eval_test.json", encoding="utf-8") as f:
         assert json.load(f)["miou"] == pytest.approx(summary["test_miou"])  # the same final model, the same images
+
+
+# ---------------------------------------------------------------- the pretraining task and command
+
+
+def test_pretraining_task_shares_no_class_and_no_image_with_the_target_data():
+    assert not set(PRETRAIN_CLASSES[1:]) & set(CLASS_NAMES)
+    img, lab = generate_pretrain(0, size=64)
+    assert img.shape == (64, 64, 3) and img.dtype.name == "float32" and 0 <= img.min() <= img.max() <= 1
+    assert set(lab.ravel().tolist()) <= set(range(len(PRETRAIN_CLASSES))) | {255}
+    pre = {_digest(*generate_pretrain(i, size=96)) for i in range(30)}
+    target = {_digest(*generate(i, s)) for s in ("train", "val", "test") for i in range(30)}
+    assert not pre & target
+    assert _digest(*generate_pretrain(7)) == _digest(*generate_pretrain(7))
+
+
+def test_pretrain_command_is_reproducible_and_its_backbone_loads(tmp_path, capsys):
+    paths = [str(tmp_path / f"{k}.pt") for k in "ab"]
+    for p in paths:
+        assert pretrain_mod.main(["--steps", "2", "--batch_size", "2", "--size", "40", "--out", p]) == 0
+    assert sha256_file(paths[0]) == sha256_file(paths[1])  # same seed, same bytes (whatever the file name)
+    with open(paths[0] + ".json", encoding="utf-8") as f:
+        rec = json.load(f)
+    assert rec["sha256"] == sha256_file(paths[0]) and rec["steps"] == 2 and "--steps 2" in rec["command"]
+    G = build_segmenter("deeplabv2_compact", len(CLASS_NAMES), paths[0], freeze_bn=False)
+    rep = G.load_report
+    assert rep.loaded and all(k.startswith("backbone.") for k in rep.loaded) and not rep.mismatched
+    assert all(k.startswith("classifier.") for k in rep.missing)  # a fresh head for the target classes
+    assert pretrain_mod.main(["--steps", "0", "--out", paths[0]]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the shipped start and --init
+
+
+def test_shipped_backbone_matches_its_recorded_sha256_and_fits_the_compact_segmenter():
+    name, digest = SHIPPED["deeplabv2_compact"]
+    path = shipped_weights("deeplabv2_compact")
+    assert os.path.basename(path) == name and sha256_file(path) == digest
+    assert os.path.getsize(path) < 4 << 20  # a few MB at most
+    with open(path + ".json", encoding="utf-8") as f:
+        rec = json.load(f)
+    assert rec["sha256"] == digest and rec["command"].startswith("python -m fastadvseg.pretrain")
+    G = build_segmenter("deeplabv2_compact", len(CLASS_NAMES), path, freeze_bn=False)
+    own = [k for k in G.state_dict() if k.startswith("backbone.")]
+    assert sorted(G.load_report.loaded) == sorted(own) and not G.load_report.mismatched
+
+
+def test_init_option(tmp_path, monkeypatch):
+    assert start_weights(tiny(tmp_path)) is None  # default: from scratch
+    assert start_weights(tiny(tmp_path, init="scratch")) is None
+    assert start_weights(tiny(tmp_path, init="pretrained")) == shipped_weights("deeplabv2_compact")
+    assert start_weights(tiny(tmp_path, pretrained="w.pt")) == "w.pt"  # --pretrained FILE alone: as before
+    for bad, what in (({"init": "imagenet"}, "choose one of"), ({"init": "scratch", "pretrained": "w.pt"}, "contradicts"),
+                      ({"init": "pretrained", "model": "deeplabv2_resnet18"}, "give --pretrained FILE")):
+        with pytest.raises(ConfigError, match=what):
+            load_config(None, bad)
+    seen = {}
+    real = train_mod.train_step
+
+    def first_step(cfg, nets, step, *a, **k):  # the weights the first step starts from
+        if step == 0:
+            seen.update({k: v.clone() for k, v in nets.G.state_dict().items()})
+        return real(cfg, nets, step, *a, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", first_step)
+    out = train_mod.train(tiny(tmp_path, init="pretrained", mode="baseline", steps=1))
+    assert out["step"] == 1
+    shipped = torch.load(shipped_weights("deeplabv2_compact"), weights_only=True)
+    assert shipped and all(torch.equal(seen[k], v) for k, v in shipped.items())

@@ -2,6 +2,7 @@
 
     python -m fastadvseg.experiments.table                      # the embedded synthetic data, 3 modes x 4 fractions x 3 seeds
     python -m fastadvseg.experiments.table --jobs 2 --out runs/paper_table
+    python -m fastadvseg.experiments.table --init pretrained --jobs 2 --out runs/paper_table_pretrained
     python -m fastadvseg.experiments.table --fractions 1/8 --modes baseline semi --seeds 1 --steps 300
     python -m fastadvseg.experiments.table --dataset voc --data_root /data/VOCdevkit --config voc_1_8 \\
         --pretrained /weights/resnet101COCO-41f33a49.pth --steps 20000 --semi_start 5000
@@ -22,7 +23,8 @@ per mode x fraction, n shown, the paper's VOC numbers beside, the paired differe
 cell's numbers, its training diagnostics and the exact command line). The score of a cell is the mIoU of its final
 model (not the best of its intermediate evaluations, which would select on the data it is scored on); on the embedded
 data it is reported on the held-out test split (``eval_test``: 200 images disjoint from train and val), the val
-scores beside, and any choice (a setting, a remedy) is made on val.
+scores beside, and any choice (a setting, a remedy) is made on val. ``--init pretrained`` starts every cell from the
+shipped pretrained backbone (``python -m fastadvseg.pretrain``), ``--init scratch`` (the default) from random weights.
 
 Any other ``--key value`` is passed to every cell as a TrainConfig override (``python -m fastadvseg.train --help``).
 """
@@ -471,7 +473,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cells = build_cells(modes, fractions, range(args.seeds))
     meta = {"command": shlex.join(["python", "-m", "fastadvseg.experiments.table", *argv]),
             "dataset": args.dataset, "steps": steps, "modes": modes, "fractions": fractions, "seeds": args.seeds,
-            "overrides": overrides, "config": args.config,}
+            "overrides": overrides, "config": args.config,
+            "init": base.init or ("pretrained" if base.pretrained else "scratch")}
     statuses = None
     previous = os.path.join(args.out, "results.json")
     if args.report_only and os.path.isfile(previous):  # keep the command that trained the cells

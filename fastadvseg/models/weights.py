@@ -22,6 +22,37 @@ from torch import nn
 
 _PREFIXES = ("module.", "Scale.")
 
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+# Weights shipped in the package (no download), per segmenter: file in PRETRAINED_DIR, its SHA-256. Made by the command
+# recorded in the JSON file beside it (python -m fastadvseg.pretrain; see fastadvseg/pretrain.py).
+SHIPPED = {
+    "deeplabv2_compact": ("compact_synthetic.pt", "67db3b6f8843bdaefa0d9f9ed7e5a95586ff24c22bc9ec4b8496bbce7c5447cf"),
+}
+
+
+def sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shipped_weights(model: str, check: bool = True) -> str:
+    """The path of the weights shipped for ``model``, its SHA-256 checked against the recorded one (``check``)."""
+    if model not in SHIPPED:
+        raise KeyError(f"no pretrained weights are shipped for model {model} (only for {', '.join(SHIPPED)})")
+    name, digest = SHIPPED[model]
+    path = os.path.join(PRETRAINED_DIR, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the shipped weights {path} are missing from this installation (reinstall fastadvseg)")
+    if check and sha256_file(path) != digest:
+        raise ValueError(f"the shipped weights {path} do not have their recorded SHA-256 {digest[:12]}...: the file "
+                         f"is damaged or was replaced (reinstall fastadvseg)")
+    return path
+
 
 @dataclass
 class LoadReport:

@@ -64,12 +64,25 @@ def _segmenter(cfg: TrainConfig, bundle, pretrained: Optional[str], what: str = 
     return G
 
 
+def start_weights(cfg: TrainConfig) -> Optional[str]:
+    """The weights file the segmenter starts from: ``--pretrained FILE``, or with ``--init pretrained`` and no file the
+    backbone shipped for ``cfg.model`` (checked against its recorded SHA-256); None: from scratch."""
+    if cfg.pretrained or cfg.init != "pretrained":
+        return cfg.pretrained
+    from ..models.weights import shipped_weights
+
+    try:
+        return shipped_weights(cfg.model)
+    except (KeyError, OSError, ValueError) as e:
+        raise ConfigError(f"init pretrained: {e}") from None
+
+
 def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print, pretrained: bool = True):
     """G and D initialised from ``cfg.seed`` (so every rank and every resume builds the same ones), with the
     pretrained weights of the config unless ``pretrained`` is False (a resume: the checkpoint replaces them)."""
     torch.manual_seed(cfg.seed)
     num_classes = bundle.num_classes
-    G = _segmenter(cfg, bundle, cfg.pretrained if pretrained else None)
+    G = _segmenter(cfg, bundle, start_weights(cfg) if pretrained else None)
     if G.load_report is not None:
         log(G.load_report.summary())
     elif cfg.freeze_bn and pretrained:
