@@ -74,6 +74,9 @@ class TrainConfig:
     lambda_semi_adv: float = 0.001  # weight of L_adv on unlabelled images
     semi_threshold: float = 0.2  # T_semi: L_semi keeps pixels where sigmoid(D) > T_semi
     d_unlabelled: bool = True  # D also sees the unlabelled predictions as fake (the authors' D_remain)
+    # a remedy for D's entropy shortcut, off by default (the paper's recipe): D's real input is the one-hot ground truth
+    # smoothed to (1 - eps) one-hot + eps / C, so a low entropy alone no longer tells real from predicted maps
+    d_real_smoothing: float = 0.0
     # --- optimisation ---
     batch_size: int = 8  # global batch (split over DDP ranks); synthetic default; paper: 10
     lr: float = 0.02  # SGD learning rate of G; synthetic default; paper: 2.5e-4
@@ -152,6 +155,8 @@ class TrainConfig:
             bad("betas_d", "each must be in [0, 1)")
         if not 0 < self.labelled_fraction <= 1:
             bad("labelled_fraction", "must be in (0, 1]")
+        if not 0 <= self.d_real_smoothing < 1:
+            bad("d_real_smoothing", "must be in [0, 1)")
         if not 0 <= self.semi_threshold <= 1:
             bad("semi_threshold", "must be in [0, 1]")
         lo, hi = self.scale_range

@@ -14,7 +14,7 @@ from fastadvseg.config import ConfigError, load_config
 from fastadvseg.data import build_data
 from fastadvseg.data.pretrain_shapes import PRETRAIN_CLASSES, generate_pretrain
 from fastadvseg.data.synthetic import CLASS_NAMES, generate
-from fastadvseg.models import build_segmenter
+from fastadvseg.models import FCDiscriminator, build_segmenter
 from fastadvseg.models.weights import SHIPPED, sha256_file, shipped_weights
 from fastadvseg.utils.builders import start_weights
 
@@ -122,3 +122,32 @@ def test_init_option(tmp_path, monkeypatch):
     assert out["step"] == 1
     shipped = torch.load(shipped_weights("deeplabv2_compact"), weights_only=True)
     assert shipped and all(torch.equal(seen[k], v) for k, v in shipped.items())
+
+
+def test_d_real_smoothing_remedy_is_off_by_default_and_smooths_what_d_sees_as_real(tmp_path, monkeypatch):
+    assert load_config(None, {}).d_real_smoothing == 0.0  # the paper's recipe stays the default
+    with pytest.raises(ConfigError, match="d_real_smoothing"):
+        load_config(None, {"d_real_smoothing": 1.0})
+    seen = []
+    real_forward = FCDiscriminator.forward
+
+    def record(self, x):
+        seen.append(x.detach().clone())
+        return real_forward(self, x)
+
+    monkeypatch.setattr(FCDiscriminator, "forward", record)
+    train_mod.train(tiny(tmp_path, mode="adv", steps=1, d_real_smoothing=0.2))
+    d_step = seen[1]  # G step: D(pred); D step: D([pred, real])
+    real = d_step[len(d_step) // 2:]
+    valid = real.sum(1) > 0  # ignored pixels stay zero vectors
+    assert torch.allclose(real.amax(1)[valid], torch.tensor(0.8 + 0.2 / real.shape[1]))
+    assert torch.allclose(real.amin(1)[valid], torch.tensor(0.2 / real.shape[1]))
+
+
+def test_a_config_saved_before_a_setting_existed_still_resumes():
+    from fastadvseg.utils.checkpoint import config_differences
+
+    now = load_config(None, {}).to_dict()
+    old = {k: v for k, v in now.items() if k not in ("d_real_smoothing", "init")}
+    assert config_differences(old, now) == {}
+    assert "d_real_smoothing" in config_differences(old, {**now, "d_real_smoothing": 0.1})

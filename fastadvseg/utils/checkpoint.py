@@ -149,9 +149,13 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
 
 
 def config_differences(config: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
-    """{key: (value in config, value in other)} for the keys that differ and are not in RESUMABLE."""
+    """{key: (value in config, value in other)} for the keys that differ and are not in RESUMABLE. A key one side
+    lacks (a config written before the setting existed) counts as the setting's default."""
+    from ..config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
     return {k: (config.get(k), other.get(k)) for k in sorted(set(config) | set(other))
-            if k not in RESUMABLE and _norm(config.get(k)) != _norm(other.get(k))}
+            if k not in RESUMABLE and _norm(config.get(k, defaults.get(k))) != _norm(other.get(k, defaults.get(k)))}
 
 
 def _norm(v):

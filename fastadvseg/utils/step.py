@@ -106,6 +106,9 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
     with autocast(cfg, device):
         p_fake = fas.softmax2d(fake, backend=be)
         real = fas.one_hot2d(labels, num_classes, ignore_index=ignore, dtype=p_fake.dtype, backend=be)
+        if cfg.d_real_smoothing:  # ignored pixels stay zero vectors (excluded from the loss anyway)
+            eps = cfg.d_real_smoothing
+            real = real * (1 - eps) + (eps / num_classes) * (labels != ignore).unsqueeze(1).to(real.dtype)
         d_out = nets.D(torch.cat([p_fake, real]).contiguous(memory_format=_fmt(cfg)))
         d_fake, d_real = d_out[: len(fake)], d_out[len(fake):]
         loss_d = fas.discriminator_loss(d_fake, d_real, ignore_mask_fake=fake_ignore.unsqueeze(1),
