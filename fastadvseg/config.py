@@ -77,6 +77,9 @@ class TrainConfig:
     # a remedy for D's entropy shortcut, off by default (the paper's recipe): D's real input is the one-hot ground truth
     # smoothed to (1 - eps) one-hot + eps / C, so a low entropy alone no longer tells real from predicted maps
     d_real_smoothing: float = 0.0
+    # the other remedy, off by default: D sees the (normalised) image beside the probability map (C + 3 input channels),
+    # so it can judge a map against the image it segments, not only by its entropy
+    d_image: bool = False
     # --- optimisation ---
     batch_size: int = 8  # global batch (split over DDP ranks); synthetic default; paper: 10
     lr: float = 0.02  # SGD learning rate of G; synthetic default; paper: 2.5e-4

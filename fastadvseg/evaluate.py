@@ -27,7 +27,8 @@ import fastadvseg as fas
 from .config import ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides, read_config_file
 from .metrics import ConfusionMatrix, SegMetrics, format_table
 from .utils import distributed as dist_utils
-from .utils.builders import autocast, build_bundle, build_segmenter_for_eval, check_data, segment, to_device
+from .utils.builders import (autocast, build_bundle, build_segmenter_for_eval, check_data, d_input, segment,
+                             to_device)
 from .utils.checkpoint import BEST, LAST, CheckpointError, first_non_finite, read_checkpoint
 
 
@@ -86,7 +87,7 @@ def confidence_maps(G, D, images: torch.Tensor, size, cfg: TrainConfig):
     G.eval()
     with autocast(cfg, images.device):
         logits = segment(G, images, size)
-        conf = torch.sigmoid(D(fas.softmax2d(logits, backend=cfg.loss_backend)).float())[:, 0]
+        conf = torch.sigmoid(D(d_input(cfg, fas.softmax2d(logits, backend=cfg.loss_backend), images)).float())[:, 0]
     G.train(was_training)
     return logits.argmax(1), conf
 

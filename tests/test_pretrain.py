@@ -124,10 +124,8 @@ def test_init_option(tmp_path, monkeypatch):
     assert shipped and all(torch.equal(seen[k], v) for k, v in shipped.items())
 
 
-def test_d_real_smoothing_remedy_is_off_by_default_and_smooths_what_d_sees_as_real(tmp_path, monkeypatch):
-    assert load_config(None, {}).d_real_smoothing == 0.0  # the paper's recipe stays the default
-    with pytest.raises(ConfigError, match="d_real_smoothing"):
-        load_config(None, {"d_real_smoothing": 1.0})
+def _record_d_inputs(monkeypatch):
+    """The list of every input the discriminator will be given."""
     seen = []
     real_forward = FCDiscriminator.forward
 
@@ -136,6 +134,14 @@ def test_d_real_smoothing_remedy_is_off_by_default_and_smooths_what_d_sees_as_re
         return real_forward(self, x)
 
     monkeypatch.setattr(FCDiscriminator, "forward", record)
+    return seen
+
+
+def test_d_real_smoothing_remedy_is_off_by_default_and_smooths_what_d_sees_as_real(tmp_path, monkeypatch):
+    assert load_config(None, {}).d_real_smoothing == 0.0  # the paper's recipe stays the default
+    with pytest.raises(ConfigError, match="d_real_smoothing"):
+        load_config(None, {"d_real_smoothing": 1.0})
+    seen = _record_d_inputs(monkeypatch)
     train_mod.train(tiny(tmp_path, mode="adv", steps=1, d_real_smoothing=0.2))
     d_step = seen[1]  # G step: D(pred); D step: D([pred, real])
     real = d_step[len(d_step) // 2:]
@@ -151,3 +157,14 @@ def test_a_config_saved_before_a_setting_existed_still_resumes():
     old = {k: v for k, v in now.items() if k not in ("d_real_smoothing", "init")}
     assert config_differences(old, now) == {}
     assert "d_real_smoothing" in config_differences(old, {**now, "d_real_smoothing": 0.1})
+
+
+def test_d_image_remedy_shows_d_the_image_beside_the_map(tmp_path, monkeypatch):
+    assert load_config(None, {}).d_image is False  # the paper's recipe stays the default
+    seen = _record_d_inputs(monkeypatch)
+    out = train_mod.train(tiny(tmp_path, mode="semi", steps=2, d_image=True, plots=True))
+    C = len(CLASS_NAMES)
+    assert all(x.shape[1] == C + 3 for x in seen)  # G step (labelled, unlabelled), D step, samples.png
+    real = seen[2][-2:]  # the D step's real half: one-hot ground truth, then the image
+    assert torch.all((real[:, :C] == 0) | (real[:, :C] == 1)) and real[:, C:].abs().sum() > 0
+    assert os.path.isfile(os.path.join(out["run_dir"], "samples.png"))

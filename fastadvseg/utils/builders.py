@@ -89,7 +89,7 @@ def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print, pret
         log("WARNING: frozen BatchNorm without --pretrained weights: every BN is the identity, and a deep net trained "
             "from scratch this way blows up (measured: ResNet-101 CE 1e4 at step 1). Pass --pretrained FILE (the "
             "paper uses resnet101COCO-41f33a49.pth) or --freeze_bn false.")
-    D = FCDiscriminator(num_classes, ndf=cfg.ndf)
+    D = FCDiscriminator(num_classes + (3 if cfg.d_image else 0), ndf=cfg.ndf)
     if cfg.pretrained_d and pretrained:
         from ..models.weights import read_state_dict
 
@@ -138,6 +138,11 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 def segment(G, images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """Logits at 1/8 of the input, upsampled bilinearly to ``size`` (the label's)."""
     return F.interpolate(G(images), size=size, mode="bilinear", align_corners=True)
+
+
+def d_input(cfg: TrainConfig, maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """What D sees: the probability (or one-hot) maps, with ``d_image`` the images beside them (C + 3 channels)."""
+    return torch.cat([maps, images.to(maps.dtype)], 1) if cfg.d_image else maps
 
 
 def build_segmenter_for_eval(cfg: TrainConfig, bundle, checkpoint, device: torch.device, name: str = ""):

@@ -17,7 +17,7 @@ import torch
 import fastadvseg as fas
 
 from ..config import TrainConfig
-from .builders import autocast, segment
+from .builders import autocast, d_input, segment
 
 
 @dataclass
@@ -56,7 +56,7 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
     and the gradient norms of G and D (the loop checks that they are finite)."""
     device = images.device
     ignore = 255
-    num_classes = fas_num_classes(nets)
+    num_classes = fas_num_classes(nets) - (3 if cfg.d_image else 0)
     adversarial = cfg.mode != "baseline"
     use_unl = cfg.mode == "semi" and images_u is not None
     be = cfg.loss_backend
@@ -72,7 +72,7 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         with autocast(cfg, device):
             logits = segment(nets.G, images, size)
             if adversarial:
-                g = fas.generator_loss(logits, nets.D_raw(fas.softmax2d(logits, backend=be)), labels,
+                g = fas.generator_loss(logits, nets.D_raw(d_input(cfg, fas.softmax2d(logits, backend=be), images)), labels,
                                        lambda_adv=cfg.lambda_adv, ignore_index=ignore, backend=be)
                 loss, out["loss_ce"], out["loss_adv"] = g.total, g.ce, g.adv
             else:
@@ -82,7 +82,7 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         lambda_semi = cfg.lambda_semi if step >= cfg.semi_start else 0.0
         with autocast(cfg, device):
             logits_u = segment(nets.G, images_u, size)
-            u = fas.generator_loss(logits_u, nets.D_raw(fas.softmax2d(logits_u, backend=be)), None,
+            u = fas.generator_loss(logits_u, nets.D_raw(d_input(cfg, fas.softmax2d(logits_u, backend=be), images_u)), None,
                                    lambda_adv=cfg.lambda_semi_adv, lambda_semi=lambda_semi,
                                    threshold=cfg.semi_threshold, ignore_index=ignore, backend=be)
         _backward(u.total, nets.scaler_g)
@@ -99,9 +99,11 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
     # ---- D step: one forward over [fake labelled, fake unlabelled, real] ----
     nets.opt_d.zero_grad(set_to_none=True)
     fake = logits.detach()
+    fake_images = images
     fake_ignore = labels == ignore
     if use_unl and cfg.d_unlabelled:
         fake = torch.cat([fake, logits_u.detach()])
+        fake_images = torch.cat([images, images_u])
         fake_ignore = torch.cat([fake_ignore, torch.zeros_like(fake_ignore[: len(logits_u)])])
     with autocast(cfg, device):
         p_fake = fas.softmax2d(fake, backend=be)
@@ -109,7 +111,8 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         if cfg.d_real_smoothing:  # ignored pixels stay zero vectors (excluded from the loss anyway)
             eps = cfg.d_real_smoothing
             real = real * (1 - eps) + (eps / num_classes) * (labels != ignore).unsqueeze(1).to(real.dtype)
-        d_out = nets.D(torch.cat([p_fake, real]).contiguous(memory_format=_fmt(cfg)))
+        d_in = torch.cat([d_input(cfg, p_fake, fake_images), d_input(cfg, real, images)])
+        d_out = nets.D(d_in.contiguous(memory_format=_fmt(cfg)))
         d_fake, d_real = d_out[: len(fake)], d_out[len(fake):]
         loss_d = fas.discriminator_loss(d_fake, d_real, ignore_mask_fake=fake_ignore.unsqueeze(1),
                                         ignore_mask_real=(labels == ignore).unsqueeze(1), backend=be) / 2
