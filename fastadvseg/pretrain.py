@@ -20,7 +20,7 @@ The shipped ``fastadvseg/models/pretrained/compact_synthetic.pt`` (529,547 bytes
 ``python -m fastadvseg.pretrain --out runs/pretrain/compact_synthetic.pt`` (8000 steps of 16 items of 64x64, seed 0,
 1 thread), its SHA-256 recorded in ``fastadvseg.models.weights.SHIPPED`` and, with the loss curve, in the JSON beside
 it. It took 11.1 minutes (664 s wall) on one thread of a 2-core x86_64 CPU shared with other test and
-training jobs (about 5 minutes when the machine is otherwise idle: 0.047 s per step measured at the start); mean
+training jobs (about 6 minutes when the machine is otherwise idle: 0.047 s per step measured at the start); mean
 cross-entropy 1.13 over the first 200 steps, 0.61 over the last 200; mIoU 25.1% on 128 held-out pretraining items.
 Tiny settings (``--steps 3 --batch_size 2``) take a second or two.
 """
