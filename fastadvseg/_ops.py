@@ -31,6 +31,10 @@ from .backends import reference
 
 NS = "fastadvseg"
 _DEVICES = ("cpu", "cuda")
+# Every kernel takes any strides (contiguous and channels_last natively, other layouts copied by its launch) and
+# every fake implementation gives the outputs the real one gives for those strides: so compiled code may hand an op
+# its inputs in the layout Inductor chose (channels_last after a conv) instead of copying them to the traced one.
+_TAGS = (torch.Tag.flexible_layout,)
 
 
 def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -206,7 +210,7 @@ def _launch(backend: str):
 
 # ----------------------------------------------------------------------------------------------------- softmax2d
 
-@torch.library.custom_op(f"{NS}::softmax2d", mutates_args=(), device_types=_DEVICES)
+@torch.library.custom_op(f"{NS}::softmax2d", mutates_args=(), device_types=_DEVICES, tags=_TAGS)
 def softmax2d(logits: Tensor, backend: str) -> Tensor:
     """Channel softmax of (N, C, H, W) logits, in their dtype; dense layouts keep their memory format."""
     return _launch(backend).softmax2d(logits)
@@ -217,7 +221,7 @@ def _(logits, backend):
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op(f"{NS}::softmax2d_backward", mutates_args=(), device_types=_DEVICES)
+@torch.library.custom_op(f"{NS}::softmax2d_backward", mutates_args=(), device_types=_DEVICES, tags=_TAGS)
 def softmax2d_backward(probs: Tensor, grad_probs: Tensor, backend: str) -> Tensor:
     """p * (g - sum_c p g), from the saved probabilities p."""
     return _launch(backend).softmax2d_backward(probs, grad_probs.to(probs.dtype))
@@ -246,7 +250,7 @@ softmax2d.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 
 # ----------------------------------------------------------------------------------------------- cross_entropy2d
 
-@torch.library.custom_op(f"{NS}::cross_entropy2d", mutates_args=(), device_types=_DEVICES)
+@torch.library.custom_op(f"{NS}::cross_entropy2d", mutates_args=(), device_types=_DEVICES, tags=_TAGS)
 def cross_entropy2d(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                     label_smoothing: float, reduction: str, store_grad: bool, validate: bool,
                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -276,7 +280,7 @@ _Op(cross_entropy2d, _ce_reference, grad_of={0: (0, 0)}, stores={0: 6}, differen
 
 # --------------------------------------------------------------------------------------------- bce_with_logits2d
 
-@torch.library.custom_op(f"{NS}::bce_with_logits2d", mutates_args=(), device_types=_DEVICES)
+@torch.library.custom_op(f"{NS}::bce_with_logits2d", mutates_args=(), device_types=_DEVICES, tags=_TAGS)
 def bce_with_logits2d(d_logits: Tensor, target_map: Optional[Tensor], target_value: float,
                       ignore_mask: Optional[Tensor], reduction: str, store_grad: bool,
                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -304,7 +308,7 @@ _Op(bce_with_logits2d, _bce_reference, grad_of={0: (0, 0)}, stores={0: 5}, diffe
 
 # ------------------------------------------------------------------------------------------ semi_cross_entropy2d
 
-@torch.library.custom_op(f"{NS}::semi_cross_entropy2d", mutates_args=(), device_types=_DEVICES)
+@torch.library.custom_op(f"{NS}::semi_cross_entropy2d", mutates_args=(), device_types=_DEVICES, tags=_TAGS)
 def semi_cross_entropy2d(logits: Tensor, d_logits: Tensor, threshold: float, ignore_mask: Optional[Tensor],
                          reduction: str, store_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (sums = [loss sum, kept pixels, considered pixels], loss map for "none", gradient of the loss sum,
@@ -330,7 +334,7 @@ _Op(semi_cross_entropy2d, _semi_reference, grad_of={0: (0, 0)}, stores={0: 5}, d
 
 # ------------------------------------------------------------------------------------------------ generator_loss
 
-@torch.library.custom_op(f"{NS}::generator_loss", mutates_args=(), device_types=_DEVICES)
+@torch.library.custom_op(f"{NS}::generator_loss", mutates_args=(), device_types=_DEVICES, tags=_TAGS)
 def generator_loss(logits: Tensor, d_logits: Tensor, target: Optional[Tensor], lambda_adv: float,
                    lambda_semi: float, threshold: float, ignore_index: int, store_grad_logits: bool,
                    store_grad_d: bool, validate: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -364,7 +368,7 @@ _Op(generator_loss, _generator_reference, grad_of={0: (0, 0), 1: (1, 2)}, stores
 
 # -------------------------------------------------------------------------------------------- discriminator_loss
 
-@torch.library.custom_op(f"{NS}::discriminator_loss", mutates_args=(), device_types=_DEVICES)
+@torch.library.custom_op(f"{NS}::discriminator_loss", mutates_args=(), device_types=_DEVICES, tags=_TAGS)
 def discriminator_loss(d_fake: Tensor, d_real: Tensor, ignore_mask_fake: Optional[Tensor],
                        ignore_mask_real: Optional[Tensor], store_grad_fake: bool, store_grad_real: bool,
                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -392,7 +396,7 @@ _Op(discriminator_loss, _discriminator_reference, grad_of={0: (0, 0), 1: (1, 2)}
 
 # ----------------------------------------------------------------------------------------------------- one_hot2d
 
-@torch.library.custom_op(f"{NS}::one_hot2d", mutates_args=(), device_types=_DEVICES)
+@torch.library.custom_op(f"{NS}::one_hot2d", mutates_args=(), device_types=_DEVICES, tags=_TAGS)
 def one_hot2d(target: Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype, validate: bool,
               backend: str) -> Tensor:
     """(N, H, W) labels -> contiguous (N, C, H, W) one-hot of ``dtype``; ignored pixels all zero."""

@@ -147,6 +147,43 @@ def test_compiled_with_dynamic_shapes_matches_eager(case, gen):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def _layout_losses(img, t, conv, dconv, backend):
+    """Logits from a conv and an upsample (channels_last when Inductor picks it), a sliced and a transposed view."""
+    x = F.interpolate(conv(img), scale_factor=2, mode="bilinear", align_corners=True)
+    z = dconv(fas.softmax2d(x, backend=backend))
+    lab = fas.generator_loss(x, z, t, lambda_adv=0.01, backend=backend)
+    unl = fas.generator_loss(x[:, :, 1:, :-1], z[..., 1:, :-1], None, lambda_adv=0.001, lambda_semi=0.1,
+                             backend=backend)
+    d = fas.discriminator_loss(dconv(fas.softmax2d(x.detach(), backend=backend)),
+                               dconv(fas.one_hot2d(t, x.shape[1], backend=backend)), ignore_mask_real=t == 255,
+                               backend=backend)
+    ce = fas.cross_entropy2d(x.transpose(2, 3), t.transpose(1, 2), backend=backend)
+    return lab.total + unl.total + ce + d
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
+@pytest.mark.parametrize("layout_optimization", [False, True])
+def test_compiled_ops_take_the_layout_inductor_chooses(case, layout_optimization, gen):
+    """The ops are tagged flexible_layout: Inductor hands them channels_last, sliced or transposed inputs as they
+    are. Values and gradients must stay eager's whatever layout it picks (forced channels_last after convs too)."""
+    backend, device = case
+    conv, dconv = torch.nn.Conv2d(3, 5, 3, padding=1).to(device), torch.nn.Conv2d(5, 1, 3, padding=1).to(device)
+    params = list(conv.parameters()) + list(dconv.parameters())
+    img = torch.randn(2, 3, 5, 6, generator=gen).to(device).to(memory_format=torch.channels_last)
+    t = make_target((2, 5, 10, 12), device, generator=gen)
+    torch._dynamo.reset()
+    compiled = torch.compile(_layout_losses, fullgraph=True,
+                             backend="aot_eager" if backend == "triton" else "inductor",
+                             options=None if backend == "triton" else {"force_layout_optimization": layout_optimization})
+    got, want = compiled(img, t, conv, dconv, backend), _layout_losses(img, t, conv, dconv, backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(torch.Tag.flexible_layout in getattr(OPS, name).default.tags
+               for name in ("softmax2d", "softmax2d_backward", "generator_loss", "discriminator_loss", "one_hot2d",
+                            "cross_entropy2d"))
+
+
 class _LossModule(torch.nn.Module):
     def __init__(self, backend):
         super().__init__()
