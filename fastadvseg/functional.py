@@ -85,11 +85,14 @@ def _kernel(backend: str) -> bool:
 
 
 def softmax2d(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Channel softmax of (N, C, H, W) logits, in the logits' dtype and memory format; fused backward."""
+    """Channel softmax of (N, C, H, W) logits, in the logits' dtype and memory format; fused backward.
+
+    Under ``torch.compile`` on CPU, ``backend="auto"`` traces it as ``torch.softmax`` so that the compiler can
+    fuse it with its neighbours; name a backend to keep the kernel."""
     V.check_logits(logits)
     if logits.numel() == 0:
         return torch.softmax(logits, dim=1)
-    name = resolve("softmax2d", backend, logits.device, logits.dtype)
+    name = resolve("softmax2d", backend, logits.device, logits.dtype, torch.compiler.is_compiling())
     if not _kernel(name):
         return reference.softmax2d(logits)
     return _ops_.softmax2d(logits, name)

@@ -62,3 +62,50 @@ def test_triton_on_cpu_without_interpreter_is_refused(fresh_dispatch, monkeypatc
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         fas.softmax2d(torch.randn(1, 2, 1, 1), backend="triton")
+
+
+def _compiled_targets(fn, *args):
+    """(result, the call targets of the one graph torch.compile(fullgraph=True) traced from fn)."""
+    targets = []
+
+    def capture(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    try:
+        return torch.compile(fn, backend=capture, fullgraph=True)(*args), targets
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif("cpu" not in fas.available_backends("cpu"), reason="cpu backend not built")
+def test_auto_softmax2d_is_traced_under_compile_on_cpu(fresh_dispatch, monkeypatch):
+    """Under torch.compile, auto gives softmax2d to the compiler as plain torch (which fuses it with its
+    neighbours) on CPU; eager auto, an explicit backend and FASTADVSEG_BACKEND keep the kernel op. The losses stay
+    kernel ops."""
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3, 4))
+    cpu = torch.device("cpu")
+    assert fresh_dispatch.resolve("softmax2d", "auto", cpu, torch.float32) == "cpu"
+    assert fresh_dispatch.resolve("softmax2d", "auto", cpu, torch.float32, True) == "reference"
+    assert fresh_dispatch.resolve("cross_entropy2d", "auto", cpu, torch.float32, True) == "cpu"
+    assert fresh_dispatch.resolve("softmax2d", "cpu", cpu, torch.float32, True) == "cpu"
+
+    def step(x, t, backend):
+        p = fas.softmax2d(x, backend=backend)
+        return p, fas.cross_entropy2d(x, t, backend=backend)
+
+    for backend, softmax_is_op in (("auto", False), ("cpu", True)):
+        (p, loss), targets = _compiled_targets(step, x, t, backend)
+        assert any("fastadvseg.cross_entropy2d" in s for s in targets), targets
+        assert any("fastadvseg.softmax2d" in s for s in targets) == softmax_is_op, (backend, targets)
+        assert any("softmax" in s and "fastadvseg" not in s for s in targets) != softmax_is_op, (backend, targets)
+        want = torch.softmax(x, 1)
+        torch.testing.assert_close(p, want)
+        up = torch.randn_like(p)
+        torch.testing.assert_close(torch.autograd.grad((p * up).sum(), x)[0],
+                                   torch.autograd.grad((want * up).sum(), x)[0])
+    monkeypatch.setenv(fresh_dispatch.ENV_BACKEND, "cpu")
+    (_, _), targets = _compiled_targets(step, x, t, "auto")
+    assert any("fastadvseg.softmax2d" in s for s in targets), targets
