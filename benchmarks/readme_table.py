@@ -9,6 +9,7 @@ It only reformats recorded numbers; it measures nothing.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -111,10 +112,19 @@ def summary(result: dict, source: str = "") -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.readme_table",
+                                     description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser.add_argument("paths", nargs="*", metavar="FILE.json | DIR",
+                        help="results files, or folders (the newest run per machine); default benchmarks/results")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     paths: List[str] = []
-    for arg in argv or [RESULTS]:
-        paths += newest_per_machine(arg) if os.path.isdir(arg) else [arg]
+    for arg in args.paths or [RESULTS]:
+        if os.path.isdir(arg):
+            paths += newest_per_machine(arg)
+        elif os.path.isfile(arg):
+            paths.append(arg)
+        else:
+            parser.error(f"no results file or folder {arg!r}")
     print("\n".join(summary(_load(p), p) for p in paths), end="")
     print(f"\n{OVERLAP_LEGEND}")
     return 0

@@ -255,3 +255,12 @@ def test_quality_flags_a_loaded_noisy_run_and_overlapping_ratios():
     # a target the p10-p90 range straddles is not judged on the median alone
     check = evaluate([cpu], "cpu")[0]
     assert check["met"] is None and check["gap"].startswith("too noisy to tell")
+
+
+def test_readme_table_names_a_missing_file_in_one_line(tmp_path, capsys):
+    from benchmarks import readme_table
+
+    with pytest.raises(SystemExit) as exit_info:
+        readme_table.main([str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2
+    assert "no results file or folder" in capsys.readouterr().err
