@@ -32,7 +32,7 @@ from .timing import summarize, sync
 
 # (N labelled = N unlabelled, C, H, W) per device type; "tiny" for smoke tests
 E2E_SIZES = {"cpu": (2, 21, 129, 129), "cuda": (10, 21, 321, 321), "tiny": (1, 5, 33, 33)}
-E2E_REPEATS = {"cpu": 15, "cuda": 20, "tiny": 2}
+E2E_REPEATS = {"cpu": 30, "cuda": 20, "tiny": 2}  # CPU steps are ~0.15 s: 30 per variant keep a run short
 DEFAULT_SEGMENTER = {"cpu": "deeplabv2_compact", "cuda": "deeplabv2_resnet101"}
 STAND_IN = "stand-in"  # --e2e-segmenter stand-in: the small G below (quick to compile, for smoke tests)
 
