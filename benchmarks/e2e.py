@@ -1,11 +1,12 @@
 """End-to-end figure: images/s of one training iteration of the paper's method, fused losses vs reference losses.
 
-One iteration (as in the authors' training loop): G update on a labelled batch (``generator_loss`` with
-targets, lambda_adv = 0.01) and an unlabelled batch (lambda_adv = 0.001, lambda_semi = 0.1), then a D update with
-``discriminator_loss`` on G's detached predictions (fake) and the one-hot ground truth (real, ignore pixels
-masked). "fused" calls fastadvseg (backend auto); "reference" calls :mod:`benchmarks.reference_ops`. Both run the
-same G, D and optimizers on the same device in the same process, steps interleaved (fused, reference, fused, ...)
-so that a change in machine load hits both alike; the figure is the ratio of median step times.
+One iteration (the losses of the authors' training loop; G's two terms go into one backward): G update on a
+labelled batch (``generator_loss`` with targets, lambda_adv = 0.01) and an unlabelled batch (lambda_adv = 0.001,
+lambda_semi = 0.1), then a D update with ``discriminator_loss`` on G's detached predictions (fake) and the one-hot
+ground truth (real, ignore pixels masked). "fused" calls fastadvseg (backend auto); "reference" calls
+:mod:`benchmarks.reference_ops`. Both run the same G, D and optimizers on the same device in the same process,
+steps interleaved (fused, reference, fused, ...) so that a change in machine load hits both alike; the figure is
+the ratio of median step times.
 
 G and D are the project's ``fastadvseg.models`` when that package is present: ``build_segmenter(name, C)`` (default
 ``deeplabv2_compact`` on CPU, ``deeplabv2_resnet101``, the paper's G, on GPU; its stride-8 logits upsampled to
@@ -118,25 +119,6 @@ def _loss_set(kind: str) -> Dict[str, Callable]:
     }
 
 
-def train_step(g, d, opt_g, opt_d, batch, losses: Dict[str, Callable], num_classes: int) -> None:
-    img_l, y, img_u = batch
-    opt_g.zero_grad(set_to_none=True)
-    opt_d.zero_grad(set_to_none=True)
-    for p in d.parameters():
-        p.requires_grad_(False)
-    pred = _upsampled(g, img_l)
-    losses["gen"](pred, _upsampled(d, losses["softmax"](pred)), y, LAMBDA_ADV, 0.0).backward()
-    pred_u = _upsampled(g, img_u)
-    losses["gen"](pred_u, _upsampled(d, losses["softmax"](pred_u)), None, LAMBDA_SEMI_ADV, LAMBDA_SEMI).backward()
-    opt_g.step()
-    for p in d.parameters():
-        p.requires_grad_(True)
-    fake = _upsampled(d, losses["softmax"](torch.cat([pred, pred_u]).detach()))
-    real = _upsampled(d, losses["one_hot"](y, num_classes))
-    losses["disc"](fake, real, y == IGNORE).backward()
-    opt_d.step()
-
-
 def _setup(device: torch.device, n: int, num_classes: int, h: int, w: int, segmenter: Optional[str], seed: int):
     """G, D and their optimizers (the paper's settings) and one batch (labelled images, labels, unlabelled images),
     seeded: what every timed training step starts from."""
@@ -156,13 +138,13 @@ def run_e2e(device: torch.device, n: int, num_classes: int, h: int, w: int, *, s
             warmup: int = 2, repeats: int = 10, seed: int = 0) -> dict:
     g, d, opt_g, opt_d, batch, models_note = _setup(device, n, num_classes, h, w, segmenter, seed)
     kinds = ("fused", "reference")
-    losses = {k: _loss_set(k) for k in kinds}
+    losses = {k: loss_functions(k) for k in kinds}
     samples = {k: [] for k in kinds}
     for step in range(warmup + repeats):
         for k in kinds:  # interleaved: load drift hits both
             sync(device)
             t0 = time.perf_counter()
-            train_step(g, d, opt_g, opt_d, batch, losses[k], num_classes)
+            training_step(g, d, opt_g, opt_d, batch, *losses[k], num_classes)
             sync(device)
             if step >= warmup:
                 samples[k].append(time.perf_counter() - t0)
@@ -182,7 +164,7 @@ def run_e2e(device: torch.device, n: int, num_classes: int, h: int, w: int, *, s
     return result
 
 
-# --- compiled training step (--e2e-compile) -------------------------------------------------------------------
+# --- the training step of --e2e and --e2e-compile ---------------------------------------------------------------
 
 def loss_functions(kind: str = "fused") -> Tuple[Callable, Callable]:
     """(G's loss, D's loss) of one iteration as a user writes them, with fastadvseg's losses (``"fused"``) or the
@@ -210,9 +192,10 @@ def loss_functions(kind: str = "fused") -> Tuple[Callable, Callable]:
     return generator_losses, discriminator_losses
 
 
-def compiled_step(g, d, opt_g, opt_d, batch, gen_fn, disc_fn, num_classes: int) -> None:
-    """One iteration: ``gen_fn``/``disc_fn`` (plain or ``torch.compile``d) give the losses, ``.backward()`` and the
-    optimizer steps run outside them (under torch.compile, AOTAutograd compiles the backward with the forward)."""
+def training_step(g, d, opt_g, opt_d, batch, gen_fn, disc_fn, num_classes: int) -> None:
+    """One iteration, for ``--e2e`` and ``--e2e-compile`` alike: ``gen_fn``/``disc_fn`` (from
+    :func:`loss_functions`, plain or ``torch.compile``d) give the losses, ``.backward()`` and the optimizer steps run
+    outside them (under torch.compile, AOTAutograd compiles the backward with the forward)."""
     img_l, y, img_u = batch
     opt_g.zero_grad(set_to_none=True)
     opt_d.zero_grad(set_to_none=True)
@@ -258,7 +241,7 @@ COMPILE_VARIANTS = {"eager": ("fused", False), "compiled": ("fused", True),
 
 def run_e2e_compile(device: torch.device, n: int, num_classes: int, h: int, w: int, *,
                     segmenter: Optional[str] = None, warmup: int = 2, repeats: int = 10, seed: int = 0) -> dict:
-    """Median step time of :func:`compiled_step` with the loss functions eager vs ``torch.compile``d, with
+    """Median step time of :func:`training_step` with the loss functions eager vs ``torch.compile``d, with
     fastadvseg's losses and with the reference losses (:data:`COMPILE_VARIANTS`); same G, D, optimizers and batch,
     steps interleaved with the order alternating; ratios of medians."""
     from .timing import ratio_range, too_noisy
@@ -276,7 +259,7 @@ def run_e2e_compile(device: torch.device, n: int, num_classes: int, h: int, w: i
     for name in ("compiled", "reference_compiled"):
         sync(device)
         t0 = time.perf_counter()
-        compiled_step(g, d, opt_g, opt_d, batch, *fns[name], num_classes)  # compiles forward and backward
+        training_step(g, d, opt_g, opt_d, batch, *fns[name], num_classes)  # compiles forward and backward
         sync(device)
         result[f"first_{name}_step_s"] = time.perf_counter() - t0
     samples = {k: [] for k in fns}
@@ -284,7 +267,7 @@ def run_e2e_compile(device: torch.device, n: int, num_classes: int, h: int, w: i
         for k in (list(fns) if step % 2 == 0 else list(fns)[::-1]):  # interleaved, order alternating
             sync(device)
             t0 = time.perf_counter()
-            compiled_step(g, d, opt_g, opt_d, batch, *fns[k], num_classes)
+            training_step(g, d, opt_g, opt_d, batch, *fns[k], num_classes)
             sync(device)
             if step >= warmup:
                 samples[k].append(time.perf_counter() - t0)
