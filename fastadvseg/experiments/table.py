@@ -47,9 +47,9 @@ from typing import Dict, List, Optional, Sequence
 
 from ..config import MODES, ConfigError, load_config, parse_overrides
 
-# Defaults for the embedded synthetic data. Measured on the 2-core machine with two 900-step cells side by side
-# (docs/paper_table.md): baseline 49 s, adv 96 s, semi 170 s of wall time; time grows linearly with the steps.
-# 1800 steps (twice the plain training default, which is far from converged) -> about 55 minutes for the 33 cells.
+# Defaults for the embedded synthetic data: 1800 steps (twice the plain training default, which is far from
+# converged). The whole from-scratch sweep (33 cells, each scored on val and test) took 65 minutes with --jobs 2 on
+# the 2-core machine (docs/paper_table.md).
 DEFAULT_STEPS = 1800
 DEFAULT_FRACTIONS = ("1/8", "1/4", "1/2", "1")
 DEFAULT_SEEDS = 3
@@ -66,9 +66,9 @@ PLOT_LABELS = {"semi": "adv+semi"}
 MODE_LABELS = {"baseline": "baseline (L_ce)", "adv": "adv (L_ce + L_adv)", "semi": "adv+semi (+ L_adv, L_semi on unlabelled)"}
 
 EXPECTED = ("Expected duration with the defaults (embedded synthetic data, 1800 steps, 33 cells) with --jobs 2 on 2 "
-            "otherwise idle CPU cores: about 55 minutes (per cell, two side by side: baseline ~1.6, adv ~3.2, semi "
-            "~5.7 minutes); measured with a third process competing for the 2 cores: baseline 2.3, adv 5.6, semi 7.3 "
-            "minutes, i.e. about 80 minutes for the sweep.")
+            "CPU cores: about 65 minutes from scratch (per cell, two side by side, median: baseline 1.8, adv 3.7, "
+            "semi 6.3 minutes, scoring on val and test included), about 50 minutes with --init pretrained; a third "
+            "process competing for the cores makes it up to half as long again.")
 
 
 @dataclass
