@@ -147,11 +147,39 @@ def test_channels_last_and_sliced_agree_with_contiguous(dtype):
         _close(_run_all(variant, d, t), base, rtol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
-# Float32 gradients and softmax outputs of 8 MiB and more are written with streaming stores (csrc/cpu/
-# kernels_impl.h, StreamRows): each channel's 64-byte lines are assembled across pixel vectors and blocks, and the
-# partial lines at the ends of a run of blocks are stored masked. An odd H*W puts every channel row at a different offset from a line;
-# H*W a multiple of 16 puts every row on a line boundary (the path without assembly), here with N=1.
+# Large float32 gradients and softmax outputs are written with streaming stores (csrc/cpu/kernels_impl.h,
+# StreamRows): each channel's 64-byte lines are assembled across pixel vectors and blocks, and the partial lines at
+# the ends of a run of blocks are stored masked. An odd H*W puts every channel row at a different offset from a
+# line; H*W a multiple of 16 puts every row on a line boundary (the path without assembly), here with N=1. Which
+# outputs stream depends on the CPU's cache (stream_bytes), so the tests set the threshold: both paths run on
+# every machine.
 STREAMED = [(2, 7, 389, 401), (1, 9, 512, 480)]
+
+
+@pytest.fixture(params=["streamed", "ordinary stores"])
+def store_path(request):
+    from fastadvseg import _C_cpu
+
+    _C_cpu.set_stream_bytes(8 << 20 if request.param == "streamed" else 1 << 62)
+    yield request.param
+    _C_cpu.set_stream_bytes(0)
+
+
+def test_outputs_stream_when_they_and_their_input_do_not_fit_in_the_l3_cache():
+    from fastadvseg import _C_cpu
+
+    try:
+        l3 = int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip())
+    except (OSError, ValueError):
+        l3 = 0
+    assert _C_cpu.default_stream_bytes() == max(8 << 20, l3 // 2)
+    assert _C_cpu.stream_bytes() == _C_cpu.default_stream_bytes()
+    _C_cpu.set_stream_bytes(12345)
+    try:
+        assert _C_cpu.stream_bytes() == 12345
+    finally:
+        _C_cpu.set_stream_bytes(0)
+    assert _C_cpu.stream_bytes() == _C_cpu.default_stream_bytes()
 
 
 def _streamed_outputs(x, d, t, backend):
@@ -173,7 +201,7 @@ def _streamed_outputs(x, d, t, backend):
 
 @pytest.mark.parametrize("shape,layout", [(STREAMED[0], "contiguous"), (STREAMED[0], "sliced"),
                                           (STREAMED[1], "contiguous")])
-def test_streamed_outputs_match_the_float64_reference(shape, layout, threads):
+def test_streamed_outputs_match_the_float64_reference(shape, layout, threads, store_path):
     g = torch.Generator().manual_seed(11)
     n, c, h, w = shape
     base = torch.randn(shape, generator=g) * 3

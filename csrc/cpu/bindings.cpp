@@ -59,6 +59,9 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.attr("openmp") = false;
 #endif
   m.def("isa", &fas::isa, "the kernel build in use: 'avx512' (AVX-512 F/VL/DQ/BW), 'avx2' (AVX2 + FMA) or 'base' (portable)");
+  m.def("stream_bytes", &fas::stream_bytes, "float32 outputs of this many bytes or more are written with streaming stores");
+  m.def("default_stream_bytes", &fas::default_stream_bytes, "max(8 MiB, half the L3 cache): stream_bytes unless set");
+  m.def("set_stream_bytes", &fas::set_stream_bytes, "override stream_bytes for this process (0: the default again)");
 
   m.def(
       "fused_loss",

@@ -1,7 +1,9 @@
 // Runtime choice between the kernel builds (kernels_base.cpp, kernels_avx2.cpp, kernels_avx512.cpp): the widest
 // one this CPU runs, capped by FASTADVSEG_CPU_ISA=base|avx2|avx512 (tests run each build the CPU has).
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <unistd.h>
 
 #include "kernels.h"
 
@@ -63,6 +65,36 @@ const char* isa() {
     default: return "base";
   }
 }
+
+// Streaming stores pay off only where ordinary ones would evict what is read. The 2x21x321x321 float32 gradient
+// (34.6 MB): on the 2-core EPYC VM streaming sped it up (kernels_impl.h, StreamRows; its L3 size was not
+// recorded: family-25 EPYCs have 32 MiB per core complex, 96 MiB in the X3D parts); on the 2-core Intel Xeon VM
+// (480 MiB L3) it slowed it down. There, forward+backward in the benchmark report, builds alternated twice on an
+// idle machine, streamed -> ordinary stores: softmax2d 5.30, 5.20 -> 3.55, 3.64 ms; cross_entropy2d 3.31, 3.46 ->
+// 2.76, 2.73; labelled generator_loss 3.45, 3.45 -> 2.91, 2.90; unlabelled 3.73, 3.81 -> 3.33, 3.40. glibc's
+// sysconf reads the L3 size a core sees from CPUID; where it is unknown the threshold stays at 8 MiB.
+int64_t default_stream_bytes() {
+  static const int64_t bytes = [] {
+    int64_t floor = int64_t{8} << 20;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (l3 > 0 && l3 / 2 > floor) return static_cast<int64_t>(l3 / 2);
+#endif
+    return floor;
+  }();
+  return bytes;
+}
+
+namespace {
+std::atomic<int64_t> stream_bytes_override{0};
+}
+
+int64_t stream_bytes() {
+  const int64_t v = stream_bytes_override.load(std::memory_order_relaxed);
+  return v > 0 ? v : default_stream_bytes();
+}
+
+void set_stream_bytes(int64_t bytes) { stream_bytes_override.store(bytes > 0 ? bytes : 0); }
 
 std::vector<double> fused_loss(const FusedArgs& a) { return FAS_CALL(fused_loss, a); }
 

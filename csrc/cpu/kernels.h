@@ -95,4 +95,11 @@ std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads);
 // The kernel build in use: "avx512", "avx2" or "base" (kernels.cpp).
 const char* isa();
 
+// Float32 outputs of this many bytes or more are written with streaming stores (kernels_impl.h, StreamRows):
+// by default max(8 MiB, half the last-level cache), i.e. when an output and its input cannot both stay in cache.
+// set_stream_bytes overrides it for the process (tests force either path); 0 restores the default.
+int64_t stream_bytes();
+void set_stream_bytes(int64_t bytes);
+int64_t default_stream_bytes();
+
 }  // namespace fas

@@ -414,7 +414,8 @@ Rows<Tag> tensor_rows(const Tensor4& t, int64_t base) {
 // without streaming alternated in one process (inputs rotated per variant): labelled generator_loss
 // forward+backward 3.43 -> 3.06 ms and 2.80 -> 2.71 ms, softmax2d forward+backward 3.82 -> 3.02 ms; the fused
 // kernel alone stayed at ~2.0 ms where ordinary stores swung between 1.8 and 3.0 ms. When the buffer is cold and
-// clean ordinary stores were ~7% faster. Only for outputs too large to stay in cache (kStreamBytes).
+// clean ordinary stores were ~7% faster. Only for outputs too large to stay in cache (stream_bytes(), kernels.cpp:
+// on a CPU whose last-level cache holds input and output, ordinary stores were faster).
 struct StreamRows {
   float* p;
   int64_t sc;
@@ -469,7 +470,6 @@ struct StreamRows {  // (no streaming stores in this build: never used)
 };
 constexpr bool kCanStream = false;
 #endif
-constexpr int64_t kStreamBytes = 8 << 20;  // outputs from this size on are streamed (see StreamRows)
 
 // A block of a tensor in memory, for prefetch_rows: `lines` lines `line_stride` bytes apart cover 16 pixels, and
 // the next 16 pixels start 16 * `px_bytes` bytes on (NCHW rows: C rows; channels_last: consecutive lines).
@@ -605,7 +605,7 @@ inline void put_vec(const StreamRows& r, int64_t c, int64_t v, int64_t, vf x) { 
 
 // Whether an output of `elements` values is streamed where its rows are in place (see StreamRows).
 inline bool streams(const Tensor4& out, int64_t elements) {
-  return kCanStream && out.ptr && out.dtype == kFloat32 && elements * 4 >= kStreamBytes &&
+  return kCanStream && out.ptr && out.dtype == kFloat32 && elements * 4 >= stream_bytes() &&
          reinterpret_cast<uintptr_t>(out.ptr) % sizeof(float) == 0;  // (lines made of whole floats)
 }
 
