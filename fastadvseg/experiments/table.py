@@ -67,7 +67,7 @@ MODE_LABELS = {"baseline": "baseline (L_ce)", "adv": "adv (L_ce + L_adv)", "semi
 
 EXPECTED = ("Expected duration with the defaults (embedded synthetic data, 1800 steps, 33 cells) with --jobs 2 on 2 "
             "CPU cores: about 65 minutes from scratch (per cell, two side by side, median: baseline 1.8, adv 3.7, "
-            "semi 6.3 minutes, scoring on val and test included), about 50 minutes with --init pretrained; a third "
+            "semi 6.3 minutes, scoring on val and test included), about 58 minutes with --init pretrained; a third "
             "process competing for the cores makes it up to half as long again.")
 
 
