@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,13 +166,26 @@ def store_path(request):
     _C_cpu.set_stream_bytes(0)
 
 
+def _l3_one_core_sees():
+    """The L3 size as Linux reads it per cache instance; glibc's getconf (the whole package on AMD) only without it."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                return int(size[:-1]) << {"K": 10, "M": 20, "G": 30}[size[-1]] if size[-1] in "KMG" else int(size)
+        except (OSError, ValueError):
+            pass
+    try:
+        return int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip())
+    except (OSError, ValueError):
+        return 0
+
+
 def test_outputs_stream_when_they_and_their_input_do_not_fit_in_the_l3_cache():
     from fastadvseg import _C_cpu
 
-    try:
-        l3 = int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip())
-    except (OSError, ValueError):
-        l3 = 0
+    l3 = _l3_one_core_sees()
+    assert _C_cpu.l3_cache_bytes() == l3
     assert _C_cpu.default_stream_bytes() == max(8 << 20, l3 // 2)
     assert _C_cpu.stream_bytes() == _C_cpu.default_stream_bytes()
     _C_cpu.set_stream_bytes(12345)
@@ -180,6 +194,14 @@ def test_outputs_stream_when_they_and_their_input_do_not_fit_in_the_l3_cache():
     finally:
         _C_cpu.set_stream_bytes(0)
     assert _C_cpu.stream_bytes() == _C_cpu.default_stream_bytes()
+
+
+@pytest.mark.parametrize("text, size", [("32768K", 32 << 20), ("32768K\n", 32 << 20), ("2M", 2 << 20),
+                                        ("1G", 1 << 30), ("4096", 4096), ("", 0), ("K", 0), ("-5K", 0), ("7Q", 0)])
+def test_cache_sizes_are_read_as_sysfs_writes_them(text, size):
+    from fastadvseg import _C_cpu
+
+    assert _C_cpu.parse_cache_size(text) == size
 
 
 def _streamed_outputs(x, d, t, backend):

@@ -60,7 +60,10 @@ PYBIND11_MODULE(_C_cpu, m) {
 #endif
   m.def("isa", &fas::isa, "the kernel build in use: 'avx512' (AVX-512 F/VL/DQ/BW), 'avx2' (AVX2 + FMA) or 'base' (portable)");
   m.def("stream_bytes", &fas::stream_bytes, "float32 outputs of this many bytes or more are written with streaming stores");
-  m.def("default_stream_bytes", &fas::default_stream_bytes, "max(8 MiB, half the L3 cache): stream_bytes unless set");
+  m.def("default_stream_bytes", &fas::default_stream_bytes, "max(8 MiB, half the L3 cache one core sees): stream_bytes unless set");
+  m.def("l3_cache_bytes", &fas::l3_cache_bytes, "the L3 cache one core sees, in bytes (sysfs, else sysconf; 0 if unknown)");
+  m.def("parse_cache_size", [](const std::string& s) { return fas::parse_cache_size(s.c_str()); },
+        "bytes of a sysfs cache size such as '32768K' (0 if unreadable)");
   m.def("set_stream_bytes", &fas::set_stream_bytes, "override stream_bytes for this process (0: the default again)");
 
   m.def(

@@ -2,7 +2,9 @@
 // one this CPU runs, capped by FASTADVSEG_CPU_ISA=base|avx2|avx512 (tests run each build the CPU has).
 #include <atomic>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <unistd.h>
 
 #include "kernels.h"
@@ -67,20 +69,61 @@ const char* isa() {
 }
 
 // Streaming stores pay off only where ordinary ones would evict what is read. The 2x21x321x321 float32 gradient
-// (34.6 MB): on the 2-core EPYC VM streaming sped it up (kernels_impl.h, StreamRows; its L3 size was not
-// recorded: family-25 EPYCs have 32 MiB per core complex, 96 MiB in the X3D parts); on the 2-core Intel Xeon VM
-// (480 MiB L3) it slowed it down. There, forward+backward in the benchmark report, builds alternated twice on an
-// idle machine, streamed -> ordinary stores: softmax2d 5.30, 5.20 -> 3.55, 3.64 ms; cross_entropy2d 3.31, 3.46 ->
-// 2.76, 2.73; labelled generator_loss 3.45, 3.45 -> 2.91, 2.90; unlabelled 3.73, 3.81 -> 3.33, 3.40. glibc's
-// sysconf reads the L3 size a core sees from CPUID; where it is unknown the threshold stays at 8 MiB.
+// (34.6 MB), forward+backward in one process, store paths interleaved (60 rounds, medians), streamed -> ordinary:
+// on the 2-core AMD EPYC VM (family 26, 32 MiB L3 per core complex) streaming is faster: cross_entropy2d 2.50 ->
+// 2.90 ms, labelled generator_loss 2.80 -> 3.12, unlabelled 2.83 -> 3.15, softmax2d 5.20 -> 5.61 (a second run:
+// 1.31 -> 1.40, 1.73 -> 1.94, 1.91 -> 1.99, 3.94 -> 4.07). On the 2-core Intel Xeon VM (480 MiB L3) it is slower,
+// builds alternated twice on an idle machine: softmax2d 5.30, 5.20 -> 3.55, 3.64 ms; cross_entropy2d 3.31, 3.46 ->
+// 2.76, 2.73; labelled generator_loss 3.45, 3.45 -> 2.91, 2.90; unlabelled 3.73, 3.81 -> 3.33, 3.40.
+// The size that matters is the L3 one core sees, which Linux reads per cache instance (CPUID leaf 4 on Intel,
+// 0x8000001D on AMD) into sysfs. glibc's sysconf is not it on AMD: it answers with the whole package (384 MiB on
+// that EPYC VM, whose core complex has 32), so it is only the fallback; where neither tells, 8 MiB.
+int64_t parse_cache_size(const char* text) {
+  char* end = nullptr;
+  const long long n = std::strtoll(text, &end, 10);
+  if (end == text || n <= 0) return 0;
+  switch (*end) {
+    case 'K': return static_cast<int64_t>(n) << 10;
+    case 'M': return static_cast<int64_t>(n) << 20;
+    case 'G': return static_cast<int64_t>(n) << 30;
+    case '\0': case '\n': return static_cast<int64_t>(n);
+    default: return 0;
+  }
+}
+
+namespace {
+std::string read_line(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return {};
+  char buf[64] = {0};
+  const bool ok = std::fgets(buf, sizeof buf, f) != nullptr;
+  std::fclose(f);
+  return ok ? std::string(buf) : std::string();
+}
+}  // namespace
+
+int64_t l3_cache_bytes() {
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    const std::string level = read_line(dir + "level");
+    if (level.empty()) break;
+    if (std::atoi(level.c_str()) == 3) {
+      const int64_t bytes = parse_cache_size(read_line(dir + "size").c_str());
+      if (bytes > 0) return bytes;
+    }
+  }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (l3 > 0) return static_cast<int64_t>(l3);
+#endif
+  return 0;
+}
+
 int64_t default_stream_bytes() {
   static const int64_t bytes = [] {
-    int64_t floor = int64_t{8} << 20;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (l3 > 0 && l3 / 2 > floor) return static_cast<int64_t>(l3 / 2);
-#endif
-    return floor;
+    const int64_t floor = int64_t{8} << 20;
+    const int64_t half_l3 = l3_cache_bytes() / 2;
+    return half_l3 > floor ? half_l3 : floor;
   }();
   return bytes;
 }

@@ -96,10 +96,13 @@ std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads);
 const char* isa();
 
 // Float32 outputs of this many bytes or more are written with streaming stores (kernels_impl.h, StreamRows):
-// by default max(8 MiB, half the last-level cache), i.e. when an output and its input cannot both stay in cache.
+// by default max(8 MiB, half the L3 cache one core sees), i.e. when an output and its input cannot both stay in it.
 // set_stream_bytes overrides it for the process (tests force either path); 0 restores the default.
 int64_t stream_bytes();
 void set_stream_bytes(int64_t bytes);
 int64_t default_stream_bytes();
+// The L3 size one core sees, in bytes (sysfs, else sysconf; 0 if unknown), and the parser of sysfs' "32768K".
+int64_t l3_cache_bytes();
+int64_t parse_cache_size(const char* text);
 
 }  // namespace fas
