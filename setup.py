@@ -162,6 +162,7 @@ def _with_cuda_build(base, extensions):
 
 EXT_MODULES = _cpu_extensions() + _cuda_extensions()
 CMDCLASS = {"build_ext": _with_cuda_build(OptionalBuildExt, EXT_MODULES)}
+TRAIN_EXTRAS = ["matplotlib", "pyyaml", "pillow"]  # fastadvseg/config.py PIPELINE_EXTRAS checks the same three
 
 setup(
     name="fastadvseg",
@@ -192,16 +193,17 @@ setup(
                                 "models/pretrained/*.json"],
                   "fastadvseg.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     # No upper pins and no CUDA-specific wheels: a CPU machine keeps its CPU torch.
-    # matplotlib: the training run's and the benchmark report's PNG plots; pyyaml: the shipped run configs;
-    # pillow: reading dataset images and palette/greyscale PNG masks (fastadvseg.data).
     # Triton is not required: the CUDA builds of torch on Linux bring their own, and a CPU machine never runs it
     # (the `triton` backend then says what is missing: fastadvseg.unavailable_reason("triton")). The `triton` extra
     # names it for the rare GPU install without it; the `test` extra keeps it, to test the Triton kernels under
     # TRITON_INTERPRET=1 on CPU, and pybind11 + setuptools, to build the sdist and wheel offline in the tests.
-    install_requires=["torch>=2.4", "numpy", "matplotlib", "pyyaml", "pillow"],
+    # The losses need torch and numpy only. The "train" extra is the pipeline's: matplotlib (the run's and the
+    # benchmark report's PNG plots), pyyaml (run configs), pillow (dataset images and PNG masks, fastadvseg.data).
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
+        "train": TRAIN_EXTRAS,
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "pybind11>=2.10", "setuptools>=77"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "pybind11>=2.10", "setuptools>=77", *TRAIN_EXTRAS],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,

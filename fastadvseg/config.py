@@ -20,14 +20,45 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 MODES = ("baseline", "adv", "semi")
 INITS = ("scratch", "pretrained")
 AMP_MODES = ("none", "bf16", "fp16")
 LOSS_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+# What the training pipeline needs beyond the losses (which need torch and numpy only): `pip install
+# "fastadvseg[train]"`. (import name, distribution name)
+PIPELINE_EXTRAS = (("yaml", "pyyaml"), ("matplotlib", "matplotlib"), ("PIL", "pillow"))
+
+
+def missing_pipeline_extras() -> List[str]:
+    """The distributions of PIPELINE_EXTRAS that cannot be imported here."""
+    missing = []
+    for module, dist in PIPELINE_EXTRAS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    return missing
+
+
+def require_pipeline_extras(program: str) -> None:
+    """ConfigError (one line) naming what ``program`` needs and how to install it, before it starts any work."""
+    missing = missing_pipeline_extras()
+    if missing:
+        raise ConfigError(f"{program} needs {', '.join(d for _, d in PIPELINE_EXTRAS)}, which the library alone "
+                          f"does not install; missing here: {', '.join(missing)}. Install them with "
+                          f"pip install 'fastadvseg[train]' (in a clone: pip install -e '.[train]')")
+
+
+def _yaml():
+    """pyyaml, imported where a config is read or written: the losses alone do not need it."""
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("reading or writing a YAML config needs pyyaml: pip install 'fastadvseg[train]'") from None
+    return yaml
 
 
 @dataclass
@@ -227,6 +258,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
+    yaml = _yaml()
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -286,6 +318,7 @@ def resolve_config_path(name_or_path: str) -> str:
 def read_config_file(name_or_path: str) -> Dict[str, Any]:
     """The mapping in a YAML/JSON config file; a file that cannot be read or parsed is a ConfigError naming it."""
     path = resolve_config_path(name_or_path)
+    yaml = _yaml()
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
@@ -424,4 +457,4 @@ def save_config(cfg: TrainConfig, path: str) -> None:
         if path.endswith(".json"):
             json.dump(cfg.to_dict(), f, indent=2)
         else:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            _yaml().safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -24,7 +24,8 @@ import torch
 
 import fastadvseg as fas
 
-from .config import ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides, read_config_file
+from .config import (ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides, read_config_file,
+                     require_pipeline_extras)
 from .metrics import ConfusionMatrix, SegMetrics, format_table
 from .utils import distributed as dist_utils
 from .utils.builders import (autocast, build_bundle, build_segmenter_for_eval, check_data, d_input, segment,
@@ -150,6 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     warn = lambda msg: print(msg, file=sys.stderr)
     try:
+        require_pipeline_extras("python -m fastadvseg.evaluate")
         overrides = parse_overrides(rest)
         if args.run:
             config_yaml = os.path.join(args.run, "config.yaml")

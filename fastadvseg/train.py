@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import (ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides,
-                     read_config_file, save_config)
+                     read_config_file, require_pipeline_extras, save_config)
 from .evaluate import evaluate
 from .utils import distributed as dist_utils
 from .utils.builders import build_bundle, build_models, build_optimizers, check_data, make_scaler, set_lr, to_device
@@ -311,6 +311,7 @@ def parse_cli(argv: Optional[Sequence[str]] = None):
     parser = build_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--resume", help="a run directory or checkpoint to continue (its config, then overrides)")
     args, rest = parser.parse_known_args(argv)
+    require_pipeline_extras("python -m fastadvseg.train")
     overrides = parse_overrides(rest)
     if args.resume:
         resume = open_resume(args.resume)

@@ -116,6 +116,11 @@ def test_wheel_holds_the_package_its_cpu_backend_and_licence(built):
         meta = whl.read(f"{NAME}.dist-info/METADATA").decode()
     assert "License-Expression: Apache-2.0" in meta
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    # the losses need torch and numpy only; the pipeline's packages come with the "train" extra (the tests use it)
+    assert [r for r in requires if "extra ==" not in r] == ["Requires-Dist: torch>=2.4", "Requires-Dist: numpy"]
+    for dist in ("matplotlib", "pyyaml", "pillow"):
+        assert [r for r in requires if r.startswith(f"Requires-Dist: {dist};")] == [
+            f'Requires-Dist: {dist}; extra == "train"', f'Requires-Dist: {dist}; extra == "test"']
     assert [r for r in requires if r.startswith("Requires-Dist: triton")] == [
         'Requires-Dist: triton>=3.0; extra == "triton"', 'Requires-Dist: triton>=3.0; extra == "test"']
 

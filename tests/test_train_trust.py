@@ -103,6 +103,44 @@ def test_damaged_pretrained_weights_are_named(tmp_path, capsys):
     assert "weights_only=False" not in err and not (tmp_path / "runs").exists()
 
 
+# The library installs torch and numpy only; the pipeline's own needs come with the "train" extra. Run in a fresh
+# interpreter in which pyyaml, matplotlib and pillow cannot be imported.
+_WITHOUT_TRAIN_EXTRA = """
+import sys
+for m in ("yaml", "matplotlib", "PIL"):
+    sys.modules[m] = None
+"""
+
+
+def test_the_losses_need_no_train_extra(tmp_path):
+    code = _WITHOUT_TRAIN_EXTRA + """
+import torch, fastadvseg as fas
+from fastadvseg import nn, models
+x = torch.randn(2, 3, 5, 7, requires_grad=True)
+fas.generator_loss(x, torch.randn(2, 1, 5, 7), torch.randint(0, 3, (2, 5, 7)), lambda_adv=0.01).total.backward()
+assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+print(type(models.FCDiscriminator(3)(torch.randn(1, 3, 64, 64))).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "Tensor", out.stderr
+
+
+@pytest.mark.parametrize("program", ["fastadvseg.train", "fastadvseg.evaluate", "fastadvseg.experiments.table"])
+def test_the_pipeline_without_its_train_extra_says_what_to_install(tmp_path, program):
+    run = _WITHOUT_TRAIN_EXTRA + f"""
+import runpy
+sys.argv = ["{program}"] + sys.argv[1:]
+runpy.run_module("{program}", run_name="__main__")
+"""
+    out = subprocess.run([sys.executable, "-c", run, "--run_root", str(tmp_path), "--run", str(tmp_path),
+                          "--out", str(tmp_path / "table")], capture_output=True, text=True, cwd=tmp_path)
+    assert_one_line_error(out.returncode, out.stderr, f"python -m {program} needs", "missing here: pyyaml, matplotlib, "
+                          "pillow", "pip install 'fastadvseg[train]'")
+    assert os.listdir(tmp_path) == []
+    helps = subprocess.run([sys.executable, "-c", run, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert helps.returncode == 0 and "usage" in helps.stdout, helps.stderr
+
+
 # ------------------------------------------------------------------------------------------ 2. checkpoints
 
 @pytest.fixture(scope="module")

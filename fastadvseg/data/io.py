@@ -20,8 +20,8 @@ _MASK_MODES = {"P", "L", "I", "I;16", "I;16L", "I;16B"}
 def _open(path, kind: str):
     try:
         from PIL import Image
-    except ImportError as e:  # pragma: no cover - Pillow is a declared dependency
-        raise ImportError("fastadvseg needs Pillow to read image files: pip install pillow") from e
+    except ImportError as e:  # Pillow comes with the "train" extra
+        raise ImportError("fastadvseg needs Pillow to read image files: pip install 'fastadvseg[train]'") from e
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} file not found: {path}")

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence
 
-from ..config import MODES, ConfigError, load_config, parse_overrides
+from ..config import MODES, ConfigError, load_config, parse_overrides, require_pipeline_extras
 
 # Defaults for the embedded synthetic data: 1800 steps (twice the plain training default, which is far from
 # converged). The whole from-scratch sweep (33 cells, each scored on val and test) took 65 minutes with --jobs 2 on
@@ -449,6 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = build_parser().parse_known_args(argv)
     try:
+        require_pipeline_extras("python -m fastadvseg.experiments.table")
         overrides = parse_overrides(rest)
         bad = sorted(k for k in overrides if k in SWEEP_KEYS)
         if bad:
