@@ -27,7 +27,10 @@
 #      b. the other ops' rows (VOC, Cityscapes)                        ~2 min   (cap 1.5 each)
 #      c. registers and spills with this machine's Triton and nvcc    ~0.5 min (cap 1.5)
 #      d. one training iteration, fused vs reference losses           ~1 min   (cap 2)
-#      e. the rest of the test suite on CUDA tensors, until the budget is spent (pytest stops starting tests)
+#      e. the training step compiled vs eager, graph breaks           ~2 min   (cap 3.5)  torch.compile of the loss
+#                                                functions with fastadvseg's and the reference losses (one compile
+#                                                each, then interleaved timed steps)
+#      f. the rest of the test suite on CUDA tensors, until the budget is spent (pytest stops starting tests)
 #
 # Exit status: 0 when nothing that ran failed (a part cut at its time limit is not a failure), 1 otherwise, 2 bad
 # arguments. Needs a CUDA build of torch, Triton, a CUDA toolkit of torch's major version, pybind11, pytest,
@@ -167,7 +170,8 @@ dtypes = args.dtypes or ["float32", "bfloat16", "float16"]
 timed = "no op timing" if args.no_op_timing else (
     f"{len(cases)} rows x {len(shapes)} shapes x {len(dtypes)} dtypes: {', '.join(c.name for c in cases)} at "
     f"{', '.join(s.name for s in shapes)}, {', '.join(dtypes)}" + ("" if args.no_compile else ", with torch.compile"))
-print(timed + ("; e2e: one training iteration, fused vs reference losses" if args.e2e else ""))
+print(timed + ("; e2e: one training iteration, fused vs reference losses" if args.e2e else "")
+      + ("; e2e-compile: the training step compiled vs eager" if args.e2e_compile else ""))
 PY
             ;;
         module)
@@ -212,7 +216,8 @@ part 4b-bench-voc-other-ops        90 40 bench --shapes voc "${others[@]}"
 part 4b-bench-cityscapes-other-ops 90 40 bench --shapes cityscapes "${others[@]}"
 part 4c-kernel-resources    90  30  module fastadvseg.kernels.triton.compile_check --json "$out/4c-kernel-resources.json"
 part 4d-bench-e2e           120 60  bench --shapes voc --e2e --no-op-timing --no-plot
-part 4e-rest-of-tests       600 30  pytest rest tests
+part 4e-bench-e2e-compile   210 120 bench --shapes voc --e2e-compile --no-op-timing --no-plot
+part 4f-rest-of-tests       600 30  pytest rest tests
 
 {
     echo "# gpu_check $([ "$dry" = 1 ] && echo '(dry run) ')$(date -u +%Y-%m-%dT%H:%MZ)"

@@ -17,7 +17,8 @@ ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="CI's check on CPU
                             "scripts/gpu_check.sh runs for real")
 PARTS = ["1-build", "2-contract-tests", "3-bench-voc-core", "3-bench-cityscapes-core",
          "4a-bench-voc-core-vs-compile", "4a-bench-cityscapes-core-vs-compile", "4b-bench-voc-other-ops",
-         "4b-bench-cityscapes-other-ops", "4c-kernel-resources", "4d-bench-e2e", "4e-rest-of-tests"]
+         "4b-bench-cityscapes-other-ops", "4c-kernel-resources", "4d-bench-e2e", "4e-bench-e2e-compile",
+         "4f-rest-of-tests"]
 
 
 def _run(*args, env=None, timeout=600):
@@ -32,8 +33,8 @@ def _summary_rows(out: Path):
 
 def test_header_states_the_order_and_the_time_of_each_part():
     header = SCRIPT.read_text().split("\nset -uo")[0]
-    steps = re.findall(r"^#\s+(\d\.|[a-e]\.)\s+(.+?)\s+~([\d.]+) min", header, flags=re.M)
-    assert [s[0] for s in steps] == ["1.", "2.", "3.", "a.", "b.", "c.", "d."], steps
+    steps = re.findall(r"^#\s+(\d\.|[a-f]\.)\s+(.+?)\s+~([\d.]+) min", header, flags=re.M)
+    assert [s[0] for s in steps] == ["1.", "2.", "3.", "a.", "b.", "c.", "d.", "e."], steps
     assert "budget" in header and "480" in header and "rest of the test suite" in header
 
 
@@ -48,11 +49,12 @@ def test_dry_run_proves_every_part_well_formed(tmp_path):
     assert [r[0].strip("| ") for r in rows] == PARTS
     assert all(r[2] == "dry run: ok" for r in rows), rows
     by = {r[0].strip("| "): r[3] for r in rows}
-    for name in ("2-contract-tests", "4e-rest-of-tests"):  # test selections collect tests
+    for name in ("2-contract-tests", "4f-rest-of-tests"):  # test selections collect tests
         assert int(re.match(r"(\d+)/\d+ tests collected", by[name]).group(1)) > 0, by[name]
     assert "cross_entropy2d, generator_loss[labelled], generator_loss[unlabelled] at voc, float32, bfloat16" \
         in by["3-bench-voc-core"]
     assert "with torch.compile" in by["4a-bench-cityscapes-core-vs-compile"]
+    assert "e2e-compile: the training step compiled vs eager" in by["4e-bench-e2e-compile"]
     subset = (out / "2-contract-tests.log").read_text()
     assert "backends ['cpu', 'triton'] on cpu" in subset  # the subset rule, on the backends CPU tensors have
     assert "gpu_check: no part skipped" in proc.stdout
@@ -109,7 +111,8 @@ def test_a_run_makes_its_parts_in_order_on_cuda_tensors(tmp_path, stand_in):
     assert "--ops generator_loss cross_entropy2d --dtypes float32 bfloat16" in reports[0]
     assert "--shapes voc" in reports[0] and "--shapes cityscapes" in reports[1] and "--no-compile" in reports[1]
     assert "--no-compile" not in reports[2] and "--no-compile" not in reports[3]
-    assert work[-3].startswith("-m fastadvseg.kernels.triton.compile_check --json")  # then e2e, then tests
+    assert work[-4].startswith("-m fastadvseg.kernels.triton.compile_check --json")  # then e2e twice, then tests
+    assert "--e2e --no-op-timing" in work[-3] and "--e2e-compile --no-op-timing" in work[-2]
     assert re.match(r"-m pytest .*--gpu-check rest --gpu-check-device cuda .* tests$", work[-1])
     rows = _summary_rows(out)
     assert [r[0].strip("| ") for r in rows] == PARTS and all(r[2].startswith("ok") for r in rows)
