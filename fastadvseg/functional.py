@@ -18,7 +18,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _labels
-from . import _ops  # noqa: F401  (registers torch.ops.fastadvseg.*)
+from . import _ops  # registers torch.ops.fastadvseg.*; _ops.call runs them
 from . import _validate as V
 from ._dispatch import resolve
 from ._types import GeneratorLossOutput
@@ -34,9 +34,6 @@ __all__ = [
     "discriminator_loss",
     "GeneratorLossOutput",
 ]
-
-_ops_ = torch.ops.fastadvseg
-
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -61,23 +58,25 @@ def _wants_grad(t: Optional[torch.Tensor]) -> bool:
     return t is not None and torch.is_grad_enabled() and t.requires_grad
 
 
-def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def _mean(total: torch.Tensor, count: torch.Tensor, count_has_grad: bool = False) -> torch.Tensor:
     """total / count; 0 with a zero gradient when count is exactly 0 (a negative count, from signed class
     weights, divides like PyTorch does).
 
-    A count that carries no gradient (all but learnt class weights) is a constant: the mean is then one product
-    by its inverse (one autograd node), and d(mean)/d(total) is exactly that inverse, the number a backend that
-    pre-scales its stored gradient (``cpu``) already divided by."""
+    A count is a constant unless it is a sum of learnt class weights (``count_has_grad``; an op's sums are one
+    output, so its counts look differentiable to autograd either way). A constant count makes the mean one
+    product by its inverse (one autograd node), and d(mean)/d(total) exactly that inverse, the number a backend
+    that pre-scales its stored gradient (``cpu``) already divided by."""
+    if not count_has_grad:
+        count = count.detach()
+        return total * torch.where(count != 0, 1.0 / torch.where(count != 0, count, 1.0), 0.0)
     nonzero = count != 0
-    if not count.requires_grad:
-        return total * torch.where(nonzero, 1.0 / torch.where(nonzero, count, 1.0), 0.0)
     return torch.where(nonzero, total / torch.where(nonzero, count, 1.0), 0.0)
 
 
-def _reduce(sums: torch.Tensor, loss_map: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(sums: torch.Tensor, loss_map: torch.Tensor, reduction: str, count_has_grad: bool = False) -> torch.Tensor:
     if reduction == "none":
         return loss_map
-    return sums[0] if reduction == "sum" else _mean(sums[0], sums[1])
+    return sums[0] if reduction == "sum" else _mean(sums[0], sums[1], count_has_grad)
 
 
 def _kernel(backend: str) -> bool:
@@ -95,7 +94,7 @@ def softmax2d(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     name = resolve("softmax2d", backend, logits.device, logits.dtype, torch.compiler.is_compiling())
     if not _kernel(name):
         return reference.softmax2d(logits)
-    return _ops_.softmax2d(logits, name)
+    return _ops.call("softmax2d", logits, name)
 
 
 def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
@@ -120,12 +119,12 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
     name = resolve("cross_entropy2d", backend, logits.device, logits.dtype)
     validate = _labels.label_validation_enabled()
     if _kernel(name):
-        sums, loss_map, _, _ = _ops_.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing,
+        sums, loss_map, _, _ = _ops.call("cross_entropy2d", logits, target, weight, ignore_index, label_smoothing,
                                                      reduction, _wants_grad(logits), validate, name)
     else:
         valid = _labels.valid_labels(target, logits.shape[1], ignore_index) if validate else None
         sums, loss_map = reference.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, valid)
-    return _reduce(sums, loss_map, reduction)
+    return _reduce(sums, loss_map, reduction, count_has_grad=weight is not None and weight.requires_grad)
 
 
 def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor], *,
@@ -147,7 +146,7 @@ def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor]
     if _kernel(name):
         if target_map is not None and target_map.device != d.device:  # a 0-dim target may live on the CPU
             target_map = target_map.to(d.device)
-        sums, loss_map, _, _ = _ops_.bce_with_logits2d(d, target_map, target_value, mask, reduction,
+        sums, loss_map, _, _ = _ops.call("bce_with_logits2d", d, target_map, target_value, mask, reduction,
                                                        _wants_grad(d), name)
     else:
         sums, loss_map = reference.bce_with_logits2d(d, target_map, target_value, mask)
@@ -176,7 +175,7 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, *, thresh
     else:
         name = resolve("semi_cross_entropy2d", backend, logits.device, logits.dtype)
         if _kernel(name):
-            sums, loss_map, _, _ = _ops_.semi_cross_entropy2d(logits, d.detach(), threshold, mask, reduction,
+            sums, loss_map, _, _ = _ops.call("semi_cross_entropy2d", logits, d.detach(), threshold, mask, reduction,
                                                               _wants_grad(logits), name)
         else:
             sums, loss_map = reference.semi_cross_entropy2d(logits, d.detach(), threshold, mask)
@@ -205,7 +204,7 @@ def one_hot2d(target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
     name = resolve("one_hot2d", backend, target.device, dtype if dtype.is_floating_point else torch.float32)
     validate = _labels.label_validation_enabled()
     if _kernel(name):
-        return _ops_.one_hot2d(target, num_classes, ignore_index, dtype, validate, name)
+        return _ops.call("one_hot2d", target, num_classes, ignore_index, dtype, validate, name)
     valid = _labels.valid_labels(target, num_classes, ignore_index) if validate else None
     return reference.one_hot2d(target, num_classes, ignore_index, dtype, valid)
 
@@ -235,7 +234,7 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
         return GeneratorLossOutput(zero, z, z, z, z)
     name = resolve("generator_loss", backend, logits.device, logits.dtype)
     if _kernel(name):
-        sums, _, _, _ = _ops_.generator_loss(logits, d, target, lambda_adv, lambda_semi, threshold, ignore_index,
+        sums, _, _, _ = _ops.call("generator_loss", logits, d, target, lambda_adv, lambda_semi, threshold, ignore_index,
                                              _wants_grad(logits), _wants_grad(d),
                                              _labels.label_validation_enabled(), name)
     else:
@@ -270,7 +269,7 @@ def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, *, ignore_mas
         fake, real = fake.to(dtype), real.to(dtype)
     name = resolve("discriminator_loss", backend, fake.device, fake.dtype)
     if _kernel(name):
-        sums, _, _, _ = _ops_.discriminator_loss(fake, real, mask_fake, mask_real, _wants_grad(fake),
+        sums, _, _, _ = _ops.call("discriminator_loss", fake, real, mask_fake, mask_real, _wants_grad(fake),
                                                  _wants_grad(real), name)
     else:
         sums = reference.discriminator_loss(fake, real, mask_fake, mask_real)
