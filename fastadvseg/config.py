@@ -394,8 +394,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser(description: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                      allow_abbrev=False,
                      epilog="Every TrainConfig field (fastadvseg/config.py) is also an option --key value, applied after "
                             "--config:\n\n" + describe_options() +

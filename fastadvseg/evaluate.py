@@ -140,7 +140,8 @@ def _describe(path: str, state) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done; 2 refused (one line ``error: ...``: a bad option, config, checkpoint or data file)."""
-    parser = build_parser("Evaluate a trained segmenter (mIoU, per-class IoU, pixel accuracy).")
+    parser = build_parser("Evaluate a trained segmenter (mIoU, per-class IoU, pixel accuracy).",
+                          prog="python -m fastadvseg.evaluate")
     parser.add_argument("--run", help="a run directory: uses its config.yaml and checkpoints/best.pt (else last.pt)")
     parser.add_argument("--checkpoint", help="a checkpoint or a segmenter state_dict")
     parser.add_argument("--which", choices=("best", "last"), default="best", help="with --run: which checkpoint")

@@ -308,7 +308,7 @@ def _wrap(G, D, cfg: TrainConfig, info: dist_utils.DistInfo):
 
 def parse_cli(argv: Optional[Sequence[str]] = None):
     """(config, Resume or None) from the command line; ConfigError for anything wrong in it."""
-    parser = build_parser(__doc__.split("\n\n")[0])
+    parser = build_parser(__doc__.split("\n\n")[0], prog="python -m fastadvseg.train")
     parser.add_argument("--resume", help="a run directory or checkpoint to continue (its config, then overrides)")
     args, rest = parser.parse_known_args(argv)
     require_pipeline_extras("python -m fastadvseg.train")
