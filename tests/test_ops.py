@@ -549,6 +549,12 @@ def test_torch_func_grad_and_vjp_work_and_vmap_says_what_to_do(case, gen):
     }.items():
         got = torch.func.grad(fn)(x, d, backend)
         assert_close(got, torch.func.grad(fn)(x64, d64, "reference"), torch.float32, name)
+    v = torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+
+    def hvp(x, b):  # grad of grad: the inner gradient is differentiated again (the reference formula)
+        inner = torch.func.grad(lambda x: fas.cross_entropy2d(x, t, label_smoothing=0.1, backend=b))
+        return torch.func.grad(lambda x: (inner(x) * v.to(x.dtype)).sum())(x)
+    assert_close(hvp(x, backend), hvp(x64, "reference"), torch.float32, "hessian-vector product")
     out, vjp = torch.func.vjp(lambda d: fas.discriminator_loss(d, d * 2, backend=backend), d)
     (got,) = vjp(torch.ones_like(out))
     _, vjp64 = torch.func.vjp(lambda d: fas.discriminator_loss(d, d * 2, backend="reference"), d64)
