@@ -68,7 +68,8 @@ def _mean(total: torch.Tensor, count: torch.Tensor, count_has_grad: bool = False
     that pre-scales its stored gradient (``cpu``) already divided by."""
     if not count_has_grad:
         count = count.detach()
-        return total * torch.where(count != 0, 1.0 / torch.where(count != 0, count, 1.0), 0.0)
+        nonzero = count != 0
+        return total * torch.where(nonzero, 1.0 / torch.where(nonzero, count, 1.0), 0.0)
     nonzero = count != 0
     return torch.where(nonzero, total / torch.where(nonzero, count, 1.0), 0.0)
 
@@ -119,8 +120,8 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
     name = resolve("cross_entropy2d", backend, logits.device, logits.dtype)
     validate = _labels.label_validation_enabled()
     if _kernel(name):
-        sums, loss_map, _, _ = _ops.call("cross_entropy2d", logits, target, weight, ignore_index, label_smoothing,
-                                                     reduction, _wants_grad(logits), validate, name)
+        sums, loss_map, _, _ = _ops.call("cross_entropy2d", logits, target, weight, ignore_index,
+                                         label_smoothing, reduction, _wants_grad(logits), validate, name)
     else:
         valid = _labels.valid_labels(target, logits.shape[1], ignore_index) if validate else None
         sums, loss_map = reference.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, valid)
@@ -147,7 +148,7 @@ def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor]
         if target_map is not None and target_map.device != d.device:  # a 0-dim target may live on the CPU
             target_map = target_map.to(d.device)
         sums, loss_map, _, _ = _ops.call("bce_with_logits2d", d, target_map, target_value, mask, reduction,
-                                                       _wants_grad(d), name)
+                                         _wants_grad(d), name)
     else:
         sums, loss_map = reference.bce_with_logits2d(d, target_map, target_value, mask)
     out = _reduce(sums, loss_map, reduction)
@@ -175,8 +176,8 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, *, thresh
     else:
         name = resolve("semi_cross_entropy2d", backend, logits.device, logits.dtype)
         if _kernel(name):
-            sums, loss_map, _, _ = _ops.call("semi_cross_entropy2d", logits, d.detach(), threshold, mask, reduction,
-                                                              _wants_grad(logits), name)
+            sums, loss_map, _, _ = _ops.call("semi_cross_entropy2d", logits, d.detach(), threshold, mask,
+                                             reduction, _wants_grad(logits), name)
         else:
             sums, loss_map = reference.semi_cross_entropy2d(logits, d.detach(), threshold, mask)
         loss = _reduce(sums, loss_map, reduction)
@@ -234,9 +235,9 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
         return GeneratorLossOutput(zero, z, z, z, z)
     name = resolve("generator_loss", backend, logits.device, logits.dtype)
     if _kernel(name):
-        sums, _, _, _ = _ops.call("generator_loss", logits, d, target, lambda_adv, lambda_semi, threshold, ignore_index,
-                                             _wants_grad(logits), _wants_grad(d),
-                                             _labels.label_validation_enabled(), name)
+        sums, _, _, _ = _ops.call("generator_loss", logits, d, target, lambda_adv, lambda_semi, threshold,
+                                  ignore_index, _wants_grad(logits), _wants_grad(d),
+                                  _labels.label_validation_enabled(), name)
     else:
         valid = None
         if target is not None and _labels.label_validation_enabled():
@@ -270,7 +271,7 @@ def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, *, ignore_mas
     name = resolve("discriminator_loss", backend, fake.device, fake.dtype)
     if _kernel(name):
         sums, _, _, _ = _ops.call("discriminator_loss", fake, real, mask_fake, mask_real, _wants_grad(fake),
-                                                 _wants_grad(real), name)
+                                  _wants_grad(real), name)
     else:
         sums = reference.discriminator_loss(fake, real, mask_fake, mask_real)
     return _mean(sums[0], sums[1]) + _mean(sums[2], sums[3])
