@@ -46,11 +46,11 @@ def add_ranges(rows: List[dict]) -> None:
             r[f"speedup_vs_{b}_overlap"] = spreads_overlap(ref, r)
 
 
-def spreads_overlap(a: dict, b: dict) -> bool:
+def spreads_overlap(a: dict, b: dict, unit: str = "ms") -> bool:
     """Whether two timings' p10-p90 spreads overlap (neither is measurably faster)."""
     from .timing import ratio_range
 
-    lo, hi = ratio_range(a, b)
+    lo, hi = ratio_range(a, b, unit)
     return lo <= 1.0 <= hi
 
 

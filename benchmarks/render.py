@@ -115,6 +115,8 @@ def render_markdown(result: dict) -> str:
         md.append(table(("shape", "op", "dtype", "dir", "cuda ms", "triton / cuda"), [
             (r["shape"], r["op"], r["dtype"], r["direction"], f"{r['median_ms']:.3f}", f"{r['cuda_vs_triton']:.2f}x")
             for r in sorted(versus, key=lambda r: (r["shape"], r["dtype"], r["op"], r["direction"]))]))
+    if result.get("overhead"):
+        md.append(render_overhead(result["overhead"]))
     e2e = result.get("e2e")
     if e2e:
         md.append("\n## Training iteration (end to end)\n\n")
@@ -134,6 +136,31 @@ def render_markdown(result: dict) -> str:
     md.append("\n## Byte model (fewest bytes each op must move)\n\nP = N*H*W, C classes, e = bytes per logit; "
               "labels int64 (8 B), masks bool (1 B). `fwdbwd` adds the `+bwd` part.\n\n")
     md.append(table(("op", "bytes"), sorted(result.get("byte_model", {}).items())))
+    return "".join(md)
+
+
+def render_overhead(o: dict) -> str:
+    """The per-call cost table (benchmarks/overhead.py): per op, each impl's median and spread, and what the
+    dispatcher adds to fastadvseg's eager call."""
+    md = [f"\n## Per-call cost ({o['shape']}, {o['dtype']}, forward+backward: the kernels cost microseconds here)\n\n",
+          "`eager`: the plain PyTorch composition; `<backend>`: fastadvseg's function as users call it; `<backend> via "
+          "torch.ops`: the same call through the registered op and PyTorch's dispatcher (the path of compiled, "
+          "exported or intercepted code). `dispatcher adds`: the via-torch.ops median minus the direct one.\n\n"]
+    by = {(r["op"], r["impl"]): r for r in o["rows"] if r["status"] == "ok"}
+    lines = []
+    for r in o["rows"]:
+        if r["status"] != "ok":
+            lines.append([r["op"], r["impl"], f"not measured: {r['status']}", "", ""])
+            continue
+        added = ""
+        if r["impl"].endswith(" via torch.ops"):
+            direct = by.get((r["op"], r["impl"][: -len(" via torch.ops")]))
+            if direct:
+                added = f"{r['median_us'] - direct['median_us']:+.1f} us" + (
+                    " (spreads overlap)" if spreads_overlap(direct, r, "us") else "")
+        lines.append([r["op"], r["impl"], f"{r['median_us']:.1f}", f"{r['p10_us']:.1f}-{r['p90_us']:.1f} (n={r['n']})",
+                      added])
+    md.append(table(("op", "impl", "median us", "p10-p90 us", "dispatcher adds"), lines))
     return "".join(md)
 
 

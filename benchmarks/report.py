@@ -3,6 +3,7 @@
     python -m benchmarks.report --shapes small --device cpu            # CPU, about 5 minutes on 2 idle cores
     python -m benchmarks.report --shapes full --device cuda --e2e      # GPU: VOC, Cityscapes, ADE20K-like
     python -m benchmarks.report --device cpu --no-op-timing --memory --e2e-compile  # CPU peak RSS, compiled step
+    python -m benchmarks.report --no-op-timing --call-overhead                    # what one loss call costs
 
 Every ratio in the output is measured within this one run (same process, same inputs; ``--memory``: a fresh
 process per row, see benchmarks/memory.py); absolute times from different runs are never compared. See
@@ -52,13 +53,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--e2e-compile", action="store_true",
                    help="also time one training iteration with fastadvseg's losses, eager vs torch.compile of the "
                         "loss functions, and count the graph breaks (torch._dynamo.explain)")
+    p.add_argument("--call-overhead", action="store_true",
+                   help="also time each loss's forward+backward at the smoke shape (kernels cost microseconds there): "
+                        "eager composition vs fastadvseg's call vs the same call through torch.ops (the dispatcher)")
     p.add_argument("--memory", action="store_true",
                    help="CPU: peak RSS of one fwd+bwd above baseline, a fresh process per op x impl x dtype "
                         "(several minutes at voc-n2 on 2 cores, most of it starting Python and torch.compile)")
     p.add_argument("--memory-shape", default="voc-n2",
                    help="shape for --memory: a shape name (default voc-n2, the CPU target shape) or NxCxHxW")
     p.add_argument("--no-op-timing", action="store_true",
-                   help="skip the per-op timing tables (run only --memory / --e2e / --e2e-compile)")
+                   help="skip the per-op timing tables (run only --call-overhead / --memory / --e2e / --e2e-compile)")
     p.add_argument("--e2e-segmenter", default=None,
                    help="fastadvseg.models.build_segmenter name for the e2e G (default: deeplabv2_compact on CPU, "
                         "deeplabv2_resnet101 on GPU); 'stand-in' (or no fastadvseg.models): a small labelled stand-in")
@@ -225,6 +229,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"# measured copy bandwidth: {meta['copy_bandwidth']['GBps']:.1f} GB/s")
     rows = [] if args.no_op_timing else run_cases(args, device, shapes, dtypes, cases, log)
     add_bandwidth_pct(rows, meta["copy_bandwidth"]["GBps"])
+    overhead = None
+    if args.call_overhead:
+        from .overhead import run_overhead
+
+        backends = [b for b in C.fused_backends(device, shape_set("smoke")[0], args.include_triton_cpu)
+                    if args.backends is None or b in args.backends]
+        overhead = run_overhead(device, args.ops, backends, repeats=args.repeats or 200,
+                                budget_s=args.budget or 0.5, log=log)
     e2e = None
     if args.e2e or args.e2e_tiny:
         from .e2e import E2E_REPEATS, E2E_SIZES, run_e2e
@@ -262,7 +274,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     checks = targets.evaluate(rows, device.type, e2e, memory)
     notes = [n for n in (targets.missing_backend_note(device.type, meta.get("backends", []), meta["unavailable"]),)
              if n]
-    result = {"meta": meta, "rows": rows, "e2e": e2e, "e2e_compile": e2e_compile, "memory": memory,
+    result = {"meta": meta, "rows": rows, "overhead": overhead, "e2e": e2e, "e2e_compile": e2e_compile,
+              "memory": memory,
               "targets": checks, "notes": notes,
               "byte_model": {c.name: c.byte_model for c in cases}}
 

@@ -21,7 +21,8 @@
 #                                                and cuda backends: every op, dtype, layout and flag at one shape
 #                                                (scripts/gpu_check_plugin.py)
 #   3. core benchmark rows     ~1.5 min (cap 2 each)  VOC, then Cityscapes: generator_loss labelled and unlabelled,
-#                                                cross_entropy2d; fp32 and bf16; eager vs triton vs cuda
+#                                                cross_entropy2d; fp32 and bf16; eager vs triton vs cuda; with VOC,
+#                                                their per-call host cost at a tiny shape (--call-overhead)
 #   4. the rest, while time remains:
 #      a. the core rows against torch.compile (VOC, Cityscapes)       ~3 min   (cap 2.5 each)
 #      b. the other ops' rows (VOC, Cityscapes)                        ~2 min   (cap 1.5 each)
@@ -171,7 +172,8 @@ timed = "no op timing" if args.no_op_timing else (
     f"{len(cases)} rows x {len(shapes)} shapes x {len(dtypes)} dtypes: {', '.join(c.name for c in cases)} at "
     f"{', '.join(s.name for s in shapes)}, {', '.join(dtypes)}" + ("" if args.no_compile else ", with torch.compile"))
 print(timed + ("; e2e: one training iteration, fused vs reference losses" if args.e2e else "")
-      + ("; e2e-compile: the training step compiled vs eager" if args.e2e_compile else ""))
+      + ("; e2e-compile: the training step compiled vs eager" if args.e2e_compile else "")
+      + ("; call-overhead: per-call cost at the smoke shape" if args.call_overhead else ""))
 PY
             ;;
         module)
@@ -208,7 +210,7 @@ others=(--ops softmax2d bce_with_logits2d semi_cross_entropy2d one_hot2d discrim
 
 part 1-build                240 60  build
 part 2-contract-tests       180 45  pytest subset tests/test_losses.py tests/test_ops.py
-part 3-bench-voc-core       120 40  bench --shapes voc "${core[@]}" --no-compile
+part 3-bench-voc-core       120 40  bench --shapes voc "${core[@]}" --no-compile --call-overhead
 part 3-bench-cityscapes-core 120 40 bench --shapes cityscapes "${core[@]}" --no-compile
 part 4a-bench-voc-core-vs-compile        150 60 bench --shapes voc "${core[@]}" --backends triton cuda
 part 4a-bench-cityscapes-core-vs-compile 150 60 bench --shapes cityscapes "${core[@]}" --backends triton cuda

@@ -1,6 +1,7 @@
 """Smoke test of the benchmark suite: the report runs end to end on a tiny shape set and writes a Markdown table,
 a JSON file and a PNG plot that cover every op and every backend; the CPU peak-memory table (``--memory``) and the
-compiled training step (``--e2e-compile``) at tiny sizes; plus the judging of the targets.
+compiled training step (``--e2e-compile``) at tiny sizes; the per-call cost table (``--call-overhead``); plus the
+judging of the targets.
 
 Timings are not asserted (CI machines are shared and noisy); only that every measurement ran and was recorded. One
 thread: on a loaded 2-core machine OpenMP barriers make 2-thread runs of tiny ops 10-20x slower.
@@ -24,7 +25,7 @@ def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks.report", "--shapes", "smoke", "--device", "cpu", "--dtypes", "float32",
            "--no-compile", "--repeats", "3", "--budget", "0.01", "--threads", "1", "--out", str(out), "--name", "smoke",
-           "--e2e-tiny", "--steady-malloc"]
+           "--e2e-tiny", "--steady-malloc", "--call-overhead"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         cmd.append("--include-triton-cpu")  # CI sets it for the Triton tests: time the interpreter on the tiny set
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -264,3 +265,24 @@ def test_readme_table_names_a_missing_file_in_one_line(tmp_path, capsys):
         readme_table.main([str(tmp_path / "missing.json")])
     assert exit_info.value.code == 2
     assert "no results file or folder" in capsys.readouterr().err
+
+
+def test_call_overhead_table_has_every_loss_through_both_paths(smoke_report):
+    """--call-overhead: per loss with a backward, eager, each backend as users call it, and the kernel backends
+    through torch.ops (the dispatcher), every one measured; the Markdown says what the dispatcher adds."""
+    import fastadvseg
+
+    result = json.loads(smoke_report.with_suffix(".json").read_text())
+    rows = result["overhead"]["rows"]
+    assert all(r["status"] == "ok" and r["median_us"] > 0 and r["n"] >= 3 for r in rows), rows
+    kernel = [b for b in fastadvseg.available_backends("cpu") if b != "reference"]
+    want = ["eager"] + [i for b in fastadvseg.available_backends("cpu") for i in
+                        ([b, b + " via torch.ops"] if b in kernel else [b])]
+    ops = [r["op"] for r in rows if r["impl"] == "eager"]
+    assert "one_hot2d" not in ops and {"softmax2d", "cross_entropy2d", "generator_loss[labelled]"} <= set(ops)
+    for op in ops:
+        impls = [r["impl"] for r in rows if r["op"] == op]
+        assert set(want) <= set(impls), (op, impls)
+    md = smoke_report.with_suffix(".md").read_text()
+    assert "## Per-call cost (N=2, C=5, 17x23, float32" in md
+    assert md.count(" via torch.ops | ") >= len(ops) * len(kernel)

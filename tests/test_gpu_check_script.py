@@ -55,6 +55,7 @@ def test_dry_run_proves_every_part_well_formed(tmp_path):
         in by["3-bench-voc-core"]
     assert "with torch.compile" in by["4a-bench-cityscapes-core-vs-compile"]
     assert "e2e-compile: the training step compiled vs eager" in by["4e-bench-e2e-compile"]
+    assert "call-overhead: per-call cost at the smoke shape" in by["3-bench-voc-core"]
     subset = (out / "2-contract-tests.log").read_text()
     assert "backends ['cpu', 'triton'] on cpu" in subset  # the subset rule, on the backends CPU tensors have
     assert "gpu_check: no part skipped" in proc.stdout
@@ -110,6 +111,7 @@ def test_a_run_makes_its_parts_in_order_on_cuda_tensors(tmp_path, stand_in):
     assert all("--device cuda" in c and f"--out {out}" in c for c in reports)
     assert "--ops generator_loss cross_entropy2d --dtypes float32 bfloat16" in reports[0]
     assert "--shapes voc" in reports[0] and "--shapes cityscapes" in reports[1] and "--no-compile" in reports[1]
+    assert "--call-overhead" in reports[0] and "--call-overhead" not in reports[1]
     assert "--no-compile" not in reports[2] and "--no-compile" not in reports[3]
     assert work[-4].startswith("-m fastadvseg.kernels.triton.compile_check --json")  # then e2e twice, then tests
     assert "--e2e --no-op-timing" in work[-3] and "--e2e-compile --no-op-timing" in work[-2]
