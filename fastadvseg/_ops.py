@@ -95,9 +95,12 @@ def _plain_eager(args) -> bool:
             or torch._C._is_torch_function_mode_enabled():
         return False
     for a in args:
-        if isinstance(a, Tensor) and (type(a) is not Tensor or a.device.type not in _DEVICES):
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.device.type not in _DEVICES):
             return False
     return True
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # Parameter: a marked Tensor, no __torch_function__ of its own (learnt weights)
 
 
 def call(name: str, *args):

@@ -530,7 +530,11 @@ def test_dispatch_modes_and_meta_tensors_get_the_registered_ops(case, gen):
         fas.softmax2d(x, backend=backend).sum().backward()
     assert {"fastadvseg.cross_entropy2d.default", "fastadvseg.softmax2d.default",
             "fastadvseg.softmax2d_backward.default"} <= mode.ops
-    assert _ops._plain_eager((x,)) and not _ops._plain_eager((x.to("meta"),))
+    assert _ops._plain_eager((x, torch.nn.Parameter(x.detach()))) and not _ops._plain_eager((x.to("meta"),))
+
+    class Sub(torch.Tensor):
+        pass
+    assert not _ops._plain_eager((x.as_subclass(Sub),))
 
 
 @pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
