@@ -429,6 +429,40 @@ def test_no_host_read_of_device_values_on_the_gpu_path(deferred_cpu, gen, monkey
     fas.check_labels_now()
 
 
+@pytest.mark.parametrize("case", [c for c in KERNEL_CASES if c[1] == "cpu"], ids=ids)
+def test_gpu_path_of_the_shared_backward_gives_the_reference_gradients(case, deferred_cpu, gen):
+    """The backward that CUDA tensors take (the stored gradient scaled by a factor that stays on the device, never
+    read on the host) runs here on CPU tensors: every op, with upstream gradients other than 1 and per-pixel ones,
+    against the float64 reference."""
+    backend, device = case
+    shape = (2, 3, 4, 5)
+    x = make_logits(shape, torch.float32, "channels_last", device, generator=gen)
+    d = make_d_logits((2, 4, 5), torch.float32, device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    v = torch.rand((2, 4, 5), generator=gen).to(device) + 0.5
+
+    def weighted(x, d, b):
+        losses = [fas.softmax2d(x, backend=b).square().sum(),
+                  fas.cross_entropy2d(x, t, label_smoothing=0.1, backend=b),
+                  (fas.cross_entropy2d(x, t, reduction="none", backend=b) * v.to(x.dtype)).sum(),
+                  fas.semi_cross_entropy2d(x, d, backend=b),
+                  (fas.bce_with_logits2d(d, 1.0, reduction="none", backend=b) * v.to(d.dtype)).sum(),
+                  fas.bce_with_logits2d(d, 0.0, backend=b),
+                  fas.generator_loss(x, d, t, lambda_adv=0.1, backend=b).total,
+                  fas.generator_loss(x, d, None, lambda_adv=0.1, backend=b).total,
+                  fas.discriminator_loss(d, d * 2, backend=b)]
+        return [torch.autograd.grad(loss * (0.5 + k), [x, d], allow_unused=True) for k, loss in enumerate(losses)]
+
+    got = weighted(x, d, backend)
+    want = weighted(x.detach().double().requires_grad_(), d.detach().double().requires_grad_(), "reference")
+    for k, (g, w) in enumerate(zip(got, want)):
+        for a, b in zip(g, w):
+            assert (a is None) == (b is None), k
+            if a is not None:
+                assert_close(a, b, torch.float32, f"loss {k}")
+    fas.check_labels_now()
+
+
 @pytest.mark.parametrize("case", BACKEND_CASES, ids=ids)
 def test_graphs_are_freed_without_the_garbage_collector(case, gen):
     """No reference cycle through an op's autograd context: a dropped loss frees its gradient buffers at once
