@@ -6,6 +6,7 @@ The label-range check is not here: the ops report bad labels from the passes the
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -154,6 +155,8 @@ def check_number(value, name: str) -> float:
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a python number, got {type(value).__name__}")
+    if not math.isfinite(value):  # a NaN or infinite weight would make every loss it scales silently non-finite
+        raise ValueError(f"{name} must be a finite number, got {value}")
     return float(value)
 
 

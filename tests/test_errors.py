@@ -97,6 +97,11 @@ def test_bad_options(x, t, d):
         fas.cross_entropy2d(x, t, backend="fast")
     with pytest.raises(ValueError, match="num_classes"):
         fas.one_hot2d(t, 0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="lambda_adv must be a finite number"):
+            fas.generator_loss(x, d, t, lambda_adv=bad)
+        with pytest.raises(ValueError, match="lambda_semi must be a finite number"):
+            fas.generator_loss(x, d, None, lambda_adv=0.01, lambda_semi=bad)
 
 
 def test_unavailable_backend_says_why(x, t):
