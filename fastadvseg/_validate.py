@@ -7,6 +7,7 @@ The label-range check is not here: the ops report bad labels from the passes the
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -158,6 +159,13 @@ def check_number(value, name: str) -> float:
     if not math.isfinite(value):  # a NaN or infinite weight would make every loss it scales silently non-finite
         raise ValueError(f"{name} must be a finite number, got {value}")
     return float(value)
+
+
+def check_ignore_index(value) -> int:
+    """An int, as F.cross_entropy takes it (numpy integers too); a float or a string would be truncated or parsed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def check_label_smoothing(value) -> float:

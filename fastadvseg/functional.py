@@ -114,7 +114,7 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
     weight = V.check_weight(weight, logits)
     V.check_reduction(reduction)
     label_smoothing = V.check_label_smoothing(label_smoothing)
-    ignore_index = int(ignore_index)
+    ignore_index = V.check_ignore_index(ignore_index)
     if logits.numel() == 0:
         return _empty_map(logits) if reduction == "none" else _zero_loss(logits, *([weight] if weight is not None else []))
     name = resolve("cross_entropy2d", backend, logits.device, logits.dtype)
@@ -198,7 +198,7 @@ def one_hot2d(target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     target = target if target.dtype == torch.int64 else target.long()
-    ignore_index = int(ignore_index)
+    ignore_index = V.check_ignore_index(ignore_index)
     if target.numel() == 0:
         n, h, w = target.shape
         return torch.zeros((n, num_classes, h, w), dtype=dtype, device=target.device)
@@ -226,7 +226,7 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
     lambda_adv = V.check_number(lambda_adv, "lambda_adv")
     lambda_semi = V.check_number(lambda_semi, "lambda_semi")
     threshold = V.check_threshold(threshold)
-    ignore_index = int(ignore_index)
+    ignore_index = V.check_ignore_index(ignore_index)
     if target is not None:
         target = V.check_target(target, logits)
     if logits.numel() == 0:

@@ -97,6 +97,13 @@ def test_bad_options(x, t, d):
         fas.cross_entropy2d(x, t, backend="fast")
     with pytest.raises(ValueError, match="num_classes"):
         fas.one_hot2d(t, 0)
+    for bad in (255.5, 255.0, "255", None, True):
+        for call in (lambda: fas.cross_entropy2d(x, t, ignore_index=bad), lambda: fas.one_hot2d(t, 3, ignore_index=bad),
+                     lambda: fas.generator_loss(x, d, t, lambda_adv=0.01, ignore_index=bad)):
+            with pytest.raises(TypeError, match="ignore_index must be an int"):
+                call()
+    import numpy as np
+    assert torch.equal(fas.cross_entropy2d(x, t, ignore_index=np.int64(255)), fas.cross_entropy2d(x, t))
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match="lambda_adv must be a finite number"):
             fas.generator_loss(x, d, t, lambda_adv=bad)
