@@ -156,7 +156,9 @@ def check_number(value, name: str) -> float:
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a python number, got {type(value).__name__}")
-    if not math.isfinite(value):  # a NaN or infinite weight would make every loss it scales silently non-finite
+    # A NaN or infinite weight would make every loss it scales silently non-finite. Checked in eager code: under
+    # torch.compile(dynamic=True) the value is symbolic and math.isfinite cannot be traced.
+    if not torch.compiler.is_compiling() and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     return float(value)
 
