@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Iterable, List, Optional
 
+from .overhead import VIA_OPS
 from .quality import OVERLAP_LEGEND, add_ranges, assess, ratio_cell, spreads_overlap
 from .quality import header as quality_header
 from .shapes import TARGET_SHAPES
@@ -153,8 +154,8 @@ def render_overhead(o: dict) -> str:
             lines.append([r["op"], r["impl"], f"not measured: {r['status']}", "", ""])
             continue
         added = ""
-        if r["impl"].endswith(" via torch.ops"):
-            direct = by.get((r["op"], r["impl"][: -len(" via torch.ops")]))
+        if r["impl"].endswith(VIA_OPS):
+            direct = by.get((r["op"], r["impl"][: -len(VIA_OPS)]))
             if direct:
                 added = f"{r['median_us'] - direct['median_us']:+.1f} us" + (
                     " (spreads overlap)" if spreads_overlap(direct, r, "us") else "")

@@ -232,8 +232,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     overhead = None
     if args.call_overhead:
         from .overhead import run_overhead
+        from .shapes import SMOKE
 
-        backends = [b for b in C.fused_backends(device, shape_set("smoke")[0], args.include_triton_cpu)
+        backends = [b for b in C.fused_backends(device, SMOKE, args.include_triton_cpu)
                     if args.backends is None or b in args.backends]
         overhead = run_overhead(device, args.ops, backends, repeats=args.repeats or 200,
                                 budget_s=args.budget or 0.5, log=log)
