@@ -97,18 +97,24 @@ def test_bad_options(x, t, d):
         fas.cross_entropy2d(x, t, backend="fast")
     with pytest.raises(ValueError, match="num_classes"):
         fas.one_hot2d(t, 0)
+
+
+@pytest.mark.parametrize("backend", fas.available_backends("cpu"))
+def test_ignore_index_and_lambdas_are_checked_on_every_backend(x, t, d, backend):
     for bad in (255.5, 255.0, "255", None, True):
-        for call in (lambda: fas.cross_entropy2d(x, t, ignore_index=bad), lambda: fas.one_hot2d(t, 3, ignore_index=bad),
-                     lambda: fas.generator_loss(x, d, t, lambda_adv=0.01, ignore_index=bad)):
+        for call in (lambda: fas.cross_entropy2d(x, t, ignore_index=bad, backend=backend),
+                     lambda: fas.one_hot2d(t, 3, ignore_index=bad, backend=backend),
+                     lambda: fas.generator_loss(x, d, t, lambda_adv=0.01, ignore_index=bad, backend=backend)):
             with pytest.raises(TypeError, match="ignore_index must be an int"):
                 call()
     import numpy as np
-    assert torch.equal(fas.cross_entropy2d(x, t, ignore_index=np.int64(255)), fas.cross_entropy2d(x, t))
+    assert torch.equal(fas.cross_entropy2d(x, t, ignore_index=np.int64(255), backend=backend),
+                       fas.cross_entropy2d(x, t, backend=backend))
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match="lambda_adv must be a finite number"):
-            fas.generator_loss(x, d, t, lambda_adv=bad)
+            fas.generator_loss(x, d, t, lambda_adv=bad, backend=backend)
         with pytest.raises(ValueError, match="lambda_semi must be a finite number"):
-            fas.generator_loss(x, d, None, lambda_adv=0.01, lambda_semi=bad)
+            fas.generator_loss(x, d, None, lambda_adv=0.01, lambda_semi=bad, backend=backend)
 
 
 def test_unavailable_backend_says_why(x, t):
