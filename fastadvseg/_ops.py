@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _labels
+from . import _validate as V
 from ._dispatch import launcher
 from .backends import reference
 
@@ -293,12 +294,30 @@ def _launch(backend: str):
     return launcher(backend)
 
 
+def _launch_for(backend: str, first: Tensor, name: str, dims: int = 4):
+    """The backend's launch module, after checking the op's first tensor (its logits, or its (N, H, W) D map):
+    its dimensions, a dtype the backend runs and a device it runs on. Returns (module, (N, H, W))."""
+    module = _launch(backend)
+    V.check_tensor(first, name)
+    if first.dim() != dims:
+        raise ValueError(f"{name} must be {'4-D (N, C, H, W)' if dims == 4 else '(N, H, W)'}, got shape "
+                         f"{tuple(first.shape)}")
+    if first.dtype not in module.DTYPES:
+        runs = ", ".join(str(d).replace("torch.", "") for d in module.DTYPES)
+        raise TypeError(f"{name} must be {runs} for backend '{backend}', got {first.dtype}")
+    if not module.supports_device(first.device):
+        raise ValueError(f"backend '{backend}' does not run tensors on {first.device} ({name})")
+    n_h_w = tuple(first.shape) if dims == 3 else (first.shape[0], first.shape[2], first.shape[3])
+    return module, n_h_w
+
+
 # ----------------------------------------------------------------------------------------------------- softmax2d
 
 @_custom_op("softmax2d")
 def softmax2d(logits: Tensor, backend: str) -> Tensor:
     """Channel softmax of (N, C, H, W) logits, in their dtype; dense layouts keep their memory format."""
-    return _launch(backend).softmax2d(logits)
+    module, _ = _launch_for(backend, logits, "logits")
+    return module.softmax2d(logits)
 
 
 @softmax2d.register_fake
@@ -309,7 +328,9 @@ def _(logits, backend):
 @_custom_op("softmax2d_backward")
 def softmax2d_backward(probs: Tensor, grad_probs: Tensor, backend: str) -> Tensor:
     """p * (g - sum_c p g), from the saved probabilities p."""
-    return _launch(backend).softmax2d_backward(probs, grad_probs.to(probs.dtype))
+    module, _ = _launch_for(backend, probs, "probs")
+    V.op_same(grad_probs, probs, "grad_probs", "probs")
+    return module.softmax2d_backward(probs, grad_probs.to(probs.dtype))
 
 
 @softmax2d_backward.register_fake
@@ -341,8 +362,10 @@ def cross_entropy2d(logits: Tensor, target: Tensor, weight: Optional[Tensor], ig
                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (sums = [loss sum, sum of w[y] over counted pixels], loss map (N, H, W) for reduction "none",
     gradient of the loss sum (x scales[0]) if store_grad, scales (1,))."""
-    out = _launch(backend).cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, reduction,
-                                           store_grad)
+    module, n_h_w = _launch_for(backend, logits, "logits")
+    V.op_labels(target, n_h_w, logits.device)
+    V.op_weight(weight, logits.shape[1], logits.device)
+    out = module.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, reduction, store_grad)
     if validate:
         _labels.report(out.bad, logits.shape[1], ignore_index, device=logits.device)
     return out.sums, _or_empty(out.loss_map, logits, torch.float32), _or_empty(out.grad, logits), out.scales
@@ -372,7 +395,11 @@ def bce_with_logits2d(d_logits: Tensor, target_map: Optional[Tensor], target_val
     """-> (sums = [loss sum, counted pixels], loss map for "none", gradient of the loss sum, scales (1,)).
 
     ``d_logits`` (N, H, W); ``target_map`` an (N, H, W) float map or None for the constant ``target_value``."""
-    out = _launch(backend).bce_with_logits2d(d_logits, target_map, target_value, ignore_mask, reduction, store_grad)
+    module, n_h_w = _launch_for(backend, d_logits, "d_logits", dims=3)
+    if target_map is not None:
+        V.op_float_map(target_map, n_h_w, d_logits.device, "target_map", "d_logits")
+    V.op_mask(ignore_mask, n_h_w, d_logits.device, ref_name="d_logits")
+    out = module.bce_with_logits2d(d_logits, target_map, target_value, ignore_mask, reduction, store_grad)
     return (out.sums, _or_empty(out.loss_map, d_logits, torch.float32), _map_grad(out.grad, d_logits), out.scales)
 
 
@@ -398,7 +425,10 @@ def semi_cross_entropy2d(logits: Tensor, d_logits: Tensor, threshold: float, ign
                          reduction: str, store_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (sums = [loss sum, kept pixels, considered pixels], loss map for "none", gradient of the loss sum,
     scales (1,)). ``d_logits`` and the pseudo-labels are constants: no gradient for d_logits."""
-    out = _launch(backend).semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, reduction, store_grad)
+    module, n_h_w = _launch_for(backend, logits, "logits")
+    V.op_float_map(d_logits, n_h_w, logits.device, "d_logits")
+    V.op_mask(ignore_mask, n_h_w, logits.device)
+    out = module.semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, reduction, store_grad)
     return out.sums, _or_empty(out.loss_map, logits, torch.float32), _or_empty(out.grad, logits), out.scales
 
 
@@ -428,8 +458,12 @@ def generator_loss(logits: Tensor, d_logits: Tensor, target: Optional[Tensor], l
 
     The term is the cross-entropy (labelled: ``target`` given) or L_semi (unlabelled). The lambdas are the weights
     the caller gives the terms: a backend may pre-scale its stored gradients by them."""
-    out = _launch(backend).generator_loss(logits, d_logits, target, lambda_adv, lambda_semi, threshold,
-                                          ignore_index, store_grad_logits, store_grad_d)
+    module, n_h_w = _launch_for(backend, logits, "logits")
+    V.op_float_map(d_logits, n_h_w, logits.device, "d_logits")
+    if target is not None:
+        V.op_labels(target, n_h_w, logits.device)
+    out = module.generator_loss(logits, d_logits, target, lambda_adv, lambda_semi, threshold, ignore_index,
+                                store_grad_logits, store_grad_d)
     if validate and target is not None:
         _labels.report(out.bad, logits.shape[1], ignore_index, device=logits.device)
     return out.sums, _or_empty(out.grad, logits), _map_grad(out.grad_d, d_logits), out.scales
@@ -459,8 +493,13 @@ def discriminator_loss(d_fake: Tensor, d_real: Tensor, ignore_mask_fake: Optiona
                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (sums = [fake sum, fake count, real sum, real count] of BCE(d_fake, 0) and BCE(d_real, 1), gradient of
     the fake sum, gradient of the real sum, scales (2,))."""
-    out = _launch(backend).discriminator_loss(d_fake, d_real, ignore_mask_fake, ignore_mask_real, store_grad_fake,
-                                              store_grad_real)
+    module, fake_n_h_w = _launch_for(backend, d_fake, "d_fake", dims=3)
+    _, real_n_h_w = _launch_for(backend, d_real, "d_real", dims=3)
+    V.check_same_device_as(d_real, d_fake.device, "d_real")
+    V.op_mask(ignore_mask_fake, fake_n_h_w, d_fake.device, "ignore_mask_fake", "d_fake")
+    V.op_mask(ignore_mask_real, real_n_h_w, d_fake.device, "ignore_mask_real", "d_real")
+    out = module.discriminator_loss(d_fake, d_real, ignore_mask_fake, ignore_mask_real, store_grad_fake,
+                                    store_grad_real)
     return out.sums, _map_grad(out.grad_fake, d_fake), _map_grad(out.grad_real, d_real), out.scales
 
 
@@ -486,6 +525,14 @@ def one_hot2d(target: Tensor, num_classes: int, ignore_index: int, dtype: torch.
               backend: str) -> Tensor:
     """(N, H, W) labels -> contiguous (N, C, H, W) one-hot of ``dtype``; ignored pixels all zero."""
     module = _launch(backend)
+    V.check_tensor(target, "target")
+    if target.dim() != 3:
+        raise ValueError(f"target must be (N, H, W), got shape {tuple(target.shape)}")
+    V.op_labels(target, tuple(target.shape), target.device)
+    if not module.supports_device(target.device):
+        raise ValueError(f"backend '{backend}' does not run tensors on {target.device} (target)")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     if validate:
         find = getattr(module, "find_bad_labels", _labels.find_bad_labels)
         _labels.report(find(target, num_classes, ignore_index), num_classes, ignore_index, device=target.device)

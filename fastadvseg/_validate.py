@@ -175,3 +175,77 @@ def check_label_smoothing(value) -> float:
     if not (0.0 <= value <= 1.0):
         raise ValueError(f"label_smoothing must lie in [0, 1], got {value}")
     return value
+
+
+# ----------------------------------------------------------------------------------- the registered ops' inputs
+# The public functions above hand the registered ops int64 labels, (N, H, W) maps and bool masks. The ops
+# (``torch.ops.fastadvseg.*``) are a public entry point too, so each checks, on every backend, what its kernels
+# will read: a wrong dtype or shape is a clear error, never a kernel reading past a buffer. (The cpu binding
+# checks the same at the native boundary.)
+
+def op_logits(x, dtypes, backend: str, name: str = "logits") -> tuple:
+    """4-D floating tensor of a dtype the backend runs; returns its (N, H, W)."""
+    check_tensor(x, name)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {_shape(x)}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be {names} for backend '{backend}', got {x.dtype}")
+    n, _, h, w = x.shape
+    return n, h, w
+
+
+def _op_map(t, n_h_w: tuple, device, name: str, ref_name: str) -> None:
+    if t.dim() != 3 or tuple(t.shape) != tuple(n_h_w):
+        raise ValueError(f"{name} {_shape(t)} does not match {ref_name}: need (N, H, W) = {tuple(n_h_w)}")
+    check_same_device_as(t, device, name)
+
+
+def check_same_device_as(t: torch.Tensor, device, name: str) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} {_shape(t)} is on {t.device}, not on {device} with the other inputs")
+
+
+def op_labels(t, n_h_w: tuple, device, name: str = "target", ref_name: str = "the logits") -> None:
+    check_tensor(t, name)
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 class indices (the public functions convert other integer types), "
+                        f"got {t.dtype}")
+    _op_map(t, n_h_w, device, name, ref_name)
+
+
+def op_float_map(t, n_h_w: tuple, device, name: str, ref_name: str = "the logits") -> None:
+    check_tensor(t, name)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating (N, H, W) map, got {t.dtype}")
+    _op_map(t, n_h_w, device, name, ref_name)
+
+
+def op_mask(t, n_h_w: tuple, device, name: str = "ignore_mask", ref_name: str = "the logits") -> None:
+    if t is None:
+        return
+    check_tensor(t, name)
+    if t.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool (N, H, W) map (True = ignored), got {t.dtype}")
+    _op_map(t, n_h_w, device, name, ref_name)
+
+
+def op_weight(w, num_classes: int, device) -> None:
+    if w is None:
+        return
+    check_tensor(w, "weight")
+    if not w.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {w.dtype}")
+    if w.dim() != 1 or w.shape[0] != num_classes:
+        raise ValueError(f"weight must have shape (C,) = ({num_classes},), got {_shape(w)}")
+    check_same_device_as(w, device, "weight")
+
+
+def op_same(t, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    """A tensor of ``ref``'s shape on its device (any floating dtype: a gradient is cast to ref's)."""
+    check_tensor(t, name)
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ValueError(f"{name} {_shape(t)} does not match {ref_name} {_shape(ref)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    check_same_device_as(t, ref.device, name)

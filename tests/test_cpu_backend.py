@@ -2,7 +2,8 @@
 
 Determinism (bit-identical across runs and thread counts), index arithmetic on strided views with large storage
 offsets, streamed outputs (8 MiB and more), the label check made in the kernels' own passes, the gradient buffer
-handed to autograd (and recomputed for a second backward), every kernel build (AVX-512, AVX2, portable), and the
+handed to autograd (and recomputed for a second backward), every kernel build (AVX-512, AVX2, portable), the
+native boundary (the binding takes tensors, never addresses, and checks what its kernels touch), and the
 fallback when the extension is switched off.
 """
 import json
@@ -442,3 +443,102 @@ def test_label_check_kernel_agrees_with_torch_ops():
     x = torch.zeros((2, 21) + tuple(t.shape[1:]))
     with pytest.raises(ValueError, match=r"label 1099511627776 \(3 pixel"):
         fas.cross_entropy2d(x, t, backend="cpu")
+
+
+# ---- the native boundary: tensors in, never addresses; what a kernel touches is checked first --------------------
+def _ext():
+    from fastadvseg import _C_cpu
+    return _C_cpu
+
+
+def _fused_args(x, **changes):
+    """fused_loss's arguments for a sum of cross-entropy over x (N, C, H, W) and int64 labels, with changes."""
+    n, c, h, w = x.shape
+    args = dict(sizes=tuple(x.shape), logits=x, grad=torch.empty_like(x), grad_scale=1.0,
+                target=torch.zeros((n, h, w), dtype=torch.int64), ignore_index=255, weight=None, d_logits=None,
+                ignore_mask=None, keep_mode=0, threshold=0.0, adv_mode=0, loss_map=None, grad_d_logits=None,
+                grad_d_logits_scale=1.0, maps_only=False, num_threads=1)
+    args.update(changes)
+    return args
+
+
+def test_binding_takes_tensors_not_addresses():
+    """An address is an int that keeps nothing alive: the binding refuses it for every tensor argument."""
+    ext = _ext()
+    x = torch.randn(1, 3, 2, 4)
+    for name in ("logits", "grad", "target"):
+        arg = _fused_args(x)
+        arg[name] = arg[name].data_ptr()
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got int"):
+            ext.fused_loss(**arg)
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got int"):
+        ext.softmax_forward(x.data_ptr(), torch.empty_like(x), 1)
+    with pytest.raises(TypeError, match="d_logits must be a torch.Tensor, got tuple"):
+        ext.bce_maps([((1, 2, 4), None, 1.0, None, None, None, 1.0)], 1)
+
+
+@pytest.mark.parametrize("change, error, pattern", [
+    (lambda x, a: dict(target=a["target"].int()), TypeError, r"target must be int64, got torch.int32"),
+    (lambda x, a: dict(target=a["target"][:, :1]), ValueError, r"target \(1, 1, 4\) does not match"),
+    (lambda x, a: dict(weight=torch.ones(2)), ValueError, r"weight \(2,\) does not match the logits' class count"),
+    (lambda x, a: dict(weight=torch.ones(3, dtype=torch.float64)), TypeError, r"weight must be float32"),
+    (lambda x, a: dict(weight=torch.ones(6)[::2]), ValueError, r"weight must be contiguous"),
+    (lambda x, a: dict(grad=torch.empty(1, 3, 2, 4, dtype=torch.float16)), TypeError, r"grad must have the dtype"),
+    (lambda x, a: dict(grad=torch.empty(1, 3, 1, 4).expand(1, 3, 2, 4)), ValueError, r"grad \(an output\) must be dense"),
+    (lambda x, a: dict(sizes=(1, 3, 2, 5)), ValueError, r"logits \(1, 3, 2, 4\) does not match the sizes"),
+    (lambda x, a: dict(logits=x.double(), grad=None), TypeError, r"logits must be float32, float16 or bfloat16"),
+    (lambda x, a: dict(target=None, d_logits=torch.zeros(1, 2, 4, dtype=torch.float16), keep_mode=1), TypeError,
+     r"d_logits must be float32, got torch.float16"),
+    (lambda x, a: dict(target=None, d_logits=torch.zeros(1, 2, 4), keep_mode=1,
+                       ignore_mask=torch.zeros(1, 2, 4, dtype=torch.uint8)), TypeError, r"ignore_mask must be bool"),
+    (lambda x, a: dict(loss_map=torch.empty(1, 4, 2).transpose(1, 2)), ValueError, r"loss_map must be contiguous"),
+    (lambda x, a: dict(loss_map=torch.empty(1, 2, 3)), ValueError, r"loss_map \(1, 2, 3\) does not match"),
+    (lambda x, a: dict(adv_mode=1), ValueError, r"d_logits missing"),
+], ids=["int32-labels", "label-shape", "weight-length", "weight-dtype", "weight-strided", "grad-dtype",
+        "grad-overlapping", "sizes", "float64-logits", "map-dtype", "mask-dtype", "map-output-strided",
+        "map-output-shape", "missing-map"])
+def test_native_boundary_checks_what_the_kernel_touches(change, error, pattern):
+    ext = _ext()
+    x = torch.randn(1, 3, 2, 4)
+    args = _fused_args(x)
+    args.update(change(x, args))
+    with pytest.raises(error, match=pattern):
+        ext.fused_loss(**args)
+
+
+def test_native_boundary_of_the_other_kernels():
+    ext = _ext()
+    x = torch.randn(1, 3, 2, 4)
+    with pytest.raises(ValueError, match=r"grad_probs \(1, 3, 2, 3\) does not match probs"):
+        ext.softmax_backward(x, x[..., :3], torch.empty_like(x), 1)
+    with pytest.raises(TypeError, match=r"out must have the dtype of logits"):
+        ext.softmax_forward(x, torch.empty_like(x, dtype=torch.bfloat16), 1)
+    z = torch.randn(1, 2, 4)
+    with pytest.raises(TypeError, match=r"target must be float32, got torch.bfloat16"):
+        ext.bce_maps([(z, z.bfloat16(), 0.0, None, None, None, 1.0)], 1)
+    with pytest.raises(ValueError, match=r"grad \(1, 2, 3\) does not match d_logits"):
+        ext.bce_maps([(z, None, 0.0, None, None, torch.empty(1, 2, 3), 1.0)], 1)
+    with pytest.raises(TypeError, match=r"target must be int64, got torch.int32"):
+        ext.find_bad_labels(torch.zeros(1, 2, 4, dtype=torch.int32), 3, 255, 1)
+    with pytest.raises(ValueError, match=r"target \(1, 2, 3\) does not match out's"):
+        ext.one_hot(torch.zeros(1, 2, 3, dtype=torch.int64), torch.empty(1, 3, 2, 4), 255, 1, 1)
+    with pytest.raises(ValueError, match=r"out must be contiguous"):
+        ext.one_hot(torch.zeros(1, 2, 4, dtype=torch.int64), torch.empty(1, 2, 4, 3).permute(0, 3, 1, 2), 255, 1, 1)
+
+
+def test_inline_temporaries_live_through_the_kernel():
+    """The use-after-free this boundary was built against: half-precision BCE targets are converted to a float32
+    temporary inline; the value must equal PyTorch's for every target form, and a second backward the first."""
+    gen = torch.Generator().manual_seed(3)
+    d = torch.randn(2, 1, 7, 12, generator=gen).to(torch.bfloat16).requires_grad_()
+    for target in (torch.rand(2, 1, 7, 12, generator=gen).to(torch.bfloat16), torch.tensor(1.0, dtype=torch.float16),
+                   torch.ones_like(d, requires_grad=False), torch.rand(2, 7, 12, generator=gen).half()):
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(
+            d.detach().double(), target.double().reshape(target.shape).expand(2, 1, 7, 12)
+            if target.dim() != 3 else target.double().unsqueeze(1))
+        for _ in range(3):  # the freed memory is reused by the next allocations: repeat
+            loss = fas.bce_with_logits2d(d, target, backend="cpu")
+            assert_close(loss, expected, torch.bfloat16, f"target {target.dtype} {tuple(target.shape)}")
+            g1, = torch.autograd.grad(loss, [d], retain_graph=True)
+            g2, = torch.autograd.grad(loss, [d])
+            assert torch.isfinite(g1).all() and torch.equal(g1, g2)

@@ -22,30 +22,17 @@ import torch.nn.functional as F
 
 _C_cpu = pytest.importorskip("fastadvseg._C_cpu")
 
-# ---- the argument packing of fastadvseg/backends/cpu.py (csrc/cpu/bindings.cpp) ----------------------------------
-_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu/dtypes.h
+# ---- the arguments of fastadvseg/backends/cpu.py (csrc/cpu/bindings.cpp takes the tensors themselves) -----------
 LOSS, WSUM, ADV, ADV_COUNT, KEPT, CONSIDERED, BAD, FIRST_BAD = range(8)  # csrc/cpu/kernels.h, FusedSum
 
 
-def _t4(t):
-    return () if t is None else (t.data_ptr(), _CODES[t.dtype]) + tuple(t.stride())
-
-
-def _m3(t):
-    return () if t is None else (t.data_ptr(),) + tuple(t.stride())
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
-
-
 def fused(x, y, *, weight=None, ignore_index=255, grad=None, grad_scale=1.0, loss_map=None, eps=None,
-          num_threads=None, z=None, adv_mode=0, grad_z=None, label_mode=0, maps_only=False, positional=False):
-    """One fused_loss call (labels given); eps None: the call without the label_smoothing argument."""
+          num_threads=None, z=None, adv_mode=0, grad_z=None, maps_only=False, positional=False):
+    """One fused_loss call; y None: pseudo-labels; eps None: the call without the label_smoothing argument."""
     n, c, h, w = x.shape
-    args = ((n, c, h, w), () if maps_only else _t4(x), _t4(grad), float(grad_scale), label_mode, _m3(y),
-            int(ignore_index), _ptr(weight), _m3(z), (), 0, 0.0, adv_mode, _ptr(loss_map), _ptr(grad_z), 1.0,
-            maps_only, torch.get_num_threads() if num_threads is None else num_threads)
+    args = ((n, c, h, w), None if maps_only else x, grad, float(grad_scale), y, int(ignore_index), weight, z, None,
+            0, 0.0, adv_mode, loss_map, grad_z, 1.0, maps_only,
+            torch.get_num_threads() if num_threads is None else num_threads)
     if eps is None:
         return _C_cpu.fused_loss(*args)
     if positional:
@@ -280,9 +267,9 @@ def test_maps_only_ignores_smoothing_and_arguments_are_checked():
         with pytest.raises(ValueError, match="label_smoothing"):
             fused(x, y, eps=bad)
     with pytest.raises(ValueError, match="label_smoothing"):
-        fused(x, y, eps=0.1, label_mode=1)
-    fused(x, y, eps=0.0, label_mode=1)  # (eps 0: pseudo-labels as before)
-    with pytest.raises(TypeError):  # the existing arguments stay positional
+        fused(x, None, eps=0.1)
+    fused(x, None, eps=0.0)  # (eps 0: pseudo-labels as before)
+    with pytest.raises(TypeError):  # every argument but label_smoothing is required
         _C_cpu.fused_loss(sizes=(1, 4, 3, 5))
 
 

@@ -130,3 +130,57 @@ def test_env_backend_override(monkeypatch, x, t):
     monkeypatch.setenv("FASTADVSEG_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="nonsense"):
         fas.cross_entropy2d(x, t)
+
+
+# ---- the registered ops called directly: each checks what its kernels read, on every backend ---------------------
+def _direct_calls(x, t, d):
+    """(what, call of torch.ops.fastadvseg.* with one wrong argument, error type, message pattern)."""
+    ops = torch.ops.fastadvseg
+    z = d[:, 0]
+    p = torch.softmax(x, 1)
+    yield ("int32 target", lambda b: ops.cross_entropy2d(x, t.int(), None, 255, 0.0, "sum", False, False, b),
+           TypeError, r"target must be int64.*int32")
+    yield ("uint8 target", lambda b: ops.generator_loss(x, z, t.to(torch.uint8), 0.1, 0.1, 0.2, 255, False, False,
+                                                         False, b), TypeError, r"target must be int64.*uint8")
+    yield ("target shape", lambda b: ops.cross_entropy2d(x, t[:, :2], None, 255, 0.0, "sum", False, False, b),
+           ValueError, r"target \(2, 2, 5\).*\(2, 3, 5\)")
+    yield ("weight length", lambda b: ops.cross_entropy2d(x, t, torch.ones(3), 255, 0.0, "sum", False, False, b),
+           ValueError, r"weight must have shape \(C,\) = \(4,\), got \(3,\)")
+    yield ("integer weight", lambda b: ops.cross_entropy2d(x, t, torch.ones(4, dtype=torch.int64), 255, 0.0, "sum",
+                                                            False, False, b), TypeError, r"weight must be a floating")
+    yield ("softmax gradient shape", lambda b: ops.softmax2d_backward(p, p[:, :, :2], b), ValueError,
+           r"grad_probs \(2, 4, 2, 5\) does not match probs \(2, 4, 3, 5\)")
+    yield ("d map shape", lambda b: ops.semi_cross_entropy2d(x, z[:, :, :4], 0.2, None, "sum", False, b),
+           ValueError, r"d_logits \(2, 3, 4\) does not match")
+    yield ("integer d map", lambda b: ops.semi_cross_entropy2d(x, z.long(), 0.2, None, "sum", False, b),
+           TypeError, r"d_logits must be a floating")
+    yield ("4-D d map", lambda b: ops.bce_with_logits2d(d, None, 1.0, None, "sum", False, b),
+           ValueError, r"d_logits must be \(N, H, W\)")
+    yield ("target map shape", lambda b: ops.bce_with_logits2d(z, z[:1], 1.0, None, "sum", False, b),
+           ValueError, r"target_map \(1, 3, 5\) does not match d_logits")
+    yield ("uint8 mask", lambda b: ops.bce_with_logits2d(z, None, 1.0, torch.zeros(2, 3, 5, dtype=torch.uint8),
+                                                          "sum", False, b), TypeError, r"ignore_mask must be a bool")
+    yield ("mask shape", lambda b: ops.discriminator_loss(z, z, None, torch.zeros(2, 3, 4, dtype=torch.bool),
+                                                          False, False, b), ValueError, r"ignore_mask_real \(2, 3, 4\)")
+    yield ("int32 one-hot target", lambda b: ops.one_hot2d(t.int(), 4, 255, torch.float32, False, b), TypeError,
+           r"target must be int64")
+    yield ("3-D logits", lambda b: ops.softmax2d(x[0], b), ValueError, r"logits must be 4-D")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_registered_ops_reject_what_their_kernels_would_misread(x, t, d, backend):
+    if backend not in fas.available_backends("cpu"):
+        pytest.skip(f"{backend}: {fas.unavailable_reason(backend)}")
+    for what, call, error, pattern in _direct_calls(x, t, d):
+        with fas.label_validation(False), pytest.raises(error, match=pattern):
+            call(backend)
+            pytest.fail(f"{backend}: {what} was accepted")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_registered_ops_reject_dtypes_their_backend_does_not_run(x, t, backend):
+    if backend not in fas.available_backends("cpu"):
+        pytest.skip(f"{backend}: {fas.unavailable_reason(backend)}")
+    with pytest.raises(TypeError, match=rf"logits must be float32, float16, bfloat16 for backend '{backend}', got "
+                                        r"torch.float64"):
+        torch.ops.fastadvseg.cross_entropy2d(x.double(), t, None, 255, 0.0, "sum", False, False, backend)

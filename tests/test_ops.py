@@ -336,6 +336,8 @@ def test_gradient_buffer_is_handed_over_not_copied(case, gen, monkeypatch):
 
         def __getattr__(self, name):
             launch = getattr(self.module, name)
+            if name in ("DTYPES", "supports_device"):
+                return launch
 
             def record(*args):
                 out = launch(*args)

@@ -1,6 +1,7 @@
 // The cpu backend's kernels: plain C++ over raw pointers, sizes and strides (in elements), OpenMP over pixels.
 //
-// fastadvseg/backends/cpu.py passes tensor.data_ptr(), sizes and strides; bindings.cpp converts the arguments.
+// bindings.cpp receives the tensors from fastadvseg/backends/cpu.py, checks them and passes their pointers, sizes
+// and strides; the tensors stay referenced by the call until the kernel returns.
 // Every reduction is deterministic and independent of the thread count: pixels are cut into fixed blocks that
 // depend on the shape only, each block sums in double, and the block sums are added in block order.
 #pragma once
@@ -40,8 +41,8 @@ struct FusedArgs {
   float label_smoothing = 0.f;    // label_mode 0 only: PyTorch's cross_entropy(..., label_smoothing=eps), see below
   Map3 z;                    // float32 discriminator logits (keep mask and adversarial term)
   Map3 mask;                 // bool ignore mask (keep_mode only), ptr == nullptr: none
-  int keep_mode = 0;         // 1: count pixel iff not masked and sigmoid(z) > threshold
-  float threshold = 0.f;
+  int keep_mode = 0;         // 1: count pixel iff not masked and sigmoid(z) > threshold, decided as
+  float threshold = 0.f;     //    z > logit(threshold) exactly (keep_logit in kernels_impl.h, fastadvseg/_keep.py)
   int adv_mode = 0;          // 0: none; 1: BCE(z, 1) over pixels with a valid label; 2: over all pixels
   float* loss_map = nullptr;  // optional (N, H, W) contiguous float32 per-pixel loss (0 where not counted)
   float* grad_z = nullptr;   // optional (N, H, W) contiguous float32 gradient of the adversarial sum

@@ -8,9 +8,13 @@ lambda for the generator's weighted terms), known from a cheap pre-pass over the
 says so: a plain ``loss.backward()`` then hands the buffer over without touching it again. The kernels also count
 labels outside [0, C) that are not ``ignore_index`` (the label check, at no extra pass).
 
-Kernels get raw pointers, sizes, strides in elements and a dtype code, so any strides work (contiguous,
-channels_last, sliced views with a storage offset) without copying the logits. Discriminator maps, BCE targets
-and class weights (1/C of the logits' size or less) are converted to float32 when they are not float32 already.
+The binding receives the tensors themselves, never their addresses: a call's arguments keep every tensor it
+reads or writes alive until its kernel has returned, so a temporary converted inline (``_f32(t)`` as an argument)
+cannot be freed under the kernel. The binding checks each tensor against what its kernel touches (device, dtype,
+shape against the logits, a weight's length, outputs dense) and raises a TypeError or ValueError naming it.
+Kernels take any strides (contiguous, channels_last, sliced views with a storage offset, stride-0 expansions)
+without copying the logits. Discriminator maps, BCE targets and class weights (1/C of the logits' size or less)
+are converted to float32 when they are not float32 already.
 Threads: ``torch.get_num_threads()`` at each call; results do not depend on it (fixed blocks, ordered sums).
 
 Importing raises ImportError with the reason when the extension was not built, fails to load, or is switched
@@ -46,7 +50,6 @@ except ImportError as exc:  # not built (no C++ compiler at install time) or fai
     ) from exc
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu/dtypes.h
 # fused_loss results (csrc/cpu/kernels.h, FusedSum)
 _LOSS, _WEIGHT, _ADV, _ADV_COUNT, _KEPT, _CONSIDERED, _BAD_LABELS, _FIRST_BAD = range(8)
 
@@ -56,25 +59,7 @@ def supports_device(device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Argument packing: what csrc/cpu/bindings.cpp expects.
-
-def _t4(t: Optional[torch.Tensor]) -> tuple:
-    """(ptr, dtype code, sN, sC, sH, sW) of a 4-D tensor, () for None."""
-    if t is None:
-        return ()
-    return (t.data_ptr(), _CODES[t.dtype]) + tuple(t.stride())
-
-
-def _m3(t: Optional[torch.Tensor]) -> tuple:
-    """(ptr, s0, s1, s2) of an (N, H, W) map, () for None."""
-    if t is None:
-        return ()
-    return (t.data_ptr(),) + tuple(t.stride())
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
+# Arguments: the tensors themselves (csrc/cpu/bindings.cpp reads and checks them), None when absent.
 
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.dtype == torch.float32 else t.float()
@@ -110,11 +95,10 @@ def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor
            grad_z: Optional[torch.Tensor] = None, grad_z_scale: float = 1.0, maps_only: bool = False):
     """One call of the fused kernel: [loss sum, weight sum, adv sum, adv count, kept, considered, bad labels,
     first bad pixel]."""
-    extra = (float(label_smoothing),) if label_smoothing else ()
     return _ext.fused_loss(
-        tuple(sizes), _t4(logits), _t4(grad), float(grad_scale), 0 if labels is not None else 1, _m3(labels),
-        int(ignore_index), _ptr(weight), _m3(z), _m3(mask), int(keep), float(threshold), int(adv_mode),
-        _ptr(loss_map), _ptr(grad_z), float(grad_z_scale), bool(maps_only), torch.get_num_threads(), *extra)
+        tuple(sizes), logits, grad, float(grad_scale), labels, int(ignore_index), weight, z, mask, int(keep),
+        float(threshold), int(adv_mode), loss_map, grad_z, float(grad_z_scale), bool(maps_only),
+        torch.get_num_threads(), float(label_smoothing))
 
 
 def _bad(sums, labels: torch.Tensor) -> Tuple[int, int]:
@@ -136,13 +120,13 @@ def _map_buffer(n: int, h: int, w: int) -> torch.Tensor:
 
 def softmax2d(logits: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(logits)  # same memory format for dense inputs, contiguous for sliced views
-    _ext.softmax_forward(tuple(logits.shape), _t4(logits), _t4(y), torch.get_num_threads())
+    _ext.softmax_forward(logits, y, torch.get_num_threads())
     return y
 
 
 def softmax2d_backward(probs: torch.Tensor, grad_probs: torch.Tensor) -> torch.Tensor:
     grad_x = torch.empty_like(probs)
-    _ext.softmax_backward(tuple(probs.shape), _t4(probs), _t4(grad_probs), _t4(grad_x), torch.get_num_threads())
+    _ext.softmax_backward(probs, grad_probs, grad_x, torch.get_num_threads())
     return grad_x
 
 
@@ -182,8 +166,7 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
 
 def _bce_job(z: torch.Tensor, target_map: Optional[torch.Tensor], target_value: float, mask: Optional[torch.Tensor],
              loss_map: Optional[torch.Tensor], grad: Optional[torch.Tensor], grad_scale: float) -> tuple:
-    return (tuple(z.shape), _m3(z), _m3(target_map), float(target_value), _m3(mask), _ptr(loss_map), _ptr(grad),
-            float(grad_scale))
+    return (z, target_map, float(target_value), mask, loss_map, grad, float(grad_scale))
 
 
 def _counted(z: torch.Tensor, mask: Optional[torch.Tensor]) -> int:
@@ -252,8 +235,7 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
 # one_hot2d and its label check
 
 def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Tuple[int, int]:
-    count, value = _ext.find_bad_labels(tuple(target.shape), _m3(target), int(num_classes), int(ignore_index),
-                                        torch.get_num_threads())
+    count, value = _ext.find_bad_labels(target, int(num_classes), int(ignore_index), torch.get_num_threads())
     return int(count), int(value)
 
 
@@ -265,6 +247,5 @@ def one_hot2d(target: torch.Tensor, num_classes: int, ignore_index: int, dtype: 
         from . import reference
         return reference.one_hot2d(target, num_classes, ignore_index, dtype)
     one = int.from_bytes(torch.ones((), dtype=dtype).reshape(1).view(torch.uint8).numpy().tobytes(), "little")
-    _ext.one_hot((n, num_classes, h, w), _m3(target), int(ignore_index), out.data_ptr(), size, one,
-                 torch.get_num_threads())
+    _ext.one_hot(target, out, int(ignore_index), one, torch.get_num_threads())
     return out
