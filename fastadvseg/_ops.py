@@ -345,9 +345,10 @@ def _softmax_setup(ctx, inputs, output):
 
 def _softmax_backward(ctx, grad_probs):
     (p,) = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable torch ops
-        g = grad_probs.to(p.dtype)
-        return p * (g - (p * g).sum(1, keepdim=True)), None
+    if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable torch ops, in float32
+        # as the kernels compute it (in float16/bfloat16 arithmetic the channel sum alone misses their tolerance)
+        p32, g = p.float(), grad_probs.float()
+        return (p32 * (g - (p32 * g).sum(1, keepdim=True))).to(p.dtype), None
     return call("softmax2d_backward", p, grad_probs, ctx.backend), None
 
 

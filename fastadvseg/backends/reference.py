@@ -42,7 +42,12 @@ def counted_labels(target: torch.Tensor, num_classes: int, ignore_index: int,
 
 
 def softmax2d(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(_acc(logits), dim=1).to(logits.dtype)
+    """In the logits' memory format, as every backend returns it (torch.softmax on CPU returns contiguous)."""
+    out = torch.softmax(_acc(logits), dim=1).to(logits.dtype)
+    if not out.is_contiguous(memory_format=torch.channels_last) and logits.dim() == 4 \
+            and logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _log_softmax_at(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
