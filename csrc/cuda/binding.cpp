@@ -4,8 +4,10 @@
 // with the host (no .item()): bad labels come back as a device tensor.
 // The losses return RAW sums (float32 device tensors; see launchers.cuh), loss maps and gradients of the raw
 // sums; optional results are None. Means, gradient scaling and autograd live in fastadvseg/backends/cuda.py.
-// Arguments arrive validated by fastadvseg/_validate.py (shapes, devices, dtypes); the checks here only guard the
-// raw-pointer contract.
+// Arguments arrive checked by the registered ops (fastadvseg/_ops.py: shapes, devices, dtypes); the binding checks
+// again what each kernel will read (device, dtype, (N, H, W) against the logits, a weight's length), so that no call
+// can make a kernel read out of bounds. Every pointer is taken from an argument or a local at::Tensor alive until
+// the launch is queued; stream order covers the kernel's run after the caching allocator reuses its memory.
 // Only the headers used (not torch/extension.h, which pulls in the whole C++ frontend): builds and checks faster.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -73,6 +75,16 @@ fc::Strided3 raw_map(const at::Tensor& t, at::ScalarType expected) {
 
 at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
+// An (N, H, W) map (labels, D's logits, a mask, a BCE target) must be the shape the kernel indexes it with, on the
+// device of the launch: the kernels read it at every pixel of the logits.
+const at::Tensor& nhw_map(const at::Tensor& t, int64_t N, int64_t H, int64_t W, const char* name) {
+  if (!t.defined()) return t;
+  check_cuda(t, name);
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == N && t.size(1) == H && t.size(2) == W, "fastadvseg cuda backend: ", name,
+              " ", t.sizes(), " does not match (N, H, W) = (", N, ", ", H, ", ", W, ")");
+  return t;
+}
+
 // The K raw sums (float32) and the bad-label report [count, first value] (int64) of a loss.
 at::Tensor sums_of(const at::Tensor& like, int64_t K) { return at::empty({K}, like.options().dtype(at::kFloat)); }
 at::Tensor bad_report(const at::Tensor& like) { return at::empty({2}, like.options().dtype(at::kLong)); }
@@ -135,7 +147,8 @@ std::vector<at::Tensor> cross_entropy2d_forward(const at::Tensor& x, const at::T
   at::Tensor grad = need_grad ? at::empty_like(x) : at::Tensor();
   at::Tensor sums = sums_of(x, 2), bad = bad_report(x);
   at::Tensor ws = workspace(x, 2, P, true);
-  check_launch(fc::cross_entropy2d_forward(s, dtype_code(x), strided4(x), raw_map(target, at::kLong), float_ptr(w),
+  check_launch(fc::cross_entropy2d_forward(s, dtype_code(x), strided4(x),
+                                           raw_map(nhw_map(target, s.N, s.H, s.W, "target"), at::kLong), float_ptr(w),
                                            ignore_index, static_cast<float>(label_smoothing), float_ptr(loss_map),
                                            strided4(grad), ws.data_ptr(), sums.data_ptr<float>(),
                                            bad.data_ptr<int64_t>(), current_stream()),
@@ -159,8 +172,10 @@ std::vector<at::Tensor> bce_with_logits2d_forward(const at::Tensor& z, const std
   at::Tensor grad = need_grad ? at::empty({N, H, W}, z.options()) : at::Tensor();
   at::Tensor sums = sums_of(z, 2);
   at::Tensor ws = workspace(z, 4, N * H * W, false);
-  check_launch(fc::bce_with_logits2d_forward(N, H, W, float_map(z), float_map(t), static_cast<float>(target_value),
-                                             raw_map(value_or_undefined(mask), at::kBool), float_ptr(loss_map),
+  check_launch(fc::bce_with_logits2d_forward(N, H, W, float_map(z), float_map(nhw_map(t, N, H, W, "target")),
+                                             static_cast<float>(target_value),
+                                             raw_map(nhw_map(value_or_undefined(mask), N, H, W, "ignore_mask"), at::kBool),
+                                             float_ptr(loss_map),
                                              float_map(grad), ws.data_ptr(), sums.data_ptr<float>(), current_stream()),
                "bce_with_logits2d_forward");
   return {sums, loss_map, grad};
@@ -178,9 +193,10 @@ std::vector<at::Tensor> semi_cross_entropy2d_forward(const at::Tensor& x, const 
   at::Tensor grad = need_grad ? at::empty_like(x) : at::Tensor();
   at::Tensor sums = sums_of(x, 3);
   at::Tensor ws = workspace(x, 3, s.N * s.H * s.W, false);
-  check_launch(fc::semi_cross_entropy2d_forward(s, dtype_code(x), strided4(x), float_map(z),
+  check_launch(fc::semi_cross_entropy2d_forward(s, dtype_code(x), strided4(x), float_map(nhw_map(z, s.N, s.H, s.W, "d_logits")),
                                                 static_cast<float>(threshold),
-                                                raw_map(value_or_undefined(mask), at::kBool), float_ptr(loss_map),
+                                                raw_map(nhw_map(value_or_undefined(mask), s.N, s.H, s.W, "ignore_mask"), at::kBool),
+                                                float_ptr(loss_map),
                                                 strided4(grad), ws.data_ptr(), sums.data_ptr<float>(),
                                                 current_stream()),
                "semi_cross_entropy2d_forward");
@@ -200,8 +216,9 @@ std::vector<at::Tensor> generator_loss_forward(const at::Tensor& x, const at::Te
   at::Tensor grad_z = need_grad_z ? at::empty({s.N, s.H, s.W}, z.options()) : at::Tensor();
   at::Tensor sums = sums_of(x, 6), bad = bad_report(x);
   at::Tensor ws = workspace(x, 6, s.N * s.H * s.W, true);
-  check_launch(fc::generator_loss_forward(s, dtype_code(x), strided4(x), float_map(z),
-                                          raw_map(value_or_undefined(target), at::kLong), ignore_index,
+  check_launch(fc::generator_loss_forward(s, dtype_code(x), strided4(x), float_map(nhw_map(z, s.N, s.H, s.W, "d_logits")),
+                                          raw_map(nhw_map(value_or_undefined(target), s.N, s.H, s.W, "target"), at::kLong),
+                                          ignore_index,
                                           static_cast<float>(threshold), strided4(grad_x), float_map(grad_z),
                                           ws.data_ptr(), sums.data_ptr<float>(), bad.data_ptr<int64_t>(),
                                           current_stream()),
@@ -223,9 +240,11 @@ std::vector<at::Tensor> discriminator_loss_forward(const at::Tensor& fake, const
   at::Tensor real_grad = need_real_grad ? at::empty(real.sizes(), real.options()) : at::Tensor();
   at::Tensor sums = sums_of(fake, 4);
   at::Tensor ws = workspace(fake, 4, fake.numel() + real.numel(), false);
-  check_launch(fc::discriminator_loss_forward(fake_nhw, float_map(fake), raw_map(value_or_undefined(fake_mask), at::kBool),
+  const at::Tensor fm = nhw_map(value_or_undefined(fake_mask), fake_nhw[0], fake_nhw[1], fake_nhw[2], "ignore_mask_fake");
+  const at::Tensor rm = nhw_map(value_or_undefined(real_mask), real_nhw[0], real_nhw[1], real_nhw[2], "ignore_mask_real");
+  check_launch(fc::discriminator_loss_forward(fake_nhw, float_map(fake), raw_map(fm, at::kBool),
                                               float_map(fake_grad), real_nhw, float_map(real),
-                                              raw_map(value_or_undefined(real_mask), at::kBool), float_map(real_grad),
+                                              raw_map(rm, at::kBool), float_map(real_grad),
                                               ws.data_ptr(), sums.data_ptr<float>(), current_stream()),
                "discriminator_loss_forward");
   return {sums, fake_grad, real_grad};
@@ -241,7 +260,9 @@ void one_hot2d_forward(const at::Tensor& target, const at::Tensor& out, int64_t 
   const at::Tensor one = at::ones({}, at::TensorOptions().dtype(out.scalar_type()).device(at::kCPU));
   uint64_t bits = 0;
   std::memcpy(&bits, one.data_ptr(), static_cast<size_t>(es));  // little-endian: the low es bytes
-  check_launch(fc::one_hot2d_forward(shape4(out), raw_map(target, at::kLong), ignore_index, out.data_ptr(),
+  check_launch(fc::one_hot2d_forward(shape4(out), raw_map(nhw_map(target, out.size(0), out.size(2), out.size(3), "target"),
+                                                          at::kLong),
+                                     ignore_index, out.data_ptr(),
                                      static_cast<int>(es), bits, current_stream()),
                "one_hot2d_forward");
 }
