@@ -12,8 +12,16 @@ When the error surfaces:
 * CUDA tensors: the report is copied to pinned host memory asynchronously, and checked, without waiting, at the
   start of the next fastadvseg op call or backward, and at :func:`check_labels_now`, which waits. So a bad label
   raises the same ``ValueError`` one or a few calls later (typically at the loss's own backward), and the host
-  never waits for the GPU because of validation. While a CUDA graph is being captured, reports are not queued:
-  validate the labels of a captured step beforehand, or switch validation off.
+  never waits for the GPU because of validation. The report is copied, and its event recorded, on the current
+  stream of the labels' own device (which need not be the current device), so the host never reads the buffer
+  before the copy has landed.
+* While a CUDA graph is being captured on the current stream: the ops inside the capture queue no report
+  (validate the labels of a captured step beforehand, or switch validation off), and nothing queries or waits on
+  the events of the reports queued before the capture (that would invalidate it): they stay queued and are checked
+  by the first call after the capture. :func:`check_labels_now` (which must wait) raises a ``RuntimeError`` then,
+  keeping them queued; call it after the capture. (Only the calling thread's capture is seen: a thread that runs
+  eager fastadvseg ops while another thread captures in the default "global" mode should use
+  ``capture_error_mode="thread_local"`` for that capture.)
 
 Validation is on by default; :func:`set_label_validation`, :func:`label_validation` or
 ``FASTADVSEG_VALIDATE_LABELS=0`` switch it off for speed. With it off every kernel treats such a label as ignored,
@@ -79,28 +87,57 @@ def report(bad: Union[torch.Tensor, Sequence[int]], num_classes: int, ignore_ind
         raise bad_labels_error(count, value, num_classes, ignore_index, name)
 
 
+def _pinned_pair() -> torch.Tensor:
+    """Two int64 in pinned host memory: where a CUDA report lands."""
+    return torch.empty(2, dtype=torch.int64, pin_memory=True)
+
+
 def _defer(bad, num_classes: int, ignore_index: int, name: str, device: torch.device) -> None:
     if not isinstance(bad, torch.Tensor):
         bad = torch.tensor(list(bad), dtype=torch.int64)
     event = None
     if bad.is_cuda:
-        if torch.cuda.is_current_stream_capturing():
-            return
-        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
-        host.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        # On bad's own device: its current stream is the one the op wrote bad on (the launch's device guard has
+        # exited by now, and the current device may be another), so the copy and the event that marks its
+        # completion both go there; an event recorded on the current device's stream could complete first.
+        with torch.cuda.device(bad.device):
+            if torch.cuda.is_current_stream_capturing():
+                return
+            stream = torch.cuda.current_stream(bad.device)
+            host = _pinned_pair()
+            host.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
     else:
         host = bad.clone()
     _pending.append((host, event, num_classes, ignore_index, name))
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (asked only once a CUDA report exists: a torch
+    without CUDA cannot answer)."""
+    return torch.cuda.is_current_stream_capturing()
+
+
 def check_pending(wait: bool = False) -> None:
     """Check the queued reports whose copies have landed (all of them, waiting, with ``wait=True``), oldest
-    first; raise the first error found (the reports after it are dropped: they describe the same step)."""
+    first; raise the first error found (the reports after it are dropped: they describe the same step).
+
+    While a CUDA graph is being captured no event is queried or waited on (that would invalidate the capture):
+    the reports stay queued for the first call after the capture, and ``wait=True`` raises a RuntimeError."""
+    capturing = None
     while _pending:
         host, event, num_classes, ignore_index, name = _pending[0]
         if event is not None:
+            if capturing is None:
+                capturing = _capturing()
+            if capturing:
+                if wait:
+                    raise RuntimeError(
+                        f"fastadvseg: {len(_pending)} label report(s) cannot be waited for while a CUDA graph is "
+                        "being captured (waiting on an event would invalidate the capture); they stay queued: call "
+                        "check_labels_now() after the capture (the first fastadvseg call after it checks them too)")
+                return
             if wait:
                 event.synchronize()
             elif not event.query():
@@ -113,7 +150,9 @@ def check_pending(wait: bool = False) -> None:
 
 
 def check_labels_now() -> None:
-    """Wait for every queued label report (CUDA) and raise the first bad-label error, if any."""
+    """Wait for every queued label report (CUDA) and raise the first bad-label error, if any.
+
+    Raises RuntimeError, keeping the reports queued, while a CUDA graph is being captured on the current stream."""
     check_pending(wait=True)
 
 
