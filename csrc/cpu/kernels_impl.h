@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <type_traits>
 
@@ -59,6 +60,22 @@ inline int64_t count_nonzero(const int32_t* v, int64_t len) {
   int64_t total = 0;
   for (int64_t b = 0; b < len; ++b) total += v[b] != 0;
   return total;
+}
+
+// The keep rule of L_semi (keep_mode), one formula for every backend (fastadvseg/_keep.py, whose keep_logit this
+// mirrors operation for operation): sigmoid(z) > T is decided as z > logit(T), z and T in float32, compared as
+// real numbers. Computed once per call: logit(T) in double (log1p((2T - 1) / (1 - T)) for T in [1/4, 3/4], where
+// log(T) - log1p(-T) would cancel; both 2T - 1 and 1 - T are exact), then rounded *down* to float32, so that the
+// float32 comparison z > L is exactly z > logit(T). T <= 0 gives -inf (every z kept but -inf and NaN), T >= 1
+// gives +inf (nothing kept); a NaN z is never kept.
+inline float keep_logit(float threshold) {
+  const double t = static_cast<double>(threshold);
+  if (t <= 0.0) return -std::numeric_limits<float>::infinity();
+  if (t >= 1.0) return std::numeric_limits<float>::infinity();
+  const double exact = (t >= 0.25 && t <= 0.75) ? std::log1p((2.0 * t - 1.0) / (1.0 - t))
+                                                : std::log(t) - std::log1p(-t);
+  const float low = static_cast<float>(exact);
+  return static_cast<double>(low) > exact ? std::nextafter(low, -std::numeric_limits<float>::infinity()) : low;
 }
 
 // ---- Pixel vectors: kV pixels of one channel in a register (GCC/Clang vector extensions: 4 lanes in the
@@ -638,7 +655,7 @@ struct Smoothing {
 // kSmooth: the label-smoothing terms (a template parameter, so that eps == 0 runs the plain kernel unchanged).
 template <class Tag, bool kSmooth>
 void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scratch, double* sums, bool stream,
-                 RunPos pos, const Smoothing& sm) {
+                 RunPos pos, const Smoothing& sm, float keep_at) {
   const int64_t C = a.C, BS = g.BS;
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
@@ -649,7 +666,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   int32_t* cnt = lab + BS;                                // counted? (0 / 1)
   int32_t* ign = cnt + BS;                                // ignore mask (keep_mode)
   float* zb = reinterpret_cast<float*>(ign + BS);         // discriminator logit
-  float* sg = zb + BS;                                    // sigmoid(z)
+  float* sg = zb + BS;                                    // sigmoid(z) (for the gradient of the adv term)
   float* ad = sg + BS;                                    // BCE(z, 1)
   int64_t* lab64 = reinterpret_cast<int64_t*>(ad + BS);   // labels as read (2 * BS floats)
   float* ev = reinterpret_cast<float*>(lab64 + BS);       // [C][kV] exp(x - max) of one pixel vector
@@ -698,7 +715,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
       for (int64_t b = 0; b < len; ++b) ign[b] = 0;
     }
   }
-  if (a.keep_mode || adv_terms) {
+  if (adv_terms) {  // (the keep rule reads z itself)
     const int64_t padded = (len + kV - 1) / kV * kV;  // (the per-pixel arrays hold BS >= padded entries)
     for (int64_t b = len; b < padded; ++b) zb[b] = 0.f;
     for (int64_t b = 0; b < padded; b += kV) {
@@ -710,9 +727,9 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     }
   }
   if (a.keep_mode) {
-    const float threshold = a.threshold;  // locals, not fields of `a`: the float stores below cannot alias them
+    // keep_at = keep_logit(a.threshold) (a local, not a field of `a`: the float stores below cannot alias it)
     for (int64_t b = 0; b < len; ++b) {
-      const int32_t k = !ign[b] && sg[b] > threshold;
+      const int32_t k = !ign[b] && zb[b] > keep_at;  // sigmoid(z) > T exactly; NaN z never kept
       cnt[b] = k;
       wt[b] = k ? 1.f : 0.f;
     }
@@ -987,6 +1004,7 @@ std::vector<double> fused_loss(const FusedArgs& a) {
   const int nt = threads_for(a.num_threads, a.maps_only ? a.N * a.H * a.W : elements);
   const bool stream = streams(a.grad, elements);
   std::vector<double> partial(static_cast<size_t>(kNumSums * g.nblocks), 0.0);
+  const float keep_at = keep_logit(a.threshold);  // the keep rule's constant, once per call (keep_mode)
   // Label smoothing (label_mode 0 with logits): one branch per call; its constants for every block.
   const bool smooth = a.label_smoothing != 0.f && a.label_mode == 0 && !a.maps_only;
   Smoothing sm;
@@ -1014,7 +1032,7 @@ std::vector<double> fused_loss(const FusedArgs& a) {
     constexpr bool kSmooth = decltype(smooth_tag)::value;
     FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
       double sums[kNumSums];
-      fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, pos, sm);
+      fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, pos, sm, keep_at);
       for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
     }));
   };

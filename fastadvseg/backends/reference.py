@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._keep import keep_logit
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -70,16 +72,18 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
     logp, nll = _log_softmax_at(logits, labels)
     if weight is None:
         w_y = valid.to(nll.dtype)
+        count = valid.sum().to(nll.dtype)  # an integer count (exact), rounded once: not a float32 sum of ones
     else:
         w = weight.to(nll.dtype)
         w_y = torch.where(valid, w[labels], _zero(nll))
+        count = w_y.sum()
     loss = nll * w_y
     if label_smoothing:
         smooth = -(logp.sum(1) if weight is None else (logp * w.view(1, c, 1, 1)).sum(1))
         loss = (1.0 - label_smoothing) * loss + (label_smoothing / c) * smooth
     # where, not a product: a NaN logit at an ignored pixel must not reach the loss (PyTorch's behaviour)
     loss_map = torch.where(valid, loss, _zero(nll))
-    return torch.stack([loss_map.sum(), w_y.sum()]), loss_map
+    return torch.stack([loss_map.sum(), count]), loss_map
 
 
 def bce_with_logits2d(d_logits: torch.Tensor, target_map: Optional[torch.Tensor], target_value: float,
@@ -97,13 +101,16 @@ def bce_with_logits2d(d_logits: torch.Tensor, target_map: Optional[torch.Tensor]
 
 
 def _confident(d_logits: torch.Tensor, threshold: float, ignore_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    keep = torch.sigmoid(d_logits.detach().float()) > threshold
+    """The keep mask of L_semi: ``sigmoid(z) > T`` decided as ``float32(z) > logit(float32(T))`` (exactly, see
+    fastadvseg/_keep.py: T = 0 keeps every z but -inf and NaN; NaN is never kept), not ignored."""
+    keep = d_logits.detach().float() > keep_logit(threshold)
     return keep if ignore_mask is None else keep & ~ignore_mask
 
 
 def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold: float,
                          ignore_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """([loss sum, kept pixels, considered pixels], loss map): -log p[argmax] where sigmoid(z) > threshold."""
+    """([loss sum, kept pixels, considered pixels], loss map): -log p[argmax] where sigmoid(z) > threshold
+    (:func:`_confident`)."""
     pseudo = logits.detach().argmax(dim=1)
     keep = _confident(d_logits, threshold, ignore_mask)
     _, nll = _log_softmax_at(logits, pseudo)

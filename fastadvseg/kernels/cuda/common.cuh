@@ -237,8 +237,8 @@ FAS_HD void write_zeros(T* __restrict__ g, int64_t gbase, int64_t gsc, int64_t C
   for (int64_t c = 0; c < C; ++c) g[gbase + c * gsc] = zero;
 }
 
-// torch's sigmoid formula (so the semi mask's `sigmoid(z) > threshold` matches it bit for bit); never NaN for
-// finite or infinite z.
+// torch's sigmoid formula (the gradients of the BCE terms); never NaN for finite or infinite z. The semi keep
+// mask does not use it (keep_pixel in pixel_ops.cuh compares z with logit(T)).
 FAS_HD float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 
 // BCE with logits in PyTorch's form (1 - t)*z + softplus(-z), softplus(-z) = max(-z, 0) + log1p(exp(-|z|)):

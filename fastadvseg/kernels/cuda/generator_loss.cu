@@ -5,6 +5,7 @@
 //     adv  += BCE(z, 1) = softplus(-z), adv count += 1 Gz = sigmoid(z) - 1
 //     kept = considered = 0; bad labels (neither ignore_index nor in [0, C)) are counted, the first reported
 //  unlabelled, at every pixel: adv += BCE(z, 1), Gz = sigmoid(z) - 1, considered += 1; where sigmoid(z) > T
+//     (decided as z > logit(T): keep_logit_of / keep_pixel in pixel_ops.cuh)
 //     (kept) with yhat = argmax_c x: term += logsumexp(x) - x_yhat, term count += 1, kept += 1,
 //     Gx = softmax(x) - onehot(yhat); bad = [0, 0]
 // sums = [term, term count, adv, adv count, kept, considered]. Gx = d(term)/dx and Gz = d(adv)/dz, exactly 0

@@ -89,7 +89,8 @@ cudaError_t discriminator_loss_forward(const int64_t* fake_nhw, Strided3 fake, S
                                        const int64_t* real_nhw, Strided3 real, Strided3 real_mask, Strided3 real_grad,
                                        void* workspace, float* sums, cudaStream_t stream);
 
-// semi_cross_entropy2d: pseudo-label argmax_c x, kept where sigmoid(float(z)) > threshold and not masked.
+// semi_cross_entropy2d: pseudo-label argmax_c x, kept where sigmoid(float(z)) > threshold and not masked, decided
+// exactly as float(z) > logit(threshold) (keep_logit_of in pixel_ops.cuh, once per call; fastadvseg/_keep.py).
 // sums: 3 floats = [loss sum over kept pixels, kept, considered (not masked)].
 // workspace: workspace_bytes(P, 3, false) bytes.
 cudaError_t semi_cross_entropy2d_forward(Shape4 s, int dtype, Strided4 x, Strided3 z, float threshold,
@@ -99,7 +100,8 @@ cudaError_t semi_cross_entropy2d_forward(Shape4 s, int dtype, Strided4 x, Stride
 // generator_loss: labelled when target.data != nullptr. sums: 6 floats =
 //   [term sum, term count, adv sum, adv count, kept, considered]
 // labelled: term = cross-entropy over counted pixels, adv over the same pixels, kept = considered = 0;
-// unlabelled: term = L_semi over kept pixels (term count = kept), adv over all P pixels, considered = P.
+// unlabelled: term = L_semi over kept pixels (the keep rule of semi_cross_entropy2d; term count = kept), adv over
+// all P pixels, considered = P.
 // grad_x (x's dtype, may be absent) gets d(term sum)/dx; grad_z (z's dtype, may be absent) gets d(adv sum)/dz.
 // bad: 2 int64 (labelled; [0, 0] when unlabelled). workspace: workspace_bytes(P, 6, true) bytes.
 cudaError_t generator_loss_forward(Shape4 s, int dtype, Strided4 x, Strided3 z, Strided3 target,

@@ -119,13 +119,40 @@ FAS_HD void bce_pair_pixel(const BceSegment& first, const BceSegment& second, in
 }
 
 // ----------------------------------------------------------------------------------------- semi_cross_entropy2d
+// The keep rule of L_semi, one formula for every backend (fastadvseg/_keep.py): sigmoid(z) > T is decided as
+// float32(z) > logit(float32(T)), compared as real numbers, i.e. z > keep_logit with the float32 constant
+//   keep_logit = logit(T) in double (log1p((2T - 1) / (1 - T)) for T in [1/4, 3/4], where log(T) - log1p(-T)
+//                would cancel; 2T - 1 and 1 - T are exact), rounded *down* to float32,
+// so that the float32 comparison is exact. T <= 0 gives -inf (every z kept but -inf and NaN, also z far below -88
+// where a float32 sigmoid is 0), T >= 1 gives +inf (nothing kept); a NaN z is never kept. Host code, run once per
+// call where the launcher (or tests/cuda_emulation) builds SemiArgs / GeneratorArgs from T; the same operations as
+// fastadvseg/_keep.py and the cpu backend's keep_logit (csrc/cpu/kernels_impl.h), so every backend keeps the same
+// pixels.
+inline float keep_logit_of(float threshold) {
+  const double t = static_cast<double>(threshold);
+  if (t <= 0.0) return -std::numeric_limits<float>::infinity();
+  if (t >= 1.0) return std::numeric_limits<float>::infinity();
+  const double exact = (t >= 0.25 && t <= 0.75) ? log1p((2.0 * t - 1.0) / (1.0 - t)) : log(t) - log1p(-t);
+  const float low = static_cast<float>(exact);
+  return static_cast<double>(low) > exact ? nextafterf(low, -std::numeric_limits<float>::infinity()) : low;
+}
+
+// z > keep_logit, false for a NaN z (keep_logit is never NaN). Written as !(z <= keep_logit) && !isnan(z), which
+// is the same: with a plain `z > keep_logit` ptxas spilled 12 bytes in generator_kernel (sm_90, nvcc 13.0; see
+// python -m fastadvseg.kernels.triton.compile_check).
+FAS_HD bool keep_pixel(float z, float keep_logit) { return !(z <= keep_logit) && !isnan(z); }
+
 struct SemiArgs {
   Shape4 s;
   Strided4 x;
   Strided3 z, mask;
-  float threshold;
+  float keep_logit;  // keep_logit_of(T): a pixel is kept where z > keep_logit (keep_pixel)
   float* loss_map;
   Strided4 grad;
+
+  // from the threshold T, on the host: keep_logit computed here, once per call
+  SemiArgs(Shape4 s_, Strided4 x_, Strided3 z_, Strided3 mask_, float threshold, float* loss_map_, Strided4 grad_)
+      : s(s_), x(x_), z(z_), mask(mask_), keep_logit(keep_logit_of(threshold)), loss_map(loss_map_), grad(grad_) {}
 };
 
 // acc: [sum of nll over kept pixels, kept, considered]
@@ -137,7 +164,7 @@ FAS_HD void semi_pixel(const SemiArgs& a, int64_t p, float* acc) {
   bool keep = false;
   if (!masked(a.mask, px)) {
     acc[2] += 1.f;
-    keep = sigmoid(load_map(a.z, offset3(a.z, px))) > a.threshold;  // a NaN z is not kept
+    keep = keep_pixel(load_map(a.z, offset3(a.z, px)), a.keep_logit);
   }
   float loss = 0.f;
   if (keep) {
@@ -159,9 +186,15 @@ struct GeneratorArgs {
   Strided4 x;
   Strided3 z, target;  // target.data nullptr: an unlabelled batch
   int64_t ignore_index;
-  float threshold;
+  float keep_logit;    // unlabelled: keep_logit_of(T), a pixel is kept where z > keep_logit (keep_pixel)
   Strided4 grad_x;     // d(term sum)/dx: cross-entropy (labelled) or L_semi (unlabelled), or absent
   Strided3 grad_z;     // d(adv sum)/dz, or absent
+
+  // from the threshold T, on the host: keep_logit computed here, once per call
+  GeneratorArgs(Shape4 s_, Strided4 x_, Strided3 z_, Strided3 target_, int64_t ignore_index_, float threshold,
+                Strided4 grad_x_, Strided3 grad_z_)
+      : s(s_), x(x_), z(z_), target(target_), ignore_index(ignore_index_), keep_logit(keep_logit_of(threshold)),
+        grad_x(grad_x_), grad_z(grad_z_) {}
 };
 
 // acc: [term sum, term count, adv sum, adv count, kept, considered, bad labels]; first_bad as in cross_entropy.
@@ -186,7 +219,7 @@ FAS_HD void generator_pixel(const GeneratorArgs& a, int64_t p, float* acc, int64
     adv_counts = true;
     zv = load_map(a.z, offset3(a.z, px));
     acc[5] += 1.f;
-    if (sigmoid(zv) > a.threshold) {
+    if (keep_pixel(zv, a.keep_logit)) {
       r = row_stats<T, true>(xp, xb, a.x.sc, a.s.C, -1);
       sel = r.arg;
       acc[4] += 1.f;

@@ -1,4 +1,5 @@
-// semi_cross_entropy2d (L_semi): per pixel not ignore-masked ("considered"), keep = sigmoid(float32(z)) > T;
+// semi_cross_entropy2d (L_semi): per pixel not ignore-masked ("considered"), keep = sigmoid(float32(z)) > T, decided
+// exactly as float32(z) > logit(T) (keep_logit_of / keep_pixel in pixel_ops.cuh: the constant once per call);
 // at kept pixels the pseudo-label is yhat = argmax_c x (first maximum on ties) and
 // nll = logsumexp_c(x) - x_yhat. Raw sums: sums = [sum nll over kept pixels, kept, considered] (+ the per-pixel
 // map, 0 where not kept, when requested).

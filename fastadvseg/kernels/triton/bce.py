@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bce_logits, flat_pixels, map_arg, map_block, map_offsets, maps_flat, partials, sigmoid
+from .common import bce_logits, column_sums, flat_pixels, map_arg, map_block, map_offsets, maps_flat, partials, \
+    sigmoid
 
 
 @triton.jit
@@ -84,5 +85,5 @@ def bce_forward(d, target, ignore_mask, *, store_grad: bool, store_map: bool):
         BLOCK=block, FLAT=maps_flat(d, t, m, grad), T_TENSOR=t_tensor, HAS_MASK=ignore_mask is not None,
         STORE_GRAD=store_grad, STORE_MAP=store_map, num_warps=num_warps,
     )
-    sums = part.sum(dim=0)
+    sums = column_sums(part)  # float64: exact count
     return sums[0], sums[1], loss_map, grad

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .common import all_flat, bad_label_buffer, bad_label_summary, ce_grad, ce_tile, load_logits_tile, \
-    no_bad_labels, partials, pix_offsets, pixel_block, report_bad_labels, store_tile, tile_launch
+    column_sums, no_bad_labels, partials, pix_offsets, pixel_block, report_bad_labels, store_tile, tile_launch
 
 
 @triton.jit
@@ -121,6 +121,6 @@ def cross_entropy_forward(x, target, weight, ignore_index: int, *, label_smoothi
         SMOOTHING=label_smoothing != 0.0, CHECK_LABELS=check_labels,
         **launch.meta,
     )
-    sums = part.sum(dim=0)
+    sums = column_sums(part)  # float64: the weight sum (a pixel count without weights) is exact
     bad = bad_label_summary(report) if check_labels else no_bad_labels(x.device)
     return sums[0], sums[1], loss_map, grad, bad

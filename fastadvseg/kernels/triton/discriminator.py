@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .bce import bce_block
-from .common import map_arg, map_block, maps_flat, partials
+from .common import column_sums, map_arg, map_block, maps_flat, partials
 
 
 @triton.jit
@@ -68,6 +68,6 @@ def discriminator_forward(fake, real, mask_fake, mask_real, *, grad_fake: bool, 
         BLOCK=block, FLAT_FAKE=maps_flat(*ptr_f), FLAT_REAL=maps_flat(*ptr_r), MASK_FAKE=ptr_f[1] is not None, MASK_REAL=ptr_r[1] is not None,
         GRAD_FAKE=ptr_f[2] is not None, GRAD_REAL=ptr_r[2] is not None, num_warps=num_warps,
     )
-    f = part[:blocks_fake].sum(dim=0)
-    r = part[blocks_fake:].sum(dim=0)
+    f = column_sums(part[:blocks_fake])  # float64: exact counts
+    r = column_sums(part[blocks_fake:])
     return (f[0], f[1]), (r[0], r[1]), gf, gr

@@ -8,14 +8,15 @@ Labelled form (LABELLED, target y given), per pixel with counted = (y != ignore_
 Unlabelled form, per pixel (all pixels count for adv)::
 
     adv  = BCE(z, 1)                        Gz    = -sigmoid(-z)
-    keep = sigmoid(z) > threshold, pseudo = argmax_c x (first max)
+    keep = float32(z) > logit(T), pseudo = argmax_c x (first max)   (sigmoid(z) > T exactly: fastadvseg/_keep.py)
     semi = logsumexp_c(x) - x[pseudo]       Gx[c] = softmax(x)[c] - [c == pseudo]  at kept pixels
 
 Gx / Gz are gradients of the unnormalised sums, stored in the logits' / d_logits' dtype and layout (STORE_GX /
-STORE_GZ off when no gradient is needed). One row per program: (ce-or-semi sum, its count, adv sum, adv count);
-the autograd layer forms the means and, in backward, scales Gx and Gz by the incoming gradients of total and of
-each term. The labelled form also reports its bad labels (outside [0, C), not ignore_index) per program, reduced
-on the device into ``bad`` = [count, value of the first in pixel order] (see :func:`common.report_bad_labels`).
+STORE_GZ off when no gradient is needed); logit(T) comes from the host, computed once per call. One row per
+program: (ce-or-semi sum, its count, adv sum, adv count), the rows summed in float64 (exact counts); the autograd
+layer forms the means and, in backward, scales Gx and Gz by the incoming gradients of total and of each term.
+The labelled form also reports its bad labels (outside [0, C), not ignore_index) per program, reduced on the
+device into ``bad`` = [count, value of the first in pixel order] (see :func:`common.report_bad_labels`).
 
 Bytes moved: reads N·C·H·W logits + N·H·W z (+ N·H·W labels), writes N·C·H·W Gx + N·H·W Gz.
 """
@@ -23,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import all_flat, bad_label_buffer, bad_label_summary, bce_logits, ce_grad, first_argmax, \
+from ..._keep import keep_logit as _keep_logit
+from .common import all_flat, bad_label_buffer, bad_label_summary, bce_logits, ce_grad, column_sums, first_argmax, \
     load_logits_tile, nll_tile, no_bad_labels, partials, pix_offsets, pixel_block, report_bad_labels, sigmoid, \
     store_tile, tile_launch
 from .semi import confident
@@ -32,7 +34,7 @@ from .semi import confident
 @triton.jit
 def generator_kernel(
     x_ptr, d_ptr, y_ptr, gx_ptr, gz_ptr, partial_ptr, bad_ptr,
-    C, W, HW, ignore_index, threshold,
+    C, W, HW, ignore_index, keep_logit,
     sx_n, sx_c, sx_h, sx_w,
     sd_n, sd_h, sd_w,
     sy_n, sy_h, sy_w,
@@ -61,7 +63,7 @@ def generator_kernel(
             report_bad_labels(bad_ptr, row, labels, n * HW + offs_p, mask_p, ignore_index, C)
     else:
         labels = first_argmax(x, offs_c, BLOCK_C)
-        counted = confident(z, mask_p, threshold)
+        counted = confident(z, mask_p, keep_logit)
         adv_counted = mask_p
     nll, p, onehot = nll_tile(x, labels, counted, offs_c)
     adv = tl.where(adv_counted, bce_logits(z, 1.0), 0.0)
@@ -100,7 +102,7 @@ def generator_forward(x, d, target, ignore_index: int, threshold: float, *, stor
     gz = torch.empty_like(d) if store_gz else None
     generator_kernel[launch.grid](
         x, d, target, gx, gz, part, report,
-        c, w, h * w, int(ignore_index), float(threshold),
+        c, w, h * w, int(ignore_index), _keep_logit(threshold),
         *x.stride(), *d.stride(),
         *(target.stride() if labelled else (0, 0, 0)),
         *(gx.stride() if store_gx else (0, 0, 0, 0)),
@@ -109,6 +111,6 @@ def generator_forward(x, d, target, ignore_index: int, threshold: float, *, stor
         FLAT=all_flat(x, d, target, gx, gz), LABELLED=labelled, STORE_GX=store_gx, STORE_GZ=store_gz,
         CHECK_LABELS=check, **launch.meta,
     )
-    s = part.sum(dim=0)
+    s = column_sums(part)
     bad = bad_label_summary(report) if check else no_bad_labels(x.device)
     return s[0], s[1], s[2], s[3], gx, gz, bad

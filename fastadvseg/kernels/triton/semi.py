@@ -3,12 +3,14 @@
 Per pixel with discriminator logit z (an (N, H, W) map of any strides and float dtype) and logits x::
 
     pseudo = argmax_c x                  (first maximum on ties, like torch.argmax)
-    keep   = sigmoid(float32(z)) > threshold  and not ignore_mask
+    keep   = float32(z) > logit(T)  and not ignore_mask   (sigmoid(z) > T decided exactly: fastadvseg/_keep.py)
     nll    = logsumexp_c(x) - x[pseudo]  at kept pixels, 0 elsewhere
     G[c]   = softmax(x)[c] - [c == pseudo]   at kept pixels (gradient of the unnormalised sum), 0 elsewhere
 
-One (loss_sum, kept, considered) row per program (considered = non-ignored pixels); the kept fraction is
-kept / considered. z and the pseudo-label are constants: no gradient flows to d_logits.
+logit(T) is computed once per call on the host (:func:`fastadvseg._keep.keep_logit`: a float32, -inf for
+T = 0); a NaN z is never kept. One (loss_sum, kept, considered) row per program (considered = non-ignored pixels),
+the rows summed in float64 (exact counts); the kept fraction is kept / considered. z and the pseudo-label are
+constants: no gradient flows to d_logits.
 
 Bytes moved: reads N·C·H·W logits + N·H·W z (+ N·H·W mask bytes), writes N·C·H·W gradient (+ N·H·W float32 loss
 map for reduction="none").
@@ -17,20 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import all_flat, ce_grad, first_argmax, load_logits_tile, map_arg, nll_tile, partials, pix_offsets, \
-    pixel_block, sigmoid, store_tile, tile_launch
+from ..._keep import keep_logit as _keep_logit
+from .common import all_flat, ce_grad, column_sums, first_argmax, load_logits_tile, map_arg, nll_tile, partials, \
+    pix_offsets, pixel_block, store_tile, tile_launch
 
 
 @triton.jit
-def confident(z, considered, threshold):
-    """The discriminator's confidence mask: sigmoid(z) > threshold at considered pixels (NaN z is never kept)."""
-    return considered & (sigmoid(z) > threshold)
+def confident(z, considered, keep_logit):
+    """The discriminator's confidence mask at considered pixels: z > logit(T) (float32 z; keep_logit from
+    :func:`fastadvseg._keep.keep_logit`), i.e. sigmoid(z) > T exactly; a NaN z is never kept."""
+    return considered & (z > keep_logit)
 
 
 @triton.jit
 def semi_kernel(
     x_ptr, d_ptr, m_ptr, grad_ptr, loss_map_ptr, partial_ptr,
-    C, W, HW, threshold,
+    C, W, HW, keep_logit,
     sx_n, sx_c, sx_h, sx_w,
     sd_n, sd_h, sd_w,
     sm_n, sm_h, sm_w,
@@ -48,7 +52,7 @@ def semi_kernel(
         ignored = tl.load(m_ptr + pix_offsets(n, offs_p, h, w, sm_n, sm_h, sm_w, FLAT), mask=mask_p, other=1)
         considered = considered & (ignored == 0)
     z = tl.load(d_ptr + pix_offsets(n, offs_p, h, w, sd_n, sd_h, sd_w, FLAT), mask=mask_p, other=0.0).to(tl.float32)
-    keep = confident(z, considered, threshold)
+    keep = confident(z, considered, keep_logit)
 
     px = pix_offsets(n, offs_p, h, w, sx_n, sx_h, sx_w, FLAT)
     x, offs_c, mask_c = load_logits_tile(x_ptr, px, sx_c, mask_p, C, BLOCK_C)
@@ -78,9 +82,9 @@ def semi_forward(x, d, threshold: float, ignore_mask, *, store_grad: bool, store
     sg = grad.stride() if store_grad else (0, 0, 0, 0)
     semi_kernel[launch.grid](
         x, d, m, grad, loss_map, part,
-        c, w, h * w, float(threshold),
+        c, w, h * w, _keep_logit(threshold),
         *x.stride(), *d.stride(), *sm, *sg, launch.blocks,
         FLAT=all_flat(x, d, m, grad), HAS_MASK=ignore_mask is not None, STORE_GRAD=store_grad, STORE_MAP=store_map, **launch.meta,
     )
-    sums = part.sum(dim=0)
+    sums = column_sums(part)
     return sums[0], sums[1], sums[2], loss_map, grad
