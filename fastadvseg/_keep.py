@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 import struct
 
+import torch
+
 
 def _float32(value: float) -> float:
     """``value`` rounded to the nearest float32."""
@@ -61,3 +63,19 @@ def keep_logit(threshold: float) -> float:
     exact = _logit64(t)
     low = _float32(exact)
     return _float32_below(low) if low > exact else low
+
+
+def keep_mask(z: torch.Tensor, threshold) -> torch.Tensor:
+    """``float32(z) > keep_logit(T)`` as a tensor: the reference backend's keep mask. Traced by torch.compile,
+    where T may be symbolic (``dynamic=True``) and :func:`keep_logit`'s struct calls cannot be traced, the same
+    float64 formula and the same rounding down to float32 are written in torch ops."""
+    z = z.float()
+    if not torch.compiler.is_compiling():
+        return z > keep_logit(threshold)
+    t = torch.tensor(threshold, dtype=torch.float64, device=z.device).float().double()  # float32(T)
+    inner = (t >= 0.25) & (t <= 0.75)
+    exact = torch.where(inner, torch.log1p((2.0 * t - 1.0) / (1.0 - t)), torch.log(t) - torch.log1p(-t))
+    low = exact.float()
+    low = torch.where(low.double() > exact, torch.nextafter(low, low.new_tensor(-math.inf)), low)
+    bound = torch.where(t <= 0.0, -math.inf, torch.where(t >= 1.0, math.inf, low.double())).float()
+    return z > bound

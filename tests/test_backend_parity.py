@@ -262,3 +262,17 @@ def test_gpu_counts_are_exact_beyond_2_to_the_24_pixels(backend, big):
     """The same on CUDA tensors, at the GPU's own tiles and reductions (skipped without a GPU)."""
     _gpu(backend)
     _check_counts(backend, big, "cuda")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5, 0.9999999])
+def test_compiled_reference_keeps_the_same_pixels(threshold):
+    """Traced by torch.compile (dynamic=True: T may be symbolic) the reference writes the keep rule in torch ops;
+    it must keep exactly what the eager rule keeps, at the boundary too."""
+    from fastadvseg import _keep
+    bound = _keep.keep_logit(threshold)
+    near = [bound, math.nextafter(bound, math.inf), math.nextafter(bound, -math.inf)] if math.isfinite(bound) else []
+    z = torch.tensor(near + [0.0, -3.4e38, 3.4e38, -math.inf, math.inf, math.nan], dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(_keep.keep_mask, dynamic=True, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(z, threshold), _keep.keep_mask(z, threshold))
+    assert torch.equal(_keep.keep_mask(z, threshold), z > bound)

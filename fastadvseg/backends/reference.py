@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._keep import keep_logit
+from .._keep import keep_mask
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -103,7 +103,7 @@ def bce_with_logits2d(d_logits: torch.Tensor, target_map: Optional[torch.Tensor]
 def _confident(d_logits: torch.Tensor, threshold: float, ignore_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The keep mask of L_semi: ``sigmoid(z) > T`` decided as ``float32(z) > logit(float32(T))`` (exactly, see
     fastadvseg/_keep.py: T = 0 keeps every z but -inf and NaN; NaN is never kept), not ignored."""
-    keep = d_logits.detach().float() > keep_logit(threshold)
+    keep = keep_mask(d_logits.detach(), threshold)
     return keep if ignore_mask is None else keep & ~ignore_mask
 
 
