@@ -5,6 +5,7 @@ inputs, ignore_index, class weights and all reductions.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastadvseg as fas
 import oracle
@@ -243,3 +244,75 @@ def test_float64_inputs_run_and_match(case, gen):
     else:
         with pytest.raises(TypeError, match="float64"):
             fas.cross_entropy2d(x, t, backend=backend)
+
+
+# ------------------------------------------------------------------------------ F.cross_entropy parity (NCHW)
+
+WEIGHTS = {"none": None, "positive": [0.3, 1.0, 2.5, 0.7, 1.2], "signed": [-2.0, 1.0, 0.5, -0.4, 0.1]}
+
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.37])
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_f_cross_entropy(case, eps, weights, reduction, gen):
+    """Value and logits gradient of F.cross_entropy (float64), weight as the third positional argument."""
+    backend, device = case
+    shape = (2, 5, 3, 7)
+    x = make_logits(shape, torch.float32, "sliced", device, generator=gen)
+    t = make_target(shape, device, ignore_index=250, generator=gen)
+    w = None if WEIGHTS[weights] is None else torch.tensor(WEIGHTS[weights], device=device)
+    loss = fas.cross_entropy2d(x, t, w, ignore_index=250, reduction=reduction, label_smoothing=eps, backend=backend)
+    x64 = x.detach().double().cpu().requires_grad_()
+    w64 = None if w is None else w.double().cpu()
+    want = F.cross_entropy(x64, t.cpu(), w64, ignore_index=250, reduction=reduction, label_smoothing=eps)
+    assert_close(loss, want, torch.float32, "value")
+    up = torch.rand(want.shape, generator=gen, dtype=torch.float64) + 0.5
+    (gx,) = torch.autograd.grad((loss.double().cpu() * up).sum(), [x])
+    (gx64,) = torch.autograd.grad((want * up).sum(), [x64])
+    assert_close(gx, gx64, torch.float32, "gradient")
+
+
+
+def test_signed_weight_total_and_zero_total(case):
+    backend, device = case
+    x = torch.tensor([[1, 2, .5], [.3, -1, 2]], device=device).reshape(2, 3, 1, 1).requires_grad_()
+    t = torch.tensor([0, 2], device=device).reshape(2, 1, 1)
+    w = torch.tensor([-2, 1, .5], device=device)
+    loss = fas.cross_entropy2d(x, t, w, backend=backend)
+    torch.testing.assert_close(loss.cpu(), F.cross_entropy(x.detach().cpu(), t.cpu(), w.cpu()))
+    zero_total = torch.tensor([1.0, 1.0, -1.0], device=device)  # w[0] + w[2] == 0: our rule, 0 and no gradient
+    loss = fas.cross_entropy2d(x, t, zero_total, label_smoothing=0.2, backend=backend)
+    (g,) = torch.autograd.grad(loss, [x])
+    assert loss.item() == 0.0 and torch.count_nonzero(g) == 0
+
+
+
+def _weighted_ce_float64(x, t, w, eps, ignore_index):
+    """F.cross_entropy's weighted, smoothed mean written out, so that the weight gets a float64 gradient
+    (PyTorch's own op refuses a weight that requires grad)."""
+    logp = torch.log_softmax(x, 1)
+    valid = t != ignore_index
+    y = torch.where(valid, t, 0)
+    w_y = torch.where(valid, w[y], 0.0)
+    nll = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
+    smooth = -(logp * w.view(1, -1, 1, 1)).sum(1)
+    per_pixel = torch.where(valid, (1 - eps) * w_y * nll + eps / x.shape[1] * smooth, 0.0)
+    return per_pixel.sum() / w_y.sum()
+
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.25])
+def test_learnt_class_weights_get_the_same_gradient_everywhere(case, eps, gen):
+    backend, device = case
+    shape = (2, 4, 3, 5)
+    x = make_logits(shape, torch.float32, "channels_last", device, generator=gen)
+    t = make_target(shape, device, generator=gen)
+    w = (torch.rand(4, generator=gen) + 0.2).to(device).requires_grad_()
+    loss = fas.cross_entropy2d(x, t, w, label_smoothing=eps, backend=backend)
+    gx, gw = torch.autograd.grad(loss * 0.7, [x, w])
+    x64, w64 = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+    gx64, gw64 = torch.autograd.grad(_weighted_ce_float64(x64, t.cpu(), w64, eps, 255) * 0.7, [x64, w64])
+    assert_close(gx, gx64, torch.float32, "logits gradient")
+    assert_close(gw, gw64, torch.float32, "weight gradient")
+
