@@ -107,27 +107,3 @@ def cpu_kernel_build() -> str:
         return f"none ({type(exc).__name__})"
     cap = os.environ.get("FASTADVSEG_CPU_ISA")
     return _C_cpu.isa() + (f" (FASTADVSEG_CPU_ISA={cap})" if cap else "")
-
-
-def steady_malloc() -> str:
-    """Raise glibc's mmap and trim thresholds (mallopt) so that freed large buffers stay in the heap and are reused.
-
-    With glibc's defaults a freed 17 MB tensor may be given back to the OS (trim) and the next allocation
-    faults it in again, 4 KiB at a time: whether a timed call pays that depends on what ran before it, so the
-    same call measured 2.5 ms or 6 ms in one process (both for eager and for fastadvseg). This applies to every
-    implementation of the run alike; the results header says it was on. Returns what was set.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return "not available (no libc found)"
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return "not available (libc has no mallopt)"
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    mmap_max = 32 * 2**20  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit
-    ok = libc.mallopt(m_mmap_threshold, mmap_max) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-    return (f"steady (mallopt M_MMAP_THRESHOLD={mmap_max // 2**20} MiB, M_TRIM_THRESHOLD=2 GiB)" if ok
-            else "mallopt failed: glibc defaults")

@@ -131,7 +131,10 @@ def run_memory(case_names: List[str], impls: List[str], dtypes: List[str], shape
     what other processes do, so this only saves time (most of a child's time is importing torch, or compiling)."""
     from .timing import ratio_range, too_noisy
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
+    from fastadvseg.utils.allocator import plain_env
+
+    # glibc in the child, whatever allocator the report's own process runs with (a preloaded jemalloc is dropped)
+    env = dict(plain_env(), MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
                TORCHINDUCTOR_COMPILE_THREADS="1")  # compile in the child itself: no worker pool to start
     specs = [{"op": op, "impl": impl, "dtype": dtype, "shape": [shape.n, shape.c, shape.h, shape.w],
               "shape_name": shape.name, "threads": threads, "repeats": repeats, "validate_labels": validate_labels}

@@ -116,6 +116,8 @@ def render_markdown(result: dict) -> str:
         md.append(table(("shape", "op", "dtype", "dir", "cuda ms", "triton / cuda"), [
             (r["shape"], r["op"], r["dtype"], r["direction"], f"{r['median_ms']:.3f}", f"{r['cuda_vs_triton']:.2f}x")
             for r in sorted(versus, key=lambda r: (r["shape"], r["dtype"], r["op"], r["direction"]))]))
+    if result.get("copy_rows"):
+        md.append(render_copy_rows(result["copy_rows"]))
     if result.get("overhead"):
         md.append(render_overhead(result["overhead"]))
     e2e = result.get("e2e")
@@ -132,6 +134,12 @@ def render_markdown(result: dict) -> str:
                       "iteration faster.\n")
     if result.get("e2e_compile"):
         md.append(render_e2e_compile(result["e2e_compile"]))
+    if result.get("train_step"):
+        md.append(render_train_step(result["train_step"]))
+    if result.get("allocators"):
+        md.append(render_allocators(result["allocators"]))
+    if result.get("authors_loop"):
+        md.append(render_authors_loop(result["authors_loop"]))
     if result.get("memory"):
         md.append(render_memory(result["memory"]))
     md.append("\n## Byte model (fewest bytes each op must move)\n\nP = N*H*W, C classes, e = bytes per logit; "
@@ -198,6 +206,110 @@ def render_e2e_compile(e: dict) -> str:
               f"({rlo:.2f}x-{rhi:.2f}x): what torch.compile does to this G and D on this machine. Compiled with "
               f"fastadvseg's losses / compiled with the reference losses: {e['compiled_vs_reference_compiled']:.2f}x "
               f"({clo:.2f}x-{chi:.2f}x).\n")
+    return "".join(md)
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+def render_copy_rows(rows: List[dict]) -> str:
+    """``generator_loss[labelled]`` fwdbwd beside a plain copy of its byte model's bytes, measured in this run."""
+    md = ["\n## A plain copy of the same bytes\n\n",
+          "What `dst.copy_(src)` achieves on the bytes the labelled `generator_loss` forward+backward must move (its "
+          "byte model: half read, half written), timed in this run at the same threads: into a destination allocated "
+          "once (`reused`) and into one allocated for every call (`fresh`, as an op writing a new gradient does; what "
+          "that costs depends on the allocator, see the header). `% of copy`: the copy's median time over the op's, "
+          "i.e. the op's speed as a fraction of a copy of its bytes.\n\n"]
+    lines = []
+    for r in rows:
+        c = r["copy"]
+        for impl, o in sorted(r["ops"].items(), key=lambda kv: _impl_rank(kv[0])):
+            lines.append([r["shape"], r["dtype"], _mb(r["bytes"]),
+                          f"{c['reused']['median_ms']:.3f} ({c['reused']['GBps']:.1f} GB/s)",
+                          f"{c['fresh']['median_ms']:.3f} ({c['fresh']['GBps']:.1f} GB/s)", impl,
+                          f"{o['median_ms']:.3f}", f"{o['pct_of_copy']['reused']:.0f}%",
+                          f"{o['pct_of_copy']['fresh']:.0f}%"])
+    md.append(table(("shape", "dtype", "bytes", "copy, reused dst: ms", "copy, fresh dst: ms",
+                     f"{rows[0]['op']} fwdbwd", "op ms", "% of copy (reused)", "% of copy (fresh)"), lines))
+    return "".join(md)
+
+
+def _step_cells(r: dict, ratios=("eager", "compile")) -> List[str]:
+    cells = [f"{r['median_ms']:.1f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f} (n={r['n']})",
+             f"{r['images_per_s']:.1f}"]
+    for b in ratios:
+        cells.append(ratio_cell(r, b) if r.get(f"speedup_vs_{b}") is not None else "n/a")
+    cells.append(f"{r['faults_median']:.0f} ({r['faults_p90']:.0f})")
+    return cells
+
+
+def render_train_step(t: dict) -> str:
+    md = ["\n## Training step as the pipeline runs it (`--train-step`)\n\n",
+          "`pipeline`: `fastadvseg.utils.step.train_step`, the code `python -m fastadvseg.train` runs (G on a labelled "
+          "and an unlabelled batch, two backward passes, SGD; D on fake and real maps, Adam), gradients set to None "
+          f"every step, activations alive; {t['models']}. `losses`: a labelled plus an unlabelled `generator_loss`, "
+          "summed, one backward, the leaves' `.grad` set to None. `fastadvseg`: its losses (backend auto); `eager`: "
+          "benchmarks/reference_ops.py; `compile`: those under torch.compile. Images = N labelled + N unlabelled. "
+          f"Allocator: {t['allocator']}. Threads: {t['threads']}. Each impl runs a block of consecutive steps per "
+          f"round (the first untimed; `n`: the timed steps), {t['rounds']} rounds, the order rotating. Faults: minor "
+          "page faults per step (`getrusage` ru_minflt), median (p90). " + OVERLAP_LEGEND + "\n\n"]
+    lines = []
+    for r in t["rows"]:
+        head = [r["step"], f"{r['shape']} (N={r['N']}, C={r['C']}, {r['H']}x{r['W']})", r["impl"]]
+        if r["status"] != "ok":
+            lines.append(head + [f"not run: {r['status']}"] + [""] * 6)
+            continue
+        lines.append(head + _step_cells(r) + [f"{r['first_step_s']:.1f}"])
+    md.append(table(("step", "shape", "impl", "median ms", "p10-p90 ms", "images/s", "x eager", "x compile",
+                     "faults/step", "first step s"), lines))
+    return "".join(md)
+
+
+def render_allocators(a: dict) -> str:
+    if a.get("skipped"):
+        return f"\n## Allocators (`--allocators`)\n\nNot measured: {a['skipped']}.\n"
+    md = ["\n## Allocators (`--allocators`)\n\n",
+          "The steps of `--train-step` (impls: " + ", ".join(a["impls"]) + "; " + "; ".join(a["jobs"]) + ") in a "
+          f"fresh process per allocator, the processes alternating over {a['rounds']} round(s) of {a['block']} timed "
+          f"steps each, threads {a['threads']}. What `python -m fastadvseg.train --allocator ...` picks from (its "
+          "default: `auto`, see fastadvseg/utils/allocator.py). RSS: the process's resident set after its steps, and "
+          "its high-water mark.\n\n"]
+    md.append(table(("allocator", "as run"), a["allocators"].items()))
+    md.append("\n")
+    lines = []
+    for r in a["rows"]:
+        head = [r["step"], r["shape"], r["impl"], r["allocator"]]
+        if r["status"] != "ok":
+            lines.append(head + [f"not run: {r['status']}"] + [""] * 5)
+            continue
+        lines.append(head + [f"{r['median_ms']:.1f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f} (n={r['n']})",
+                             f"{r['faults_median']:.0f} ({r['faults_p90']:.0f})",
+                             _f(r.get("rss_after_MiB"), "{:.0f}"), _f(r.get("peak_rss_MiB"), "{:.0f}")])
+    md.append(table(("step", "shape", "impl", "allocator", "median ms", "p10-p90 ms", "faults/step", "RSS MiB",
+                     "peak RSS MiB"), lines))
+    return "".join(md)
+
+
+def render_authors_loop(a: dict) -> str:
+    md = ["\n## The authors' training iteration (`--authors-loop`)\n\n",
+          f"{a['shape']}, {a['dtype']}, {a['device']}; {a['models']}, the same initial weights, optimizers and "
+          "batches for every variant. `authors`: a port of AdvSemiSeg's iteration (train.py, utils/loss.py) to current "
+          "PyTorch, numpy round trips included (benchmarks/authors_loop.py); the others: the pipeline's "
+          "`train_step`, the same computation. Every variant gets its batch on the host and reads its loss values "
+          f"back. Threads {a['threads']}; {a['block']} timed steps per block, {a['rounds']} rounds. "
+          "`x authors`: images/s over the authors' (p10-p90 range of the ratio).\n\n"]
+    lines = []
+    for r in a["rows"]:
+        if r["status"] != "ok":
+            lines.append([r["variant"], r["what"], f"not run: {r['status']}", "", "", "", ""])
+            continue
+        lo, hi = (r.get("speedup_vs_authors_range") if r["variant"] != "authors" else None) or (None, None)
+        lines.append([r["variant"], r["what"], f"{r['median_ms']:.1f}",
+                      f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f} (n={r['n']})", f"{r['images_per_s']:.2f}",
+                      _x(r.get("speedup_vs_authors")) + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else ""),
+                      f"{r['first_step_s']:.1f}"])
+    md.append(table(("variant", "what", "median ms", "p10-p90 ms", "images/s", "x authors", "first step s"), lines))
     return "".join(md)
 
 

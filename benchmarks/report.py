@@ -4,6 +4,7 @@
     python -m benchmarks.report --shapes full --device cuda --e2e      # GPU: VOC, Cityscapes, ADE20K-like
     python -m benchmarks.report --device cpu --no-op-timing --memory --e2e-compile  # CPU peak RSS, compiled step
     python -m benchmarks.report --no-op-timing --call-overhead                    # what one loss call costs
+    python -m benchmarks.report --no-op-timing --train-step --allocators --authors-loop   # training steps, allocators
 
 Every ratio in the output is measured within this one run (same process, same inputs; ``--memory``: a fresh
 process per row, see benchmarks/memory.py); absolute times from different runs are never compared. See
@@ -21,6 +22,8 @@ from typing import Dict, List, Optional
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 SHAPE_CHOICES = ("smoke", "small", "voc", "cityscapes", "ade", "full")
+# fastadvseg.config.ALLOCATORS, spelled out: importing fastadvseg here would come before TRITON_INTERPRET is set
+ALLOCATOR_CHOICES = ("auto", "steady", "jemalloc", "tcmalloc", "system")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -40,7 +43,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed calls per impl and case (default 1.5 CPU, 0.5 GPU); "
                         "never fewer than 10 calls (or --repeats)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (smoke tests)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile baselines, in --train-step and --authors-loop too (smoke tests)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="time only these fastadvseg backends (default: every one available_backends lists)")
     p.add_argument("--include-triton-cpu", action="store_true",
@@ -49,7 +53,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="switch fastadvseg's label-range check off (default: on, as users get it)")
     p.add_argument("--e2e", action="store_true", help="also time one training iteration, fused vs reference losses")
     p.add_argument("--e2e-tiny", action="store_true",
-                   help="--e2e (and --e2e-compile) at a tiny size, 2 timed steps (smoke tests)")
+                   help="--e2e at a tiny size, 2 timed steps, and the other end-to-end parts asked for (--e2e-compile, "
+                        "--train-step, --allocators, --authors-loop) at tiny sizes too (smoke tests)")
     p.add_argument("--e2e-compile", action="store_true",
                    help="also time one training iteration with fastadvseg's losses, eager vs torch.compile of the "
                         "loss functions, and count the graph breaks (torch._dynamo.explain)")
@@ -64,13 +69,34 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-op-timing", action="store_true",
                    help="skip the per-op timing tables (run only --call-overhead / --memory / --e2e / --e2e-compile)")
     p.add_argument("--e2e-segmenter", default=None,
-                   help="fastadvseg.models.build_segmenter name for the e2e G (default: deeplabv2_compact on CPU, "
-                        "deeplabv2_resnet101 on GPU); 'stand-in' (or no fastadvseg.models): a small labelled stand-in")
+                   help="fastadvseg.models.build_segmenter name for the e2e G and --authors-loop (default: "
+                        "deeplabv2_compact on CPU, deeplabv2_resnet101 on GPU); 'stand-in' (or no fastadvseg.models): "
+                        "a small labelled stand-in (--e2e, --e2e-compile only)")
+    p.add_argument("--train-step", action="store_true",
+                   help="also time the training step as python -m fastadvseg.train runs it (its train_step, its "
+                        "default compact G and D) and the losses-only step, fastadvseg vs eager vs torch.compile, with "
+                        "p10/p50/p90 and minor page faults per step (VOC, Cityscapes shapes; benchmarks/train_step.py)")
+    p.add_argument("--allocators", action="store_true",
+                   help="CPU: also time the fastadvseg and eager steps of --train-step under each memory allocator "
+                        "(the C library's defaults, steady, jemalloc and tcmalloc where installed), a process each")
+    p.add_argument("--preload", action="append", default=[], metavar="PATH",
+                   help="with --allocators: a jemalloc or tcmalloc shared library to compare that is not installed "
+                        "system-wide (repeatable)")
+    p.add_argument("--authors-loop", action="store_true",
+                   help="also time the authors' training iteration (a port of AdvSemiSeg's train.py, "
+                        "benchmarks/authors_loop.py) beside the pipeline's with fastadvseg's losses, eager and "
+                        "compiled, and with the plain PyTorch composition: images/s")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--steady-malloc", action="store_true",
-                   help="CPU: keep freed large buffers in the heap (glibc mallopt) so that no timed call pays for "
-                        "page faults caused by what ran before it; applies to every implementation alike")
+    p.add_argument("--allocator", default="auto", choices=ALLOCATOR_CHOICES,
+                   help="the memory allocator of this run's process (fastadvseg/utils/allocator.py), every impl "
+                        "alike; auto (default): steady, i.e. freed large buffers stay in the heap (glibc mallopt) so "
+                        "that no timed call pays page faults for what ran before it; system: the C library's defaults")
+    p.add_argument("--steady-malloc", action="store_true", help="the same as --allocator steady (older commands)")
     args = p.parse_args(argv)
+    if args.steady_malloc:
+        if args.allocator not in ("auto", "steady"):
+            p.error(f"--steady-malloc contradicts --allocator {args.allocator}")
+        args.allocator = "steady"
     try:
         args.dtypes = [DTYPES[d] for d in args.dtypes] if args.dtypes else None
     except KeyError as exc:
@@ -188,10 +214,46 @@ def add_bandwidth_pct(rows: List[dict], copy_gbps: Optional[float]) -> None:
             r["bw_pct"] = 100 * r["GBps"] / copy_gbps if copy_gbps else None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+COPY_OP = "generator_loss[labelled]"  # the op whose bytes the same-bytes copy moves
+
+
+def same_bytes_copies(args, rows: List[dict], device, shapes, log) -> List[dict]:
+    """Per shape and dtype with a timed ``generator_loss[labelled]`` fwdbwd: a plain copy of the same bytes (its
+    byte model), into a reused and into a fresh destination, timed in this run, beside that op's medians."""
+    from .timing import copy_same_bytes
+
+    out = []
+    for shape in shapes:
+        for dtype in dict.fromkeys(r["dtype"] for r in rows if r["shape"] == shape.name):
+            ops = {r["impl"]: r for r in rows if (r["op"], r["shape"], r["dtype"], r["direction"], r["status"]) ==
+                   (COPY_OP, shape.name, dtype, "fwdbwd", "ok")}
+            if not ops:
+                continue
+            nbytes = next(iter(ops.values()))["bytes"]
+            copies = copy_same_bytes(nbytes, device, repeats=args.repeats or (100 if device.type == "cuda" else 30),
+                                     budget_s=args.budget or (0.5 if device.type == "cuda" else 1.5))
+            row = {"shape": shape.name, "dtype": dtype, "op": COPY_OP, "direction": "fwdbwd", "bytes": nbytes,
+                   "copy": copies, "ops": {}}
+            for impl, r in ops.items():
+                row["ops"][impl] = {"median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],
+                                    "pct_of_copy": {k: 100 * c["median_ms"] / r["median_ms"]
+                                                    for k, c in copies.items()}}
+            out.append(row)
+            log(f"# copy of {nbytes / 1e6:.2f} MB ({COPY_OP} fwdbwd at {shape.name}, {dtype}): reused dst "
+                f"{copies['reused']['median_ms']:.3f} ms ({copies['reused']['GBps']:.1f} GB/s), fresh dst "
+                f"{copies['fresh']['median_ms']:.3f} ms ({copies['fresh']['GBps']:.1f} GB/s)")
+    return out
+
+
+def main(argv: Optional[List[str]] = None, *, own_process: bool = False) -> int:
+    """``own_process`` (``python -m benchmarks.report``): set the process's allocator as ``--allocator`` says
+    (``jemalloc``/``tcmalloc`` restart the process); called as a function, only ``steady`` is applied (in-process)."""
     args = parse_args(argv)
     if args.include_triton_cpu:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by fastadvseg's triton backend)
+    from fastadvseg.utils import allocator
+
+    alloc = allocator.configure(args.allocator, reexec=own_process)
     import torch
 
     import fastadvseg
@@ -215,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = C.select_cases(args.ops)
 
     meta = env.collect(device, threads)
-    meta["malloc"] = env.steady_malloc() if args.steady_malloc else "glibc defaults"
+    meta["malloc"] = alloc.description
     meta["shape_set"] = args.shapes
     meta["unavailable"] = {b: fastadvseg.unavailable_reason(b) or f"cannot run on {device.type} tensors"
                            for b in fastadvseg.BACKEND_NAMES if b not in meta.get("backends", [])}
@@ -224,11 +286,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | threads {threads} | "
         f"backends {meta.get('backends')} | load {meta['load_average_start']}")
+    log(f"# {alloc.log_line()}")
     t_start = time.perf_counter()
     meta["copy_bandwidth"] = copy_bandwidth(device)
     log(f"# measured copy bandwidth: {meta['copy_bandwidth']['GBps']:.1f} GB/s")
     rows = [] if args.no_op_timing else run_cases(args, device, shapes, dtypes, cases, log)
     add_bandwidth_pct(rows, meta["copy_bandwidth"]["GBps"])
+    copy_rows = same_bytes_copies(args, rows, device, shapes, log)
     overhead = None
     if args.call_overhead:
         from .overhead import run_overhead
@@ -259,6 +323,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"# e2e compile: eager {e2e_compile['eager']['median_ms']:.1f} ms, compiled "
             f"{e2e_compile['compiled']['median_ms']:.1f} ms, compiled/eager {e2e_compile['compiled_vs_eager']:.2f}x,"
             f" graph breaks {e2e_compile['graph_breaks']}")
+    train_step = allocators = authors = None
+    if args.train_step:
+        from .train_step import IMPLS, run_train_step
+
+        train_step = run_train_step(device, tiny=args.e2e_tiny, log=log,
+                                    impls=[i for i in IMPLS if not (args.no_compile and i == "compile")])
+    if args.allocators:
+        from .train_step import run_allocators
+
+        allocators = run_allocators(device, tiny=args.e2e_tiny, threads=threads, preload=args.preload, log=log)
+    if args.authors_loop:
+        from .authors_loop import VARIANTS, run_authors_loop
+
+        authors = run_authors_loop(device, tiny=args.e2e_tiny, segmenter=args.e2e_segmenter, log=log,
+                                   variants=[v for v in VARIANTS if not (args.no_compile and "compiled" in v)])
     memory = None
     if args.memory and device.type != "cpu":
         log("# --memory measures the CPU (RSS); on CUDA the per-op tables already have peak MiB")
@@ -276,7 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     notes = [n for n in (targets.missing_backend_note(device.type, meta.get("backends", []), meta["unavailable"]),)
              if n]
     result = {"meta": meta, "rows": rows, "overhead": overhead, "e2e": e2e, "e2e_compile": e2e_compile,
-              "memory": memory,
+              "memory": memory, "copy_rows": copy_rows, "train_step": train_step, "allocators": allocators,
+              "authors_loop": authors,
               "targets": checks, "notes": notes,
               "byte_model": {c.name: c.byte_model for c in cases}}
 
@@ -293,4 +373,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_process=True))

@@ -164,3 +164,26 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 2
     stats = summarize(samples)
     return {"bytes": 2 * nbytes, "median_ms": stats["median_ms"],
             "GBps": 2 * nbytes / (stats["median_ms"] / 1e3) / 1e9}
+
+
+def copy_same_bytes(nbytes: int, device: torch.device, *, repeats: int = 30, budget_s: Optional[float] = None,
+                    copies: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """What a plain copy moving ``nbytes`` (read ``nbytes / 2``, write ``nbytes / 2``: an op's byte model) takes:
+    ``dst.copy_(src)`` into a destination allocated once (``reused``) and into one allocated for each call
+    (``fresh``: ``torch.empty_like(src).copy_(src)``, whatever the allocator then does with that memory, as an op
+    that writes a new gradient has to). The sources rotate over copies that together exceed twice the last-level
+    cache, as the per-op timings' inputs do; the two are timed in turns. Returns the order statistics of each with
+    ``GBps`` (``nbytes`` over the median)."""
+    numel = max(1, nbytes // 2 // 4)
+    copies = copies or num_copies(numel * 4, device)
+    srcs = [torch.randn(numel, device=device) for _ in range(copies)]
+    dst = torch.empty_like(srcs[0])
+    fns = {"reused": lambda k: dst.copy_(srcs[k % copies]),
+           "fresh": lambda k: torch.empty_like(srcs[k % copies]).copy_(srcs[k % copies])}
+    samples = time_interleaved(fns, device, repeats=repeats, budget_s=budget_s, min_repeats=min(10, repeats))
+    out = {}
+    for name, times in samples.items():
+        stats = summarize(times)
+        stats["GBps"] = 2 * numel * 4 / (stats["median_ms"] / 1e3) / 1e9
+        out[name] = stats
+    return out

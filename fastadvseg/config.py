@@ -26,6 +26,7 @@ MODES = ("baseline", "adv", "semi")
 INITS = ("scratch", "pretrained")
 AMP_MODES = ("none", "bf16", "fp16")
 LOSS_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+ALLOCATORS = ("auto", "steady", "jemalloc", "tcmalloc", "system")  # fastadvseg/utils/allocator.py
 
 # What the training pipeline needs beyond the losses (which need torch and numpy only): `pip install
 # "fastadvseg[train]"`. (import name, distribution name)
@@ -130,6 +131,11 @@ class TrainConfig:
     amp: str = "none"  # "none", "bf16", "fp16" (fp16 uses a GradScaler on CUDA)
     channels_last: bool = False  # channels-last memory format for the nets
     loss_backend: str = "auto"  # auto, reference, cpu, triton, cuda
+    # The memory allocator of the program's process (fastadvseg/utils/allocator.py). auto: a preloaded jemalloc or
+    # tcmalloc, else steady; steady: glibc mallopt keeps freed buffers for reuse (no page faults every step);
+    # jemalloc, tcmalloc: restart with that library preloaded; system: the C library's defaults. Set by the command
+    # line programs for their own process; config.yaml records what the run used
+    allocator: str = "auto"
     # --- output ---
     run_root: str = "runs"  # run directories are created under it
     log_every: int = 10  # print and record losses averaged over this many steps
@@ -152,7 +158,7 @@ class TrainConfig:
         from .models import SEGMENTERS
 
         for key, choices in (("model", SEGMENTERS), ("mode", MODES), ("amp", AMP_MODES),
-                             ("loss_backend", LOSS_BACKENDS), ("dataset", DATASETS)):
+                             ("loss_backend", LOSS_BACKENDS), ("dataset", DATASETS), ("allocator", ALLOCATORS)):
             if getattr(self, key) not in choices:
                 bad(key, f"choose one of {tuple(choices)}")
         if self.init is not None and self.init not in INITS:

@@ -27,6 +27,7 @@ import fastadvseg as fas
 from .config import (ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides, read_config_file,
                      require_pipeline_extras)
 from .metrics import ConfusionMatrix, SegMetrics, format_table
+from .utils import allocator
 from .utils import distributed as dist_utils
 from .utils.builders import (autocast, build_bundle, build_segmenter_for_eval, check_data, d_input, segment,
                              to_device)
@@ -138,8 +139,11 @@ def _describe(path: str, state) -> str:
             (")" if step is not None else ""))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Exit codes: 0 done; 2 refused (one line ``error: ...``: a bad option, config, checkpoint or data file)."""
+def main(argv: Optional[Sequence[str]] = None, *, own_process: bool = False) -> int:
+    """Exit codes: 0 done; 2 refused (one line ``error: ...``: a bad option, config, checkpoint or data file).
+
+    ``own_process`` (``python -m fastadvseg.evaluate``): first set the process's memory allocator as the config's
+    ``allocator`` says (fastadvseg/utils/allocator.py); the first line printed names the allocator in effect."""
     parser = build_parser("Evaluate a trained segmenter (mIoU, per-class IoU, pixel accuracy).",
                           prog="python -m fastadvseg.evaluate")
     parser.add_argument("--run", help="a run directory: uses its config.yaml and checkpoints/best.pt (else last.pt)")
@@ -173,7 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    alloc = allocator.configure(cfg.allocator, reexec=True) if own_process else allocator.in_effect()
     info = dist_utils.setup(cfg.device)
+    if info.is_main:
+        print(alloc.log_line(), flush=True)
     code = 0
     try:
         with dist_utils.cpu_threads(cfg.num_threads if info.device.type == "cpu" else None):
@@ -205,4 +212,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_process=True))

@@ -31,6 +31,7 @@ import torch
 from .config import (ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides,
                      read_config_file, require_pipeline_extras, save_config)
 from .evaluate import evaluate
+from .utils import allocator
 from .utils import distributed as dist_utils
 from .utils.builders import build_bundle, build_models, build_optimizers, check_data, make_scaler, set_lr, to_device
 from .utils.checkpoint import (BEST, LAST, CheckpointError, atomic_save, check_data_fits, check_resume,
@@ -109,6 +110,7 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
     t_start, cpu_start = time.perf_counter(), time.process_time()
     log = print if info.is_main else (lambda *a, **k: None)
     state = resume.state if resume else None
+    cfg.allocator = allocator.in_effect().name  # config.yaml records what this process allocates with
     # ---- everything is checked before the run directory is created or changed: a refused run leaves no trace ----
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"config batch_size={cfg.batch_size}: the global batch must split evenly over the "
@@ -327,17 +329,24 @@ def parse_cli(argv: Optional[Sequence[str]] = None):
     return load_config(args.config, overrides), None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, *, own_process: bool = False) -> int:
     """Exit codes: 0 done; 2 refused (a bad option, config, data file, checkpoint, or a busy run directory: one
     line ``error: ...``, nothing written); 3 stopped midway (non-finite values, a file that cannot be written:
     the checkpoints on disk are still usable); 130 / 143 interrupted by SIGINT / SIGTERM after saving (130 also
-    for a second SIGINT, which stops without saving)."""
+    for a second SIGINT, which stops without saving).
+
+    ``own_process`` (``python -m fastadvseg.train``): first set the process's memory allocator as ``--allocator``
+    says (fastadvseg/utils/allocator.py; ``jemalloc``/``tcmalloc`` restart the process). Called as a function the
+    process is left as it is. Either way the first line printed names the allocator in effect."""
     try:
         cfg, resume = parse_cli(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    alloc = allocator.configure(cfg.allocator, reexec=True) if own_process else allocator.in_effect()
     info = dist_utils.setup(cfg.device)
+    if info.is_main:
+        print(alloc.log_line(), flush=True)
     code = 0
     try:
         out = train(cfg, resume, info)
@@ -363,4 +372,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_process=True))

@@ -1,7 +1,9 @@
 """Smoke test of the benchmark suite: the report runs end to end on a tiny shape set and writes a Markdown table,
 a JSON file and a PNG plot that cover every op and every backend; the CPU peak-memory table (``--memory``) and the
-compiled training step (``--e2e-compile``) at tiny sizes; the per-call cost table (``--call-overhead``); plus the
-judging of the targets.
+compiled training step (``--e2e-compile``) at tiny sizes; the per-call cost table (``--call-overhead``); the
+pipeline's training step, the allocators and the authors' loop (``--train-step``, ``--allocators``,
+``--authors-loop``) at a tiny size, and the copy of the same bytes; plus the judging of the targets, and the
+authors'-loop port computing what our losses compute.
 
 Timings are not asserted (CI machines are shared and noisy); only that every measurement ran and was recorded. One
 thread: on a loaded 2-core machine OpenMP barriers make 2-thread runs of tiny ops 10-20x slower.
@@ -25,7 +27,7 @@ def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks.report", "--shapes", "smoke", "--device", "cpu", "--dtypes", "float32",
            "--no-compile", "--repeats", "3", "--budget", "0.01", "--threads", "1", "--out", str(out), "--name", "smoke",
-           "--e2e-tiny", "--steady-malloc", "--call-overhead"]
+           "--e2e-tiny", "--steady-malloc", "--call-overhead", "--train-step", "--allocators", "--authors-loop"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         cmd.append("--include-triton-cpu")  # CI sets it for the Triton tests: time the interpreter on the tiny set
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -286,3 +288,122 @@ def test_call_overhead_table_has_every_loss_through_both_paths(smoke_report):
     md = smoke_report.with_suffix(".md").read_text()
     assert "## Per-call cost (N=2, C=5, 17x23, float32" in md
     assert md.count(" via torch.ops | ") >= len(ops) * len(kernel)
+
+
+def test_copy_of_the_same_bytes_beside_generator_loss(smoke_report):
+    """The labelled generator_loss fwdbwd row has a plain copy of its byte model's bytes beside it, reused and
+    fresh destination, in the JSON and the Markdown."""
+    result = json.loads(smoke_report.with_suffix(".json").read_text())
+    (row,) = result["copy_rows"]
+    assert (row["shape"], row["dtype"], row["op"]) == ("smoke", "float32", "generator_loss[labelled]")
+    timed = {r["impl"]: r for r in result["rows"] if (r["op"], r["direction"]) == ("generator_loss[labelled]",
+                                                                                   "fwdbwd")}
+    assert row["bytes"] == timed["eager"]["bytes"]
+    for kind in ("reused", "fresh"):
+        assert _finite_positive(row["copy"][kind]["median_ms"]) and _finite_positive(row["copy"][kind]["GBps"])
+    assert set(row["ops"]) == set(timed)
+    for impl, o in row["ops"].items():
+        assert o["median_ms"] == timed[impl]["median_ms"] and _finite_positive(o["pct_of_copy"]["reused"])
+    md = smoke_report.with_suffix(".md").read_text()
+    assert "## A plain copy of the same bytes" in md and "| copy, reused dst: ms | copy, fresh dst: ms |" in md
+
+
+def test_training_step_table(smoke_report):
+    """--train-step: the pipeline's step and the losses-only step, fastadvseg and eager (--no-compile), with the
+    step-time distribution and page faults per step; the allocator in effect is named."""
+    result = json.loads(smoke_report.with_suffix(".json").read_text())
+    t = result["train_step"]
+    rows = {(r["step"], r["impl"]): r for r in t["rows"]}
+    assert set(rows) == {(s, i) for s in ("pipeline", "losses") for i in ("fastadvseg", "eager")}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert (r["N"], r["C"], r["H"], r["W"]) == (1, 5, 33, 33) and r["n"] >= 4
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and _finite_positive(r["images_per_s"])
+        assert 0 <= r["faults_p10"] <= r["faults_median"] <= r["faults_p90"]
+        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] is None
+    assert t["allocator"].startswith("steady")
+    md = smoke_report.with_suffix(".md").read_text()
+    assert "## Training step as the pipeline runs it (`--train-step`)" in md
+    assert "| step | shape | impl | median ms | p10-p90 ms | images/s | x eager | x compile | faults/step |" in md
+
+
+def test_allocator_table(smoke_report):
+    """--allocators: the same steps in a fresh process per allocator; the C library's defaults and steady always,
+    jemalloc and tcmalloc measured or said to be missing."""
+    result = json.loads(smoke_report.with_suffix(".json").read_text())
+    a = result["allocators"]
+    assert set(a["allocators"]) == {"system", "steady", "jemalloc", "tcmalloc"}
+    assert a["allocators"]["steady"].startswith("steady") and a["allocators"]["system"].startswith("system")
+    measured = {r["allocator"] for r in a["rows"]}
+    assert {"system", "steady"} <= measured
+    for name in {"jemalloc", "tcmalloc"} - measured:
+        assert "not installed" in a["allocators"][name]
+    for r in a["rows"]:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["faults_median"] >= 0 and _finite_positive(r["rss_after_MiB"])
+        assert _finite_positive(r["peak_rss_MiB"]) and r["peak_rss_MiB"] >= r["rss_after_MiB"] * 0.99
+    md = smoke_report.with_suffix(".md").read_text()
+    assert "## Allocators (`--allocators`)" in md and "| allocator | as run |" in md
+
+
+def test_authors_loop_table(smoke_report):
+    result = json.loads(smoke_report.with_suffix(".json").read_text())
+    a = result["authors_loop"]
+    rows = {r["variant"]: r for r in a["rows"]}
+    assert set(rows) == {"authors", "fastadvseg", "eager"}  # --no-compile: no compiled variant
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert _finite_positive(r["images_per_s"]) and _finite_positive(r["speedup_vs_authors"])
+    assert rows["authors"]["speedup_vs_authors"] == 1.0
+    md = smoke_report.with_suffix(".md").read_text()
+    assert "## The authors' training iteration (`--authors-loop`)" in md and "| authors | " in md
+
+
+def test_authors_loop_port_computes_our_losses():
+    """The baseline is correct: one iteration of the port of the authors' loop and one of the pipeline's
+    train_step (fastadvseg's losses), from the same weights on the same tiny batch, give the same loss values and
+    the same updated weights (SGD for D here: Adam's first step keeps only the gradients' signs). The semi threshold
+    sits at the median of D's confidence, so the pseudo-label mask keeps about half the pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.authors_loop import build_authors
+    from benchmarks.shapes import Shape
+    from benchmarks.train_step import build_pipeline
+    from fastadvseg.utils.builders import set_lr
+    from fastadvseg.utils.step import train_step
+
+    shape, device = Shape("t", 2, 5, 64, 48), torch.device("cpu")  # D's output: 2x2 cells per image, upsampled
+
+    def spread(nets):  # D's confidence over a wide range, so that the threshold can split it
+        with torch.no_grad():
+            nets.D.classifier.weight.mul_(100)
+        return nets
+
+    _, nets, (_, _, images_u) = build_pipeline(shape, device)
+    with torch.no_grad():
+        conf = torch.sigmoid(spread(nets).D(F.softmax(F.interpolate(nets.G(images_u), size=(64, 48),
+                                                                    mode="bilinear", align_corners=True), 1)))
+    conf = conf.flatten().sort().values
+    k = next(k for k in range(len(conf) // 2, len(conf)) if conf[k] - conf[k - 1] > 1e-5)
+    threshold = float(conf[k - 1] + conf[k]) / 2  # about half the pixels above, none within float noise of it
+    for backend in ("reference", "auto"):
+        config = dict(head_lr_mult=10.0, loss_backend=backend, lr=0.01, lr_d=0.01, semi_threshold=threshold)
+        port, _, ported, batch = build_authors(shape, device, **config)
+        cfg, nets, batch2 = build_pipeline(shape, device, **config)
+        for n in (spread(ported), spread(nets)):
+            n.opt_d = torch.optim.SGD(n.D.parameters(), lr=cfg.lr_d)
+        port.optimizer_D = ported.opt_d
+        images, labels, images_u = batch
+        assert (labels == 255).any() and all(torch.equal(a, b) for a, b in zip(batch, batch2))
+        theirs = port(0, (images, labels), images_u, labels)
+        set_lr(nets.opt_g, cfg.lr, 0, cfg.steps, cfg.power)  # what the pipeline's loop and theirs set at step 0
+        set_lr(nets.opt_d, cfg.lr_d, 0, cfg.steps, cfg.power)
+        ours = {k: float(v) for k, v in train_step(cfg, nets, 0, *batch2).items()}
+        assert 0.3 < theirs["semi_ratio"] < 0.7 and theirs["semi_ratio"] == pytest.approx(ours["semi_ratio"])
+        for their_key, our_key in (("loss_seg", "loss_ce"), ("loss_adv_p", "loss_adv"), ("loss_semi", "loss_semi"),
+                                   ("loss_semi_adv", "loss_semi_adv"), ("loss_D", "loss_d")):
+            assert theirs[their_key] == pytest.approx(ours[our_key], rel=1e-5), (backend, their_key)
+        for a, b in zip(list(ported.G.parameters()) + list(ported.D.parameters()),
+                        list(nets.G.parameters()) + list(nets.D.parameters())):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

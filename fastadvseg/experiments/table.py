@@ -482,6 +482,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(previous, encoding="utf-8") as f:
             meta = {**meta, "command": json.load(f).get("command", meta["command"]), "report_command": meta["command"]}
     if not args.report_only:
+        # each cell is its own `python -m fastadvseg.train` process and sets its own allocator (--allocator passes on)
+        print(f"allocator: each training run sets its own: --allocator {overrides.get('allocator', 'auto')} "
+              f"(fastadvseg/utils/allocator.py; each cell's config.yaml and log say what it used)")
         states = [cell_state(os.path.join(args.out, "cells", c.name)) for c in cells]
         print(f"{len(cells)} cells ({states.count('done')} done, {states.count('partial')} to resume) in {args.out}, "
               f"{args.jobs} at a time; {steps} steps each")

@@ -9,4 +9,5 @@
 * ``log``         - metrics.jsonl, the progress line (window means), optional TensorBoard
 * ``plots``       - loss / mIoU curves and the prediction + discriminator-confidence figure
 * ``distributed`` - torchrun / DDP setup and a clean teardown
+* ``allocator``   - the memory allocator of the programs' own processes (freed buffers reused, not faulted in anew)
 """

@@ -32,7 +32,7 @@ STATE_KEYS = ("step", "G", "D", "opt_g", "opt_d", "rng", "config")
 # often to log/evaluate/save, where the data and outputs are, how fast). Any other change is refused.
 RESUMABLE = ("steps", "log_every", "eval_every", "checkpoint_every", "eval_batch_size", "num_vis_images", "plots",
              "tensorboard", "num_workers", "num_threads", "device", "loss_backend", "channels_last", "data_root",
-             "pretrained", "pretrained_d", "name", "run_root", "split_file", "eval_test")
+             "pretrained", "pretrained_d", "name", "run_root", "split_file", "eval_test", "allocator")
 
 
 class CheckpointError(ConfigError):

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-import fastadvseg as fas
+import fastadvseg as _fas
 
 from ..config import TrainConfig
 from .builders import autocast, d_input, segment
@@ -51,9 +51,15 @@ def _step(opt, scaler) -> None:
         opt.step()
 
 
-def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u=None) -> Dict[str, torch.Tensor]:
+def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u=None, *,
+               losses=None) -> Dict[str, torch.Tensor]:
     """Run one iteration on device tensors; returns detached 0-dim tensors: the losses, the kept fraction of L_semi
-    and the gradient norms of G and D (the loop checks that they are finite)."""
+    and the gradient norms of G and D (the loop checks that they are finite).
+
+    ``losses``: where the loss functions come from (default: the ``fastadvseg`` module); any object with
+    fastadvseg's ``softmax2d``, ``generator_loss``, ``cross_entropy2d``, ``one_hot2d`` and ``discriminator_loss``
+    signatures. The benchmarks pass other implementations (benchmarks/train_step.py) to time this very step."""
+    fas = _fas if losses is None else losses
     device = images.device
     ignore = 255
     num_classes = fas_num_classes(nets) - (3 if cfg.d_image else 0)
