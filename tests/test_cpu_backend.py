@@ -484,7 +484,9 @@ def test_binding_takes_tensors_not_addresses():
     (lambda x, a: dict(weight=torch.ones(3, dtype=torch.float64)), TypeError, r"weight must be float32"),
     (lambda x, a: dict(weight=torch.ones(6)[::2]), ValueError, r"weight must be contiguous"),
     (lambda x, a: dict(grad=torch.empty(1, 3, 2, 4, dtype=torch.float16)), TypeError, r"grad must have the dtype"),
-    (lambda x, a: dict(grad=torch.empty(1, 3, 1, 4).expand(1, 3, 2, 4)), ValueError, r"grad \(an output\) must be dense"),
+    (lambda x, a: dict(grad=torch.empty(1, 3, 1, 4).expand(1, 3, 2, 4)), ValueError, r"grad \(an output\) must not overlap"),
+    (lambda x, a: dict(grad=torch.empty(1, 3, 9).as_strided((1, 3, 2, 4), (27, 9, 2, 1))), ValueError,
+     r"grad \(an output\) must not overlap"),
     (lambda x, a: dict(sizes=(1, 3, 2, 5)), ValueError, r"logits \(1, 3, 2, 4\) does not match the sizes"),
     (lambda x, a: dict(logits=x.double(), grad=None), TypeError, r"logits must be float32, float16 or bfloat16"),
     (lambda x, a: dict(target=None, d_logits=torch.zeros(1, 2, 4, dtype=torch.float16), keep_mode=1), TypeError,
@@ -495,7 +497,7 @@ def test_binding_takes_tensors_not_addresses():
     (lambda x, a: dict(loss_map=torch.empty(1, 2, 3)), ValueError, r"loss_map \(1, 2, 3\) does not match"),
     (lambda x, a: dict(adv_mode=1), ValueError, r"d_logits missing"),
 ], ids=["int32-labels", "label-shape", "weight-length", "weight-dtype", "weight-strided", "grad-dtype",
-        "grad-overlapping", "sizes", "float64-logits", "map-dtype", "mask-dtype", "map-output-strided",
+        "grad-expanded", "grad-aliased", "sizes", "float64-logits", "map-dtype", "mask-dtype", "map-output-strided",
         "map-output-shape", "missing-map"])
 def test_native_boundary_checks_what_the_kernel_touches(change, error, pattern):
     ext = _ext()

@@ -156,13 +156,15 @@ def test_out_of_range_labels_without_validation_are_ignored(case, gen):
 
 
 def test_threshold_is_strict(case, gen):
-    """sigmoid(d) > T keeps a pixel: sigmoid(0) == 0.5 exactly is not kept at T = 0.5, nor sigmoid(-200) == 0 at T = 0."""
+    """sigmoid(d) > T keeps a pixel, decided exactly: sigmoid(0) == 0.5 is not kept at T = 0.5, sigmoid(-inf) == 0
+    is not kept at T = 0, but sigmoid(-200) > 0 is (although it underflows to 0 in float32)."""
     backend, device = case
     x = make_logits((1, 3, 2, 2), torch.float32, "contiguous", device, generator=gen)
-    for value, threshold in ((0.0, 0.5), (-200.0, 0.0)):
+    for value, threshold, ratio_kept in ((0.0, 0.5, 0.25), (float("-inf"), 0.0, 0.25), (-200.0, 0.0, 1.0)):
         d = torch.full((1, 2, 2), value, device=device)
         d[0, 0, 0] = 3.0  # one kept pixel
         loss, ratio = fas.semi_cross_entropy2d(x, d, threshold=threshold, return_ratio=True, backend=backend)
-        assert float(ratio) == 0.25, (value, threshold, ratio)
-        assert_close(loss, oracle.cross_entropy2d(x.detach().cpu()[..., :1, :1],
-                                                  x.detach().cpu()[..., :1, :1].argmax(1)), torch.float32, "strict")
+        assert float(ratio) == ratio_kept, (value, threshold, ratio)
+        if ratio_kept == 0.25:
+            assert_close(loss, oracle.cross_entropy2d(x.detach().cpu()[..., :1, :1],
+                                                      x.detach().cpu()[..., :1, :1].argmax(1)), torch.float32, "strict")

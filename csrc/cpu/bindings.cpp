@@ -5,7 +5,7 @@
 // has finished, so no memory a kernel reads or writes can be freed during the launch (a temporary converted
 // inline by the caller, `f(t.float())`, lives as long as the call). Each tensor is read through its Python
 // interface (data_ptr, dtype, shape, stride, is_cpu) and checked against what the kernel will touch: device,
-// dtype, dimensions, shape against the logits, a weight's length, outputs dense and non-overlapping. A bad
+// dtype, dimensions, shape against the logits, a weight's length, outputs non-overlapping. A bad
 // argument is a TypeError or ValueError naming it, never an out-of-bounds access. The GIL is released while a
 // kernel runs, after the checks.
 #include <pybind11/pybind11.h>
@@ -85,19 +85,20 @@ void expect_shape(const Arg& a, const Sizes& shape, const char* against) {
                           str(shape));
 }
 
-// Outputs are written by every thread at their own pixels: they must not overlap themselves (no stride 0, no
-// strides that alias), as torch.empty / empty_like give them.
-void expect_dense(const Arg& a) {
+// Outputs are written by every thread at their own pixels: no two indices may reach one element (no stride 0, no
+// strides that alias). Sorted by stride, each dimension must step past everything the faster ones reach; padded
+// views (a slice of a larger buffer) are fine.
+void expect_non_overlapping(const Arg& a) {
   std::vector<size_t> order(a.sizes.size());
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](size_t i, size_t j) { return a.strides[i] < a.strides[j]; });
-  int64_t expected = 1;
+  int64_t reach = 0;  // the largest offset the faster dimensions reach
   for (size_t i : order) {
     if (a.sizes[i] == 1) continue;
-    if (a.strides[i] != expected)
-      throw py::value_error(std::string(a.name) + " (an output) must be dense and non-overlapping, got strides " +
+    if (a.strides[i] <= reach)
+      throw py::value_error(std::string(a.name) + " (an output) must not overlap itself, got strides " +
                             str(a.strides) + " for shape " + str(a.sizes));
-    expected *= a.sizes[i];
+    reach += a.strides[i] * (a.sizes[i] - 1);
   }
 }
 
@@ -147,7 +148,7 @@ fas::Tensor4 like(py::handle t, const char* name, const Arg& ref, bool output) {
   if (!a.is(ref.dtype))
     throw py::type_error(std::string(name) + " must have the dtype of " + ref.name + " (" + ref.dtype_name() +
                          "), got " + a.dtype_name());
-  if (output) expect_dense(a);
+  if (output) expect_non_overlapping(a);
   return tensor4(a);
 }
 

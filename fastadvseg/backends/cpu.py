@@ -11,7 +11,7 @@ labels outside [0, C) that are not ``ignore_index`` (the label check, at no extr
 The binding receives the tensors themselves, never their addresses: a call's arguments keep every tensor it
 reads or writes alive until its kernel has returned, so a temporary converted inline (``_f32(t)`` as an argument)
 cannot be freed under the kernel. The binding checks each tensor against what its kernel touches (device, dtype,
-shape against the logits, a weight's length, outputs dense) and raises a TypeError or ValueError naming it.
+shape against the logits, a weight's length, outputs that do not overlap themselves) and raises a TypeError or ValueError naming it.
 Kernels take any strides (contiguous, channels_last, sliced views with a storage offset, stride-0 expansions)
 without copying the logits. Discriminator maps, BCE targets and class weights (1/C of the logits' size or less)
 are converted to float32 when they are not float32 already.

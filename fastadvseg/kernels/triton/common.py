@@ -8,25 +8,45 @@ bfloat16 gives NaN) and cast to the destination pointer's element type on store.
 
 No libdevice: ``log1p``, ``softplus`` and ``sigmoid`` are written here with ``tl.exp``/``tl.log`` in stable forms.
 """
+import re
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# Tile size target (elements of the [BLOCK_C, BLOCK_P] tile): big enough to hide latency, small enough to stay in
-# registers for C up to 256 (and to degrade to BLOCK_P = 1 for very large C rather than spill catastrophically).
-TILE_ELEMS = 4096
+
+def triton_version(version: str = triton.__version__) -> tuple:
+    """(major, minor) of a Triton version string: "3.6.0" -> (3, 6), "3.10.0+git1234" -> (3, 10)."""
+    parts = re.findall(r"\d+", version)[:2]
+    return tuple(int(p) for p in parts) + (0,) * (2 - len(parts))
+
+
+# Tile size (elements of the [BLOCK_C, BLOCK_P] tile), chosen per Triton release by registers, since the releases
+# compile the same kernel very differently: the largest tile at which no kernel spills at C <= 256, with room to
+# spare. Under 4 warps (128 threads) a thread holds TILE_ELEMS / 128 elements of each tile-sized value.
+#   Triton >= 3.9: 4096 (32x128 at C = 19/21, 256x16 at C = 150/256): at most 191 registers per thread, no spill;
+#     5 programs (20480 tile elements) per H100 SM for the VOC/Cityscapes cross-entropy (84 registers).
+#   Triton < 3.9 (3.6 is the one supported): 1024 (32x32, 256x4): at most 160 registers (the sliced int64
+#     cross-entropy with smoothing; 93-96 for the core ones), no spill. At 4096 Triton 3.6 takes all 255
+#     registers and spills up to 880 bytes (VOC/Cityscapes tiles, gradient stored); at 2048 with 4 warps it
+#     reaches 254 registers (no margin), at 4096 with 8 warps 248 and one spill; 2048 with 8 warps (152 at most)
+#     keeps fewer tile elements per SM (4096-6144 against 5120-7168 at 1024 with 4 warps) at C = 19/21.
+# The numbers: python -m fastadvseg.kernels.triton.compile_check (README, "Triton"); no GPU timed these choices.
+TRITON_VERSION = triton_version()
+TILE_ELEMS = 4096 if TRITON_VERSION >= (3, 9) else 1024
 MAP_BLOCK = 1024  # pixels per program for the kernels that only read (N, H, W) maps
 
 # Registers: the compile check (python -m fastadvseg.kernels.triton.compile_check) compiles every kernel at these
 # tiles for sm_90 and fails on any register spill at C <= 256, unless a comment in the kernel sources reads
 # "accepted spill of `<kernel>` at block <BLOCK_C or BLOCK>: <why it is acceptable>". Where a tile spills, change
-# tile_shape / map_block rather than add such a comment. None is needed today (sm_90, C <= 256).
+# tile_shape / map_block rather than add such a comment. None is needed today (sm_90, C <= 256, Triton 3.6 and 3.9;
+# CI runs the check under both).
 
 
 def tile_shape(num_classes: int, num_pixels: int) -> tuple:
-    """(BLOCK_C, BLOCK_P, num_warps) for a [all channels x block of pixels] tile of about TILE_ELEMS elements."""
+    """(BLOCK_C, BLOCK_P, num_warps) for a [all channels x block of pixels] tile of about TILE_ELEMS elements
+    (TILE_ELEMS depends on the Triton release: see above)."""
     block_c = triton.next_power_of_2(num_classes)
     block_p = max(1, min(TILE_ELEMS // block_c, triton.next_power_of_2(max(num_pixels, 1))))
     num_warps = 8 if block_c * block_p >= 8192 else 4
@@ -271,10 +291,10 @@ def partials(rows: int, cols: int, device) -> torch.Tensor:
 
 
 def column_sums(part: torch.Tensor) -> torch.Tensor:
-    """The column sums of a partial-sum buffer in float64 (one reduction on the device, no host sync): counts
-    exact up to 2**53 pixels, rounded once (to the nearest float32) where the launch puts them in its float32 sums
-    vector, as every backend does; the loss sums get the same (more accurate) reduction."""
-    return part.sum(dim=0, dtype=torch.float64)
+    """The column sums of a partial-sum buffer, summed in float64 (one reduction on the device, no host sync) and
+    rounded once to float32, the dtype of every launch's sums: counts exact up to 2**53 pixels before that one
+    rounding, as every backend does; the loss sums get the same (more accurate) reduction."""
+    return part.sum(dim=0, dtype=torch.float64).float()
 
 
 def bad_label_buffer(rows: int, device) -> torch.Tensor:
