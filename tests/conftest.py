@@ -15,7 +15,14 @@ from helpers import BACKEND_CASES  # noqa: E402
 
 
 def pytest_report_header(config):
-    return f"fastadvseg backends under test: {BACKEND_CASES} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return [f"fastadvseg backends under test: {BACKEND_CASES} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})",
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton_version}: the compile check "
+            "(tests/test_kernel_resources.py) compiles with this Triton"]
 
 
 @pytest.fixture

@@ -25,7 +25,9 @@ A spill at C <= 256 fails the check unless a comment in the kernel sources (at t
 ``common.tile_shape`` for the Triton tiles, the launch in the ``.cu`` file) reads "accepted spill of `<kernel>`
 [at block <BLOCK_C or BLOCK>]: <why it is acceptable>"; where a configuration spills, change the tile choice,
 not the check.
-Numbers are those of this triton's ptxas; another Triton release may differ by a few registers.
+Numbers are those of this Triton release and its ptxas, which the first and last lines of the output name (and the
+JSON report's ``triton.toolchain``); releases differ, by far more than a few registers (3.6 and 3.9:
+``common.TILE_ELEMS``), so CI runs the check under every Triton release the project supports.
 
 Exit status: 0 all compiled and nothing spills, 1 a kernel failed to compile or spills, 3 this machine cannot
 compile for the target (e.g. no NVIDIA backend in this triton build), 2 run with TRITON_INTERPRET=1 (the kernels
@@ -105,6 +107,22 @@ class Launch(NamedTuple):
 
 _LAUNCHES: List[Launch] = []  # filled by the scenarios, read by the compile workers (forked: no pickling)
 _TARGET = None
+
+
+def toolchain() -> Dict[str, str]:
+    """The Triton release this check runs under and its ptxas version (the numbers depend on both)."""
+    import triton
+    from triton import knobs
+
+    from .common import TILE_ELEMS
+
+    try:
+        out = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
+        ptxas = re.search(r"V(\d+\.\d+\.\d+)", out).group(1)
+    except Exception:  # noqa: BLE001 - reported as unknown, the compilation itself says what is wrong
+        ptxas = "unknown"
+    return {"triton": triton.__version__, "ptxas": ptxas, "torch": torch.__version__,
+            "tile_elems": str(TILE_ELEMS)}
 
 
 def cubin_resources(cubin: bytes) -> Dict[str, int]:
@@ -416,8 +434,12 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001
         print(f"cannot compile for sm_{opts.arch} here: {type(exc).__name__}: {exc}")
         return 3
+    tools = toolchain()
+    print(f"compile_check: Triton {tools['triton']} (ptxas {tools['ptxas']}), torch {tools['torch']}, sm_{opts.arch}, "
+          f"tiles of {tools['tile_elems']} elements (fastadvseg.kernels.triton.common.TILE_ELEMS)")
     accepted = accepted_spills()
     report = triton_report(opts.arch, opts.jobs)
+    report["toolchain"] = tools
     rows = report["rows"]
     print("\n".join(format_triton(rows)))
     failures = [f"{r['kernel']} {r['tile']} {'+'.join(r['flags'])}: {r['error']}" for r in rows if r["error"]]
@@ -441,6 +463,8 @@ def main(argv=None) -> int:
                        "accepted_spills": [{"kernel": k, "block": b, "why": why} for (k, b), why in accepted.items()]}, f, indent=1)
     for line in failures:
         print("FAILED", line)
+    print(f"compile_check: Triton {tools['triton']}: " + (f"FAILED ({len(failures)})" if failures else
+          f"ok, {len(rows)} launches compiled, no unexplained spill"))
     return 1 if failures else 0
 
 
