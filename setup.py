@@ -5,6 +5,7 @@
 """
 import os
 import re
+import shutil
 import sys
 
 from setuptools import Extension, find_packages, setup
@@ -104,20 +105,86 @@ class OptionalBuildExt(build_ext):
 CUDA_EXT = "fastadvseg._cuda_kernels"
 
 
+def _is_toolkit(path):
+    """Whether ``path`` is a CUDA toolkit root: bin/nvcc, and cuda_runtime_api.h in include/ (or, as some
+    packagings lay it out, targets/<platform>/include/)."""
+    import glob
+
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
+        os.path.isfile(os.path.join(path, "include", "cuda_runtime_api.h"))
+        or bool(glob.glob(os.path.join(path, "targets", "*", "include", "cuda_runtime_api.h"))))
+
+
+def _toolkit_of_nvcc(nvcc):
+    """The CUDA toolkit root of the ``nvcc`` command, or None.
+
+    torch guesses CUDA_HOME as the parent of the folder of the nvcc on PATH; where that nvcc is a symlink, or a
+    wrapper script (``exec /usr/local/cuda-13.0/bin/nvcc "$@"`` in /usr/local/bin), that parent holds no CUDA
+    headers and the build fails on ``cuda_runtime_api.h``. So: follow symlinks, then ask nvcc itself, whose
+    ``--dryrun`` lists its own location (``#$ TOP=<toolkit>/bin/..``, ``#$ _HERE_=<toolkit>/bin``) without compiling
+    anything."""
+    import subprocess
+
+    found = shutil.which(nvcc)
+    if not found:
+        return None
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(found)))]
+    try:
+        proc = subprocess.run([found, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+        text = proc.stdout + proc.stderr
+        candidates += re.findall(r"^#\$ TOP=(.+?)\s*$", text, re.M)
+        candidates += [os.path.dirname(h) for h in re.findall(r"^#\$ _HERE_=(.+?)\s*$", text, re.M)]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for path in candidates:
+        path = os.path.realpath(path)
+        if _is_toolkit(path):
+            return path
+    return None
+
+
+def _resolve_cuda_home():
+    """When neither CUDA_HOME nor CUDA_PATH is set: set CUDA_HOME, before torch.utils.cpp_extension reads it, to
+    the real toolkit of the nvcc on PATH (:func:`_toolkit_of_nvcc`). Returns whether CUDA_HOME was guessed (set
+    here or left to torch), not given."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return False  # the user's choice, used as it is
+    home = _toolkit_of_nvcc("nvcc")
+    if home is not None:
+        os.environ["CUDA_HOME"] = home
+        print(f"fastadvseg: CUDA_HOME is not set; building the cuda backend with the toolkit of the nvcc on PATH: "
+              f"{home}", file=sys.stderr)
+    return True
+
+
 def _cuda_extensions():
     if _env_on("FASTADVSEG_NO_CUDA_EXT"):
         print("fastadvseg: FASTADVSEG_NO_CUDA_EXT is set; the cuda backend is not built", file=sys.stderr)
         return []
     try:
         import torch
-        from torch.utils import cpp_extension
     except Exception:  # an isolated build (no torch): the cuda backend needs a CUDA torch at build time
         return []
     if torch.version.cuda is None:
         return []  # a CPU build of torch (its CUDA_HOME is None even with nvcc on the PATH)
-    if cpp_extension.CUDA_HOME is None:
-        print("fastadvseg: torch has CUDA but no CUDA toolkit was found (set CUDA_HOME); the cuda backend is not "
+    guessed = _resolve_cuda_home()  # before cpp_extension is imported: it reads CUDA_HOME once, at import
+    try:
+        from torch.utils import cpp_extension
+    except Exception as exc:
+        print(f"fastadvseg: WARNING: torch.utils.cpp_extension does not import ({exc}); the cuda backend is not "
               "built", file=sys.stderr)
+        return []
+    if guessed and os.environ.get("CUDA_HOME") and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # it was imported before setup.py ran: same fix
+    problem = None
+    if cpp_extension.CUDA_HOME is None:
+        problem = "torch has CUDA but no CUDA toolkit was found (put nvcc on PATH or set CUDA_HOME)"
+    elif guessed and not _is_toolkit(cpp_extension.CUDA_HOME):
+        problem = (f"no CUDA toolkit at {cpp_extension.CUDA_HOME}, torch's guess from the nvcc on PATH (no bin/nvcc "
+                   "or include/cuda_runtime_api.h there); set CUDA_HOME")
+    if problem:
+        print(f"fastadvseg: WARNING: {problem}; the cuda backend is not built", file=sys.stderr)
         return []
     import glob
     import re

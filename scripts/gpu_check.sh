@@ -16,10 +16,17 @@
 #
 #   1. environment + build     ~2 min   (cap 4)  pip install -e .: the cuda extension for this GPU's arch only, not
 #                                                the cpu one (CI tests it; FASTADVSEG_NO_CPU_EXT=0 builds it too);
-#                                                environment.txt: GPU, versions, backends
+#                                                environment.txt: GPU, versions, backends. FAILS, with the end of the
+#                                                build log (1-build-pip.log), unless fastadvseg._cuda_kernels imports
+#                                                and available_backends("cuda") has cuda and triton: a GPU run never
+#                                                goes on silently without the backends it is there to test
 #   2. contract tests          ~2 min   (cap 3)  tests/test_losses.py and tests/test_ops.py on CUDA tensors, triton
-#                                                and cuda backends: every op, dtype, layout and flag at one shape
+#                                                and cuda backends: every op, dtype, layout and flag at one shape,
+#                                                and opcheck of every registered op (tests/test_compile.py)
 #                                                (scripts/gpu_check_plugin.py)
+#  2b. GPU-only tests          ~1 min   (cap 2.5)  the tests that skip without a GPU (test_gpu_*, or a skip marker
+#                                                saying it needs a GPU/CUDA): label reports under CUDA graphs, the
+#                                                keep rule and exact counts on CUDA tensors, >2**31 elements, ...
 #   3. core benchmark rows     ~1.5 min (cap 2 each)  VOC, then Cityscapes: generator_loss labelled and unlabelled,
 #                                                cross_entropy2d; fp32 and bf16; eager vs triton vs cuda; with VOC,
 #                                                their per-call host cost at a tiny shape (--call-overhead)
@@ -27,11 +34,14 @@
 #      a. the core rows against torch.compile (VOC, Cityscapes)       ~3 min   (cap 2.5 each)
 #      b. the other ops' rows (VOC, Cityscapes)                        ~2 min   (cap 1.5 each)
 #      c. registers and spills with this machine's Triton and nvcc    ~0.5 min (cap 1.5)
-#      d. one training iteration, fused vs reference losses           ~1 min   (cap 2)
+#      d. one training iteration, fused vs reference losses           ~2.5 min (cap 3.5)  and --authors-loop: a
+#                                                port of AdvSemiSeg's iteration (numpy round trips included) beside
+#                                                the pipeline's step: fastadvseg's losses eager and compiled, plain ones
 #      e. the training step compiled vs eager, graph breaks           ~2 min   (cap 3.5)  torch.compile of the loss
 #                                                functions with fastadvseg's and the reference losses (one compile
 #                                                each, then interleaved timed steps)
-#      f. the rest of the test suite on CUDA tensors, until the budget is spent (pytest stops starting tests)
+#      f. the rest of the test suite on CUDA tensors (without 2 and 2b), until the budget is spent (pytest stops
+#         starting tests)
 #
 # Exit status: 0 when nothing that ran failed (a part cut at its time limit is not a failure), 1 otherwise, 2 bad
 # arguments. Needs a CUDA build of torch, Triton, a CUDA toolkit of torch's major version, pybind11, pytest,
@@ -104,7 +114,7 @@ part() {
     GPU_CHECK_DEADLINE=$(($(date +%s) + limit - 20)) timeout --kill-after=15 "$limit" \
         bash -c 'run_part "$@"' run_part "$name" "$kind" "$@" >"$out/$name.log" 2>&1
     rc=$?
-    tail -n 12 "$out/$name.log"
+    tail -n "$([ "$rc" = 0 ] || [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo 12 || echo 50)" "$out/$name.log"
     case "$rc" in
         0) note="ok" ;;
         124|137) note="cut at ${limit} s" ;;
@@ -120,12 +130,25 @@ run_part() {  # what a part runs (under timeout, in a child bash: hence exported
     shift 2
     case "$kind" in
         build)
-            local arch
+            local arch rc log="$out/1-build-pip.log"
             arch="$($py -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+            # -v: pip passes on setup.py's output, where a cuda extension that failed to build is only a warning
             TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" FASTADVSEG_NO_CPU_EXT="${FASTADVSEG_NO_CPU_EXT:-1}" \
-                $py -m pip install --no-build-isolation --no-deps -e . || return 1
+                $py -m pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1
+            rc=$?
+            grep -h 'fastadvseg: ' "$log"  # what setup.py said about the extensions
             environment >"$out/environment.txt"
-            cat "$out/environment.txt" ;;
+            cat "$out/environment.txt"
+            if [ "$rc" != 0 ]; then
+                echo "gpu_check: FAILED: pip install exited $rc; the end of the build log ($log):"
+                tail -n 40 "$log"
+                return 1
+            fi
+            if ! $py -c "$BUILT_CHECK"; then
+                echo "gpu_check: FAILED: the backends this run tests are not all there; the end of the build log ($log):"
+                tail -n 40 "$log"
+                return 1
+            fi ;;
         pytest)
             local mode="$1"
             shift
@@ -146,6 +169,7 @@ check_part() {  # --dry-run: is the part well-formed? The last line it prints go
         build)
             $py -m pip --version || return 1
             $py -c 'import setuptools, pybind11, torch' || return 1
+            $py -c 'import ast, os; ast.parse(os.environ["BUILT_CHECK"])' || return 1  # part 1's verdict parses
             command -v nvcc >/dev/null && echo "nvcc: $(nvcc --version | tail -1)" || echo "nvcc not on PATH here"
             echo "pip, setuptools, pybind11 and torch import" ;;
         pytest)
@@ -173,7 +197,10 @@ timed = "no op timing" if args.no_op_timing else (
     f"{', '.join(s.name for s in shapes)}, {', '.join(dtypes)}" + ("" if args.no_compile else ", with torch.compile"))
 print(timed + ("; e2e: one training iteration, fused vs reference losses" if args.e2e else "")
       + ("; e2e-compile: the training step compiled vs eager" if args.e2e_compile else "")
-      + ("; call-overhead: per-call cost at the smoke shape" if args.call_overhead else ""))
+      + ("; call-overhead: per-call cost at the smoke shape" if args.call_overhead else "")
+      + ("; train-step: the pipeline's step, faults per step" if args.train_step else "")
+      + ("; allocators: the steps under each allocator" if args.allocators else "")
+      + ("; authors-loop: the authors' iteration vs ours" if args.authors_loop else ""))
 PY
             ;;
         module)
@@ -201,15 +228,31 @@ for name in fastadvseg.BACKEND_NAMES:
         print(f"  {name} unavailable: {reason}")
 PY
 }
+# part 1's verdict: the cuda extension imports, and both GPU backends are available on cuda
+BUILT_CHECK='
+import sys
+import fastadvseg
+problems = []
+try:
+    import fastadvseg._cuda_kernels
+except Exception as exc:
+    problems.append(f"fastadvseg._cuda_kernels does not import: {type(exc).__name__}: {exc}")
+have = fastadvseg.available_backends("cuda")
+problems += [f"backend {name} is not available on cuda: {fastadvseg.unavailable_reason(name)}"
+             for name in ("cuda", "triton") if name not in have]
+print("\n".join("gpu_check: FAILED: " + p for p in problems) or f"gpu_check: backends on cuda: {have}")
+sys.exit(1 if problems else 0)
+'
 export -f run_part environment
-export py device out
+export py device out BUILT_CHECK
 
 core=(--ops generator_loss cross_entropy2d --dtypes float32 bfloat16 --no-plot)
 others=(--ops softmax2d bce_with_logits2d semi_cross_entropy2d one_hot2d discriminator_loss --dtypes float32 bfloat16
         --no-compile --no-plot)
 
 part 1-build                240 60  build
-part 2-contract-tests       180 45  pytest subset tests/test_losses.py tests/test_ops.py
+part 2-contract-tests       180 45  pytest subset tests/test_losses.py tests/test_ops.py tests/test_compile.py
+part 2b-gpu-only-tests      150 40  pytest gpu-only tests
 part 3-bench-voc-core       120 40  bench --shapes voc "${core[@]}" --no-compile --call-overhead
 part 3-bench-cityscapes-core 120 40 bench --shapes cityscapes "${core[@]}" --no-compile
 part 4a-bench-voc-core-vs-compile        150 60 bench --shapes voc "${core[@]}" --backends triton cuda
@@ -217,7 +260,7 @@ part 4a-bench-cityscapes-core-vs-compile 150 60 bench --shapes cityscapes "${cor
 part 4b-bench-voc-other-ops        90 40 bench --shapes voc "${others[@]}"
 part 4b-bench-cityscapes-other-ops 90 40 bench --shapes cityscapes "${others[@]}"
 part 4c-kernel-resources    90  30  module fastadvseg.kernels.triton.compile_check --json "$out/4c-kernel-resources.json"
-part 4d-bench-e2e           120 60  bench --shapes voc --e2e --no-op-timing --no-plot
+part 4d-bench-e2e           210 60  bench --shapes voc --e2e --no-op-timing --no-plot --authors-loop
 part 4e-bench-e2e-compile   210 120 bench --shapes voc --e2e-compile --no-op-timing --no-plot
 part 4f-rest-of-tests       600 30  pytest rest tests
 
