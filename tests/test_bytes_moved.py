@@ -73,13 +73,15 @@ def counted():
     load, store = builder.create_masked_load, builder.create_masked_store
     acc = Accesses()
 
-    def counted_load(ptrs, mask, other, cache_policy, is_volatile):
+    # the leading arguments are the same in every supported Triton; the cache and volatility flags that follow
+    # differ (3.9: cache_policy[, is_volatile]; 3.6: cache_modifier, eviction_policy[, is_volatile]): passed on
+    def counted_load(ptrs, mask, other, *flags):
         acc.record("load", ptrs, mask)
-        return load(ptrs, mask, other, cache_policy, is_volatile)
+        return load(ptrs, mask, other, *flags)
 
-    def counted_store(ptrs, value, mask, cache_policy):
+    def counted_store(ptrs, value, mask, *flags):
         acc.record("store", ptrs, mask)
-        return store(ptrs, value, mask, cache_policy)
+        return store(ptrs, value, mask, *flags)
 
     builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
     try:

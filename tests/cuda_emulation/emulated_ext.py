@@ -200,11 +200,19 @@ class EmulatedExt:
 
 def load_emulated_backend(ext: EmulatedExt, monkeypatch):
     """fastadvseg/backends/cuda.py imported with ``ext`` as its extension (a separate module object: the real
-    dispatch table is untouched)."""
+    dispatch table is untouched), whether or not the real extension is built and already imported.
+
+    The backend's ``from .. import _cuda_kernels`` takes the package's attribute when there is one (set by the
+    first import of the real extension, e.g. by ``available_backends("cuda")``) before it looks in sys.modules:
+    both are replaced for the test, or a built extension would be picked up and refuse the CPU tensors."""
+    import fastadvseg
+
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "12.8")
     monkeypatch.setitem(sys.modules, "fastadvseg._cuda_kernels", ext)
+    monkeypatch.setattr(fastadvseg, "_cuda_kernels", ext, raising=False)
     path = ROOT / "fastadvseg" / "backends" / "cuda.py"
     spec = importlib.util.spec_from_file_location("fastadvseg.backends._cuda_emulated", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    assert module._ext is ext, "the emulated backend picked up another extension than the emulation"
     return module
