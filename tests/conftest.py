@@ -29,3 +29,14 @@ def pytest_report_header(config):
 def gen():
     """A seeded generator per test: fresh random inputs for each test, reproducible failures."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def emulated_ext(tmp_path_factory):
+    """The host emulation of the CUDA kernels (tests/cuda_emulation), compiled once per session; skips where g++
+    or the CUDA headers are missing."""
+    from cuda_emulation.emulated_ext import EmulatedExt, build_harness
+    try:
+        return EmulatedExt(build_harness(tmp_path_factory.mktemp("cuda_emulation")))
+    except FileNotFoundError as exc:
+        pytest.skip(f"cuda emulation: {exc}")

@@ -33,7 +33,7 @@ from fastadvseg import _dispatch
 from fastadvseg._keep import _logit64, keep_logit
 from fastadvseg.backends import reference
 
-from cuda_emulation.emulated_ext import EmulatedExt, build_harness, load_emulated_backend
+from cuda_emulation.emulated_ext import load_emulated_backend
 from helpers import BACKEND_CASES
 
 CPU_BACKENDS = [b for b, d in BACKEND_CASES if d == "cpu"]
@@ -41,14 +41,6 @@ EMULATED = "cuda-emulated"
 # the interpreter warns about the NaN and infinite z of the boundary tests
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
-
-
-@pytest.fixture(scope="module")
-def emulated_ext(tmp_path_factory):
-    try:
-        return EmulatedExt(build_harness(tmp_path_factory.mktemp("cuda_emulation")))
-    except FileNotFoundError as exc:
-        pytest.skip(f"cuda emulation: {exc}")
 
 
 def _use(backend: str, request, monkeypatch) -> str:

@@ -27,7 +27,7 @@ import fastadvseg as fas
 from fastadvseg import _dispatch
 
 from cuda_emulation import inputs
-from cuda_emulation.emulated_ext import EmulatedExt, build_harness, load_emulated_backend
+from cuda_emulation.emulated_ext import load_emulated_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,15 +98,6 @@ def _backward_both(out, ref, gen, scalar_grad):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(20180723)
-
-
-@pytest.fixture(scope="module")
-def emulated_ext(tmp_path_factory):
-    """The host emulation of the kernels (tests/cuda_emulation), compiled once per module."""
-    try:
-        return EmulatedExt(build_harness(tmp_path_factory.mktemp("cuda_emulation")))
-    except FileNotFoundError as exc:
-        pytest.skip(f"cuda emulation: {exc}")
 
 
 @pytest.fixture(params=["cuda", "emulated"])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cuda_emulation import inputs
-from cuda_emulation.emulated_ext import EmulatedExt, build_harness
+from cuda_emulation.emulated_ext import EmulatedExt
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
@@ -36,13 +36,9 @@ GRAD_TOL = {
 
 # ------------------------------------------------------------------------------------------------------- inputs
 
-@pytest.fixture(scope="module")
-def ext(tmp_path_factory) -> EmulatedExt:
-    """The host emulation of the kernels (tests/cuda_emulation), compiled once per module."""
-    try:
-        return EmulatedExt(build_harness(tmp_path_factory.mktemp("cuda_emulation")))
-    except FileNotFoundError as exc:
-        pytest.skip(f"cuda emulation: {exc}")
+@pytest.fixture
+def ext(emulated_ext) -> EmulatedExt:
+    return emulated_ext
 
 
 @pytest.fixture
