@@ -71,15 +71,23 @@ def make_d_logits(n_h_w, dtype, device, threshold=0.2, layout="contiguous", gene
     return layout_3d(z, layout).requires_grad_(True)
 
 
-def assert_close(actual, expected, dtype, what=""):
-    """Compare against the float64 oracle with the dtype's relative tolerance (atol scaled by the magnitude)."""
+def resolution(dtype) -> float:
+    """The spacing of the dtype's subnormal numbers: no value of that dtype is closer to a number than this (float16:
+    2**-24 ~ 6e-8, which a tolerance relative to a small gradient's maximum can fall below)."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
+
+
+def assert_close(actual, expected, dtype, what="", slack=1.0):
+    """Compare against the float64 oracle with the dtype's relative tolerance (times ``slack``), atol scaled by the
+    magnitude and never below the dtype's resolution."""
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    rtol = RTOL[dtype]
+    rtol = RTOL[dtype] * slack
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-6), equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=max(rtol * max(scale, 1e-6), resolution(dtype)),
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 class TinyD(torch.nn.Module):

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 import fastadvseg as fas
 import oracle
-from helpers import BACKEND_CASES, RTOL, assert_close
+from helpers import BACKEND_CASES, RTOL, assert_close, resolution
 
 CASE_ENV = "FASTADVSEG_CONTRACT_CASE"
 SECONDS_ENV = "FASTADVSEG_CONTRACT_SECONDS"
@@ -583,17 +583,26 @@ def close(actual, expected, dtype, what, unit, slack=1.0):
     expected = expected.detach().double().cpu()
     actual = actual.detach().double().cpu()
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    rtol = RTOL[dtype] * slack
     if scale > 1e-9 * unit:
-        if slack == 1.0:
-            return assert_close(actual, expected, dtype, what)
-        return torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-6), equal_nan=True,
-                                          msg=lambda m: f"{what} (tolerance x{slack}): {m}")
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * unit,
+        return assert_close(actual, expected, dtype, what if slack == 1.0 else f"{what} (tolerance x{slack})", slack)
+    rtol = RTOL[dtype] * slack
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=max(rtol * unit, resolution(dtype)),
                                msg=lambda m: f"{what} (expected 0): {m}")
 
 
-def _compare_grads(ours, theirs, leaves, inputs, dtype, what, unit):
+# Triton's interpreter (CPU tensors, TRITON_INTERPRET=1) truncates float32 -> bfloat16 where a GPU rounds to
+# nearest: a stored bfloat16 softmax output is then biased low by up to one ulp, the same sign at every pixel, and
+# a gradient formed from it (p * (g - sum_c p g)) collects that bias. Measured: 1.6x the bfloat16 tolerance on one
+# random case (softmax2d 1x5x3x2, seed 938035641) where the cpu and reference backends pass.
+INTERPRETED_BF16_SLACK = 2.0
+
+
+def grad_slack(case, dtype) -> float:
+    interpreted = case["backend"] == "triton" and torch.device(case["device"]).type == "cpu"
+    return INTERPRETED_BF16_SLACK if interpreted and dtype == torch.bfloat16 else 1.0
+
+
+def _compare_grads(ours, theirs, leaves, inputs, dtype, what, unit, slack=1.0):
     for name, a, b in zip(leaves, ours, theirs):
         if b is None:  # no gradient by the API (semi's d_logits): none, or zeros
             assert a is None or not a.detach().any(), f"{what} {name}: a gradient where the API promises none"
@@ -602,7 +611,7 @@ def _compare_grads(ours, theirs, leaves, inputs, dtype, what, unit):
         assert a.dtype == inputs[name].dtype, f"{what} {name}: gradient dtype {a.dtype} != {inputs[name].dtype}"
         assert a.shape == inputs[name].shape, f"{what} {name}: gradient shape {tuple(a.shape)}"
         assert a.device == inputs[name].device, f"{what} {name}: gradient on {a.device}"
-        close(a, b, dtype, f"{what} {name}", unit)
+        close(a, b, dtype, f"{what} {name}", unit, slack)
 
 
 def _check_outputs(case, inputs, outputs, expected, dtype):
@@ -663,7 +672,8 @@ def run_case(case):
             for i, (a, b) in enumerate(zip(outputs, run_op(case, inputs))):
                 assert torch.equal(a.detach(), b.detach()), f"forward twice: output {i} differs"
     unit = max(float(u.abs().max()) for u in upstream)
-    _compare_grads(grads, grads64, leaves, inputs, dtype, f"backward {mode}: gradient of", unit)
+    _compare_grads(grads, grads64, leaves, inputs, dtype, f"backward {mode}: gradient of", unit,
+                   grad_slack(case, dtype))
 
     if mode == "create_graph":  # second order: the gradient of <grads, v> against the oracle's
         g = torch.Generator().manual_seed(case["seed"] + 2)
@@ -681,7 +691,7 @@ def run_case(case):
                 assert a is not None, f"second order {name}: no gradient (create_graph gave a constant)"
             zero = torch.zeros(inputs[name].shape, dtype=torch.float64)
             close(zero if a is None else a, zero if b is None else b, dtype, f"second order {name}", unit,
-                  SECOND_ORDER_SLACK.get(dtype, 1.0))
+                  SECOND_ORDER_SLACK.get(dtype, 1.0) * grad_slack(case, dtype))
 
 
 def check(case):
