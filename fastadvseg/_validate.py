@@ -183,18 +183,6 @@ def check_label_smoothing(value) -> float:
 # will read: a wrong dtype or shape is a clear error, never a kernel reading past a buffer. (The cpu binding
 # checks the same at the native boundary.)
 
-def op_logits(x, dtypes, backend: str, name: str = "logits") -> tuple:
-    """4-D floating tensor of a dtype the backend runs; returns its (N, H, W)."""
-    check_tensor(x, name)
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {_shape(x)}")
-    if x.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must be {names} for backend '{backend}', got {x.dtype}")
-    n, _, h, w = x.shape
-    return n, h, w
-
-
 def _op_map(t, n_h_w: tuple, device, name: str, ref_name: str) -> None:
     if t.dim() != 3 or tuple(t.shape) != tuple(n_h_w):
         raise ValueError(f"{name} {_shape(t)} does not match {ref_name}: need (N, H, W) = {tuple(n_h_w)}")
