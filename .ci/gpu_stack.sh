@@ -16,7 +16,7 @@
 #                machine); it must then import (it does without a GPU). The cpu extension is not built (the GPU
 #                check does not build it either; the main stack tests it). No nvcc on PATH (no CUDA toolkit on
 #                this machine): the build is SKIPPED with a line that says so, and the rest runs without it.
-#  4. compile check  python -m fastadvseg.kernels.triton.compile_check --no-cuda under Triton 3.6: registers and
+#  4. compile check  python -m tools.compile_check --no-cuda under Triton 3.6: registers and
 #                spills of every Triton kernel for sm_90 (the main stack's pytest runs it under Triton 3.9; the nvcc
 #                half does not depend on Triton and runs there).
 #  5. tests      the op contract (losses, registered ops, edge cases, errors, the contract corpus, autograd,
@@ -98,7 +98,7 @@ if compgen -G "$root/fastadvseg/_cuda_kernels*.so" >/dev/null; then
 fi
 
 # 4. the compile check under this stack's Triton --------------------------------------------------------------
-(cd "$src" && env -u TRITON_INTERPRET "$py" -m fastadvseg.kernels.triton.compile_check --no-cuda --jobs 2 \
+(cd "$src" && env -u TRITON_INTERPRET "$py" -m tools.compile_check --no-cuda --jobs 2 \
     --json "$dir/compile_check.json") >"$dir/compile_check.log" 2>&1
 rc=$?
 grep -E '^(compile_check|FAILED)' "$dir/compile_check.log" | sed 's/^/  /'

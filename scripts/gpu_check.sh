@@ -259,7 +259,7 @@ part 4a-bench-voc-core-vs-compile        150 60 bench --shapes voc "${core[@]}" 
 part 4a-bench-cityscapes-core-vs-compile 150 60 bench --shapes cityscapes "${core[@]}" --backends triton cuda
 part 4b-bench-voc-other-ops        90 40 bench --shapes voc "${others[@]}"
 part 4b-bench-cityscapes-other-ops 90 40 bench --shapes cityscapes "${others[@]}"
-part 4c-kernel-resources    90  30  module fastadvseg.kernels.triton.compile_check --json "$out/4c-kernel-resources.json"
+part 4c-kernel-resources    90  30  module tools.compile_check --json "$out/4c-kernel-resources.json"
 part 4d-bench-e2e           210 60  bench --shapes voc --e2e --no-op-timing --no-plot --authors-loop
 part 4e-bench-e2e-compile   210 120 bench --shapes voc --e2e-compile --no-op-timing --no-plot
 part 4f-rest-of-tests       600 30  pytest rest tests

@@ -28,7 +28,7 @@ triton_interpreter = pytest.importorskip("triton.runtime.interpreter")
 
 from benchmarks import cases as C  # noqa: E402
 from benchmarks.shapes import SMOKE  # noqa: E402
-from fastadvseg.kernels.triton import bce, cross_entropy, discriminator, generator, one_hot, semi, softmax  # noqa
+from fastadvseg.kernels.triton import bce_with_logits as bce, cross_entropy, discriminator_loss as discriminator, generator_loss as generator, one_hot, semi_cross_entropy as semi, softmax  # noqa
 
 
 class Accesses:

@@ -115,7 +115,7 @@ def test_a_run_makes_its_parts_in_order_on_cuda_tensors(tmp_path, stand_in):
     assert "--shapes voc" in reports[0] and "--shapes cityscapes" in reports[1] and "--no-compile" in reports[1]
     assert "--call-overhead" in reports[0] and "--call-overhead" not in reports[1]
     assert "--no-compile" not in reports[2] and "--no-compile" not in reports[3]
-    assert work[-4].startswith("-m fastadvseg.kernels.triton.compile_check --json")  # then e2e twice, then tests
+    assert work[-4].startswith("-m tools.compile_check --json")  # then e2e twice, then tests
     assert "--e2e --no-op-timing" in work[-3] and "--e2e-compile --no-op-timing" in work[-2]
     assert re.match(r"-m pytest .*--gpu-check rest --gpu-check-device cuda .* tests$", work[-1])
     rows = _summary_rows(out)
@@ -201,7 +201,7 @@ def test_a_part_past_its_limit_is_cut_not_failed(tmp_path):
     """A part gets at most what is left of the budget: with 31 s, every part that needs more is skipped, the
     resource check (at least 30 s) starts and is stopped at its limit, and the run does not fail for it."""
     python = tmp_path / "python"
-    python.write_text("#!/usr/bin/env bash\n[ \"$2\" = fastadvseg.kernels.triton.compile_check ] && sleep 300\n"
+    python.write_text("#!/usr/bin/env bash\n[ \"$2\" = tools.compile_check ] && sleep 300\n"
                       "echo x\n")
     python.chmod(0o755)
     start = time.monotonic()

@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every compiled kernel, without a GPU.
 
-``python -m fastadvseg.kernels.triton.compile_check`` compiles every Triton kernel, as the backend launches it at
+``python -m tools.compile_check`` compiles every Triton kernel, as the backend launches it at
 the tiles of real images, for sm_90 (cubin, ptxas shipped with triton) and the CUDA backend's kernels with
 ``nvcc --resource-usage``, and fails on a register spill at C <= 256 that no "accepted spill" comment explains.
 It runs once per session here (about half a minute on 2 cores with a cold Triton cache); the tests read its
@@ -37,7 +37,7 @@ def _env():
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
     out = tmp_path_factory.mktemp("resources") / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "fastadvseg.kernels.triton.compile_check", "--arch", "90",
+    proc = subprocess.run([sys.executable, "-m", "tools.compile_check", "--arch", "90",
                            "--json", str(out)], env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip().splitlines()[-1])
@@ -114,7 +114,8 @@ def test_cuda_kernels_are_reported_per_dtype(check):
 _SPILL_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from triton.backends.compiler import GPUTarget
-    from fastadvseg.kernels.triton import compile_check as cc, cross_entropy as ce
+    from fastadvseg.kernels.triton import cross_entropy as ce
+    from tools import compile_check as cc
 
     launches = []
     def record(*args, grid=None, warmup=False, **kwargs):
@@ -139,7 +140,7 @@ def test_a_spill_is_found_and_fails_unless_a_comment_accepts_it(tmp_path):
     resource reading sees it, and its rule fails it unless an "accepted spill" comment names kernel and block.
     The cap, 24, makes the tile of every supported Triton spill (Triton 3.6's 256x4 tile needs 54 registers and
     fits in 40 without spilling)."""
-    from fastadvseg.kernels.triton.compile_check import accepted_spills, spill_failures
+    from tools.compile_check import accepted_spills, spill_failures
 
     cap = 24
     proc = subprocess.run([sys.executable, "-c", _SPILL_SCRIPT, str(cap)], env=_env(), capture_output=True,

@@ -105,7 +105,7 @@ def test_wheel_holds_the_package_its_cpu_backend_and_licence(built):
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"fastadvseg", f"{NAME}.dist-info"}, f"unexpected top-level entries: {tops}"
     for required in ("fastadvseg/py.typed", "fastadvseg/kernels/cuda/launchers.cuh",
-                     "fastadvseg/kernels/triton/generator.py", "fastadvseg/configs/voc_1_8.yaml",
+                     "fastadvseg/kernels/triton/generator_loss.py", "fastadvseg/configs/voc_1_8.yaml",
                      f"{NAME}.dist-info/licenses/LICENSE"):
         assert required in names
     assert [n for n in names if n.startswith("fastadvseg/_C_cpu") and n.endswith(".so")], "no cpu backend"

@@ -240,7 +240,7 @@ def test_backward_twice_with_retain_graph(gen):
 def test_no_gradient_work_without_grad(gen, monkeypatch):
     """No gradient buffer is stored (STORE_GRAD off) when the input needs none or grad mode is off."""
     from fastadvseg.kernels.triton import cross_entropy as ce_kernels
-    from fastadvseg.kernels.triton import generator as gen_kernels
+    from fastadvseg.kernels.triton import generator_loss as gen_kernels
 
     seen = []
     real_ce, real_gen = ce_kernels.cross_entropy_forward, gen_kernels.generator_forward

@@ -32,7 +32,7 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 
 from fastadvseg.kernels.triton import common  # noqa: E402
 from fastadvseg.kernels.triton.cross_entropy import cross_entropy_forward  # noqa: E402
-from fastadvseg.kernels.triton.generator import generator_forward  # noqa: E402
+from fastadvseg.kernels.triton.generator_loss import generator_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -356,7 +356,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     import sys, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastadvseg.kernels.triton import compile_check as cc, cross_entropy as ce, generator as gen
+    from fastadvseg.kernels.triton import cross_entropy as ce, generator_loss as gen
+    from tools import compile_check as cc
 
     target = GPUTarget("cuda", 90, 32)
     try:

@@ -25,12 +25,12 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
         "backend='cpu' or 'reference'"
     ) from exc
 
-from ..kernels.triton import bce as _bce
+from ..kernels.triton import bce_with_logits as _bce
 from ..kernels.triton import cross_entropy as _ce
-from ..kernels.triton import discriminator as _disc
-from ..kernels.triton import generator as _gen
+from ..kernels.triton import discriminator_loss as _disc
+from ..kernels.triton import generator_loss as _gen
 from ..kernels.triton import one_hot as _one_hot
-from ..kernels.triton import semi as _semi
+from ..kernels.triton import semi_cross_entropy as _semi
 from ..kernels.triton import softmax as _softmax
 from ._launch import DiscriminatorLaunch, GeneratorLaunch, LossLaunch, ones
 

@@ -32,12 +32,12 @@ def triton_version(version: str = triton.__version__) -> tuple:
 #     registers and spills up to 880 bytes (VOC/Cityscapes tiles, gradient stored); at 2048 with 4 warps it
 #     reaches 254 registers (no margin), at 4096 with 8 warps 248 and one spill; 2048 with 8 warps (152 at most)
 #     keeps fewer tile elements per SM (4096-6144 against 5120-7168 at 1024 with 4 warps) at C = 19/21.
-# The numbers: python -m fastadvseg.kernels.triton.compile_check (README, "Triton"); no GPU timed these choices.
+# The numbers: python -m tools.compile_check (README, "Triton"); no GPU timed these choices.
 TRITON_VERSION = triton_version()
 TILE_ELEMS = 4096 if TRITON_VERSION >= (3, 9) else 1024
 MAP_BLOCK = 1024  # pixels per program for the kernels that only read (N, H, W) maps
 
-# Registers: the compile check (python -m fastadvseg.kernels.triton.compile_check) compiles every kernel at these
+# Registers: the compile check (python -m tools.compile_check) compiles every kernel at these
 # tiles for sm_90 and fails on any register spill at C <= 256, unless a comment in the kernel sources reads
 # "accepted spill of `<kernel>` at block <BLOCK_C or BLOCK>: <why it is acceptable>". Where a tile spills, change
 # tile_shape / map_block rather than add such a comment. None is needed today (sm_90, C <= 256, Triton 3.6 and 3.9;

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bce import bce_block
+from .bce_with_logits import bce_block
 from .common import column_sums, map_arg, map_block, maps_flat, partials
 
 

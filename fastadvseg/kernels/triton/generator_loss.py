@@ -28,7 +28,7 @@ from ..._keep import keep_logit as _keep_logit
 from .common import all_flat, bad_label_buffer, bad_label_summary, bce_logits, ce_grad, column_sums, first_argmax, \
     load_logits_tile, nll_tile, no_bad_labels, partials, pix_offsets, pixel_block, report_bad_labels, sigmoid, \
     store_tile, tile_launch
-from .semi import confident
+from .semi_cross_entropy import confident
 
 
 @triton.jit

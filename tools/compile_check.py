@@ -1,5 +1,5 @@
 """Compile every Triton kernel for a GPU target on a machine without a GPU, and report what each compiled kernel
-costs in registers, spills and shared memory: ``python -m fastadvseg.kernels.triton.compile_check [--arch 90]
+costs in registers, spills and shared memory: ``python -m tools.compile_check [--arch 90]
 [--json report.json]``.
 
 Under ``TRITON_INTERPRET=1`` (how CI tests the kernels on CPU) the kernels run in numpy and never meet Triton's
@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
+
+KERNELS = Path(__file__).resolve().parent.parent / "fastadvseg" / "kernels"  # the sources this checks
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
           torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
@@ -114,7 +116,7 @@ def toolchain() -> Dict[str, str]:
     import triton
     from triton import knobs
 
-    from .common import TILE_ELEMS
+    from fastadvseg.kernels.triton.common import TILE_ELEMS
 
     try:
         out = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
@@ -180,10 +182,12 @@ class Recorder:
 
 
 def _kernels():
-    from . import bce, cross_entropy, discriminator, generator, one_hot, semi, softmax
+    from fastadvseg.kernels.triton import (bce_with_logits, cross_entropy, discriminator_loss, generator_loss, one_hot,
+                                           semi_cross_entropy, softmax)
 
     return [softmax.softmax_fwd_kernel, softmax.softmax_bwd_kernel, cross_entropy.cross_entropy_kernel,
-            bce.bce_kernel, semi.semi_kernel, generator.generator_kernel, discriminator.discriminator_kernel,
+            bce_with_logits.bce_kernel, semi_cross_entropy.semi_kernel, generator_loss.generator_kernel,
+            discriminator_loss.discriminator_kernel,
             one_hot.one_hot_kernel]
 
 
@@ -302,7 +306,7 @@ def accepted_spills(sources=None) -> Dict[tuple, str]:
     """{(kernel, block or None): why} from the "accepted spill of `<kernel>` [at block <N>]: <why>" comments of
     the kernel sources (fastadvseg/kernels/triton/*.py, fastadvseg/kernels/cuda/*.cu and *.cuh)."""
     if sources is None:
-        root = Path(__file__).resolve().parent.parent
+        root = KERNELS
         sources = sorted(root.glob("triton/*.py")) + sorted(root.glob("cuda/*.cu*"))
     found = {}
     for path in sources:
@@ -372,7 +376,7 @@ def cuda_report(arch: int, nvcc: str = "nvcc", jobs: int = 2, log=print) -> Opti
 
     if not shutil.which(nvcc):
         return None
-    src = Path(__file__).resolve().parent.parent / "cuda"
+    src = KERNELS / "cuda"
     files = sorted(src.glob("*.cu"))
     start = time.perf_counter()
 
