@@ -17,7 +17,10 @@ def _finite_zero(loss):
 
 
 def _zero_grad(g):
-    assert g is None or (torch.isfinite(g).all() and not g.any()), "expected an all-zero gradient"
+    """A gradient that exists and is all zero: an empty mean still differentiates (to 0), it is not dropped from
+    the graph (a dropped gradient would leave a user's .grad None and an optimizer skipping the parameter)."""
+    assert g is not None, "expected an all-zero gradient, got None (the input was dropped from the graph)"
+    assert torch.isfinite(g).all() and not g.any(), "expected an all-zero gradient"
 
 
 def test_all_ignored_cross_entropy(case, gen):
