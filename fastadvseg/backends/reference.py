@@ -10,6 +10,11 @@ weights or BCE target maps (``fastadvseg/_ops.py``).
 Arguments arrive validated (``fastadvseg/_validate.py``); discriminator-sized maps arrive as (N, H, W) views.
 ``valid`` is the mask of counted labels from :func:`fastadvseg._labels.valid_labels` (which reports bad labels)
 or None, in which case labels outside [0, C) that are not ``ignore_index`` count as ignored.
+
+Fused upsampling (``size``, ``align_corners``): the logits and discriminator maps not already at ``size`` are
+upsampled by ``F.interpolate(..., mode="bilinear")`` in accumulation precision, literally, and the op runs on the
+result; labels, masks and target maps are at ``size``. This is the oracle of the kernels, which interpolate on the
+fly and never hold the full-resolution logits or their gradient.
 """
 from __future__ import annotations
 
@@ -36,6 +41,18 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device)
 
 
+def upsample(x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    """``x`` (N, C, h, w) logits or an (N, h, w) map, bilinearly resized to ``size`` = (H, W) in accumulation
+    precision (the resized values are never rounded back to a half dtype); ``x`` itself when ``size`` is None or
+    already its size."""
+    if size is None or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    four = x.dim() == 4
+    out = F.interpolate(_acc(x if four else x.unsqueeze(1)), size=tuple(size), mode="bilinear",
+                        align_corners=bool(align_corners))
+    return out if four else out.squeeze(1)
+
+
 def counted_labels(target: torch.Tensor, num_classes: int, ignore_index: int,
                    valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     if valid is not None:
@@ -43,9 +60,10 @@ def counted_labels(target: torch.Tensor, num_classes: int, ignore_index: int,
     return (target != ignore_index) & (target >= 0) & (target < num_classes)
 
 
-def softmax2d(logits: torch.Tensor) -> torch.Tensor:
-    """In the logits' memory format, as every backend returns it (torch.softmax on CPU returns contiguous)."""
-    out = torch.softmax(_acc(logits), dim=1).to(logits.dtype)
+def softmax2d(logits: torch.Tensor, size=None, align_corners: bool = False) -> torch.Tensor:
+    """In the logits' dtype and memory format, as every backend returns it (torch.softmax on CPU returns
+    contiguous)."""
+    out = torch.softmax(_acc(upsample(logits, size, align_corners)), dim=1).to(logits.dtype)
     if not out.is_contiguous(memory_format=torch.channels_last) and logits.dim() == 4 \
             and logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
@@ -59,13 +77,14 @@ def _log_softmax_at(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.T
 
 
 def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
-                    label_smoothing: float = 0.0, valid: Optional[torch.Tensor] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+                    label_smoothing: float = 0.0, valid: Optional[torch.Tensor] = None, size=None,
+                    align_corners: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """([sum of the per-pixel losses, sum of w[y] over counted pixels], per-pixel loss map (N, H, W)).
 
     Per counted pixel: ``(1 - eps) w[y] (-log p[y]) + eps / C * sum_c w[c] (-log p[c])`` (PyTorch's label
     smoothing; w = 1 without class weights); uncounted pixels give 0.
     """
+    logits = upsample(logits, size, align_corners)
     c = logits.shape[1]
     valid = counted_labels(target, c, ignore_index, valid)
     labels = torch.where(valid, target, torch.zeros_like(target))
@@ -87,9 +106,10 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
 
 
 def bce_with_logits2d(d_logits: torch.Tensor, target_map: Optional[torch.Tensor], target_value: float,
-                      ignore_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                      ignore_mask: Optional[torch.Tensor], size=None, align_corners: bool = False
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """([loss sum, counted pixels], loss map): BCE(sigmoid(z), t) per pixel, 0 where ``ignore_mask``."""
-    z = _acc(d_logits)
+    z = _acc(upsample(d_logits, size, align_corners))
     t = torch.full_like(z, target_value) if target_map is None else _acc(target_map).expand_as(z)
     loss_map = F.binary_cross_entropy_with_logits(z, t, reduction="none")
     if ignore_mask is None:
@@ -108,9 +128,12 @@ def _confident(d_logits: torch.Tensor, threshold: float, ignore_mask: Optional[t
 
 
 def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold: float,
-                         ignore_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                         ignore_mask: Optional[torch.Tensor], size=None, align_corners: bool = False
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """([loss sum, kept pixels, considered pixels], loss map): -log p[argmax] where sigmoid(z) > threshold
     (:func:`_confident`)."""
+    logits = upsample(logits, size, align_corners)
+    d_logits = upsample(d_logits, size, align_corners)
     pseudo = logits.detach().argmax(dim=1)
     keep = _confident(d_logits, threshold, ignore_mask)
     _, nll = _log_softmax_at(logits, pseudo)
@@ -121,9 +144,12 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
 
 
 def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor], threshold: float,
-                   ignore_index: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   ignore_index: int, valid: Optional[torch.Tensor] = None, size=None,
+                   align_corners: bool = False) -> torch.Tensor:
     """[term sum, term count, adv sum, adv count, kept, considered]: the term is the cross-entropy (labelled)
     or L_semi (unlabelled); adv = BCE(z, 1) over the counted (labelled) or all (unlabelled) pixels."""
+    logits = upsample(logits, size, align_corners)
+    d_logits = upsample(d_logits, size, align_corners)
     if target is not None:
         valid = counted_labels(target, logits.shape[1], ignore_index, valid)
         ce, _ = cross_entropy2d(logits, target, None, ignore_index, 0.0, valid)
@@ -136,10 +162,11 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
 
 
 def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_fake: Optional[torch.Tensor],
-                       ignore_mask_real: Optional[torch.Tensor]) -> torch.Tensor:
+                       ignore_mask_real: Optional[torch.Tensor], size=None,
+                       align_corners: bool = False) -> torch.Tensor:
     """[fake sum, fake count, real sum, real count] of BCE(d_fake, 0) and BCE(d_real, 1)."""
-    fake, _ = bce_with_logits2d(d_fake, None, 0.0, ignore_mask_fake)
-    real, _ = bce_with_logits2d(d_real, None, 1.0, ignore_mask_real)
+    fake, _ = bce_with_logits2d(d_fake, None, 0.0, ignore_mask_fake, size, align_corners)
+    real, _ = bce_with_logits2d(d_real, None, 1.0, ignore_mask_real, size, align_corners)
     dtype = torch.promote_types(fake.dtype, real.dtype)
     return torch.cat([fake.to(dtype), real.to(dtype)])
 
