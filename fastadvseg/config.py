@@ -1,12 +1,14 @@
-"""The training configuration: ONE dataclass, loadable from YAML/JSON, every field overridable as ``--key value``.
+"""The training configuration: ONE dataclass, loadable from YAML/JSON, every field overridable as ``--key value``
+and documented by its own metadata (group and help: what ``--help`` prints).
 
 Field defaults are the paper's PASCAL VOC recipe (Hung et al. 2018, section 4) EXCEPT those marked "synthetic
 default": with no arguments, ``python -m fastadvseg.train`` trains the compact model FROM SCRATCH on the embedded
 synthetic data in about 3 minutes on 2 CPU cores. Besides sizes (crop, batch, steps, semi_start, ndf), training from
 scratch changes three optimisation settings that the paper tuned for fine-tuning a COCO-pretrained ResNet-101:
 lr 0.02 with no 10x head (measured on the synthetic task: 2.5e-4 learns nothing useful in 500 steps, a 10x head
-halves the mIoU) and live BatchNorm (frozen BN of an untrained net is the identity). The shipped configs (``fastadvseg/configs/*.yaml``: ``voc_1_8`` ... ``cityscapes_1_4``)
-restore the paper's settings; ``--config NAME`` picks one, ``--config path.yaml`` reads a file.
+halves the mIoU) and live BatchNorm (learnt scale and shift). The shipped configs (``fastadvseg/configs/*.yaml``:
+``voc_1_8`` ... ``cityscapes_1_4``) restore the paper's settings; ``--config NAME`` picks one, ``--config path.yaml``
+reads a file.
 """
 from __future__ import annotations
 
@@ -62,92 +64,118 @@ def _yaml():
     return yaml
 
 
+def _setting(group: str, default: Any, help: str) -> Any:
+    """A field of :class:`TrainConfig`: its default and what ``--help`` says of it (its group, its meaning; the first
+    sentence of ``help`` is the one-line summary)."""
+    return dataclasses.field(default=default, metadata={"group": group, "help": help})
+
+
 @dataclass
 class TrainConfig:
-    # --- run ---
-    name: Optional[str] = None  # run directory name under run_root (default: a timestamp)
-    seed: int = 1234  # model init, batch order and augmentation all derive from it
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
-    # --- data ---
-    dataset: str = "synthetic"  # "synthetic" (embedded, no download), "voc", "cityscapes", "folder"
-    data_root: Optional[str] = None  # the dataset's folder (not needed for synthetic)
-    # resize every train and val item to (h, w) first (image bilinear, label nearest); paper Cityscapes: 512x1024
-    image_size: Optional[Tuple[int, int]] = None
-    crop_size: Tuple[int, int] = (64, 64)  # training crop (h, w); synthetic default; paper VOC: 321x321
-    scale_range: Tuple[float, float] = (0.5, 1.5)  # random scale of training items (low, high)
-    mirror: bool = True  # random horizontal flip of training items
-    labelled_fraction: float = 0.125  # 1/8, 1/4, 1/2 or 1 of the training ids
-    labelled_count: Optional[int] = None  # an absolute count instead of the fraction
-    split_seed: int = 0  # the labelled/unlabelled split is drawn with this seed and saved with the run
-    split_file: Optional[str] = None  # reuse a saved split (a run's split.json)
-    val_pad: Optional[int] = None  # pad val images to N x N so they batch; VOC protocol: 505
-    val_limit: Optional[int] = 96  # evaluate on the first N val images (None: all); synthetic default
-    num_workers: int = 0  # DataLoader worker processes
-    # --- model ---
-    model: str = "deeplabv2_compact"  # the segmenter (fastadvseg.models.SEGMENTERS); synthetic default; paper: deeplabv2_resnet101
-    pretrained: Optional[str] = None  # local weights file (torchvision ImageNet or the authors' COCO layout)
-    # the segmenter's start: "scratch" (random init) or "pretrained" (--pretrained FILE, else, for deeplabv2_compact,
-    # the backbone shipped in the package: pretrained on a disjoint synthetic task by python -m fastadvseg.pretrain,
-    # no download); none: pretrained exactly when --pretrained is given
-    init: Optional[str] = None
-    pretrained_d: Optional[str] = None  # local discriminator state_dict
-    freeze_bn: bool = False  # freeze BatchNorm (statistics and affine); synthetic default (from scratch); paper: true
-    # bottleneck stride on the 1x1 conv (authors' DeepLab/Caffe layout) or the 3x3 (torchvision); None: as the
-    # pretrained file's layout says (1x1 without a file). The run's config.yaml records the resolved value.
-    stride_in_1x1: Optional[bool] = None
-    # feed the net Caffe input (BGR, 0..255, Caffe mean subtracted), as the authors' Caffe-trained COCO weights
-    # expect; None: true exactly for the DeepLab/COCO weights layout. Recorded resolved in the run's config.yaml.
-    caffe_input: Optional[bool] = None
-    ndf: int = 32  # discriminator width; synthetic default; paper: 64
-    # --- losses ---
-    mode: str = "semi"  # baseline (L_ce), adv (+L_adv), semi (+L_adv on unlabelled + L_semi)
-    lambda_adv: float = 0.01  # weight of L_adv on labelled images
-    lambda_semi: float = 0.1  # weight of L_semi (pseudo-labels where D is confident)
-    lambda_semi_adv: float = 0.001  # weight of L_adv on unlabelled images
-    semi_threshold: float = 0.2  # T_semi: L_semi keeps pixels where sigmoid(D) > T_semi
-    d_unlabelled: bool = True  # D also sees the unlabelled predictions as fake (the authors' D_remain)
-    # a remedy for D's entropy shortcut, off by default (the paper's recipe): D's real input is the one-hot ground truth
-    # smoothed to (1 - eps) one-hot + eps / C, so a low entropy alone no longer tells real from predicted maps
-    d_real_smoothing: float = 0.0
-    # the other remedy, off by default: D sees the (normalised) image beside the probability map (C + 3 input channels),
-    # so it can judge a map against the image it segments, not only by its entropy
-    d_image: bool = False
-    # --- optimisation ---
-    batch_size: int = 8  # global batch (split over DDP ranks); synthetic default; paper: 10
-    lr: float = 0.02  # SGD learning rate of G; synthetic default; paper: 2.5e-4
-    head_lr_mult: float = 1.0  # the classifier head's lr multiplier; synthetic default; paper: 10
-    momentum: float = 0.9  # SGD momentum of G, in [0, 1)
-    weight_decay: float = 5e-4  # SGD weight decay of G
-    lr_d: float = 1e-4  # Adam learning rate of D
-    betas_d: Tuple[float, float] = (0.9, 0.99)  # Adam betas of D, each in [0, 1)
-    # --- schedule ---
-    steps: int = 900  # training iterations; synthetic default; paper: 20000
-    power: float = 0.9  # poly learning-rate decay: lr * (1 - step/steps)^power
-    semi_start: int = 225  # first step of L_semi; synthetic default (1/4 of the steps, as the paper's 5000 of 20000)
-    # --- speed ---
-    # torch intra-op threads when training on the CPU (None: torch's default, one per core). 1 is the fastest for the
-    # small default model on a shared 2-core machine: measured 5x faster than 2 threads when other jobs load the CPUs.
-    num_threads: Optional[int] = 1
-    amp: str = "none"  # "none", "bf16", "fp16" (fp16 uses a GradScaler on CUDA)
-    channels_last: bool = False  # channels-last memory format for the nets
-    loss_backend: str = "auto"  # auto, reference, cpu, triton, cuda
-    # The memory allocator of the program's process (fastadvseg/utils/allocator.py). auto: a preloaded jemalloc or
-    # tcmalloc, else steady; steady: glibc mallopt keeps freed buffers for reuse (no page faults every step);
-    # jemalloc, tcmalloc: restart with that library preloaded; system: the C library's defaults. Set by the command
-    # line programs for their own process; config.yaml records what the run used
-    allocator: str = "auto"
-    # --- output ---
-    run_root: str = "runs"  # run directories are created under it
-    log_every: int = 10  # print and record losses averaged over this many steps
-    eval_every: int = 300  # validate every N steps (0: only at the end)
-    checkpoint_every: int = 100  # write checkpoints/last.pt every N steps (0: only at the end)
-    eval_batch_size: int = 8  # images per evaluation batch
-    num_vis_images: int = 4  # val images shown in samples.png
-    plots: bool = True  # write losses.png, miou.png, samples.png at the end
-    # at the end, also score the final model on the held-out test split (synthetic: 200 images disjoint from train and
-    # val); written to summary.json and eval_test.md, never used to choose anything (best.pt is chosen on val)
-    eval_test: bool = False
-    tensorboard: bool = False  # also log to RUN/tensorboard (needs the optional tensorboard package)
+    name: Optional[str] = _setting("run", None, "run directory name under run_root (default: a timestamp)")
+    seed: int = _setting("run", 1234, "model init, batch order and augmentation all derive from it")
+    device: str = _setting("run", "auto", '"auto" (cuda if available), "cpu", "cuda", "cuda:1"')
+
+    dataset: str = _setting("data", "synthetic", '"synthetic" (embedded, no download), "voc", "cityscapes", "folder"')
+    data_root: Optional[str] = _setting("data", None, "the dataset's folder (not needed for synthetic)")
+    ignore_index: int = _setting("data", 255,
+        "the mask value of pixels no loss, discriminator or metric counts (also what padding fills in); 0..255, above "
+        "the class ids. The masks of synthetic, voc and cityscapes use 255: change it only for a folder dataset "
+        "whose masks mark ignored pixels otherwise")
+    image_size: Optional[Tuple[int, int]] = _setting("data", None,
+        "resize every train and val item to (h, w) first (image bilinear, label nearest); paper Cityscapes: 512x1024")
+    crop_size: Tuple[int, int] = _setting("data", (64, 64),
+        "training crop (h, w); synthetic default; paper VOC: 321x321")
+    scale_range: Tuple[float, float] = _setting("data", (0.5, 1.5), "random scale of training items (low, high)")
+    mirror: bool = _setting("data", True, "random horizontal flip of training items")
+    labelled_fraction: float = _setting("data", 0.125, "1/8, 1/4, 1/2 or 1 of the training ids")
+    labelled_count: Optional[int] = _setting("data", None, "an absolute count instead of the fraction")
+    split_seed: int = _setting("data", 0,
+        "the labelled/unlabelled split is drawn with this seed and saved with the run")
+    split_file: Optional[str] = _setting("data", None, "reuse a saved split (a run's split.json)")
+    val_pad: Optional[int] = _setting("data", None, "pad val images to N x N so they batch; VOC protocol: 505")
+    val_limit: Optional[int] = _setting("data", 96, "evaluate on the first N val images (None: all); synthetic default")
+    num_workers: int = _setting("data", 0, "DataLoader worker processes")
+
+    model: str = _setting("model", "deeplabv2_compact",
+        "the segmenter (fastadvseg.models.SEGMENTERS); synthetic default; paper: deeplabv2_resnet101")
+    pretrained: Optional[str] = _setting("model", None,
+        "local weights file (torchvision ImageNet or the authors' COCO layout)")
+    init: Optional[str] = _setting("model", None,
+        "the segmenter's start: \"scratch\" (random init) or \"pretrained\" (--pretrained FILE, else, for "
+        "deeplabv2_compact, the backbone shipped in the package: pretrained on a disjoint synthetic task by python -m "
+        "fastadvseg.pretrain, no download); none: pretrained exactly when --pretrained is given")
+    pretrained_d: Optional[str] = _setting("model", None, "local discriminator state_dict")
+    batchnorm: str = _setting("model", "live",
+        "BatchNorm of the segmenter in training: live (batch statistics, learnt scale and shift; synthetic default), "
+        "frozen_affine (batch statistics, frozen scale and shift: the authors' script, the voc_* configs) or frozen "
+        "(eval mode: running statistics never updated, frozen scale and shift). frozen_affine is what the authors' "
+        "training script does: it calls model.train() on a DeepLab whose BatchNorm parameters have requires_grad "
+        "off, so each batch is normalised with its own statistics and the running statistics keep moving (evaluation "
+        "uses them). frozen keeps the pretrained statistics: for batches too small for statistics of their own (the "
+        "cityscapes_* configs, batch 2); it needs --pretrained (an untrained net's BatchNorm is then the identity)")
+    stride_in_1x1: Optional[bool] = _setting("model", None,
+        "bottleneck stride on the 1x1 conv (authors' DeepLab/Caffe layout) or the 3x3 (torchvision); None: as the "
+        "pretrained file's layout says (1x1 without a file). The run's config.yaml records the resolved value.")
+    caffe_input: Optional[bool] = _setting("model", None,
+        "feed the net Caffe input (BGR, 0..255, Caffe mean subtracted), as the authors' Caffe-trained COCO weights "
+        "expect; None: true exactly for the DeepLab/COCO weights layout. Recorded resolved in the run's config.yaml.")
+    ndf: int = _setting("model", 32, "discriminator width; synthetic default; paper: 64")
+
+    mode: str = _setting("losses", "semi", "baseline (L_ce), adv (+L_adv), semi (+L_adv on unlabelled + L_semi)")
+    lambda_adv: float = _setting("losses", 0.01, "weight of L_adv on labelled images")
+    lambda_semi: float = _setting("losses", 0.1, "weight of L_semi (pseudo-labels where D is confident)")
+    lambda_semi_adv: float = _setting("losses", 0.001, "weight of L_adv on unlabelled images")
+    semi_threshold: float = _setting("losses", 0.2, "T_semi: L_semi keeps pixels where sigmoid(D) > T_semi")
+    d_unlabelled: bool = _setting("losses", True,
+        "D also sees the unlabelled predictions as fake (the authors' D_remain)")
+    d_real_smoothing: float = _setting("losses", 0.0,
+        "a remedy for D's entropy shortcut, off by default (the paper's recipe): D's real input is the one-hot ground "
+        "truth smoothed to (1 - eps) one-hot + eps / C, so a low entropy alone no longer tells real from predicted "
+        "maps")
+    d_image: bool = _setting("losses", False,
+        "the other remedy, off by default: D sees the (normalised) image beside the probability map (C + 3 input "
+        "channels), so it can judge a map against the image it segments, not only by its entropy")
+
+    batch_size: int = _setting("optimisation", 8, "global batch (split over DDP ranks); synthetic default; paper: 10")
+    lr: float = _setting("optimisation", 0.02, "SGD learning rate of G; synthetic default; paper: 2.5e-4")
+    head_lr_mult: float = _setting("optimisation", 1.0,
+        "the classifier head's lr multiplier; synthetic default; paper: 10")
+    momentum: float = _setting("optimisation", 0.9, "SGD momentum of G, in [0, 1)")
+    weight_decay: float = _setting("optimisation", 5e-4, "SGD weight decay of G")
+    lr_d: float = _setting("optimisation", 1e-4, "Adam learning rate of D")
+    betas_d: Tuple[float, float] = _setting("optimisation", (0.9, 0.99), "Adam betas of D, each in [0, 1)")
+
+    steps: int = _setting("schedule", 900, "training iterations; synthetic default; paper: 20000")
+    power: float = _setting("schedule", 0.9, "poly learning-rate decay: lr * (1 - step/steps)^power")
+    semi_start: int = _setting("schedule", 225,
+        "first step of L_semi; synthetic default (1/4 of the steps, as the paper's 5000 of 20000)")
+
+    num_threads: Optional[int] = _setting("speed", 1,
+        "torch intra-op threads when training on the CPU (None: torch's default, one per core). 1 is the fastest for "
+        "the small default model on a shared 2-core machine: measured 5x faster than 2 threads when other jobs load "
+        "the CPUs.")
+    amp: str = _setting("speed", "none", '"none", "bf16", "fp16" (fp16 uses a GradScaler on CUDA)')
+    channels_last: bool = _setting("speed", False, "channels-last memory format for the nets")
+    loss_backend: str = _setting("speed", "auto", "auto, reference, cpu, triton, cuda")
+    allocator: str = _setting("speed", "auto",
+        "The memory allocator of the program's process (fastadvseg/utils/allocator.py). auto: a preloaded jemalloc or "
+        "tcmalloc, else steady; steady: glibc mallopt keeps freed buffers for reuse (no page faults every step); "
+        "jemalloc, tcmalloc: restart with that library preloaded; system: the C library's defaults. Set by the command "
+        "line programs for their own process; config.yaml records what the run used")
+
+    run_root: str = _setting("output", "runs", "run directories are created under it")
+    log_every: int = _setting("output", 10, "print and record losses averaged over this many steps")
+    eval_every: int = _setting("output", 300, "validate every N steps (0: only at the end)")
+    checkpoint_every: int = _setting("output", 100, "write checkpoints/last.pt every N steps (0: only at the end)")
+    eval_batch_size: int = _setting("output", 8, "images per evaluation batch")
+    num_vis_images: int = _setting("output", 4, "val images shown in samples.png")
+    plots: bool = _setting("output", True, "write losses.png, miou.png, samples.png at the end")
+    eval_test: bool = _setting("output", False,
+        "at the end, also score the final model on the held-out test split (synthetic: 200 images disjoint from train "
+        "and val); written to summary.json and eval_test.md, never used to choose anything (best.pt is chosen on val)")
+    tensorboard: bool = _setting("output", False,
+        "also log to RUN/tensorboard (needs the optional tensorboard package)")
 
     def validate(self) -> "TrainConfig":
         """Refuse values that cannot work (ConfigError naming the key), before anything is built or written."""
@@ -155,10 +183,11 @@ class TrainConfig:
             raise ConfigError(f"config {key}={getattr(self, key)!r}: {msg}")
 
         from .data import DATASETS
-        from .models import SEGMENTERS
+        from .models import BATCHNORM_MODES, SEGMENTERS
 
         for key, choices in (("model", SEGMENTERS), ("mode", MODES), ("amp", AMP_MODES),
-                             ("loss_backend", LOSS_BACKENDS), ("dataset", DATASETS), ("allocator", ALLOCATORS)):
+                             ("loss_backend", LOSS_BACKENDS), ("dataset", DATASETS), ("allocator", ALLOCATORS),
+                             ("batchnorm", BATCHNORM_MODES)):
             if getattr(self, key) not in choices:
                 bad(key, f"choose one of {tuple(choices)}")
         if self.init is not None and self.init not in INITS:
@@ -180,6 +209,8 @@ class TrainConfig:
         for key in ("labelled_count", "val_pad", "val_limit"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 bad(key, "must be >= 1 (or none)")
+        if not 0 <= self.ignore_index <= 255:
+            bad("ignore_index", "must be a mask value in 0..255 (the shipped datasets use 255)")
         if self.num_threads is not None and self.num_threads < 0:
             bad("num_threads", "must be >= 0 (or none: torch's default)")
         # numbers: a NaN or an infinity is never meaningful here
@@ -230,6 +261,30 @@ class ConfigError(ValueError):
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+
+# Settings an earlier version spelled otherwise: old key -> (its type, the key that replaced it, old value -> new
+# value), so that the config files, checkpoints and command lines of that version keep their meaning.
+_REPLACED = {"freeze_bn": (bool, "batchnorm", lambda frozen: "frozen" if frozen else "live")}
+
+
+def with_current_keys(values: Dict[str, Any]) -> Dict[str, Any]:
+    """``values`` (a config file, a checkpoint's config, overrides) with each key of an earlier version turned into
+    the setting that replaced it; a ConfigError if both are given or the old value does not parse."""
+    out = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key in _REPLACED:
+            tp, new_key, convert = _REPLACED[key]
+            if new_key in values:
+                raise ConfigError(f"config {key} and {new_key}: {key} is the older name of {new_key}; give only "
+                                  f"{new_key}")
+            try:
+                value = convert(_scalar(tp, _parse_scalar(value) if isinstance(value, str) else value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"config {key}: cannot use {value!r} as {tp.__name__}") from None
+            key = new_key
+        out[key] = value
+    return out
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -349,8 +404,7 @@ def from_dict(values: Dict[str, Any], base: Optional[TrainConfig] = None, valida
     ``validate=False`` skips the checks of the whole config (for a saved config that overrides complete, e.g. a
     CUDA run's config resumed with ``--device cpu``)."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
-    for key, value in values.items():
-        key = key.replace("-", "_")
+    for key, value in with_current_keys(values).items():
         if key not in _FIELDS:
             raise ConfigError(f"unknown config key {key!r}" + _suggest(key))
         setattr(cfg, key, _coerce(key, value))
@@ -378,11 +432,12 @@ def parse_overrides(argv: Sequence[str]) -> Dict[str, Any]:
             raise ConfigError(f"expected --key value, got {arg!r}")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if key not in _FIELDS:
+        if key not in _FIELDS and key not in _REPLACED:
             raise ConfigError(f"unknown config key {key!r}" + _suggest(key))
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if _HINTS[key] is bool and (nxt is None or nxt.startswith("--")):
+            hint = _REPLACED[key][0] if key in _REPLACED else _HINTS[key]
+            if hint is bool and (nxt is None or nxt.startswith("--")):
                 value = "true"
             elif nxt is None:
                 raise ConfigError(f"config {key}: missing value")
@@ -410,44 +465,16 @@ def build_parser(description: str, prog: Optional[str] = None) -> argparse.Argum
     return parser
 
 
-def field_help() -> Dict[str, Tuple[str, str]]:
-    """{field: (group, help)} from the comments of :class:`TrainConfig` (``# --- group ---`` headers, the comment
-    lines above a field and the comment after it): the dataclass stays the one place that documents a setting."""
-    import inspect
-    import re
-
-    try:
-        lines = inspect.getsource(TrainConfig).splitlines()
-    except (OSError, TypeError):  # no source (e.g. a frozen build): names, types and defaults only
-        return {}
-    out, group, above = {}, "", []
-    for line in lines:
-        text = line.strip()
-        header = re.fullmatch(r"# --- (.+) ---", text)
-        field = re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", text)
-        if header:
-            group, above = header.group(1), []
-        elif text.startswith("#"):
-            above.append(text.lstrip("# "))
-        elif field and field.group(1) in _FIELDS:
-            out[field.group(1)] = (group, " ".join(above + [field.group(2) or ""]).strip())
-            above = []
-    return out
-
-
 def describe_options() -> str:
-    """The options grouped as in TrainConfig, each with its type, default and one line of help."""
-    helps = field_help()
+    """The options grouped as in TrainConfig, each with its type, default and the first sentence of its help."""
     lines, group = [], None
     for f in dataclasses.fields(TrainConfig):
-        g, text = helps.get(f.name, ("options", ""))
-        if g != group:
-            lines.append(("\n" if lines else "") + f"{g}:")
-            group = g
-        default = f.default if f.default is not dataclasses.MISSING else None
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        opt = f"  --{f.name} {_metavar(_HINTS[f.name])}"
-        lines.append(f"{opt:<34} {text.split('. ')[0].rstrip('.')} [default: {shown}]")
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines.append(("\n" if lines else "") + f"{group}:")
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        summary = f.metadata["help"].split(". ")[0].rstrip(".")
+        lines.append(f"{f'  --{f.name} {_metavar(_HINTS[f.name])}':<34} {summary} [default: {shown}]")
     return "\n".join(lines)
 
 

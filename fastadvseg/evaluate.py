@@ -59,10 +59,12 @@ def _valid_extent(label: torch.Tensor, ignore_index: int):
 
 @torch.no_grad()
 def evaluate(G, dataset, num_classes: int, *, device, batch_size: int = 1, cfg: Optional[TrainConfig] = None,
-             info: Optional[dist_utils.DistInfo] = None, ignore_index: int = 255) -> SegMetrics:
-    """Score ``G`` on ``dataset`` (items (image, label, name)); all-reduces over ranks when distributed."""
+             info: Optional[dist_utils.DistInfo] = None) -> SegMetrics:
+    """Score ``G`` on ``dataset`` (items (image, label, name)), label pixels of ``cfg.ignore_index`` not counted;
+    all-reduces over ranks when distributed."""
     info = info or dist_utils.DistInfo(device=torch.device(device))
     cfg = cfg or TrainConfig()
+    ignore_index = cfg.ignore_index
     was_training = G.training
     G.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)

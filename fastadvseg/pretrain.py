@@ -101,7 +101,7 @@ def pretrain(steps: int = 8000, batch_size: int = 16, size: int = 64, seed: int 
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
-    G = build_deeplab(MODEL, len(PRETRAIN_CLASSES), freeze_bn=False)
+    G = build_deeplab(MODEL, len(PRETRAIN_CLASSES), batchnorm="live")
     opt = torch.optim.SGD(G.param_groups(lr, 1.0), lr=lr, momentum=0.9, weight_decay=5e-4)
     t0, c0 = time.perf_counter(), time.process_time()
     curve: List[dict] = []

@@ -107,6 +107,9 @@ def train(cfg: TrainConfig, resume=None, info: Optional[dist_utils.DistInfo] = N
 
 
 def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo) -> dict:
+    """The run, top to bottom: check and build everything, then the training loop of the paper's method (one G + D
+    iteration per step: fastadvseg/utils/step.py) with logging, evaluation, checkpoints and the stop on non-finite
+    values, then the final report."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     log = print if info.is_main else (lambda *a, **k: None)
     state = resume.state if resume else None
@@ -115,7 +118,7 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"config batch_size={cfg.batch_size}: the global batch must split evenly over the "
                           f"{info.world_size} processes")
-    changed = check_resume(cfg.to_dict(), state, resume.path) if resume else {}
+    changed = check_resume(cfg.to_dict(), state, resume.path) if resume else {}  # {key: (old, new)} allowed
     if resume:
         check_same_run(resume)
     bundle = build_bundle(cfg)
@@ -130,137 +133,115 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
     scaler_g, scaler_d = make_scaler(cfg, info.device), make_scaler(cfg, info.device)
     start, best = restore_training_state(state, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d},
                                          resume.path if resume else "")
+
     # ---- the run: one process per run directory (its lock); files are written from here on ----
     run_dir, lock = make_run_dir(cfg, info, resume.run_dir if resume else None)
-    with lock, contextlib.ExitStack() as cleanup:  # on leaving: logs closed, signal handlers restored, lock released
-        setup = Setup(cfg, info, bundle, G, D, opt_g, opt_d, scaler_g, scaler_d, resume, changed, start, best,
-                      t_start, cpu_start)
-        return _run(setup, run_dir, cleanup)
-
-
-@dataclass
-class Setup:
-    """What a run trains with, built and checked by ``_train`` before its run directory is touched."""
-    cfg: TrainConfig
-    info: dist_utils.DistInfo
-    bundle: object
-    G: torch.nn.Module
-    D: torch.nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    scaler_g: object
-    scaler_d: object
-    resume: Optional[Resume]  # None: a new run
-    changed: dict  # resume overrides allowed: {key: (old, new)}
-    start: int  # the first step to run
-    best: Optional[float]  # the best val mIoU so far
-    t_start: float
-    cpu_start: float
-
-
-def _run(setup: Setup, run_dir: str, cleanup: contextlib.ExitStack) -> dict:
-    """The training loop of the paper's method (one G + D iteration per step: fastadvseg/utils/step.py), with
-    logging, evaluation, checkpoints and the stop on non-finite values."""
-    cfg, info, bundle, G, D = setup.cfg, setup.info, setup.bundle, setup.G, setup.D
-    opt_g, opt_d, scaler_g, scaler_d = setup.opt_g, setup.opt_d, setup.scaler_g, setup.scaler_d
-    resume, changed, start, best = setup.resume, setup.changed, setup.start, setup.best
-    log = print if info.is_main else (lambda *a, **k: None)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if resume:
-        best = _best_so_far(best, os.path.join(ckpt_dir, BEST))
-    log(describe_run(cfg, bundle, G, info, run_dir))
-    if info.is_main:
-        for path in remove_stale_temp_files(run_dir):
-            log(f"removed {path} (left by a write that was killed)")
-        # on resume: the config with this session's overrides (e.g. more steps); the split is kept
-        write_config(cfg, os.path.join(run_dir, "config.yaml"))
-        summary = os.path.join(run_dir, "summary.json")
-        if start < cfg.steps and os.path.isfile(summary):  # a finished run given more steps: not finished any more
-            os.unlink(summary)
-        if resume is None:
-            from .data import save_split
+    with lock, contextlib.ExitStack() as cleanup:  # on leaving: logs closed, signal handlers restored, lock released
+        if resume:
+            best = _best_so_far(best, os.path.join(ckpt_dir, BEST))
+        log(describe_run(cfg, bundle, G, info, run_dir))
+        if info.is_main:
+            _open_run_dir(cfg, bundle, run_dir, new_run=resume is None, finished=start >= cfg.steps, log=log)
+        metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if info.is_main else None, resume_step=start)
+        tb = TensorBoardLog(run_dir if info.is_main and cfg.tensorboard else None)
+        cleanup.callback(metrics.close), cleanup.callback(tb.close)
+        if resume:
+            log(f"resumed {run_dir} at step {start} (best mIoU so far {best})" +
+                "".join(f"; {k} {old} -> {new}" for k, (old, new) in changed.items()))
+            if changed:  # recorded: config.yaml has the new values, metrics.jsonl when they changed
+                metrics.write({"kind": "resume", "step": start, "changed": {k: list(v) for k, v in changed.items()}})
+        nets = Nets(*_wrap(G, D, cfg, info), D_raw=D, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d)
+        use_unl = cfg.mode == "semi" and bundle.unlabelled is not None and len(bundle.unlabelled) > 0
+        loaders = [step_loader(StepBatches(ds, cfg.batch_size, cfg.seed, stream, info.rank, info.world_size),
+                               start, cfg.steps, cfg.num_workers, info.device.type == "cuda")
+                   for stream, ds in (("labelled", bundle.labelled),
+                                      ("unlabelled", bundle.unlabelled if use_unl else None))
+                   if ds is not None]
+        progress, stop, window = Progress(cfg.steps, start, enabled=info.is_main), StopFlag(), WindowMean()
+        cleanup.callback(stop.restore)
 
-            save_split(bundle.split, os.path.join(run_dir, "split.json"), dataset=cfg.dataset, seed=cfg.split_seed)
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if info.is_main else None, resume_step=start)
-    tb = TensorBoardLog(run_dir if info.is_main and cfg.tensorboard else None)
-    cleanup.callback(metrics.close), cleanup.callback(tb.close)
-    if resume:
-        log(f"resumed {run_dir} at step {start} (best mIoU so far {best})" +
-            "".join(f"; {k} {old} -> {new}" for k, (old, new) in changed.items()))
-        if changed:  # recorded: config.yaml has the new values, metrics.jsonl when they changed
-            metrics.write({"kind": "resume", "step": start, "changed": {k: list(v) for k, v in changed.items()}})
-    nets = Nets(*_wrap(G, D, cfg, info), D_raw=D, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d)
-    use_unl = cfg.mode == "semi" and bundle.unlabelled is not None and len(bundle.unlabelled) > 0
-    loaders = [step_loader(StepBatches(ds, cfg.batch_size, cfg.seed, stream, info.rank, info.world_size),
-                           start, cfg.steps, cfg.num_workers, info.device.type == "cuda")
-               for stream, ds in (("labelled", bundle.labelled), ("unlabelled", bundle.unlabelled if use_unl else None))
-               if ds is not None]
-    progress, stop, window = Progress(cfg.steps, start, enabled=info.is_main), StopFlag(), WindowMean()
-    cleanup.callback(stop.restore)
+        def save(step: int, name: str, val_miou: Optional[float] = None) -> None:
+            """Checkpoint after ``step`` steps, never with non-finite weights; an OSError stops the run, naming it."""
+            bad = first_non_finite({"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict()})
+            if bad:
+                raise RunStopped(f"step {step}: weight {bad} is not finite, so it was not saved (the checkpoints on "
+                                 f"disk are of earlier steps): training diverged. Lower --lr and start a new run")
+            path = os.path.join(ckpt_dir, name)
+            checkpoint = training_state(step, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d}, best,
+                                        cfg.to_dict(), extra={"classes": list(bundle.class_names),
+                                                              "val_miou": val_miou})
+            try:
+                atomic_save(checkpoint, path)
+            except OSError as e:
+                raise RunStopped(f"cannot write checkpoint {path}: {e.strerror or e} (the previous {name} is "
+                                 f"unchanged and usable): free some space, then continue with --resume {run_dir}"
+                                 ) from None
 
-    def save(step: int, name: str, val_miou: Optional[float] = None) -> None:
-        """Checkpoint after ``step`` steps, never with non-finite weights; an OSError stops the run, naming the path."""
-        bad = first_non_finite({"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict()})
-        if bad:
-            raise RunStopped(f"step {step}: weight {bad} is not finite, so it was not saved (the checkpoints on disk "
-                             f"are of earlier steps): training diverged. Lower --lr and start a new run")
-        path = os.path.join(ckpt_dir, name)
-        state = training_state(step, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d}, best, cfg.to_dict(),
-                               extra={"classes": list(bundle.class_names), "val_miou": val_miou})
-        try:
-            atomic_save(state, path)
-        except OSError as e:
-            raise RunStopped(f"cannot write checkpoint {path}: {e.strerror or e} (the previous {name} is unchanged "
-                             f"and usable): free some space, then continue with --resume {run_dir}") from None
+        G.train(), D.train()
+        result, stopping, step = None, False, start - 1
+        for step, batches in zip(range(start, cfg.steps), zip(*loaders)):
+            lr = set_lr(opt_g, cfg.lr, step, cfg.steps, cfg.power)
+            lr_d = set_lr(opt_d, cfg.lr_d, step, cfg.steps, cfg.power)
+            (images, labels, _), images_u = batches[0], (batches[1][0] if use_unl else None)
+            out = train_step(cfg, nets, step, to_device(images, info.device, cfg.channels_last),
+                             labels.to(info.device),
+                             None if images_u is None else to_device(images_u, info.device, cfg.channels_last),
+                             num_classes=bundle.num_classes)
+            values = dict(zip(out, torch.stack(list(out.values())).float().tolist()))  # one device sync per step
+            bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
+            if bad:  # the first non-finite loss or gradient norm stops the run; nothing of this step is saved
+                metrics.write({"kind": "train", "step": step + 1, "lr": lr, "lr_d": lr_d, **values, "window": 1})
+                metrics.write({"kind": "stopped", "step": step + 1, "reason": f"{bad} is {values[bad]}"})
+                raise RunStopped(f"step {step + 1}: {bad} is {values[bad]}: training diverged and was stopped. The "
+                                 f"checkpoints are those of before (last.pt, best.pt unchanged). Lower --lr "
+                                 f"(now {cfg.lr}) or --lr_d (now {cfg.lr_d}) and start a new run")
+            window.add(values)
+            last = step + 1 == cfg.steps
+            if (step + 1) % cfg.log_every == 0 or last or step == 0:
+                record = {"kind": "train", "step": step + 1, "lr": lr, "lr_d": lr_d, **window.pop()}
+                metrics.write(record), tb.write(record), progress.print(step, record)
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                result = evaluate(G, bundle.val, bundle.num_classes, device=info.device,
+                                  batch_size=cfg.eval_batch_size, cfg=cfg, info=info)
+                record = {"kind": "val", "step": step + 1, "miou": result.miou, "pixel_acc": result.pixel_acc}
+                metrics.write(record), tb.write(record)
+                log(f"step {step + 1}: val mIoU {100 * result.miou:.2f}  pixel acc {100 * result.pixel_acc:.2f}")
+                if math.isfinite(result.miou) and (best is None or result.miou > best):  # never a worse model
+                    best = result.miou
+                    if info.is_main:
+                        save(step + 1, BEST, val_miou=result.miou)
+            stopping = dist_utils.any_true(stop.signal is not None, info)
+            checkpoint_due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            if info.is_main and (last or stopping or checkpoint_due):
+                save(step + 1, LAST)
+            if stopping:
+                log(f"stopped after step {step + 1}; continue with: python -m fastadvseg.train --resume {run_dir}")
+                return {"run_dir": run_dir, "step": step + 1, "interrupted": True,
+                        "signal": stop.signal or signal.SIGTERM, "miou": None, "best_miou": best}
+        if result is None:  # resumed a finished run: just report
+            result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
+                              cfg=cfg, info=info)
+        test = evaluate(G, bundle.test, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
+                        cfg=cfg, info=info) if cfg.eval_test else None  # the final model, as on val; nothing chosen
+        return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - t_start,
+                            time.process_time() - cpu_start, step=max(step + 1, start), test=test)
 
-    G.train(), D.train()
-    result, stopping, step = None, False, start - 1
-    for step, batches in zip(range(start, cfg.steps), zip(*loaders)):
-        lr = set_lr(opt_g, cfg.lr, step, cfg.steps, cfg.power)
-        lr_d = set_lr(opt_d, cfg.lr_d, step, cfg.steps, cfg.power)
-        (images, labels, _), images_u = batches[0], (batches[1][0] if use_unl else None)
-        out = train_step(cfg, nets, step, to_device(images, info.device, cfg.channels_last),
-                         labels.to(info.device),
-                         None if images_u is None else to_device(images_u, info.device, cfg.channels_last))
-        values = dict(zip(out, torch.stack(list(out.values())).float().tolist()))  # one device sync per step
-        bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
-        if bad:  # the first non-finite loss or gradient norm stops the run; nothing of this step is saved
-            metrics.write({"kind": "train", "step": step + 1, "lr": lr, "lr_d": lr_d, **values, "window": 1})
-            metrics.write({"kind": "stopped", "step": step + 1, "reason": f"{bad} is {values[bad]}"})
-            raise RunStopped(f"step {step + 1}: {bad} is {values[bad]}: training diverged and was stopped. The "
-                             f"checkpoints are those of before (last.pt, best.pt unchanged). Lower --lr "
-                             f"(now {cfg.lr}) or --lr_d (now {cfg.lr_d}) and start a new run")
-        window.add(values)
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.log_every == 0 or last or step == 0:
-            record = {"kind": "train", "step": step + 1, "lr": lr, "lr_d": lr_d, **window.pop()}
-            metrics.write(record), tb.write(record), progress.print(step, record)
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            result = evaluate(G, bundle.val, bundle.num_classes, device=info.device,
-                              batch_size=cfg.eval_batch_size, cfg=cfg, info=info)
-            record = {"kind": "val", "step": step + 1, "miou": result.miou, "pixel_acc": result.pixel_acc}
-            metrics.write(record), tb.write(record)
-            log(f"step {step + 1}: val mIoU {100 * result.miou:.2f}  pixel acc {100 * result.pixel_acc:.2f}")
-            if math.isfinite(result.miou) and (best is None or result.miou > best):  # never a worse model
-                best = result.miou
-                if info.is_main:
-                    save(step + 1, BEST, val_miou=result.miou)
-        stopping = dist_utils.any_true(stop.signal is not None, info)
-        if info.is_main and (last or stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
-            save(step + 1, LAST)
-        if stopping:
-            log(f"stopped after step {step + 1}; continue with: python -m fastadvseg.train --resume {run_dir}")
-            break
-    if stopping:
-        return {"run_dir": run_dir, "step": step + 1, "interrupted": True, "signal": stop.signal or signal.SIGTERM,
-                "miou": None, "best_miou": best}
-    if result is None:  # resumed a finished run: just report
-        result = evaluate(G, bundle.val, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
-                          cfg=cfg, info=info)
-    test = evaluate(G, bundle.test, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size, cfg=cfg,
-                    info=info) if cfg.eval_test else None  # the final model, as on val; nothing is chosen on it
-    return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - setup.t_start,
-                        time.process_time() - setup.cpu_start, step=max(step + 1, start), test=test)
+
+def _open_run_dir(cfg: TrainConfig, bundle, run_dir: str, *, new_run: bool, finished: bool, log) -> None:
+    """Rank 0, before the first step: clear the temp files of killed writes, write config.yaml (on resume: with this
+    session's overrides, e.g. more steps), drop summary.json of a finished run given more steps, and write the
+    split of a new run (a resumed run keeps its own)."""
+    for path in remove_stale_temp_files(run_dir):
+        log(f"removed {path} (left by a write that was killed)")
+    write_config(cfg, os.path.join(run_dir, "config.yaml"))
+    summary = os.path.join(run_dir, "summary.json")
+    if not finished and os.path.isfile(summary):  # a finished run given more steps: not finished any more
+        os.unlink(summary)
+    if new_run:
+        from .data import save_split
+
+        save_split(bundle.split, os.path.join(run_dir, "split.json"), dataset=cfg.dataset, seed=cfg.split_seed)
 
 
 def check_same_run(resume: Resume) -> None:
@@ -296,11 +277,11 @@ def _wrap(G, D, cfg: TrainConfig, info: dist_utils.DistInfo):
         return G, D
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if info.device.type == "cuda" and not cfg.freeze_bn:
+    if info.device.type == "cuda" and cfg.batchnorm != "frozen":  # batch statistics of the global batch
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
     ids = [info.device.index] if info.device.type == "cuda" else None
     kw = {}
-    if cfg.freeze_bn:  # frozen BN statistics never change: no need to re-broadcast them every forward
+    if cfg.batchnorm == "frozen":  # frozen BN statistics never change: no need to re-broadcast them every forward
         import inspect
 
         sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"

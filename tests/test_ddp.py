@@ -4,19 +4,18 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from fastadvseg.config import load_config
 from fastadvseg.evaluate import evaluate
 from fastadvseg.train import train
 from fastadvseg.utils.builders import build_bundle, build_segmenter_for_eval
-from fastadvseg.utils.checkpoint import load_checkpoint
+from fastadvseg.utils.checkpoint import read_training_state, resolve_checkpoint
 from fastadvseg.utils.log import read_metrics
 
 ARGS = {"crop_size": "33,33", "batch_size": "2", "steps": "2", "val_limit": "6", "eval_batch_size": "2", "ndf": "8",
         "log_every": "1", "eval_every": "0", "plots": "false", "device": "cpu", "loss_backend": "reference",
-        "mode": "semi", "semi_start": "1", "freeze_bn": "true", "lr": "2.5e-4", "head_lr_mult": "10"}
+        "mode": "semi", "semi_start": "1", "batchnorm": "frozen", "lr": "2.5e-4", "head_lr_mult": "10"}
 
 
 def test_two_process_gloo_matches_one_process(tmp_path):
@@ -42,7 +41,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # G by lr x that small gradient difference; Adam moves each D weight by at most ~lr_d per step whatever the
     # gradient, so near-zero D gradients may step differently: bound D by 2 * lr_d * steps.
     one = train(load_config(None, {**ARGS, "run_root": str(tmp_path), "name": "one"}))
-    a, b = load_checkpoint(str(run)), load_checkpoint(one["run_dir"])
+    a, b = (read_training_state(resolve_checkpoint(str(r))) for r in (run, one["run_dir"]))
     for k, v in a["G"].items():
         torch.testing.assert_close(v, b["G"][k], rtol=0, atol=2e-5, msg=f"G.{k}")
     for k, v in a["D"].items():

@@ -8,7 +8,7 @@ import pytest
 import fastadvseg.train as train_mod
 from fastadvseg.config import load_config, parse_overrides
 from fastadvseg.experiments import table
-from fastadvseg.utils.checkpoint import load_checkpoint
+from fastadvseg.utils.checkpoint import read_checkpoint, resolve_checkpoint
 from fastadvseg.utils.log import read_metrics
 
 TINY = ["--crop_size", "33,33", "--batch_size", "2", "--val_limit", "4", "--eval_batch_size", "4", "--ndf", "8",
@@ -58,7 +58,7 @@ def test_tiny_sweep_writes_table_skips_done_cells_and_resumes_a_partial_one(tmp_
     # the partial cell continued from its checkpoint instead of starting again
     with open(os.path.join(logs, "semi_1-8_s0.log"), encoding="utf-8") as f:
         assert "--resume" in f.read()
-    assert load_checkpoint(partial)["step"] == STEPS
+    assert read_checkpoint(resolve_checkpoint(partial))["step"] == STEPS
     steps = [r["step"] for r in read_metrics(os.path.join(partial, "metrics.jsonl")) if r.get("kind") == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
 

@@ -1,4 +1,4 @@
-"""Networks: DeepLab-v2 shape/ASPP/frozen BN, the FC discriminator, parameter groups, local weight loading."""
+"""Networks: DeepLab-v2 shape/ASPP/BatchNorm modes, the FC discriminator, parameter groups, local weight loading."""
 import pytest
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ def test_aspp_sums_all_four_branches():
 
 def test_frozen_bn_stays_frozen():
     torch.manual_seed(0)
-    G = build_segmenter("deeplabv2_compact", 4)
+    G = build_segmenter("deeplabv2_compact", 4, batchnorm="frozen")
     bns = [m for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
         for m in bns:  # non-trivial statistics, so a change would show
@@ -88,6 +88,45 @@ def test_frozen_bn_stays_frozen():
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
     assert not torch.equal(G.backbone.conv1.weight, build_segmenter("deeplabv2_compact", 4).backbone.conv1.weight)
+
+
+@pytest.mark.parametrize("batchnorm", ["frozen_affine", "live"])
+def test_training_bn_normalises_with_batch_statistics(batchnorm):
+    """frozen_affine is the authors' BatchNorm (model.train() on BN layers whose parameters have requires_grad off):
+    batch statistics, running statistics updated, scale and shift never trained; live also trains scale and
+    shift. Checked on the stem's BN against the float64 formula and on two SGD steps."""
+    torch.manual_seed(0)
+    G = build_segmenter("deeplabv2_compact", 4, batchnorm=batchnorm)
+    bns = [m for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    affine = {id(p): p.detach().clone() for m in bns for p in m.parameters()}
+    bn, seen = G.backbone.bn1, {}
+    running_mean = bn.running_mean.clone()
+    bn.register_forward_hook(lambda m, i, o: seen.update(x=i[0].detach().double(), y=o.detach().double()))
+    G.train()
+    assert all(m.training for m in bns)
+    assert all(p.requires_grad == (batchnorm == "live") for m in bns for p in m.parameters())
+    x, y = torch.randn(3, 3, 35, 41), torch.randint(0, 4, (3, 5, 6))
+    G(x)
+    mean, var = seen["x"].mean((0, 2, 3)), seen["x"].var((0, 2, 3), unbiased=False)
+    view = lambda t: t.double().view(1, -1, 1, 1)
+    want = (seen["x"] - view(mean)) / torch.sqrt(view(var) + bn.eps) * view(bn.weight) + view(bn.bias)
+    torch.testing.assert_close(seen["y"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean.double(), 0.9 * running_mean.double() + 0.1 * mean)
+    opt = torch.optim.SGD(G.param_groups(0.1), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(2):
+        opt.zero_grad()
+        fas.cross_entropy2d(G(x), y, backend="reference").backward()
+        opt.step()
+    changed = [not torch.equal(p, affine[id(p)]) for m in bns for p in m.parameters()]
+    assert all(changed) if batchnorm == "live" else not any(changed)
+    G.eval()
+    assert not any(m.training for m in bns)
+    with pytest.raises(ValueError, match="batchnorm='eval'"):
+        build_segmenter("deeplabv2_compact", 4, batchnorm="eval")
 
 
 def test_param_groups_head_lr_x10(compact):

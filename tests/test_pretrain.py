@@ -76,7 +76,7 @@ def test_pretrain_command_is_reproducible_and_its_backbone_loads(tmp_path, capsy
     with open(paths[0] + ".json", encoding="utf-8") as f:
         rec = json.load(f)
     assert rec["sha256"] == sha256_file(paths[0]) and rec["steps"] == 2 and "--steps 2" in rec["command"]
-    G = build_segmenter("deeplabv2_compact", len(CLASS_NAMES), paths[0], freeze_bn=False)
+    G = build_segmenter("deeplabv2_compact", len(CLASS_NAMES), paths[0], batchnorm="live")
     rep = G.load_report
     assert rep.loaded and all(k.startswith("backbone.") for k in rep.loaded) and not rep.mismatched
     assert all(k.startswith("classifier.") for k in rep.missing)  # a fresh head for the target classes
@@ -95,7 +95,7 @@ def test_shipped_backbone_matches_its_recorded_sha256_and_fits_the_compact_segme
     with open(path + ".json", encoding="utf-8") as f:
         rec = json.load(f)
     assert rec["sha256"] == digest and rec["command"].startswith("python -m fastadvseg.pretrain")
-    G = build_segmenter("deeplabv2_compact", len(CLASS_NAMES), path, freeze_bn=False)
+    G = build_segmenter("deeplabv2_compact", len(CLASS_NAMES), path, batchnorm="live")
     own = [k for k in G.state_dict() if k.startswith("backbone.")]
     assert sorted(G.load_report.loaded) == sorted(own) and not G.load_report.mismatched
 

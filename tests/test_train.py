@@ -25,6 +25,12 @@ def tiny(tmp_path, name="run", **kw):
     return load_config(None, values)
 
 
+def last_state(run):
+    """The run's checkpoints/last.pt as ``--resume`` reads it: found from the run directory, loaded with
+    weights_only, a complete training state with finite weights (a CheckpointError otherwise)."""
+    return ckpt_mod.read_training_state(ckpt_mod.resolve_checkpoint(str(run)))
+
+
 def _finite(records, key):
     vals = [r[key] for r in records if r.get(key) is not None]
     return vals and all(math.isfinite(v) for v in vals)
@@ -54,8 +60,10 @@ def test_every_mode_runs_and_writes_a_run_directory(tmp_path, mode):
         assert "loss_semi" not in train_recs[0] and "semi_ratio" in train_recs[1]  # semi_start=1
         for png in ("losses.png", "miou.png", "samples.png"):
             assert os.path.getsize(os.path.join(run, png)) > 1000, png
-    state = ckpt_mod.load_checkpoint(run)
+    state = last_state(run)
     assert state["step"] == 3 and set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["config"] == load_config(os.path.join(run, "config.yaml")).to_dict() == cfg.to_dict()
+    assert (state["config"]["ignore_index"], state["config"]["batchnorm"]) == (255, "live")
     assert state["config"]["mode"] == mode and state["opt_g"]["param_groups"][1]["lr_mult"] == cfg.head_lr_mult
     table = open(os.path.join(run, "eval.md")).read()
     assert "| background |" in table and "**mean**" in table
@@ -73,8 +81,100 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
     G, D = build_models(cfg, bundle, torch.device("cpu"), log=lambda *a: None)
     opt_g, opt_d = build_optimizers(cfg, G, D)
     nets = Nets(G, D, D, opt_g, opt_d)
-    ce = [float(train_step(cfg, nets, s, images, labels)["loss_ce"]) for s in range(6)]
+    ce = [float(train_step(cfg, nets, s, images, labels, num_classes=bundle.num_classes)["loss_ce"])
+          for s in range(6)]
     assert all(math.isfinite(v) for v in ce) and ce[-1] < ce[0]
+
+
+def _paper_step_in_float64(G, D, cfg, num_classes, images, labels, images_u):
+    """One iteration of the paper's method written out in plain PyTorch and float64 from the definitions in
+    tests/oracle.py: the losses, the kept fraction, D's confidences, and the gradients of G (its step) and D (its
+    step) as torch.autograd.grad gives them."""
+    import oracle
+    import torch.nn.functional as F
+
+    ignore, C = cfg.ignore_index, num_classes
+    x, y = images.double(), labels
+    size = tuple(y.shape[-2:])
+    seg = lambda im: F.interpolate(G(im), size=size, mode="bilinear", align_corners=True)
+    d_in = lambda maps, im: torch.cat([maps, im], 1) if cfg.d_image else maps
+    logits = seg(x)
+    total, ce, adv, _, _ = oracle.generator_loss(logits, D(d_in(oracle.softmax2d(logits), x))[:, 0], y,
+                                                 cfg.lambda_adv, 0.0, ignore_index=ignore)
+    out = {"loss_ce": ce, "loss_adv": adv}
+    if images_u is not None:
+        xu = images_u.double()
+        logits_u = seg(xu)
+        total_u, _, adv_u, semi, ratio = oracle.generator_loss(
+            logits_u, D(d_in(oracle.softmax2d(logits_u), xu))[:, 0], None, cfg.lambda_semi_adv, cfg.lambda_semi,
+            threshold=cfg.semi_threshold)
+        total = total + total_u
+        out.update(loss_semi_adv=adv_u, loss_semi=semi, semi_ratio=ratio)
+    grads_g = torch.autograd.grad(total, list(G.parameters()))
+    out["grad_norm_g"] = torch.cat([g.flatten() for g in grads_g]).norm()
+
+    fake, fake_images, fake_ignore = logits.detach(), x, y == ignore
+    if images_u is not None and cfg.d_unlabelled:
+        fake, fake_images = torch.cat([fake, logits_u.detach()]), torch.cat([x, xu])
+        fake_ignore = torch.cat([fake_ignore, torch.zeros_like(fake_ignore)])
+    real = oracle.one_hot2d(y, C, ignore)
+    if cfg.d_real_smoothing:
+        real = real * (1 - cfg.d_real_smoothing) + cfg.d_real_smoothing / C * (y != ignore).unsqueeze(1)
+    d_fake = D(d_in(oracle.softmax2d(fake), fake_images))[:, 0]
+    d_real = D(d_in(real, x))[:, 0]
+    loss_d = oracle.discriminator_loss(d_fake, d_real, fake_ignore, y == ignore) / 2
+    grads_d = torch.autograd.grad(loss_d, list(D.parameters()))
+    out.update(loss_d=loss_d, grad_norm_d=torch.cat([g.flatten() for g in grads_d]).norm(),
+               d_conf_fake=torch.sigmoid(d_fake)[~fake_ignore].mean(),
+               d_conf_real=torch.sigmoid(d_real)[y != ignore].mean())
+    return out, grads_g, grads_d
+
+
+@pytest.mark.parametrize("case", [
+    dict(mode="semi", ignore_index=255),
+    dict(mode="semi", ignore_index=6, d_image=True, d_real_smoothing=0.1, d_unlabelled=False),
+    dict(mode="adv", ignore_index=9),
+])
+def test_train_step_is_the_papers_iteration_in_plain_pytorch(tmp_path, case):
+    """train_step's losses and the updates it makes equal the paper's iteration written out in float64, with the
+    class count given to it and the config's ignore_index (a value other than 255 included)."""
+    from fastadvseg.models import FCDiscriminator
+    from fastadvseg.utils.step import Nets, train_step
+
+    import copy
+
+    C, N, H, W, lr = 5, 2, 35, 41, 0.5
+    cfg = tiny(tmp_path, semi_start=0, **case)
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    G = torch.nn.Conv2d(3, C, 3, stride=2, padding=1)  # logits at half the label's size, as a segmenter's are smaller
+    D = FCDiscriminator(C + (3 if cfg.d_image else 0), ndf=4)
+    G64, D64 = copy.deepcopy(G).double(), copy.deepcopy(D).double()
+    G0, D0 = [p.detach().clone() for p in G.parameters()], [p.detach().clone() for p in D.parameters()]
+    images, images_u = torch.randn(N, 3, H, W, generator=gen), torch.randn(N, 3, H, W, generator=gen)
+    labels = torch.randint(0, C, (N, H, W), generator=gen)
+    labels[torch.rand(N, H, W, generator=gen) < 0.2] = cfg.ignore_index
+    nets = Nets(G, D, D_raw=D, opt_g=torch.optim.SGD(G.parameters(), lr=lr),
+                opt_d=torch.optim.SGD(D.parameters(), lr=lr))
+    unlabelled = images_u if cfg.mode == "semi" else None
+    with torch.no_grad():  # T_semi at the median confidence: L_semi keeps about half of the unlabelled pixels
+        maps = torch.softmax(torch.nn.functional.interpolate(G(images_u), size=(H, W), mode="bilinear",
+                                                             align_corners=True), 1)
+        cfg.semi_threshold = float(torch.sigmoid(D(torch.cat([maps, images_u], 1) if cfg.d_image else maps)).median())
+
+    got = train_step(cfg, nets, 0, images, labels, unlabelled, num_classes=C)
+    want, grads_g, grads_d = _paper_step_in_float64(G64, D64, cfg, C, images, labels, unlabelled)
+
+    assert set(got) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-4, atol=1e-6, msg=key)
+    if cfg.mode == "semi":
+        assert 0.3 < float(want["semi_ratio"]) < 0.7
+    for net, before, grads in (("G", G0, grads_g), ("D", D0, grads_d)):  # each net took one SGD step on its loss
+        params = list((G if net == "G" else D).parameters())
+        for i, (p, p0, g) in enumerate(zip(params, before, grads)):
+            torch.testing.assert_close(p.detach().double(), p0.double() - lr * g, rtol=1e-4, atol=1e-6,
+                                       msg=f"{net} parameter {i}")
 
 
 def _interrupt_at(monkeypatch, at_step):
@@ -95,11 +195,11 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
     _interrupt_at(monkeypatch, 0)
     part = train_mod.train(tiny(tmp_path, "part", **kw))
     assert part["interrupted"] and part["step"] == 1
-    assert ckpt_mod.load_checkpoint(part["run_dir"])["step"] == 1
+    assert last_state(part["run_dir"])["step"] == 1
     monkeypatch.undo()
     cfg, resume = train_mod.parse_cli(["--resume", part["run_dir"]])
     resumed = train_mod.train(cfg, resume)
-    a, b = ckpt_mod.load_checkpoint(full["run_dir"]), ckpt_mod.load_checkpoint(part["run_dir"])
+    a, b = last_state(full["run_dir"]), last_state(part["run_dir"])
     assert a["step"] == b["step"] == 4
     for net in ("G", "D"):
         for k, v in a[net].items():
@@ -171,9 +271,11 @@ def test_config_file_overrides_and_errors(tmp_path):
     assert (cfg.lambda_adv, cfg.lambda_semi, cfg.lambda_semi_adv, cfg.semi_threshold) == (0.01, 0.1, 0.001, 0.2)
     assert (cfg.semi_start, cfg.labelled_fraction, cfg.val_pad, cfg.mode) == (5000, 0.125, 505, "semi")
     assert (cfg.lr, cfg.lr_d, cfg.betas_d, cfg.power, cfg.momentum) == (2.5e-4, 1e-4, (0.9, 0.99), 0.9, 0.9)
-    assert (cfg.head_lr_mult, cfg.weight_decay, cfg.freeze_bn, cfg.ndf) == (10.0, 5e-4, True, 64)
+    assert (cfg.head_lr_mult, cfg.weight_decay, cfg.ndf) == (10.0, 5e-4, 64)
+    assert all(load_config(name).batchnorm == "frozen_affine" for name in ("voc_1_8", "voc_1_4", "voc_1_2", "voc_full"))
     cs = load_config("cityscapes_1_4")
     assert (cs.crop_size, cs.batch_size, cs.steps, cs.labelled_fraction) == ((512, 1024), 2, 40000, 0.25)
+    assert cs.batchnorm == "frozen" and TrainConfig().batchnorm == "live" and TrainConfig().ignore_index == 255
     assert set(shipped_configs()) >= {"voc_1_8", "voc_1_4", "voc_1_2", "voc_full", "cityscapes_1_8",
                                       "cityscapes_1_4", "synthetic"}
     assert load_config("synthetic") == TrainConfig()  # the shipped file documents the no-argument default
@@ -194,6 +296,26 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_config(str(path), {"bogus": 1})
     with pytest.raises(ConfigError, match="neither a file nor a shipped config"):
         load_config("voc_1_16")
+
+
+def test_settings_of_an_earlier_version_keep_their_meaning(tmp_path):
+    from fastadvseg.config import from_dict
+
+    old = tmp_path / "old.yaml"
+    old.write_text("freeze_bn: true\nsteps: 7\n")
+    assert load_config(str(old)).batchnorm == "frozen"
+    assert load_config(None, parse_overrides(["--freeze_bn"])).batchnorm == "frozen"
+    assert load_config(str(old), parse_overrides(["--freeze_bn", "false"])).batchnorm == "live"
+    assert load_config(str(old), {"batchnorm": "frozen_affine"}).batchnorm == "frozen_affine"  # later layers win
+    with pytest.raises(ConfigError, match="freeze_bn and batchnorm: .*give only batchnorm"):
+        from_dict({"freeze_bn": True, "batchnorm": "live"})
+    with pytest.raises(ConfigError, match="freeze_bn: cannot use 'sometimes' as bool"):
+        load_config(None, {"freeze_bn": "sometimes"})
+    # a checkpoint's config written with the old key is the same run as the config.yaml written with the new one
+    assert ckpt_mod.config_differences({"freeze_bn": True}, {"batchnorm": "frozen"}) == {}
+    assert ckpt_mod.config_differences({"freeze_bn": False}, {}) == {}
+    assert ckpt_mod.config_differences({"freeze_bn": False}, {"batchnorm": "frozen_affine"}) == \
+        {"batchnorm": ("live", "frozen_affine")}
 
 
 def test_cli_reports_a_bad_key(capsys):
@@ -271,10 +393,10 @@ def test_cli_sigint_saves_and_resume_finishes(tmp_path):
         proc.kill()
     assert "SIGINT: finishing this step" in rest and "--resume" in rest
     run = tmp_path / "cli"
-    step = ckpt_mod.load_checkpoint(str(run))["step"]
+    step = last_state(str(run))["step"]
     assert 2 <= step < 200
     done = subprocess.run([sys.executable, "-m", "fastadvseg.train", "--resume", str(run), "--steps", str(step + 2)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed {run} at step {step}" in done.stdout and "| background |" in done.stdout
-    assert ckpt_mod.load_checkpoint(str(run))["step"] == step + 2
+    assert last_state(str(run))["step"] == step + 2

@@ -35,6 +35,12 @@ def argv(tmp_path, name="run", **kw):
     return [f"--{k}={v}" for k, v in {**TINY, "run_root": str(tmp_path), "name": name, **kw}.items()]
 
 
+def last_state(run):
+    """The run's checkpoints/last.pt as ``--resume`` reads it: found from the run directory, loaded with
+    weights_only, a complete training state with finite weights (a CheckpointError otherwise)."""
+    return ckpt_mod.read_training_state(ckpt_mod.resolve_checkpoint(str(run)))
+
+
 def run_main(main, args, capsys):
     """(exit code, stderr) of a CLI main called in-process."""
     try:
@@ -75,6 +81,11 @@ def assert_one_line_error(code, err, *fragments):
     (["--resume", "/nonexistent/run"], "/nonexistent/run"), (["--config"], "--config"),
     (["--device", "gpu"], "device='gpu'"), (["--val_pad", "50"], "larger than val_pad=50"),
     (["--labelled_count", "5000"], "labelled_count"), (["--split_file", "/nonexistent/s.json"], "s.json"),
+    (["--ignore_index", "256"], "ignore_index=256: must be a mask value in 0..255"),
+    (["--ignore_index", "-1"], "ignore_index=-1"), (["--ignore_index", "x"], "ignore_index: cannot use 'x' as int"),
+    (["--ignore_index", "7"], "ignore_index=7: that is a class of dataset synthetic (class ids 0..7)"),
+    (["--batchnorm", "eval"], "batchnorm='eval': choose one of ('live', 'frozen_affine', 'frozen')"),
+    (["--freeze_bn", "maybe"], "freeze_bn: cannot use 'maybe' as bool"),
 ])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, extra, fragment):
     if extra == ["--learning_rate", "1"]:
@@ -195,7 +206,8 @@ def test_bare_state_dict_and_non_finite_checkpoint_refused(finished, tmp_path, c
 @pytest.mark.parametrize("override, fragment", [
     (["--ndf", "16"], "ndf 8 -> 16"), (["--model", "deeplabv2_resnet18"], "model"),
     (["--lr", "0.001"], "lr 0.02 -> 0.001"), (["--mode", "semi"], "mode"),
-    (["--steps", "2"], "already at step 3"),
+    (["--steps", "2"], "already at step 3"), (["--batchnorm", "frozen"], "batchnorm 'live' -> 'frozen'"),
+    (["--ignore_index", "254"], "ignore_index 255 -> 254"),
 ])
 def test_resume_refuses_overrides_that_change_what_the_checkpoint_means(finished, tmp_path, capsys, override,
                                                                        fragment):
@@ -217,7 +229,7 @@ def test_resume_accepts_and_records_harmless_overrides(finished, tmp_path, capsy
                                                                   "eval_every": [1, 2], "checkpoint_every": [1, 2]}}]
     cfg = load_config(os.path.join(run, "config.yaml"))
     summary = json.load(open(os.path.join(run, "summary.json")))
-    state = ckpt_mod.load_checkpoint(run)
+    state = last_state(run)
     assert cfg.steps == summary["step"] == state["step"] == state["config"]["steps"] == 5  # the files agree
 
 
@@ -229,7 +241,7 @@ def test_resuming_a_finished_run_keeps_its_files_in_agreement(finished, tmp_path
     assert run_main(train_mod.main, ["--resume", run], capsys)[0] == 0  # same steps: just reports
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert summary["step"] == load_config(os.path.join(run, "config.yaml")).steps == \
-        ckpt_mod.load_checkpoint(run)["step"] == 3
+        last_state(run)["step"] == 3
 
 
 def test_checkpoint_of_another_configuration_copied_into_a_run_is_refused(finished, tmp_path, capsys):
@@ -244,8 +256,39 @@ def test_checkpoint_of_another_configuration_copied_into_a_run_is_refused(finish
     assert snapshot(run) == before  # config.yaml not rewritten, metrics.jsonl not cut
 
 
+def test_a_run_of_the_earlier_settings_resumes_with_the_same_meaning(finished, tmp_path, capsys):
+    """A run saved when BatchNorm was set by freeze_bn, and before ignore_index existed, continues: its checkpoint
+    and config.yaml read as batchnorm live (freeze_bn false) and ignore_index 255; the files then use the new keys."""
+    import yaml
+
+    run = copy_run(finished, tmp_path / "run")
+    last, config_yaml = os.path.join(run, "checkpoints", "last.pt"), os.path.join(run, "config.yaml")
+
+    def earlier(config):
+        config = {k: v for k, v in config.items() if k != "ignore_index"}
+        config["freeze_bn"] = config.pop("batchnorm") == "frozen"
+        return config
+
+    state = torch.load(last, weights_only=True)
+    state["config"] = earlier(state["config"])
+    torch.save(state, last)
+    with open(config_yaml, encoding="utf-8") as f:
+        old_yaml = earlier(yaml.safe_load(f))
+    with open(config_yaml, "w", encoding="utf-8") as f:
+        yaml.safe_dump(old_yaml, f)
+    code, err = run_main(train_mod.main, ["--resume", run, "--steps", "4"], capsys)
+    assert code == 0, err
+    state = last_state(run)
+    with open(config_yaml, encoding="utf-8") as f:
+        new_yaml = yaml.safe_load(f)
+    assert state["step"] == 4 and "freeze_bn" not in new_yaml and "freeze_bn" not in state["config"]
+    assert new_yaml["batchnorm"] == state["config"]["batchnorm"] == "live" and new_yaml["ignore_index"] == 255
+    code, err = run_main(train_mod.main, ["--resume", run, "--steps", "5", "--freeze_bn", "true"], capsys)
+    assert_one_line_error(code, err, "batchnorm 'live' -> 'frozen'")
+
+
 def test_checkpoint_of_other_classes_is_refused(finished, tmp_path):
-    state = ckpt_mod.load_checkpoint(finished)
+    state = last_state(finished)
     with pytest.raises(ckpt_mod.CheckpointError, match="trained on 8 classes, the data now have 3"):
         ckpt_mod.check_data_fits(state, ["a", "b", "c"], "x.pt")
 
@@ -292,7 +335,7 @@ def test_first_non_finite_value_stops_the_run_naming_step_and_term(tmp_path, mon
     code = train_mod.main(argv(tmp_path, steps=6))
     err = capsys.readouterr().err
     assert code == 3 and err.count("\n") == 1 and f"error: step 3: {key} is nan" in err
-    state = ckpt_mod.load_checkpoint(str(tmp_path / "run"))
+    state = last_state(str(tmp_path / "run"))
     assert state["step"] == 2 and ckpt_mod.first_non_finite({"G": state["G"], "D": state["D"]}) is None
     records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert records[-1] == {"kind": "stopped", "step": 3, "reason": f"{key} is nan"}
@@ -303,7 +346,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     _poison(monkeypatch, 1, weights=True)
     with pytest.raises(train_mod.RunStopped, match="step 2: weight G.* is not finite"):
         train_mod.train(tiny(tmp_path, steps=6))
-    assert ckpt_mod.load_checkpoint(str(tmp_path / "run"))["step"] == 1
+    assert last_state(str(tmp_path / "run"))["step"] == 1
 
 
 def test_best_is_never_replaced_by_a_worse_or_broken_model(tmp_path, monkeypatch):
@@ -371,6 +414,24 @@ def test_bad_data_is_found_before_the_first_step_naming_the_file(tmp_path, capsy
     assert not (tmp_path / "runs").exists()
 
 
+def test_masks_with_their_own_ignore_value_train_and_score_with_ignore_index(tmp_path, capsys):
+    root = folder_dataset(tmp_path / "data", classes=3)
+    for mask in (root / "masks").iterdir():  # a band of 5 rows marked 250, the masks' own ignore value
+        arr = np.array(Image.open(mask))
+        arr[:5] = 250
+        Image.fromarray(arr).save(mask)
+    code, err = run_main(train_mod.main, argv(tmp_path / "runs", dataset="folder", data_root=str(root)), capsys)
+    assert_one_line_error(code, err, "has value(s) [250]", "255 = ignore")
+    code, err = run_main(train_mod.main, argv(tmp_path / "runs", dataset="folder", data_root=str(root),
+                                              ignore_index=250), capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "run"
+    assert load_config(str(run / "config.yaml")).ignore_index == last_state(run)["config"]["ignore_index"] == 250
+    report = json.load(open(run / "eval.json"))
+    assert report["num_pixels"] == 2 * (H - 5) * W  # the two val images without their ignore band
+    assert all(np.isfinite(r["loss_d"]) for r in read_metrics(str(run / "metrics.jsonl")) if r["kind"] == "train")
+
+
 def test_inferred_class_count_refuses_implausible_values_naming_the_file(tmp_path, capsys):
     root = folder_dataset(tmp_path / "data", classes=3)
     (root / "classes.txt").unlink()
@@ -430,7 +491,7 @@ def test_disk_full_while_saving_is_one_error_naming_the_path(tmp_path, monkeypat
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     assert code == 3 and err.count("\n") == 1 and f"cannot write checkpoint {last}: No space left on device" in err
     monkeypatch.undo()
-    assert ckpt_mod.load_checkpoint(str(tmp_path / "run"))["step"] == 2  # the previous one, usable
+    assert last_state(str(tmp_path / "run"))["step"] == 2  # the previous one, usable
     assert sorted(os.listdir(last.parent)) == ["last.pt"]
 
 
@@ -460,7 +521,7 @@ def test_sigterm_exits_143_after_saving_and_a_second_process_is_refused_meanwhil
     assert second.returncode == 2 and second.stderr.startswith("error: ") and "in use" in second.stderr
     assert second.stderr.count("\n") == 1
     assert "SIGTERM: finishing this step" in rest
-    assert ckpt_mod.load_checkpoint(str(tmp_path / "sig"))["step"] >= 2
+    assert last_state(str(tmp_path / "sig"))["step"] >= 2
 
 
 # ------------------------------------------------------------------------------------------ 7. Cityscapes
@@ -504,16 +565,36 @@ def test_cityscapes_recipe_resizes_images_and_labels_for_training_and_evaluation
 
 # ------------------------------------------------------------------------------------------ 8. readable
 
-def test_help_groups_options_with_type_default_and_meaning(capsys):
+@pytest.mark.parametrize("program", ["train", "evaluate"])
+def test_help_groups_options_with_type_default_and_meaning(capsys, program):
+    import dataclasses
+
+    from fastadvseg.config import TrainConfig
+
     with pytest.raises(SystemExit) as e:
-        train_mod.parse_cli(["--help"])
+        train_mod.parse_cli(["--help"]) if program == "train" else evaluate_mod.main(["--help"])
     text = capsys.readouterr().out
     assert e.value.code == 0
-    groups = [g for g in ("model:", "data:", "losses:", "optimisation:", "schedule:", "output:") if f"\n{g}\n" in text]
-    assert len(groups) == 6, groups
+    groups = [g for g in ("run:", "data:", "model:", "losses:", "optimisation:", "schedule:", "speed:", "output:")
+              if f"\n{g}\n" in text]
+    assert len(groups) == 8, groups
     lr = next(line for line in text.splitlines() if line.strip().startswith("--lr "))
-    assert "FLOAT" in lr and "learning rate" in lr and "[default: 0.02]" in lr
-    assert all(f"--{k} " in text for k in ("ndf", "semi_threshold", "image_size", "checkpoint_every"))
+    assert "FLOAT" in lr and "SGD learning rate of G; synthetic default; paper: 2.5e-4" in lr and "[default: 0.02]" in lr
+    # every setting is listed once, under its group, with the first sentence of its own help and its default
+    listed, group = {}, None
+    for line in text.split("Every TrainConfig field")[1].splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            group = line[:-1]
+        elif line.startswith("  --"):
+            listed[line.split()[0][2:]] = (group, line)
+    assert list(listed) == [f.name for f in dataclasses.fields(TrainConfig)]
+    for f in dataclasses.fields(TrainConfig):
+        group, line = listed[f.name]
+        summary = f.metadata["help"].split(". ")[0].rstrip(".")
+        assert group == f.metadata["group"] and len(summary) > 10, f.name
+        assert f"{summary} [default: " in line and line.endswith("]"), line
+    assert "BatchNorm of the segmenter in training: live (batch statistics, learnt scale and shift" in \
+        listed["batchnorm"][1] and "the voc_* configs" in listed["batchnorm"][1]
 
 
 def test_log_lines_and_metrics_show_losses_averaged_over_the_window(tmp_path, monkeypatch, capsys):
@@ -618,7 +699,7 @@ def test_a_finished_run_given_more_steps_is_no_longer_marked_finished(finished, 
     out = train_mod.train(*train_mod.parse_cli(["--resume", run, "--steps", "6"]))
     assert out["interrupted"] and out["signal"] == signal.SIGTERM
     assert not os.path.exists(os.path.join(run, "summary.json"))  # summary.json marks a finished run
-    assert ckpt_mod.load_checkpoint(run)["step"] == 4 and load_config(os.path.join(run, "config.yaml")).steps == 6
+    assert last_state(run)["step"] == 4 and load_config(os.path.join(run, "config.yaml")).steps == 6
 
 
 def test_a_checkpoint_with_unsafe_objects_is_refused_without_loading_it(finished, tmp_path, capsys):

@@ -8,6 +8,8 @@ from torch import nn
 
 from .resnet import BasicBlock, Bottleneck, DilatedResNet
 
+BATCHNORM_MODES = ("live", "frozen_affine", "frozen")
+
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling of DeepLab-v2: parallel 3x3 convs with dilations {6,12,18,24}, SUMMED.
@@ -51,21 +53,26 @@ class CaffeInput(nn.Module):
 
 
 class DeepLabV2(nn.Module):
-    """Segmenter: ``backbone`` (dilated ResNet, frozen BN) -> ``classifier`` (ASPP). Logits at 1/8 of the input.
+    """Segmenter: ``backbone`` (dilated ResNet) -> ``classifier`` (ASPP). Logits at 1/8 of the input.
 
-    ``freeze_bn=True`` keeps every BatchNorm in eval mode (running statistics used, never updated) and its affine
-    parameters without gradient, whatever ``train()`` is called with.
+    ``batchnorm`` says what the BatchNorm layers do while the model trains (in ``eval()`` they all use their running
+    statistics): ``"live"`` as PyTorch's, batch statistics and learnt scale and shift; ``"frozen_affine"`` batch
+    statistics (the running statistics keep updating) with scale and shift frozen (requires_grad off), as the
+    authors' DeepLab under ``model.train()``; ``"frozen"`` eval mode whatever ``train()`` is called with (running
+    statistics, never updated) and scale and shift frozen.
     """
 
-    def __init__(self, backbone: DilatedResNet, num_classes: int, freeze_bn: bool = True,
+    def __init__(self, backbone: DilatedResNet, num_classes: int, batchnorm: str = "frozen",
                  dilations: Sequence[int] = (6, 12, 18, 24), input_transform: Optional[nn.Module] = None):
         super().__init__()
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm={batchnorm!r}: choose one of {BATCHNORM_MODES}")
         self.input_transform = input_transform
         self.backbone = backbone
         self.classifier = ASPP(backbone.out_channels, num_classes, dilations)
         self.num_classes = num_classes
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
+        self.batchnorm = batchnorm
+        if batchnorm != "live":
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     for p in m.parameters():
@@ -74,7 +81,7 @@ class DeepLabV2(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.freeze_bn:
+        if self.batchnorm == "frozen":
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
@@ -108,10 +115,10 @@ ARCHS = {
 }
 
 
-def build_deeplab(name: str, num_classes: int, *, freeze_bn: bool = True, stride_in_1x1: bool = True,
+def build_deeplab(name: str, num_classes: int, *, batchnorm: str = "frozen", stride_in_1x1: bool = True,
                   input_transform: Optional[nn.Module] = None) -> DeepLabV2:
     if name not in ARCHS:
         raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(ARCHS)}")
     block, layers, widths, stem, dilations = ARCHS[name]
     backbone = DilatedResNet(block, layers, widths, stem, stride_in_1x1=stride_in_1x1)
-    return DeepLabV2(backbone, num_classes, freeze_bn=freeze_bn, dilations=dilations, input_transform=input_transform)
+    return DeepLabV2(backbone, num_classes, batchnorm=batchnorm, dilations=dilations, input_transform=input_transform)

@@ -1,4 +1,5 @@
-"""Dilated ResNet backbones (output stride 8) with frozen BatchNorm, as DeepLab-v2 uses them.
+"""Dilated ResNet backbones (output stride 8), as DeepLab-v2 uses them (what their BatchNorm does in training:
+``DeepLabV2``'s ``batchnorm``).
 
 Module names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so
 an ImageNet state_dict maps onto them key for key (``fc`` is not built). ``stride_in_1x1`` puts a bottleneck's

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,18 +13,24 @@ from ..models import FCDiscriminator, build_segmenter
 
 
 def build_bundle(cfg: TrainConfig):
-    """The data of ``cfg``; a missing folder, an unreadable file or a bad split is a ConfigError naming it."""
+    """The data of ``cfg``; a missing folder, an unreadable file, a bad split or an ignore_index that is one of its
+    classes is a ConfigError naming it."""
     from ..data import build_data
 
     try:
-        return build_data(cfg.dataset, cfg.data_root, crop_size=tuple(cfg.crop_size),
-                          labelled_fraction=cfg.labelled_fraction, labelled_count=cfg.labelled_count,
-                          split_seed=cfg.split_seed, split_file=cfg.split_file, scale_range=tuple(cfg.scale_range),
-                          mirror=cfg.mirror, val_pad=cfg.val_pad, val_limit=cfg.val_limit,
-                          image_size=None if cfg.image_size is None else tuple(cfg.image_size))
+        bundle = build_data(cfg.dataset, cfg.data_root, crop_size=tuple(cfg.crop_size),
+                            labelled_fraction=cfg.labelled_fraction, labelled_count=cfg.labelled_count,
+                            split_seed=cfg.split_seed, split_file=cfg.split_file, scale_range=tuple(cfg.scale_range),
+                            mirror=cfg.mirror, val_pad=cfg.val_pad, val_limit=cfg.val_limit,
+                            ignore_index=cfg.ignore_index,
+                            image_size=None if cfg.image_size is None else tuple(cfg.image_size))
     except (ValueError, OSError) as e:
         hint = " (set --data_root)" if "root" in str(e) and not cfg.data_root else ""
         raise ConfigError(f"{e}{hint}") from None
+    if cfg.ignore_index < bundle.num_classes:
+        raise ConfigError(f"config ignore_index={cfg.ignore_index}: that is a class of dataset {cfg.dataset} (class ids "
+                          f"0..{bundle.num_classes - 1}); choose a value above them (the shipped datasets use 255)")
+    return bundle
 
 
 def check_data(bundle, log=print, train: bool = True) -> None:
@@ -56,7 +62,7 @@ def weights_errors(path: str, key: str):
 
 def _segmenter(cfg: TrainConfig, bundle, pretrained: Optional[str], what: str = "pretrained"):
     with weights_errors(pretrained or "", what):
-        G = build_segmenter(cfg.model, bundle.num_classes, pretrained, freeze_bn=cfg.freeze_bn,
+        G = build_segmenter(cfg.model, bundle.num_classes, pretrained, batchnorm=cfg.batchnorm,
                             stride_in_1x1=cfg.stride_in_1x1, caffe_input=cfg.caffe_input, input_mean=bundle.mean,
                             input_std=bundle.std)
     # record the resolved choices with the run, so evaluation rebuilds the same network
@@ -85,10 +91,10 @@ def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print, pret
     G = _segmenter(cfg, bundle, start_weights(cfg) if pretrained else None)
     if G.load_report is not None:
         log(G.load_report.summary())
-    elif cfg.freeze_bn and pretrained:
+    elif cfg.batchnorm == "frozen" and pretrained:
         log("WARNING: frozen BatchNorm without --pretrained weights: every BN is the identity, and a deep net trained "
             "from scratch this way blows up (measured: ResNet-101 CE 1e4 at step 1). Pass --pretrained FILE (the "
-            "paper uses resnet101COCO-41f33a49.pth) or --freeze_bn false.")
+            "paper uses resnet101COCO-41f33a49.pth) or --batchnorm frozen_affine (batch statistics).")
     D = FCDiscriminator(num_classes + (3 if cfg.d_image else 0), ndf=cfg.ndf)
     if cfg.pretrained_d and pretrained:
         from ..models.weights import read_state_dict

@@ -141,18 +141,13 @@ def read_training_state(path: str) -> Dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """Read a checkpoint (a run directory: its ``checkpoints/last.pt``); tensors and plain types only."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoints", LAST)
-    return read_checkpoint(path, map_location)
-
-
 def config_differences(config: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
     """{key: (value in config, value in other)} for the keys that differ and are not in RESUMABLE. A key one side
-    lacks (a config written before the setting existed) counts as the setting's default."""
-    from ..config import TrainConfig
+    lacks (a config written before the setting existed) counts as the setting's default; a key of an earlier version
+    counts as the setting that replaced it."""
+    from ..config import TrainConfig, with_current_keys
 
+    config, other = with_current_keys(config), with_current_keys(other)
     defaults = TrainConfig().to_dict()
     return {k: (config.get(k), other.get(k)) for k in sorted(set(config) | set(other))
             if k not in RESUMABLE and _norm(config.get(k, defaults.get(k))) != _norm(other.get(k, defaults.get(k)))}

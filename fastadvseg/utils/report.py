@@ -45,7 +45,7 @@ def describe_run(cfg, bundle, G, info, run_dir) -> str:
     backend = resolve("generator_loss", cfg.loss_backend, info.device, torch.float32)
     n_unl = len(bundle.unlabelled) if bundle.unlabelled is not None else 0
     params = sum(p.numel() for p in G.parameters()) / 1e6
-    return (f"{cfg.mode} run of {cfg.model} ({params:.2f}M params, BN {'frozen' if cfg.freeze_bn else 'live'}) on "
+    return (f"{cfg.mode} run of {cfg.model} ({params:.2f}M params, BN {cfg.batchnorm}) on "
             f"{cfg.dataset}: {len(bundle.labelled)} labelled / {n_unl} unlabelled / {len(bundle.val)} val images, "
             f"{cfg.steps} steps of batch {cfg.batch_size}, crop {cfg.crop_size[0]}x{cfg.crop_size[1]}\n"
             f"device {info.device} x{info.world_size}, loss backend {cfg.loss_backend} -> {backend}, amp {cfg.amp}; "
@@ -77,7 +77,7 @@ def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=N
             labels = torch.stack([it[1] for it in items])
             preds, conf = confidence_maps(G, D, images, tuple(labels.shape[-2:]), cfg)
             plot_samples(images, labels, preds, conf, bundle.palette, bundle.mean, bundle.std,
-                         os.path.join(run_dir, "samples.png"), titles=[it[2] for it in items],
+                         os.path.join(run_dir, "samples.png"), ignore_index=cfg.ignore_index, titles=[it[2] for it in items],
                          class_names=bundle.class_names, threshold=cfg.semi_threshold)
     table = write_report(result, bundle.class_names, run_dir, extra={"step": step})
     if test is not None:

@@ -51,18 +51,19 @@ def _step(opt, scaler) -> None:
         opt.step()
 
 
-def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u=None, *,
+def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u=None, *, num_classes: int,
                losses=None) -> Dict[str, torch.Tensor]:
     """Run one iteration on device tensors; returns detached 0-dim tensors: the losses, the kept fraction of L_semi
     and the gradient norms of G and D (the loop checks that they are finite).
 
-    ``losses``: where the loss functions come from (default: the ``fastadvseg`` module); any object with
-    fastadvseg's ``softmax2d``, ``generator_loss``, ``cross_entropy2d``, ``one_hot2d`` and ``discriminator_loss``
-    signatures. The benchmarks pass other implementations (benchmarks/train_step.py) to time this very step."""
+    ``num_classes``: the dataset's class count (the width of D's one-hot real input); pixels labelled
+    ``cfg.ignore_index`` count in no loss. ``losses``: where the loss functions come from (default: the
+    ``fastadvseg`` module); any object with fastadvseg's ``softmax2d``, ``generator_loss``, ``cross_entropy2d``,
+    ``one_hot2d`` and ``discriminator_loss`` signatures. The benchmarks pass other implementations
+    (benchmarks/train_step.py) to time this very step."""
     fas = _fas if losses is None else losses
     device = images.device
-    ignore = 255
-    num_classes = fas_num_classes(nets) - (3 if cfg.d_image else 0)
+    ignore = cfg.ignore_index
     adversarial = cfg.mode != "baseline"
     use_unl = cfg.mode == "semi" and images_u is not None
     be = cfg.loss_backend
@@ -78,8 +79,9 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         with autocast(cfg, device):
             logits = segment(nets.G, images, size)
             if adversarial:
-                g = fas.generator_loss(logits, nets.D_raw(d_input(cfg, fas.softmax2d(logits, backend=be), images)), labels,
-                                       lambda_adv=cfg.lambda_adv, ignore_index=ignore, backend=be)
+                d_logits = nets.D_raw(d_input(cfg, fas.softmax2d(logits, backend=be), images))
+                g = fas.generator_loss(logits, d_logits, labels, lambda_adv=cfg.lambda_adv, ignore_index=ignore,
+                                       backend=be)
                 loss, out["loss_ce"], out["loss_adv"] = g.total, g.ce, g.adv
             else:
                 loss = out["loss_ce"] = fas.cross_entropy2d(logits, labels, ignore_index=ignore, backend=be)
@@ -88,8 +90,8 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         lambda_semi = cfg.lambda_semi if step >= cfg.semi_start else 0.0
         with autocast(cfg, device):
             logits_u = segment(nets.G, images_u, size)
-            u = fas.generator_loss(logits_u, nets.D_raw(d_input(cfg, fas.softmax2d(logits_u, backend=be), images_u)), None,
-                                   lambda_adv=cfg.lambda_semi_adv, lambda_semi=lambda_semi,
+            d_logits_u = nets.D_raw(d_input(cfg, fas.softmax2d(logits_u, backend=be), images_u))
+            u = fas.generator_loss(logits_u, d_logits_u, None, lambda_adv=cfg.lambda_semi_adv, lambda_semi=lambda_semi,
                                    threshold=cfg.semi_threshold, ignore_index=ignore, backend=be)
         _backward(u.total, nets.scaler_g)
         out["loss_semi_adv"] = u.adv
@@ -140,7 +142,3 @@ def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def _fmt(cfg: TrainConfig):
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-
-def fas_num_classes(nets: Nets) -> int:
-    return nets.D_raw.convs[0].in_channels
