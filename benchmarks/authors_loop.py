@@ -28,38 +28,24 @@ equals (h, w) for their square 321x321 crops; the port passes (h, w) so that non
 is not part of the iteration: the batches are given (on the host, as their DataLoader gives them), and the
 labelled batch's labels stand in for their separate ``trainloader_gt`` batch.
 
-:func:`run_authors_loop` times this iteration beside the same iteration run by the pipeline's own
-:func:`fastadvseg.utils.step.train_step` (the same computation: tests/test_benchmarks_smoke.py checks that one
-iteration of each from the same weights gives the same losses and weights) with fastadvseg's losses, eager and
-under ``torch.compile``, and with the plain PyTorch composition of :mod:`benchmarks.reference_ops`; same G, D,
-optimizers and batches, steps in rotating blocks (benchmarks/train_step.py); images/s = 2N / median step time.
+:func:`authors_step` is the ``authors`` impl of ``--authors-loop`` (benchmarks/train_step.py), timed beside the
+pipeline's :func:`fastadvseg.utils.step.train_step` on the same G, D, optimizers and batches: the same computation
+(tests/test_benchmarks_smoke.py checks that one iteration of each from the same weights gives the same losses and
+weights).
 """
 from __future__ import annotations
 
-import time
+import itertools
 import types
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cases import IGNORE, LAMBDA_ADV, LAMBDA_SEMI, LAMBDA_SEMI_ADV, THRESHOLD
-from .shapes import VOC, VOC_SMALL, Shape
-from .timing import ratio_range, summarize, sync
-from .train_step import TINY
-
-VARIANTS = ("authors", "fastadvseg", "fastadvseg_compiled", "eager")
-VARIANT_TEXT = {
-    "authors": "the authors' iteration (port of AdvSemiSeg train.py + utils/loss.py)",
-    "fastadvseg": "pipeline train_step, fastadvseg losses (backend auto)",
-    "fastadvseg_compiled": "pipeline train_step, fastadvseg losses under torch.compile",
-    "eager": "pipeline train_step, plain PyTorch composition (benchmarks/reference_ops.py)",
-}
-DEFAULT_SEGMENTER = {"cpu": "deeplabv2_compact", "cuda": "deeplabv2_resnet101"}  # as --e2e
-SHAPES = {"cpu": VOC_SMALL, "cuda": VOC, "tiny": TINY}  # the CPU target shape; the paper's batch of 10 on GPU
-SCHEDULE = {"cpu": (3, 3), "cuda": (2, 4), "tiny": (2, 2)}  # (rounds, steps per block)
+from .cases import IGNORE
+from .shapes import Shape
 
 
 # --- utils/loss.py ------------------------------------------------------------------------------------------------
@@ -163,17 +149,10 @@ class AuthorsIteration:
     """One iteration of their ``for i_iter in range(args.num_steps)`` body (``iter_size`` 1, ``D_remain`` True,
     past ``semi_start``); ``__call__`` returns the loss values they print."""
 
-    def __init__(self, model, model_D, optimizer, optimizer_D, *, num_classes: int, input_size, device,
-                 learning_rate: float, learning_rate_D: float, num_steps: int, power: float = 0.9,
-                 lambda_adv_pred: float = LAMBDA_ADV, lambda_semi: float = LAMBDA_SEMI,
-                 lambda_semi_adv: float = LAMBDA_SEMI_ADV, mask_T: float = THRESHOLD, semi_start: int = 0,
-                 semi_start_adv: int = 0, ignore_label: int = IGNORE):
+    def __init__(self, model, model_D, optimizer, optimizer_D, args, input_size, device):
+        """``args``: their command line's values (``iter_size`` 1, ``D_remain`` True)."""
         self.model, self.model_D, self.optimizer, self.optimizer_D = model, model_D, optimizer, optimizer_D
-        self.args = types.SimpleNamespace(
-            num_classes=num_classes, learning_rate=learning_rate, learning_rate_D=learning_rate_D,
-            num_steps=num_steps, power=power, lambda_adv_pred=lambda_adv_pred, lambda_semi=lambda_semi,
-            lambda_semi_adv=lambda_semi_adv, mask_T=mask_T, semi_start=semi_start, semi_start_adv=semi_start_adv,
-            iter_size=1, D_remain=True, ignore_label=ignore_label)
+        self.args = args
         self.device = device
         self.bce_loss = BCEWithLogitsLoss2d()
         self.interp = nn.Upsample(size=tuple(input_size), mode="bilinear", align_corners=True)
@@ -299,97 +278,17 @@ def build_authors(shape: Shape, device: torch.device, segmenter: Optional[str] =
     from .train_step import build_pipeline
 
     cfg, nets, batch = build_pipeline(shape, device, seed=seed, model=segmenter, **config)
-    it = AuthorsIteration(nets.G, nets.D, nets.opt_g, nets.opt_d, num_classes=shape.c, input_size=(shape.h, shape.w),
-                          device=device, learning_rate=cfg.lr, learning_rate_D=cfg.lr_d, num_steps=cfg.steps,
-                          power=cfg.power, lambda_adv_pred=cfg.lambda_adv, lambda_semi=cfg.lambda_semi,
-                          lambda_semi_adv=cfg.lambda_semi_adv, mask_T=cfg.semi_threshold, semi_start=cfg.semi_start)
+    args = types.SimpleNamespace(
+        num_classes=shape.c, learning_rate=cfg.lr, learning_rate_D=cfg.lr_d, num_steps=cfg.steps, power=cfg.power,
+        lambda_adv_pred=cfg.lambda_adv, lambda_semi=cfg.lambda_semi, lambda_semi_adv=cfg.lambda_semi_adv,
+        mask_T=cfg.semi_threshold, semi_start=cfg.semi_start, semi_start_adv=0, iter_size=1, D_remain=True,
+        ignore_label=IGNORE)
+    it = AuthorsIteration(nets.G, nets.D, nets.opt_g, nets.opt_d, args, (shape.h, shape.w), device)
     return it, cfg, nets, batch
 
 
-def compiled_fastadvseg() -> types.SimpleNamespace:
-    """fastadvseg's loss functions under torch.compile, for ``train_step(losses=...)``."""
-    import fastadvseg as fas
-
-    return types.SimpleNamespace(**{name: torch.compile(getattr(fas, name)) for name in
-                                    ("softmax2d", "generator_loss", "cross_entropy2d", "one_hot2d",
-                                     "discriminator_loss")})
-
-
-def variant_step(variant: str, shape: Shape, device: torch.device, segmenter: Optional[str] = None):
-    """A zero-argument callable: one iteration of ``variant`` on its own G, D and optimizers (same seed). Every
-    variant gets the batch on the host and moves it to the device inside the step, as a training loop does."""
-    from fastadvseg.utils.builders import set_lr
-    from fastadvseg.utils.step import train_step
-
-    from .train_step import reference_losses
-
-    it, cfg, nets, batch = build_authors(shape, device, segmenter)
-    host = tuple(t.cpu() for t in batch)
-    counter = iter(range(10 ** 9))
-    if variant == "authors":
-        images, labels, images_u = host
-        return lambda: it(next(counter) % cfg.steps, (images, labels), images_u, labels)
-    losses = {"fastadvseg": None, "fastadvseg_compiled": compiled_fastadvseg(),
-              "eager": reference_losses()}[variant]
-
-    def step():
-        i = next(counter) % cfg.steps
-        set_lr(nets.opt_g, cfg.lr, i, cfg.steps, cfg.power)  # the pipeline's loop sets the rates every step
-        set_lr(nets.opt_d, cfg.lr_d, i, cfg.steps, cfg.power)
-        out = train_step(cfg, nets, i, *(t.to(device) for t in host), losses=losses)
-        torch.stack(list(out.values())).float().tolist()  # the loop reads the step's values back (one sync)
-    return step
-
-
-def run_authors_loop(device: torch.device, *, tiny: bool = False, segmenter: Optional[str] = None,
-                     variants=VARIANTS, log=print) -> dict:
-    """Every variant of :data:`VARIANTS` at :data:`SHAPES` of the device (``tiny``: the smoke size), G =
-    ``segmenter`` (a fastadvseg.models name; default :data:`DEFAULT_SEGMENTER`), in blocks of steps (see
-    benchmarks/train_step.py); images/s and the ratio to the authors' iteration."""
-    from .train_step import time_blocks
-
-    size = "tiny" if tiny else device.type
-    shape = SHAPES[size]
-    rounds, block = SCHEDULE[size]
-    try:
-        from fastadvseg.models import SEGMENTERS
-    except ImportError:  # the pipeline's models are part of the package; a broken install is reported as one
-        SEGMENTERS = ()
-    if segmenter not in SEGMENTERS:  # e.g. --e2e-segmenter stand-in, which only --e2e and --e2e-compile know
-        segmenter = DEFAULT_SEGMENTER.get(device.type, "deeplabv2_compact")
-    torch._dynamo.reset()
-    fns: Dict[str, object] = {}
-    rows: List[dict] = []
-    for v in variants:
-        row = {"variant": v, "what": VARIANT_TEXT[v], "status": "ok"}
-        try:
-            fn = variant_step(v, shape, device, segmenter)
-            sync(device)
-            t0 = time.perf_counter()
-            fn()  # compilation for the compiled variant
-            sync(device)
-            row["first_step_s"] = time.perf_counter() - t0
-            fns[v] = fn
-        except Exception as exc:  # recorded; the other variants still run
-            row["status"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        rows.append(row)
-    samples = time_blocks(fns, device, rounds, block) if fns else {}
-    images = 2 * shape.n
-    for row in rows:
-        if row["variant"] in samples:
-            times, faults = samples[row["variant"]]
-            row.update(summarize(times))
-            row["images_per_s"] = images / (row["median_ms"] / 1e3)
-            row["faults_median"] = float(sorted(faults)[len(faults) // 2])
-    base = next((r for r in rows if r["variant"] == "authors" and r["status"] == "ok"), None)
-    for row in rows:
-        if row["status"] == "ok" and base:
-            row["speedup_vs_authors"] = base["median_ms"] / row["median_ms"]
-            row["speedup_vs_authors_range"] = ratio_range(base, row)
-        log(f"# authors-loop {row['variant']:<20} " + (
-            f"{row['median_ms']:9.1f} ms (p10 {row['p10_ms']:.1f}, p90 {row['p90_ms']:.1f}), "
-            f"{row['images_per_s']:.2f} images/s" if row["status"] == "ok" else row["status"]))
-    return {"shape": f"{shape.name}: N={shape.n}+{shape.n}, C={shape.c}, {shape.h}x{shape.w}", "dtype": "float32",
-            "device": device.type, "models": f"G = fastadvseg.models.build_segmenter({segmenter!r}), "
-                                             "D = fastadvseg.models.FCDiscriminator(ndf=32)",
-            "rounds": rounds, "block": block, "threads": torch.get_num_threads(), "rows": rows}
+def authors_step(shape: Shape, device: torch.device, segmenter: Optional[str] = None):
+    """A zero-argument callable: one iteration of the port on its own G, D and optimizers, the batch on the host."""
+    it, cfg, _, (images, labels, images_u) = build_authors(shape, device, segmenter)
+    counter = itertools.count()
+    return lambda: it(next(counter) % cfg.steps, (images, labels), images_u, labels)

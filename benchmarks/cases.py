@@ -1,21 +1,15 @@
-"""Benchmark cases: for every public op, its inputs, its implementations and the bytes it must move.
+"""Benchmark cases: for every public op, its inputs, its implementations (``eager``: benchmarks/reference_ops.py,
+``compile``: that under ``torch.compile``, and every fastadvseg backend) and the bytes it must move. ``fwd`` is the
+training forward (inputs require grad), ``fwdbwd`` adds ``torch.autograd.grad`` w.r.t. every differentiable input.
 
-An implementation ("impl") is one of
+Inputs at another resolution than the labels: the names in ``OpCase.low_res`` are drawn at 1/``scale`` of the
+shape's H x W (rounded up, as a stride-``scale`` network gives them), labels, masks and ``gout`` at H x W, and
+``inputs["size"]`` is (H, W). A case of the loss path as users call it upsamples there, e.g.
+``eager=lambda i: R.cross_entropy2d(R.upsample(i["x"], i["size"]), i["y"])`` with ``scale=8, low_res=("x",)``.
 
-* ``eager``    -- :mod:`benchmarks.reference_ops`, the composition a user writes today;
-* ``compile``  -- the same function under ``torch.compile`` (default mode, static shapes, compiled once per case);
-* ``<backend>``-- ``fastadvseg`` with ``backend=<backend>``, for every name ``fas.available_backends(device)`` lists.
-
-Directions: ``fwd`` is the training forward (inputs require grad, so every impl saves what its backward needs;
-a fused kernel may already compute its gradients here); ``fwdbwd`` is that forward plus
-``torch.autograd.grad`` of the loss (or of the map, with a fixed random upstream gradient, for ``softmax2d``)
-w.r.t. every differentiable input. ``one_hot2d`` has no backward.
-
-Byte model (:data:`BYTE_MODEL`): the fewest bytes the op must move through memory -- each input read once, each
-output written once, gradients included for ``fwdbwd`` -- with P = N*H*W pixels, C classes, e the logits' element
-size, labels int64 (8 bytes), masks bool (1 byte). Losses (scalars) count as 0. These are the same counts the
-kernels state in their "Bytes moved" notes (fastadvseg/kernels/triton/*.py docstrings, fastadvseg/kernels/cuda/*.cu headers), minus
-their per-block partial sums. Achieved bandwidth = bytes / median time.
+Byte model (benchmarks/README.md): ``fwd_bytes`` and ``bwd_bytes`` take P = N*H*W label pixels, C, e (the logits'
+element size) and Q (the pixels of the ``low_res`` inputs; P without them); the kernels' "Bytes moved" notes
+(fastadvseg/kernels/) state the same counts, minus their per-block partial sums.
 """
 from __future__ import annotations
 
@@ -34,7 +28,7 @@ LAMBDA_SEMI = 0.1
 THRESHOLD = 0.2
 IGNORE_FRACTION = 0.05  # VOC-like: object boundaries are labelled 255
 
-Inputs = Dict[str, object]  # tensors by name, plus "num_classes" (int) and "dtype" (the logits' dtype)
+Inputs = Dict[str, object]  # tensors by name, plus "num_classes", "dtype" (the logits') and "size" (the labels' H, W)
 
 
 @dataclass(frozen=True)
@@ -46,17 +40,28 @@ class OpCase:
     eager: Callable[[Inputs], torch.Tensor]
     fused: Callable[[Inputs, str], torch.Tensor]
     byte_model: str  # the formula, as printed in the report
-    fwd_bytes: Callable[[int, int, int], int]  # (P, C, e) -> bytes
-    bwd_bytes: Callable[[int, int, int], int] = field(default=lambda p, c, e: 0)  # extra bytes for fwdbwd
+    fwd_bytes: Callable[[int, int, int, int], int]  # (P, C, e, Q) -> bytes
+    bwd_bytes: Callable[[int, int, int, int], int] = field(default=lambda p, c, e, q: 0)  # extra bytes for fwdbwd
+    scale: int = 1  # the low_res inputs are at 1/scale of the labels' H and W
+    low_res: Tuple[str, ...] = ()
+
+    @property
+    def directions(self) -> Tuple[str, ...]:
+        return ("fwd", "fwdbwd") if self.grads else ("fwd",)
 
     @property
     def has_backward(self) -> bool:
         return bool(self.grads)
 
+    def low_size(self, h: int, w: int) -> Tuple[int, int]:
+        return -(-h // self.scale), -(-w // self.scale)
+
     def bytes(self, shape: Shape, dtype: torch.dtype, direction: str) -> int:
         p, c, e = shape.pixels, shape.c, torch.empty((), dtype=dtype).element_size()
-        total = self.fwd_bytes(p, c, e)
-        return total + self.bwd_bytes(p, c, e) if direction == "fwdbwd" else total
+        hl, wl = self.low_size(shape.h, shape.w)
+        q = shape.n * hl * wl if self.low_res else p
+        total = self.fwd_bytes(p, c, e, q)
+        return total + self.bwd_bytes(p, c, e, q) if direction == "fwdbwd" else total
 
 
 def _fas():
@@ -79,42 +84,42 @@ CASES: Tuple[OpCase, ...] = (
            eager=lambda i: R.softmax2d(i["x"]),
            fused=lambda i, b: _fas().softmax2d(i["x"], backend=b),
            byte_model="fwd: read x, write p (2PCe); +bwd: read p or x and dp, write dx (+3PCe)",
-           fwd_bytes=lambda p, c, e: 2 * p * c * e, bwd_bytes=lambda p, c, e: 3 * p * c * e),
+           fwd_bytes=lambda p, c, e, q: 2 * p * c * e, bwd_bytes=lambda p, c, e, q: 3 * p * c * e),
     OpCase("cross_entropy2d", "cross_entropy2d", ("x", "y"), ("x",),
            eager=lambda i: R.cross_entropy2d(i["x"], i["y"]),
            fused=lambda i, b: _fas().cross_entropy2d(i["x"], i["y"], backend=b),
            byte_model="fwd: read x, y (PCe + 8P); +bwd: write dx (+PCe)",
-           fwd_bytes=lambda p, c, e: p * c * e + 8 * p, bwd_bytes=lambda p, c, e: p * c * e),
+           fwd_bytes=lambda p, c, e, q: p * c * e + 8 * p, bwd_bytes=lambda p, c, e, q: p * c * e),
     OpCase("bce_with_logits2d", "bce_with_logits2d", ("z", "m_real"), ("z",),
            eager=lambda i: R.bce_with_logits2d(i["z"], 1.0, i["m_real"]),
            fused=lambda i, b: _fas().bce_with_logits2d(i["z"], 1.0, ignore_mask=i["m_real"], backend=b),
            byte_model="fwd: read z, mask (Pe + P); +bwd: write dz (+Pe)",
-           fwd_bytes=lambda p, c, e: p * e + p, bwd_bytes=lambda p, c, e: p * e),
+           fwd_bytes=lambda p, c, e, q: p * e + p, bwd_bytes=lambda p, c, e, q: p * e),
     OpCase("semi_cross_entropy2d", "semi_cross_entropy2d", ("x", "z"), ("x",),
            eager=lambda i: R.semi_cross_entropy2d(i["x"], i["z"], THRESHOLD),
            fused=lambda i, b: _fas().semi_cross_entropy2d(i["x"], i["z"], threshold=THRESHOLD, backend=b),
            byte_model="fwd: read x, z (PCe + Pe); +bwd: write dx (+PCe)",
-           fwd_bytes=lambda p, c, e: p * c * e + p * e, bwd_bytes=lambda p, c, e: p * c * e),
+           fwd_bytes=lambda p, c, e, q: p * c * e + p * e, bwd_bytes=lambda p, c, e, q: p * c * e),
     OpCase("one_hot2d", "one_hot2d", ("y",), (),
            eager=lambda i: R.one_hot2d(i["y"], i["num_classes"], dtype=i["dtype"]),
            fused=lambda i, b: _fas().one_hot2d(i["y"], i["num_classes"], dtype=i["dtype"], backend=b),
            byte_model="fwd: read y, write one-hot (8P + PCe)",
-           fwd_bytes=lambda p, c, e: 8 * p + p * c * e),
+           fwd_bytes=lambda p, c, e, q: 8 * p + p * c * e),
     OpCase("generator_loss[labelled]", "generator_loss", ("x", "y", "z"), ("x", "z"),
            eager=lambda i: R.generator_loss(i["x"], i["z"], i["y"], LAMBDA_ADV),
            fused=_gen_labelled,
            byte_model="fwd: read x, y, z (PCe + 8P + Pe); +bwd: write dx, dz (+PCe + Pe)",
-           fwd_bytes=lambda p, c, e: p * c * e + 8 * p + p * e, bwd_bytes=lambda p, c, e: p * c * e + p * e),
+           fwd_bytes=lambda p, c, e, q: p * c * e + 8 * p + p * e, bwd_bytes=lambda p, c, e, q: p * c * e + p * e),
     OpCase("generator_loss[unlabelled]", "generator_loss", ("x", "z"), ("x", "z"),
            eager=lambda i: R.generator_loss(i["x"], i["z"], None, LAMBDA_SEMI_ADV, LAMBDA_SEMI, THRESHOLD),
            fused=_gen_unlabelled,
            byte_model="fwd: read x, z (PCe + Pe); +bwd: write dx, dz (+PCe + Pe)",
-           fwd_bytes=lambda p, c, e: p * c * e + p * e, bwd_bytes=lambda p, c, e: p * c * e + p * e),
+           fwd_bytes=lambda p, c, e, q: p * c * e + p * e, bwd_bytes=lambda p, c, e, q: p * c * e + p * e),
     OpCase("discriminator_loss", "discriminator_loss", ("z", "z_real", "m_real"), ("z", "z_real"),
            eager=lambda i: R.discriminator_loss(i["z"], i["z_real"], i["m_real"]),
            fused=lambda i, b: _fas().discriminator_loss(i["z"], i["z_real"], ignore_mask_real=i["m_real"], backend=b),
            byte_model="fwd: read d_fake, d_real, real mask (2Pe + P); +bwd: write both grads (+2Pe)",
-           fwd_bytes=lambda p, c, e: 2 * p * e + p, bwd_bytes=lambda p, c, e: 2 * p * e),
+           fwd_bytes=lambda p, c, e, q: 2 * p * e + p, bwd_bytes=lambda p, c, e, q: 2 * p * e),
 )
 CASE_NAMES = tuple(c.name for c in CASES)
 
@@ -139,23 +144,19 @@ def make_inputs(case: OpCase, shape: Shape, dtype: torch.dtype, device: torch.de
     y = torch.randint(0, c, (n, h, w), **kw)
     y[torch.rand(n, h, w, **kw) < IGNORE_FRACTION] = IGNORE
     make = {
-        "x": lambda: torch.randn(n, c, h, w, **kw) * 2,
-        "y": lambda: y,
-        "z": lambda: torch.randn(n, 1, h, w, **kw) + 1,
-        "z_real": lambda: torch.randn(n, 1, h, w, **kw) + 1,
-        "m_real": lambda: y == IGNORE,
-        "gout": lambda: torch.randn(n, c, h, w, **kw),
+        "x": lambda hw: torch.randn(n, c, *hw, **kw) * 2,
+        "y": lambda hw: y,
+        "z": lambda hw: torch.randn(n, 1, *hw, **kw) + 1,
+        "z_real": lambda hw: torch.randn(n, 1, *hw, **kw) + 1,
+        "m_real": lambda hw: y == IGNORE,
+        "gout": lambda hw: torch.randn(n, c, *hw, **kw),
     }
     out: Inputs = {}
     for k in case.inputs:
-        t = make[k]()
+        t = make[k](case.low_size(h, w) if k in case.low_res else (h, w))
         out[k] = t.to(dtype).requires_grad_(k in case.grads) if t.is_floating_point() else t
-    out["num_classes"], out["dtype"] = c, dtype
+    out["num_classes"], out["dtype"], out["size"] = c, dtype, (h, w)
     return out
-
-
-def input_bytes(inputs: Inputs) -> int:
-    return sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor))
 
 
 def make_input_sets(case: OpCase, shape: Shape, dtype: torch.dtype, device: torch.device) -> List[Inputs]:
@@ -163,8 +164,8 @@ def make_input_sets(case: OpCase, shape: Shape, dtype: torch.dtype, device: torc
     from .timing import num_copies
 
     first = make_inputs(case, shape, dtype, device, 0)
-    return [first] + [make_inputs(case, shape, dtype, device, s)
-                      for s in range(1, num_copies(input_bytes(first), device))]
+    nbytes = sum(t.numel() * t.element_size() for t in first.values() if isinstance(t, torch.Tensor))
+    return [first] + [make_inputs(case, shape, dtype, device, s) for s in range(1, num_copies(nbytes, device))]
 
 
 def forward_backward(case: OpCase, fn: Callable[[Inputs], torch.Tensor]) -> Callable[[Inputs], tuple]:
@@ -181,7 +182,7 @@ def forward_backward(case: OpCase, fn: Callable[[Inputs], torch.Tensor]) -> Call
 
 def impl_function(case: OpCase, impl: str) -> Callable[[Inputs], torch.Tensor]:
     """The forward of one implementation. ``compile`` returns a fresh ``torch.compile`` wrapper: compile once per
-    case (shape and dtype fixed), and reset dynamo between cases (``timing.fresh_compile``)."""
+    case (shape and dtype fixed), and reset dynamo between cases."""
     if impl == "eager":
         return case.eager
     if impl == "compile":
@@ -189,10 +190,12 @@ def impl_function(case: OpCase, impl: str) -> Callable[[Inputs], torch.Tensor]:
     return lambda i: case.fused(i, impl)
 
 
-def fused_backends(device: torch.device, shape: Shape, include_triton_cpu: bool = False) -> List[str]:
-    """The fastadvseg backends to time on ``device`` for ``shape``: every name ``available_backends`` lists,
-    except "triton" on CPU (the interpreter), which runs only with ``include_triton_cpu`` and only on tiny shapes."""
-    names = _fas().available_backends(device)
+def fused_backends(device: torch.device, shape: Shape, include_triton_cpu: bool = False,
+                   only: Optional[Sequence[str]] = None) -> List[str]:
+    """The fastadvseg backends to time on ``device`` for ``shape``: every name ``available_backends`` lists (of
+    ``only``, when given), except "triton" on CPU (the interpreter), which runs only with ``include_triton_cpu``
+    and only on tiny shapes."""
+    names = [n for n in _fas().available_backends(device) if only is None or n in only]
     if device.type == "cpu" and "triton" in names and not (include_triton_cpu and shape.tiny):
-        names = [n for n in names if n != "triton"]
+        names.remove("triton")
     return names

@@ -1,50 +1,25 @@
-"""pytest-benchmark suite options: ``pytest benchmarks/ --benchmark-only [--shapes small|voc|cityscapes|ade|full]``.
-
-The suite runs only when ``benchmarks/`` (or a file in it) is named on the command line, so a plain ``pytest`` at the
-repository root does not spend minutes timing kernels.
-"""
+"""``pytest benchmarks/ --benchmark-only [--report-args="--shapes voc --ops generator_loss"]``: the per-op cases of
+``python -m benchmarks.report`` under pytest-benchmark, chosen with the report's own flags. It runs only when
+``benchmarks/`` (or a file in it) is named on the command line, so no wider pytest run spends minutes timing."""
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
-
-import pytest
 
 HERE = Path(__file__).resolve().parent
 
 
 def pytest_addoption(parser):
-    group = parser.getgroup("fastadvseg benchmarks")
-    group.addoption("--shapes", default=None, choices=("smoke", "small", "voc", "cityscapes", "ade", "full"),
-                    help="benchmark shape set (default: small on CPU, full on CUDA)")
-    group.addoption("--bench-device", default=None, choices=("cpu", "cuda"),
-                    help="device to benchmark (default: cuda if available)")
-    group.addoption("--bench-dtypes", default=None,
-                    help="comma-separated dtypes (default: float32,bfloat16, + float16 on cuda)")
-    group.addoption("--bench-ops", default=None, help="comma-separated op rows or API names (default: all)")
-    group.addoption("--no-compile", action="store_true", default=False, help="skip the torch.compile baseline")
-    group.addoption("--include-triton-cpu", action="store_true", default=False,
-                    help="on CPU, time the Triton backend under TRITON_INTERPRET=1 (tiny shapes only)")
-    group.addoption("--bench-threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    parser.addoption("--report-args", default="", help="flags of python -m benchmarks.report that choose the cases: "
+                     "--shapes, --device, --ops, --dtypes, --backends, --no-compile, --include-triton-cpu, --threads")
 
 
 def pytest_configure(config):
-    if config.getoption("--include-triton-cpu", default=False):
+    if "--include-triton-cpu" in shlex.split(config.getoption("--report-args", default="")):
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 
-def _requested(config) -> bool:
-    for arg in config.args:
-        path = Path(str(arg).split("::")[0]).resolve()
-        if path == HERE or HERE in path.parents:
-            return True
-    return False
-
-
-def pytest_collection_modifyitems(config, items):
-    if _requested(config):
-        return
-    skip = pytest.mark.skip(reason="benchmarks run only as `pytest benchmarks/ --benchmark-only`")
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
+def pytest_ignore_collect(collection_path, config):
+    named = [Path(str(a).split("::")[0]).resolve() for a in config.args]
+    return None if any(p == HERE or HERE in p.parents for p in named) else True

@@ -21,6 +21,11 @@ import torch.nn.functional as F
 IGNORE = 255
 
 
+def upsample(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
+    """Logits or D maps below the label resolution brought up to it, as segmentation code does before its loss."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
 def softmax2d(x: torch.Tensor) -> torch.Tensor:
     return F.softmax(x, dim=1)
 

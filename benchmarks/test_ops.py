@@ -1,74 +1,45 @@
-"""Every public op x every available backend x dtype x direction, against eager and torch.compile.
-
-Run: ``pytest benchmarks/ --benchmark-only`` (options in ``benchmarks/conftest.py``). Each benchmark's
-``extra_info`` carries the op, shape, dtype, direction, impl and the byte model's byte count. The Markdown/PNG
-report with ratios, memory and bandwidth is ``python -m benchmarks.report`` (same cases, same timing rules).
-"""
+"""The report's per-op cases (``report.plan``) timed by pytest-benchmark, one impl after the other (the report
+times them in turns); ``extra_info`` carries the op, shape, dtype, direction, impl and byte model."""
 from __future__ import annotations
 
 import itertools
 import os
+import shlex
 
 import pytest
 import torch
 
 from benchmarks import cases as C
-from benchmarks.shapes import shape_set
+from benchmarks import report
 from benchmarks.timing import sync, warm_up
 
 
-def _device(config) -> torch.device:
-    name = config.getoption("--bench-device", default=None)
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def pytest_generate_tests(metafunc):
-    if "bench" not in metafunc.fixturenames:
-        return
-    config = metafunc.config
-    device = _device(config)
-    shapes = shape_set(config.getoption("--shapes", default=None) or ("full" if device.type == "cuda" else "small"))
-    dtypes = config.getoption("--bench-dtypes", default=None)
-    dtypes = dtypes.split(",") if dtypes else ["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])
-    ops = config.getoption("--bench-ops", default=None)
-    cases = C.select_cases(ops.split(",") if ops else None)
-    baselines = ["eager"] + ([] if config.getoption("--no-compile", default=False) else ["compile"])
-    params, ids = [], []
-    for shape, dtype, case in itertools.product(shapes, dtypes, cases):
-        impls = baselines + C.fused_backends(device, shape, config.getoption("--include-triton-cpu", default=False))
-        for impl in impls:
-            for direction in (("fwd", "fwdbwd") if case.has_backward else ("fwd",)):
-                params.append((device, shape, dtype, case, impl, direction))
-                ids.append(f"{shape.name}-{dtype}-{case.name}-{direction}-{impl}")
-    metafunc.parametrize("bench", params, ids=ids)
+    args = report.parse_args(shlex.split(metafunc.config.getoption("--report-args")))
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    device, dtypes = report.device_and_dtypes(args)
+    metafunc.parametrize("bench", [
+        pytest.param((device, shape, dtype, case, impl, d), id=f"{shape.name}-{dtype}-{case.name}-{d}-{impl}")
+        for shape, dtype, case, impls in report.plan(args, device, dtypes) for impl in impls for d in case.directions])
 
 
-_current = {"key": None, "sets": None, "forwards": {}}
+_current: dict = {}  # the input sets and forwards of one (shape, dtype, case), kept across its impls and directions
 
 
-def _prepared(device, shape, dtype, case, impl):
-    """Input sets and forwards of the current case, kept across its impls and directions: torch.compile compiles
-    once per (case, shape, dtype), and dynamo is reset when the case changes."""
-    key = (device, shape, dtype, case.name)
-    if _current["key"] != key:
-        torch._dynamo.reset()
-        _current.update(key=key, sets=None, forwards={})
-        _current["sets"] = C.make_input_sets(case, shape, getattr(torch, dtype), device)
-    if impl not in _current["forwards"]:
-        _current["forwards"][impl] = C.impl_function(case, impl)
-    return _current["sets"], _current["forwards"][impl]
-
-
-def test_op(benchmark, bench, request):
+def test_op(benchmark, bench):
     device, shape, dtype, case, impl, direction = bench
-    threads = request.config.getoption("--bench-threads", default=None) or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    sets, forward = _prepared(device, shape, dtype, case, impl)
+    if _current.get("key") != (shape, dtype, case.name):
+        torch._dynamo.reset()  # compile once per case
+        _current.clear()
+        _current.update(key=(shape, dtype, case.name),
+                        sets=C.make_input_sets(case, shape, getattr(torch, dtype), device))
+    sets = _current["sets"]
+    forward = _current.setdefault(impl, C.impl_function(case, impl))
     fn = forward if direction == "fwd" else C.forward_backward(case, forward)
     try:
         fn(sets[0])  # JIT / compile outside the timing
-    except (TypeError, NotImplementedError, RuntimeError) as exc:
-        pytest.skip(f"{impl} does not run {case.name} {dtype}: {exc}")
+    except Exception as exc:
+        pytest.skip(f"{impl} does not run {case.name} {dtype}: {type(exc).__name__}: {exc}")
     counter = itertools.count()
 
     def call():
@@ -76,11 +47,10 @@ def test_op(benchmark, bench, request):
         sync(device)  # pytest-benchmark reads a host clock: the device work must be done
 
     per_call = warm_up(lambda k: call(), device)
+    nbytes = case.bytes(shape, getattr(torch, dtype), direction)
     benchmark.extra_info.update(op=case.name, shape=str(shape), dtype=dtype, direction=direction, impl=impl,
-                                bytes=case.bytes(shape, getattr(torch, dtype), direction), threads=threads,
-                                device=str(device))
+                                bytes=nbytes, threads=torch.get_num_threads(), device=str(device))
     benchmark.group = f"{shape.name} {dtype} {case.name} {direction}"
-    benchmark.pedantic(call, rounds=max(5, min(50, int(0.5 / max(per_call, 1e-6)))), warmup_rounds=0, iterations=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["GBps_at_median"] = benchmark.extra_info["bytes"] / stats.stats.median / 1e9
+    benchmark.pedantic(call, rounds=max(5, min(50, int(0.5 / max(per_call, 1e-6)))), iterations=1)
+    if getattr(benchmark, "stats", None) is not None:  # None under --benchmark-disable
+        benchmark.extra_info["GBps_at_median"] = nbytes / benchmark.stats.stats.median / 1e9

@@ -1,10 +1,9 @@
 """Timers, peak memory and the copy-bandwidth ceiling.
 
-Discipline: warm up first (JIT, compile, allocator), then time many calls one by one and report order statistics
-(median, p10/p90, quartiles), never a mean. On CUDA each call sits between two CUDA events and the time is read
-after a synchronize; on CPU a ``perf_counter`` pair brackets each call. Calls rotate over several input sets
-(together larger than the last-level cache, see :func:`num_copies`) so that no call finds its inputs in cache
-because the previous call just touched them.
+Warm up first (JIT, compile, allocator), then time many calls one by one and report order statistics (median,
+p10/p90, quartiles), never a mean. On CUDA each call sits between two CUDA events read after a synchronize; on CPU
+a ``perf_counter`` pair brackets each call. Calls rotate over several input sets (together larger than the
+last-level cache, :func:`num_copies`) so that no call finds its inputs in cache because the previous one touched them.
 """
 from __future__ import annotations
 
@@ -32,15 +31,13 @@ def last_level_cache_bytes(device: torch.device) -> int:
                 text = f.read().strip()
         except OSError:
             continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        return int(text.rstrip("KMG")) * scale
+        return int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
     return DEFAULT_LLC_BYTES
 
 
 def num_copies(bytes_per_set: int, device: torch.device, lo: int = 2, hi: int = 8) -> int:
     """How many input sets to rotate over: together at least twice the last-level cache, 2 to 8 of them."""
-    need = math.ceil(2 * last_level_cache_bytes(device) / max(bytes_per_set, 1))
-    return max(lo, min(hi, need))
+    return max(lo, min(hi, math.ceil(2 * last_level_cache_bytes(device) / max(bytes_per_set, 1))))
 
 
 def order_stats(values: List[float], unit: str = "") -> Dict[str, float]:
@@ -69,8 +66,8 @@ def ratio_range(a: Dict[str, float], b: Dict[str, float], unit: str = "ms") -> t
 
 
 def too_noisy(a: Dict[str, float], b: Dict[str, float], threshold: float, unit: str = "ms") -> bool:
-    """True when the spread of the measurements cannot tell whether a/b is above or below ``threshold``:
-    the range of :func:`ratio_range` contains it. A median ratio on its own is then not a finding."""
+    """True when the spreads cannot tell whether a/b is above or below ``threshold`` (:func:`ratio_range` contains
+    it): a median ratio on its own is then not a finding."""
     lo, hi = ratio_range(a, b, unit)
     return lo <= threshold <= hi
 
@@ -95,13 +92,10 @@ def warm_up(fn: Callable[[int], object], device: torch.device, min_calls: int = 
 def time_interleaved(fns: Dict[str, Callable[[int], object]], device: torch.device, *, warmup: int = 3,
                      repeats: int = 50, min_repeats: int = 5,
                      budget_s: Optional[float] = None) -> Dict[str, List[float]]:
-    """Per-call seconds of each ``fns[name](k)``, k = 0, 1, 2, ... (each fn picks its input set from k).
-
-    The implementations are timed in turns -- round r calls every fn once, the first one rotating -- so that a
-    change in machine load (other jobs on a shared CPU, GPU clocks) hits all of them alike and their ratios stay
-    fair. Each is warmed up first (:func:`warm_up`). ``budget_s`` caps the timed calls at about that many seconds
-    per fn (estimated from the warm-up), never fewer than ``min_repeats`` rounds.
-    """
+    """Per-call seconds of each ``fns[name](k)``, k = 0, 1, 2, ... (each fn picks its input set from k), timed in
+    turns -- round r calls every fn once, the first one rotating -- so that a change in machine load hits all of
+    them alike. Each is warmed up first. ``budget_s`` caps the timed calls at about that many seconds per fn
+    (estimated from the warm-up), never fewer than ``min_repeats`` rounds."""
     names = list(fns)
     per_call = {name: warm_up(fns[name], device, min_calls=warmup) for name in names}
     if budget_s is not None:
@@ -127,17 +121,9 @@ def time_interleaved(fns: Dict[str, Callable[[int], object]], device: torch.devi
     return samples
 
 
-def time_calls(fn: Callable[[int], object], device: torch.device, **kw) -> List[float]:
-    """:func:`time_interleaved` of one function."""
-    return time_interleaved({"fn": fn}, device, **kw)["fn"]
-
-
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak device memory one call allocates above what was allocated before it (CUDA); None elsewhere.
-
-    Whatever the call returns (outputs, gradients) is counted, as it is in a training step. There is no honest
-    equivalent on the CPU without an allocator hook, so the CPU reports n/a.
-    """
+    """Peak device memory one call allocates above what was allocated before it, outputs and gradients included
+    (CUDA); None elsewhere (``--memory`` measures the CPU's resident set)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -145,45 +131,29 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     before = torch.cuda.memory_allocated(device)
     out = fn()
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
     del out
-    return int(peak)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> Dict[str, float]:
-    """Measured memory bandwidth of a large device-to-device copy (bytes read + bytes written per second).
-
-    The buffer is 1 GiB on CUDA (far beyond L2) and 256 MiB on CPU (beyond any last-level cache here).
-    """
-    if device.type != "cuda":
-        nbytes = min(nbytes, 256 << 20)
-        repeats = min(repeats, 10)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    samples = time_calls(lambda k: dst.copy_(src), device, warmup=3, repeats=repeats)
-    stats = summarize(samples)
-    return {"bytes": 2 * nbytes, "median_ms": stats["median_ms"],
-            "GBps": 2 * nbytes / (stats["median_ms"] / 1e3) / 1e9}
+    return int(torch.cuda.max_memory_allocated(device) - before)
 
 
 def copy_same_bytes(nbytes: int, device: torch.device, *, repeats: int = 30, budget_s: Optional[float] = None,
-                    copies: Optional[int] = None) -> Dict[str, Dict[str, float]]:
-    """What a plain copy moving ``nbytes`` (read ``nbytes / 2``, write ``nbytes / 2``: an op's byte model) takes:
-    ``dst.copy_(src)`` into a destination allocated once (``reused``) and into one allocated for each call
-    (``fresh``: ``torch.empty_like(src).copy_(src)``, whatever the allocator then does with that memory, as an op
-    that writes a new gradient has to). The sources rotate over copies that together exceed twice the last-level
-    cache, as the per-op timings' inputs do; the two are timed in turns. Returns the order statistics of each with
-    ``GBps`` (``nbytes`` over the median)."""
+                    fresh: bool = True) -> Dict[str, Dict[str, float]]:
+    """A plain copy moving ``nbytes`` (half read, half written, as an op's byte model), timed in turns: into a
+    destination allocated once (``reused``) and, with ``fresh``, into one allocated per call, as an op writing a new
+    gradient does; the sources rotate as the per-op inputs do. Order statistics of each, with ``GBps``."""
     numel = max(1, nbytes // 2 // 4)
-    copies = copies or num_copies(numel * 4, device)
+    copies = num_copies(numel * 4, device)
     srcs = [torch.randn(numel, device=device) for _ in range(copies)]
     dst = torch.empty_like(srcs[0])
-    fns = {"reused": lambda k: dst.copy_(srcs[k % copies]),
-           "fresh": lambda k: torch.empty_like(srcs[k % copies]).copy_(srcs[k % copies])}
+    fns = {"reused": lambda k: dst.copy_(srcs[k % copies])}
+    if fresh:
+        fns["fresh"] = lambda k: torch.empty_like(srcs[k % copies]).copy_(srcs[k % copies])
     samples = time_interleaved(fns, device, repeats=repeats, budget_s=budget_s, min_repeats=min(10, repeats))
-    out = {}
-    for name, times in samples.items():
-        stats = summarize(times)
-        stats["GBps"] = 2 * numel * 4 / (stats["median_ms"] / 1e3) / 1e9
-        out[name] = stats
-    return out
+    return {name: dict(summarize(times), bytes=2 * numel * 4,
+                       GBps=2 * numel * 4 / (statistics.median(times)) / 1e9) for name, times in samples.items()}
+
+
+def copy_bandwidth(device: torch.device) -> Dict[str, float]:
+    """Measured memory bandwidth of a large device-to-device copy (bytes read + bytes written per second): 1 GiB on
+    CUDA (far beyond L2), 256 MiB on CPU (beyond any last-level cache here)."""
+    nbytes = 2 << 30 if device.type == "cuda" else 512 << 20
+    return copy_same_bytes(nbytes, device, repeats=20 if device.type == "cuda" else 10, fresh=False)["reused"]

@@ -1,51 +1,42 @@
-"""``--train-step``: the training step as ``python -m fastadvseg.train`` runs it, timed as a training loop runs it.
+"""Training iterations timed as a training loop runs them: the pipeline's own step,
+:func:`fastadvseg.utils.step.train_step`, with other losses; the losses alone; the allocators; the authors' loop.
+A step allocates the logits, D's maps and all gradients afresh, so what the allocator does with a freed 17 MB
+buffer (keep it, or fault it in again page by page) is part of its cost.
 
-The per-op tables time one op called again and again. A training step differs: the model's activations are alive,
-every step allocates the logits, D's maps and all gradients afresh and frees them again (``zero_grad(set_to_none=
-True)``), so what the C library's allocator does with a freed 17 MB buffer (keep it, or hand it back to the OS and
-fault it in again page by page on the next step) is part of the step's cost. Two steps are timed:
-
-* ``pipeline``: :func:`fastadvseg.utils.step.train_step` itself, the pipeline's own code (not a copy): G on a
-  labelled and an unlabelled batch (``generator_loss``, two backward passes, SGD step), then D on
-  [fake labelled, fake unlabelled, real] (``discriminator_loss``, Adam step). G is the pipeline's default
-  ``deeplabv2_compact``, D its ``FCDiscriminator`` (ndf 32), built by ``fastadvseg.utils.builders``; mode semi with
-  L_semi on. The losses come from ``fastadvseg`` (backend auto), from :mod:`benchmarks.reference_ops` (``eager``)
-  or from ``torch.compile`` of those (``compile``), passed to ``train_step(losses=...)``.
-* ``losses``: the losses alone, as the issue measured them: a labelled plus an unlabelled ``generator_loss``,
-  summed, one backward, the leaves' ``.grad`` set to None between steps.
-
-Per step: wall time and minor page faults (``getrusage(RUSAGE_SELF).ru_minflt`` deltas, every thread of the
-process). Impls are timed in blocks of consecutive steps, as a training loop runs them (the first step of a block,
-after a switch of impl, is not recorded), the blocks rotating over rounds so that a change in machine load hits
-every impl alike. Reported: p10 / median / p90 of the step time, images/s, faults per step (median and p90).
-
-:func:`run_allocators` (``--allocators``) runs the fastadvseg and eager steps once per allocator setting
-(fastadvseg/utils/allocator.py), each in a fresh process (``python -m benchmarks.train_step``), the processes
-alternating over rounds: the measurement behind the allocator ``python -m fastadvseg.train`` picks.
+Impls (:func:`loss_set`, the ``losses=`` of ``train_step``): ``fastadvseg`` (backend auto), ``fastadvseg_compiled``
+(its functions under ``torch.compile``), ``eager`` (benchmarks/reference_ops.py, returning what fastadvseg's functions
+return), ``compile`` (those compiled); and ``authors``, the port of the authors' iteration (benchmarks/authors_loop.py)
+on the same G, D, optimizers and batch. A ``pipeline`` step (:func:`loop_step`) is one iteration of
+``python -m fastadvseg.train``'s loop: learning rates set, the batch moved from the host, ``train_step``, the values
+read back. G and D come from ``fastadvseg.utils.builders`` with the default TrainConfig at the shape's crop and batch,
+mode semi with L_semi on. A ``losses`` step: a labelled plus an unlabelled ``generator_loss``, summed, one backward,
+the leaves' ``.grad`` set to None. :func:`run_step` times them; :func:`run_part` is ``--train-step``, ``--e2e``,
+``--e2e-compile`` and ``--authors-loop``, :func:`run_allocators` ``--allocators`` (a process per allocator).
 """
 from __future__ import annotations
 
-import argparse
-import json
+import itertools
 import os
 import resource
-import subprocess
-import sys
 import time
 import types
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import cases as C
 from . import reference_ops as R
-from .cases import IGNORE, IGNORE_FRACTION, LAMBDA_ADV, LAMBDA_SEMI, LAMBDA_SEMI_ADV, THRESHOLD
-from .shapes import CITYSCAPES, VOC, VOC_SMALL, Shape
+from .cases import IGNORE, IGNORE_FRACTION
+from .env import run_child, status_text
+from .shapes import CITYSCAPES, E2E_CPU, TINY, VOC, VOC_SMALL, Shape
+from .targets import add_ratios
 from .timing import order_stats, summarize, sync
 
-TINY = Shape("tiny", 1, 5, 33, 33, tiny=True)  # the smallest crop D takes (it downsamples by 32)
 STEP_SHAPES = {"cpu": (VOC_SMALL, CITYSCAPES), "cuda": (VOC, CITYSCAPES), "tiny": (TINY,)}
-IMPLS = ("fastadvseg", "eager", "compile")
-STEPS = ("pipeline", "losses")
+E2E_SHAPES = {"cpu": (E2E_CPU,), "cuda": (VOC,), "tiny": (TINY,)}
+AUTHORS_SHAPES = {"cpu": (VOC_SMALL,), "cuda": (VOC,), "tiny": (TINY,)}  # the CPU target shape; the paper's N=10
+E2E_SEGMENTER = {"cpu": "deeplabv2_compact", "cuda": "deeplabv2_resnet101"}  # the paper's G on a GPU
+LOSS_NAMES = ("softmax2d", "generator_loss", "cross_entropy2d", "one_hot2d", "discriminator_loss")
 # (rounds, seconds of timed steps per impl): each block gets as many steps as that allows, 2 to 8 (the default
 # pipeline step takes about 1 s at voc-n2 and 5 s at cityscapes on 2 idle CPU cores; the losses alone 5-150 ms)
 SCHEDULE = {"cpu": (3, 20.0), "cuda": (3, 5.0), "tiny": (2, 0.0)}
@@ -54,17 +45,11 @@ BLOCK_RANGE = (2, 8)
 
 # --- the loss functions the step calls ----------------------------------------------------------------------------
 
-class _GenOut(NamedTuple):
-    total: torch.Tensor
-    ce: torch.Tensor
-    adv: torch.Tensor
-    semi: torch.Tensor
-    semi_ratio: torch.Tensor
-
-
 def _ref_generator_loss(logits, d_logits, target=None, *, lambda_adv, lambda_semi=0.1, threshold=0.2,
                         ignore_index=IGNORE, backend=None):
     """fastadvseg.generator_loss's result from the plain composition of benchmarks/reference_ops.py."""
+    from fastadvseg import GeneratorLossOutput as _GenOut
+
     zero = logits.new_zeros((), dtype=torch.float32)
     if target is not None:
         ce = R.cross_entropy2d(logits, target, ignore_index)
@@ -83,10 +68,17 @@ def _ref_discriminator_loss(d_fake, d_real, *, ignore_mask_fake=None, ignore_mas
     return R.bce_with_logits2d(d_fake, 0.0, ignore_mask_fake) + R.bce_with_logits2d(d_real, 1.0, ignore_mask_real)
 
 
-def reference_losses(compiled: bool = False) -> types.SimpleNamespace:
-    """What ``train_step(losses=...)`` calls, from benchmarks/reference_ops.py (the ``eager`` impl of the per-op
-    tables), each function under ``torch.compile`` with ``compiled`` (the ``compile`` impl). ``backend=`` is
-    accepted and ignored."""
+def loss_set(impl: str) -> Optional[types.SimpleNamespace]:
+    """The ``losses=`` argument of ``train_step`` for an impl (None: fastadvseg, the pipeline's default). The eager
+    functions accept ``backend=`` and ignore it."""
+    if impl == "fastadvseg":
+        return None
+    if impl == "fastadvseg_compiled":
+        import fastadvseg as fas
+
+        return types.SimpleNamespace(**{name: torch.compile(getattr(fas, name)) for name in LOSS_NAMES})
+    if impl not in ("eager", "compile"):
+        raise ValueError(f"unknown impl {impl!r}; choose from fastadvseg, fastadvseg_compiled, eager, compile")
     fns = {
         "softmax2d": lambda x, backend=None: R.softmax2d(x),
         "generator_loss": _ref_generator_loss,
@@ -95,26 +87,14 @@ def reference_losses(compiled: bool = False) -> types.SimpleNamespace:
             y, c, ignore_index, dtype),
         "discriminator_loss": _ref_discriminator_loss,
     }
-    if compiled:
-        fns = {k: torch.compile(f) for k, f in fns.items()}
-    return types.SimpleNamespace(**fns)
+    return types.SimpleNamespace(**{k: torch.compile(f) if impl == "compile" else f for k, f in fns.items()})
 
-
-def loss_set(impl: str):
-    """The ``losses=`` argument of train_step for an impl name (None: fastadvseg, the pipeline's default)."""
-    if impl == "fastadvseg":
-        return None
-    if impl in ("eager", "compile"):
-        return reference_losses(compiled=impl == "compile")
-    raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
-
-
-# --- the pipeline's step ------------------------------------------------------------------------------------------
 
 def build_pipeline(shape: Shape, device: torch.device, seed: int = 0, model: Optional[str] = None, **config):
     """(cfg, nets, batch) as ``python -m fastadvseg.train`` builds them, at ``shape`` (N labelled + N unlabelled
     images of H x W, C classes), mode semi with L_semi on from the first step; everything else the defaults
-    (``model``: another segmenter than the default deeplabv2_compact; ``config``: other TrainConfig fields)."""
+    (``model``: another segmenter than the default; ``config``: other TrainConfig fields). The batch (images,
+    labels, unlabelled images) is on the host, seeded."""
     from fastadvseg.config import TrainConfig
     from fastadvseg.data.base import IMAGENET_MEAN, IMAGENET_STD
     from fastadvseg.utils.builders import build_models, build_optimizers
@@ -129,144 +109,105 @@ def build_pipeline(shape: Shape, device: torch.device, seed: int = 0, model: Opt
     G, D = build_models(cfg, bundle, device, log=lambda *a, **k: None, pretrained=False)
     G.train(), D.train()
     opt_g, opt_d = build_optimizers(cfg, G, D)
-    nets = Nets(G, D, D_raw=D, opt_g=opt_g, opt_d=opt_d)
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, shape.c, (shape.n, shape.h, shape.w), generator=g)
     labels[torch.rand(shape.n, shape.h, shape.w, generator=g) < IGNORE_FRACTION] = IGNORE
-    batch = (torch.randn(shape.n, 3, shape.h, shape.w, generator=g).to(device), labels.to(device),
-             torch.randn(shape.n, 3, shape.h, shape.w, generator=g).to(device))
-    return cfg, nets, batch
+    batch = (torch.randn(shape.n, 3, shape.h, shape.w, generator=g), labels,
+             torch.randn(shape.n, 3, shape.h, shape.w, generator=g))
+    return cfg, Nets(G, D, D_raw=D, opt_g=opt_g, opt_d=opt_d), batch
 
 
-def pipeline_steps(shape: Shape, device: torch.device, impls: Sequence[str]) -> Dict[str, Callable[[], None]]:
-    """One zero-argument callable per impl: one ``train_step`` of its own G, D and optimizers (same seed)."""
-    return {impl: _pipeline_step(shape, device, impl) for impl in impls}
+def loop_step(impl: str, shape: Shape, device: torch.device, segmenter: Optional[str] = None) -> Callable[[], None]:
+    """A zero-argument callable: one iteration of the training loop with ``impl``'s losses, on its own G, D and
+    optimizers (same seed, so the same initial weights for every impl)."""
+    if impl == "authors":
+        from .authors_loop import authors_step
 
-
-def _pipeline_step(shape: Shape, device: torch.device, impl: str) -> Callable[[], None]:
+        return authors_step(shape, device, segmenter)
+    from fastadvseg.utils.builders import set_lr
     from fastadvseg.utils.step import train_step
 
-    cfg, nets, batch = build_pipeline(shape, device)
-    losses = loss_set(impl)
-    counter = iter(range(10 ** 9))
-    return lambda: train_step(cfg, nets, next(counter), *batch, losses=losses)
+    cfg, nets, batch = build_pipeline(shape, device, model=segmenter)
+    losses, counter = loss_set(impl), itertools.count()
+
+    def step():
+        i = next(counter) % cfg.steps
+        set_lr(nets.opt_g, cfg.lr, i, cfg.steps, cfg.power)  # the pipeline's loop sets the rates every step
+        set_lr(nets.opt_d, cfg.lr_d, i, cfg.steps, cfg.power)
+        out = train_step(cfg, nets, i, *(t.to(device) for t in batch), num_classes=shape.c, losses=losses)
+        torch.stack(list(out.values())).float().tolist()  # the loop reads the step's values back (one sync)
+    return step
 
 
-def loss_steps(shape: Shape, device: torch.device, impls: Sequence[str]) -> Dict[str, Callable[[], None]]:
-    """The issue's step: labelled + unlabelled ``generator_loss`` summed, one backward, leaves' .grad set to None.
-    ``eager`` is benchmarks/reference_ops.generator_loss (as in the per-op tables), ``compile`` that compiled."""
-    g = torch.Generator().manual_seed(0)
-    n, c, h, w = shape.n, shape.c, shape.h, shape.w
-    y = torch.randint(0, c, (n, h, w), generator=g)
-    y[torch.rand(n, h, w, generator=g) < IGNORE_FRACTION] = IGNORE
-    y = y.to(device)
-    leaves = [t.to(device).requires_grad_() for t in (torch.randn(n, c, h, w, generator=g),
-                                                      torch.randn(n, 1, h, w, generator=g) + 1,
-                                                      torch.randn(n, c, h, w, generator=g),
-                                                      torch.randn(n, 1, h, w, generator=g) + 1)]
-    x, z, xu, zu = leaves
-    fns = {}
-    for impl in impls:
-        if impl == "fastadvseg":
-            import fastadvseg as fas
+def loss_step(impl: str, shape: Shape, device: torch.device, segmenter: Optional[str] = None) -> Callable[[], None]:
+    """The per-op cases' labelled and unlabelled ``generator_loss`` summed, one backward, the leaves' ``.grad`` set
+    to None, as a training step leaves them."""
+    cases = C.select_cases(["generator_loss"])
+    inputs = [C.make_inputs(case, shape, torch.float32, device, seed) for seed, case in enumerate(cases)]
+    fns = [C.impl_function(case, "auto" if impl == "fastadvseg" else impl) for case in cases]
+    leaves = [i[k] for i, case in zip(inputs, cases) for k in case.grads]
 
-            def gen(x, z, y, lambda_adv, lambda_semi=0.0):
-                return fas.generator_loss(x, z, y, lambda_adv=lambda_adv, lambda_semi=lambda_semi,
-                                          threshold=THRESHOLD).total
-        elif impl in ("eager", "compile"):
-            gen = R.generator_loss if impl == "eager" else torch.compile(R.generator_loss)
-        else:
-            raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
-
-        def step(gen=gen):
-            loss = gen(x, z, y, LAMBDA_ADV) + gen(xu, zu, None, LAMBDA_SEMI_ADV, LAMBDA_SEMI)
-            loss.backward()
-            for t in leaves:
-                t.grad = None
-        fns[impl] = step
-    return fns
+    def step():
+        sum(fn(i) for fn, i in zip(fns, inputs)).backward()
+        for t in leaves:
+            t.grad = None
+    return step
 
 
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _status_mib(field: str) -> Optional[float]:
+    """``VmRSS`` (the resident set now) or ``VmHWM`` (its high-water mark; not ``ru_maxrss``, which Linux carries over
+    from the process that started this one), MiB; None off Linux."""
+    from .memory import status_bytes
 
-
-def resident_mib() -> Optional[float]:
-    """The process's resident set now (Linux), MiB."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
+        return status_bytes(field) / 2**20
+    except OSError:
         return None
 
 
-def peak_resident_mib() -> Optional[float]:
-    """The process's resident-set high-water mark (Linux ``VmHWM``), MiB. Not ``ru_maxrss``: Linux carries that
-    over from the process that started this one (it keeps the old memory's peak across ``execve``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def time_blocks(fns: Dict[str, Callable[[], object]], device: torch.device, rounds: int, block: int):
-    """{impl: (seconds per step, minor faults per step)}: each round runs every impl for ``block`` + 1 consecutive
-    steps (the first not recorded), the order rotating from round to round."""
-    names = list(fns)
-    out = {k: ([], []) for k in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            for i in range(block + 1):
-                sync(device)
-                f0, t0 = minor_faults(), time.perf_counter()
-                fns[name]()
-                sync(device)
-                t, f = time.perf_counter() - t0, minor_faults() - f0
-                if i:
-                    out[name][0].append(t)
-                    out[name][1].append(f)
-    return out
+def _timed(fn: Callable[[], object], device: torch.device) -> Tuple[float, int]:
+    """Seconds and minor page faults (every thread of the process) of one step."""
+    sync(device)
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
 
 def run_step(kind: str, shape: Shape, device: torch.device, impls: Sequence[str], rounds: int,
-             block: Optional[int] = None, budget_s: float = 0.0, log=print, keep_samples: bool = False) -> List[dict]:
-    """Rows of one step kind at one shape: a first step (compilation for ``compile``) and a second one (its time
-    sizes the blocks) untimed, then ``rounds`` of blocks of ``block`` timed steps (default: about ``budget_s`` of
-    steps per impl, within :data:`BLOCK_RANGE`). ``keep_samples``: the rows keep every step's seconds and faults
-    (``samples_s``, ``faults``)."""
-    make = pipeline_steps if kind == "pipeline" else loss_steps
-    images = 2 * shape.n  # a labelled and an unlabelled batch per step
+             block: Optional[int] = None, budget_s: float = 0.0, segmenter: Optional[str] = None, log=print,
+             keep_samples: bool = False) -> List[dict]:
+    """Rows of one step kind (``pipeline`` or ``losses``) at one shape: per impl a first step (compilation for the
+    compiled ones) and a second one (its time sizes the blocks) untimed, then ``rounds`` of blocks of ``block`` + 1
+    consecutive steps per impl, the first not recorded, the order rotating (``block`` default: about ``budget_s`` of
+    steps per impl, within :data:`BLOCK_RANGE`). ``keep_samples``: the rows keep every step's seconds and faults."""
+    make = loop_step if kind == "pipeline" else loss_step
     rows, fns, step_s = [], {}, 0.0
     for impl in impls:
         row = {"step": kind, "shape": shape.name, "N": shape.n, "C": shape.c, "H": shape.h, "W": shape.w,
-               "impl": impl, "status": "ok", "images_per_step": images}
+               "impl": impl, "status": "ok", "images_per_step": 2 * shape.n}  # a labelled and an unlabelled batch
         try:
-            fn = make(shape, device, [impl])[impl]
-            for i in range(2):
-                sync(device)
-                t0 = time.perf_counter()
-                fn()  # the first step: compilation, lazy initialisation, the allocator's first growth
-                sync(device)
-                if i == 0:
-                    row["first_step_s"] = time.perf_counter() - t0
-                else:
-                    step_s = max(step_s, time.perf_counter() - t0)
-            fns[impl] = fn
+            fns[impl] = make(impl, shape, device, segmenter)
+            row["first_step_s"] = _timed(fns[impl], device)[0]  # compilation, lazy initialisation, allocator growth
+            step_s = max(step_s, _timed(fns[impl], device)[0])
         except Exception as exc:  # an impl that cannot run here is recorded, the others still run
-            row["status"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            fns.pop(impl, None)
+            row["status"] = status_text(exc)
         rows.append(row)
-    if block is None:
-        lo, hi = BLOCK_RANGE
-        block = max(lo, min(hi, int(budget_s / max(rounds * step_s, 1e-9))))
-    samples = time_blocks(fns, device, rounds, block) if fns else {}
+    lo, hi = BLOCK_RANGE
+    block = block or max(lo, min(hi, int(budget_s / max(rounds * step_s, 1e-9))))
+    names = list(fns)
     for row in rows:
-        if row["impl"] in samples:
-            row["samples_s"], row["faults"] = samples[row["impl"]]
-            row["rounds"], row["block"] = rounds, block
+        if row["impl"] in fns:
+            row.update(samples_s=[], faults=[], rounds=rounds, block=block)
+    by = {row["impl"]: row for row in rows}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for i in range(block + 1):
+                t, f = _timed(fns[name], device)
+                if i:  # the first step after a switch of impl is not recorded
+                    by[name]["samples_s"].append(t)
+                    by[name]["faults"].append(f)
     finish(rows)
     for row in rows:
         if not keep_samples:
@@ -277,7 +218,7 @@ def run_step(kind: str, shape: Shape, device: torch.device, impls: Sequence[str]
 
 def finish(rows: List[dict]) -> None:
     """Order statistics of each row's ``samples_s`` and ``faults``, images/s, and the process's resident set."""
-    rss = resident_mib()
+    rss = _status_mib("VmRSS")
     for row in rows:
         if row["status"] != "ok" or "samples_s" not in row:
             continue
@@ -290,49 +231,90 @@ def finish(rows: List[dict]) -> None:
 
 
 def _line(row: dict) -> str:
-    head = f"# train-step {row['step']:<8} {row['shape']:>10} {row['impl']:<10}"
+    head = f"# {row['step']:<8} {row['shape']:>10} {row['impl']:<19}"
     if row["status"] != "ok":
         return f"{head} {row['status']}"
     return (f"{head} {row['median_ms']:9.1f} ms (p10 {row['p10_ms']:.1f}, p90 {row['p90_ms']:.1f}, n={row['n']}), "
             f"{row['faults_median']:.0f} faults/step (p90 {row['faults_p90']:.0f})")
 
 
-def add_ratios(rows: List[dict], key: str = "shape") -> None:
-    """x eager and x compile of each row (ratios of medians within this run, same step kind and ``key``), with the
-    range their p10-p90 spreads allow and whether the spreads overlap (benchmarks/quality.py's convention)."""
-    from .timing import ratio_range
+def _models(segmenter: Optional[str]) -> str:
+    from fastadvseg.config import TrainConfig
 
-    base = {(r["step"], r[key], r["impl"]): r for r in rows if r["status"] == "ok"}
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        for b in ("eager", "compile"):
-            ref = base.get((r["step"], r[key], b))
-            r[f"speedup_vs_{b}"] = ref["median_ms"] / r["median_ms"] if ref else None
-            if ref:
-                r[f"speedup_vs_{b}_range"] = ratio_range(ref, r)
-                r[f"speedup_vs_{b}_overlap"] = not (ref["p10_ms"] > r["p90_ms"] or r["p10_ms"] > ref["p90_ms"])
+    cfg = TrainConfig()
+    return (f"G = fastadvseg.models.build_segmenter({segmenter or cfg.model!r}), D = FCDiscriminator(ndf={cfg.ndf}), "
+            "built by fastadvseg.utils.builders.build_models from the pipeline's default TrainConfig")
 
 
-def run_train_step(device: torch.device, *, tiny: bool = False, impls: Sequence[str] = IMPLS,
-                   steps: Sequence[str] = STEPS, shapes: Optional[Sequence[Shape]] = None, log=print) -> dict:
-    """Every step kind x shape x impl (:data:`STEP_SHAPES` of the device, or TINY), in this process and under its
-    allocator (the report's header says which)."""
-    size = "tiny" if tiny else device.type
-    shapes = list(shapes or STEP_SHAPES[size])
-    rounds, budget_s = SCHEDULE[size]
-    rows = []
-    for shape in shapes:
-        for kind in steps:
-            torch._dynamo.reset()  # compile per shape and step: no recompilation limit, no stale graphs
-            rows += run_step(kind, shape, device, impls, rounds, budget_s=budget_s, log=log)
-    add_ratios(rows)
+# report part: (shapes per size, step kinds, impls, the baselines of its ratio columns, G per device type; none:
+# the pipeline's default)
+PARTS = {
+    "train_step": (STEP_SHAPES, ("pipeline", "losses"), ("fastadvseg", "eager", "compile"), ("eager", "compile"), {}),
+    "e2e": (E2E_SHAPES, ("pipeline",), ("fastadvseg", "eager"), ("eager",), E2E_SEGMENTER),
+    "e2e_compile": (E2E_SHAPES, ("pipeline",), ("fastadvseg", "fastadvseg_compiled", "eager", "compile"),
+                    ("fastadvseg", "eager"), E2E_SEGMENTER),
+    "authors_loop": (AUTHORS_SHAPES, ("pipeline",), ("authors", "fastadvseg", "fastadvseg_compiled", "eager"),
+                     ("authors",), E2E_SEGMENTER),
+}
+
+
+def run_part(part: str, device: torch.device, *, tiny: bool = False, segmenter: Optional[str] = None,
+             no_compile: bool = False, log=print) -> dict:
+    """One training part of the report (:data:`PARTS`): every step kind x shape x impl, with the ratios of medians
+    to the part's baselines, in this process and under its allocator. ``e2e`` adds what its target judges
+    (``speedup``: images/s with fastadvseg's losses over the eager ones); ``e2e_compile`` the graph breaks."""
     from fastadvseg.utils import allocator
 
-    return {"rows": rows, "rounds": rounds, "budget_s": budget_s, "threads": torch.get_num_threads(),
-            "allocator": allocator.in_effect().description,
-            "models": "G = fastadvseg.models.build_segmenter('deeplabv2_compact'), D = FCDiscriminator(ndf=32), "
-                      "built by fastadvseg.utils.builders.build_models from the pipeline's default TrainConfig"}
+    shapes, kinds, impls, baselines, default_g = PARTS[part]
+    size = "tiny" if tiny else device.type
+    rounds, budget_s = SCHEDULE[size]
+    segmenter = segmenter or default_g.get(device.type)
+    out = {"rows": [], "baselines": list(baselines), "rounds": rounds, "threads": torch.get_num_threads(),
+           "allocator": allocator.in_effect().description, "models": _models(segmenter)}
+    if part == "e2e_compile":
+        out.update(graph_breaks(shapes[size][0], device, segmenter))
+    for shape in shapes[size]:
+        for kind in kinds:
+            torch._dynamo.reset()  # compile per shape and step: no recompilation limit, no stale graphs
+            out["rows"] += run_step(kind, shape, device, [i for i in impls if not (no_compile and "compile" in i)],
+                                    rounds, budget_s=budget_s, segmenter=segmenter, log=log)
+    add_ratios(out["rows"], ("step", "shape"), baselines)
+    if part == "e2e":
+        import fastadvseg
+
+        by, shape = {r["impl"]: r for r in out["rows"]}, shapes[size][0]
+        out.update(shape=f"N={shape.n}+{shape.n}, C={shape.c}, {shape.h}x{shape.w}", dtype="float32",
+                   fused=by["fastadvseg"], reference=by["eager"], speedup=by["fastadvseg"].get("speedup_vs_eager"),
+                   fused_backend="auto -> " + ",".join(fastadvseg.available_backends(device)[:1]))
+    return out
+
+
+def graph_breaks(shape: Shape, device: torch.device, segmenter: Optional[str] = None) -> dict:
+    """The graph breaks ``torch._dynamo.explain`` finds in each fastadvseg loss call of one pipeline step (0 when
+    each traces as one graph)."""
+    import fastadvseg as fas
+    from fastadvseg.utils.step import train_step
+
+    found = []
+
+    def explained(name):
+        def call(*args, **kwargs):
+            found.append(torch._dynamo.explain(getattr(fas, name))(*args, **kwargs))
+            return getattr(fas, name)(*args, **kwargs)
+        return call
+
+    cfg, nets, batch = build_pipeline(shape, device, model=segmenter)
+    try:
+        train_step(cfg, nets, 0, *(t.to(device) for t in batch), num_classes=shape.c,
+                   losses=types.SimpleNamespace(**{n: explained(n) for n in LOSS_NAMES}))
+    except Exception as exc:  # reported, not fatal
+        return {"graph_breaks": None, "break_reasons": [], "explain_status": status_text(exc)}
+    finally:
+        torch._dynamo.reset()
+    reasons = list(dict.fromkeys(str(getattr(r, "reason", r)).splitlines()[0][:160]
+                                 for e in found for r in e.break_reasons))
+    return {"graph_breaks": sum(e.graph_break_count for e in found), "graphs": sum(e.graph_count for e in found),
+            "break_reasons": reasons[:5], "explain_status": "ok"}
 
 
 # --- --allocators: the same steps under each allocator, a fresh process each ------------------------------------
@@ -343,7 +325,6 @@ ALLOCATOR_JOBS = {"cpu": (("pipeline", VOC_SMALL), ("losses", VOC_SMALL), ("loss
                   "tiny": (("pipeline", TINY), ("losses", TINY))}
 ALLOCATOR_IMPLS = ("fastadvseg", "eager")
 ALLOCATOR_SCHEDULE = {"cpu": (2, 4), "tiny": (1, 2)}  # (rounds of processes, steps per block)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def allocator_settings(preload: Sequence[str] = ()) -> Dict[str, dict]:
@@ -359,8 +340,7 @@ def allocator_settings(preload: Sequence[str] = ()) -> Dict[str, dict]:
            "steady": {"env": plain, "note": A.STEADY_TEXT}}
     given = {}
     for path in preload:
-        name = next((n for n, stems in A.LIBRARIES.items() if any(f"lib{s}" in os.path.basename(path) for s in stems)),
-                    None)
+        name = next((n for n in A.LIBRARIES if n in os.path.basename(path)), None)  # libjemalloc.so.2, libtcmalloc*
         if name is None:
             raise ValueError(f"--preload {path}: not a jemalloc or tcmalloc library")
         given[name] = path
@@ -374,8 +354,7 @@ def allocator_settings(preload: Sequence[str] = ()) -> Dict[str, dict]:
 def run_allocators(device: torch.device, *, tiny: bool = False, threads: Optional[int] = None,
                    preload: Sequence[str] = (), impls: Sequence[str] = ALLOCATOR_IMPLS, log=print) -> dict:
     """The steps of :data:`ALLOCATOR_JOBS` with each allocator of :func:`allocator_settings`, each run in a fresh
-    process (``python -m benchmarks.train_step``); the processes alternate over rounds (a change in machine load
-    hits every allocator alike) and the samples of an allocator's rounds are pooled."""
+    process; the processes alternate over rounds and the samples of an allocator's rounds are pooled."""
     if device.type != "cpu":
         return {"skipped": "page faults and the C library's allocator concern host memory: CPU only"}
     size = "tiny" if tiny else "cpu"
@@ -390,13 +369,9 @@ def run_allocators(device: torch.device, *, tiny: bool = False, threads: Optiona
             spec = {"allocator": name, "jobs": jobs, "impls": list(impls), "block": block,
                     "threads": threads or torch.get_num_threads()}
             try:
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", json.dumps(spec)], cwd=ROOT,
-                                      env=settings[name]["env"], capture_output=True, text=True, timeout=1800)
-                if proc.returncode != 0:
-                    raise RuntimeError((proc.stderr.strip().splitlines() or ["no output"])[-1][:200])
-                child = json.loads(proc.stdout.strip().splitlines()[-1])
+                child = run_child("benchmarks.train_step", spec, settings[name]["env"], timeout=1800)
             except Exception as exc:  # recorded; the other allocators still run
-                described[name] = f"FAILED: {type(exc).__name__}: {exc}"[:240]
+                described[name] = f"FAILED: {status_text(exc)}"
                 continue
             described[name] = child["allocator"]
             for row in child["rows"]:
@@ -417,7 +392,7 @@ def run_allocators(device: torch.device, *, tiny: bool = False, threads: Optiona
     order = {n: i for i, n in enumerate(settings)}
     rows.sort(key=lambda r: (r["step"] != "pipeline", r["shape"], r["impl"], order[r["allocator"]]))
     for row in rows:
-        log(f"# allocators {row['allocator']:<9}" + _line(row)[len("# train-step"):])
+        log(f"# allocators {row['allocator']:<9}" + _line(row)[1:])
     return {"rows": rows, "allocators": described, "rounds": rounds, "block": block,
             "threads": threads or torch.get_num_threads(), "impls": list(impls),
             "jobs": [f"{kind} at {Shape(*shape)}" for kind, shape in jobs]}
@@ -429,24 +404,15 @@ def _child(spec: dict) -> dict:
 
     alloc = allocator.configure(spec["allocator"])  # system: unchanged; jemalloc/tcmalloc: already preloaded
     torch.set_num_threads(spec["threads"])
-    device = torch.device("cpu")
     rows = []
     for kind, shape in spec["jobs"]:
         torch._dynamo.reset()
-        rows += run_step(kind, Shape(*shape), device, spec["impls"], 1, spec["block"], log=lambda s: None,
-                         keep_samples=True)
-    return {"allocator": alloc.description, "rows": rows, "peak_rss_MiB": peak_resident_mib()}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step",
-                                description="One process of --allocators (benchmarks/report.py): a JSON spec in, "
-                                            "a JSON line out.")
-    p.add_argument("spec")
-    args = p.parse_args(argv)
-    print(json.dumps(_child(json.loads(args.spec))))
-    return 0
+        rows += run_step(kind, Shape(*shape), torch.device("cpu"), spec["impls"], 1, spec["block"],
+                         log=lambda s: None, keep_samples=True)
+    return {"allocator": alloc.description, "rows": rows, "peak_rss_MiB": _status_mib("VmHWM")}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .env import child_main
+
+    child_main(_child)

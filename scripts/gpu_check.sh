@@ -37,9 +37,9 @@
 #      d. one training iteration, fused vs reference losses           ~2.5 min (cap 3.5)  and --authors-loop: a
 #                                                port of AdvSemiSeg's iteration (numpy round trips included) beside
 #                                                the pipeline's step: fastadvseg's losses eager and compiled, plain ones
-#      e. the training step compiled vs eager, graph breaks           ~2 min   (cap 3.5)  torch.compile of the loss
-#                                                functions with fastadvseg's and the reference losses (one compile
-#                                                each, then interleaved timed steps)
+#      e. the training step compiled vs eager, graph breaks           ~2 min   (cap 3.5)  the pipeline's step with
+#                                                the loss functions, fastadvseg's and the reference ones, plain and
+#                                                under torch.compile (one compile each, then rotating blocks of steps)
 #      f. the rest of the test suite on CUDA tensors (without 2 and 2b), until the budget is spent (pytest stops
 #         starting tests)
 #

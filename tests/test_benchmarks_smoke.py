@@ -2,8 +2,9 @@
 a JSON file and a PNG plot that cover every op and every backend; the CPU peak-memory table (``--memory``) and the
 compiled training step (``--e2e-compile``) at tiny sizes; the per-call cost table (``--call-overhead``); the
 pipeline's training step, the allocators and the authors' loop (``--train-step``, ``--allocators``,
-``--authors-loop``) at a tiny size, and the copy of the same bytes; plus the judging of the targets, and the
-authors'-loop port computing what our losses compute.
+``--authors-loop``) at a tiny size, and the copy of the same bytes; the pytest-benchmark layer over the same cases;
+a case whose logits are below the labels' resolution; plus the judging of the targets, and the authors'-loop port
+computing what our losses compute.
 
 Timings are not asserted (CI machines are shared and noisy); only that every measurement ran and was recorded. One
 thread: on a loaded 2-core machine OpenMP barriers make 2-thread runs of tiny ops 10-20x slower.
@@ -89,15 +90,15 @@ def test_report_covers_every_op_and_backend(smoke_report):
 
 @pytest.fixture(scope="module")
 def extras_report(tmp_path_factory):
-    """``--memory`` and ``--e2e-compile`` alone (``--no-op-timing``), one op, one dtype, a small G: about a minute,
-    most of it starting fresh processes and torch.compile. 1x5x256x256: its logits (1.25 MiB) are far above the
-    mmap threshold and the few hundred KiB the kernel's RSS counters may be off by."""
+    """``--memory`` and ``--e2e-compile`` alone (``--no-op-timing``), one op, one dtype, the compact G at a tiny
+    size: about a minute, most of it starting fresh processes and torch.compile. 1x5x256x256: its logits (1.25 MiB)
+    are far above the mmap threshold and the few hundred KiB the kernel's RSS counters may be off by."""
     if not sys.platform.startswith("linux"):
         pytest.skip("peak RSS is read from /proc")
     out = tmp_path_factory.mktemp("bench_extras")
     cmd = [sys.executable, "-m", "benchmarks.report", "--device", "cpu", "--dtypes", "float32", "--ops",
            "cross_entropy2d", "--threads", "1", "--no-op-timing", "--no-plot", "--memory", "--memory-shape",
-           "1x5x256x256", "--e2e-tiny", "--e2e-compile", "--e2e-segmenter", "stand-in", "--out", str(out),
+           "1x5x256x256", "--e2e-tiny", "--e2e-compile", "--out", str(out),
            "--name", "extras"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -131,24 +132,30 @@ def test_memory_table(extras_report):
 
 
 def test_compiled_training_step(extras_report):
+    """--e2e-compile: the pipeline's step with fastadvseg's and with the eager losses, each plain and compiled, the
+    ratios those medians give, and the graph breaks of fastadvseg's loss calls."""
     result, md = extras_report
     e = result["e2e_compile"]
-    for k in ("eager", "compiled", "reference_eager", "reference_compiled"):
-        assert _finite_positive(e[k]["median_ms"]) and e[k]["p10_ms"] <= e[k]["median_ms"] <= e[k]["p90_ms"]
-    assert _finite_positive(e["first_compiled_step_s"]) and _finite_positive(e["first_reference_compiled_step_s"])
-    for ratio in ("compiled_vs_eager", "reference_compiled_vs_eager", "compiled_vs_reference_compiled"):
-        lo, hi = e[f"{ratio}_range"]
-        assert 0 < lo <= e[ratio] <= hi, ratio
-    assert e["compiled_vs_eager"] == pytest.approx(e["compiled"]["median_ms"] / e["eager"]["median_ms"])
-    assert "STAND-IN" in e["models"]
+    rows = {r["impl"]: r for r in e["rows"]}
+    assert set(rows) == {"fastadvseg", "fastadvseg_compiled", "eager", "compile"}
+    assert e["baselines"] == ["fastadvseg", "eager"]
+    for r in rows.values():
+        assert r["status"] == "ok" and r["step"] == "pipeline", r
+        assert _finite_positive(r["median_ms"]) and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert _finite_positive(r["first_step_s"]) and _finite_positive(r["images_per_s"])
+    compiled, plain = rows["fastadvseg_compiled"], rows["fastadvseg"]
+    assert compiled["speedup_vs_fastadvseg"] == pytest.approx(plain["median_ms"] / compiled["median_ms"])
+    lo, hi = compiled["speedup_vs_fastadvseg_range"]
+    assert 0 < lo <= compiled["speedup_vs_fastadvseg"] <= hi
+    reference = rows["eager"]["median_ms"] / rows["compile"]["median_ms"]
+    assert rows["compile"]["speedup_vs_eager"] == pytest.approx(reference)
+    assert "deeplabv2_compact" in e["models"]
     if e["graph_breaks"] is None:  # explain failed: the reason is recorded, the timing still ran
         assert e["explain_status"] != "ok"
     else:
         assert e["graph_breaks"] >= 0 and e["graphs"] >= 1
     assert "## Compiled training step" in md and "Graph breaks" in md
-    assert ("Too noisy to tell" in md) == e["too_noisy"]
-    assert "| losses | step | median ms | p10-p90 ms | compiled / eager |" in md
-    assert "With the reference losses, compiled/eager is" in md
+    assert "| step | shape | impl | median ms | p10-p90 ms | images/s | x fastadvseg | x eager |" in md
 
 
 def test_memory_target_is_judged():
@@ -184,10 +191,10 @@ def test_too_noisy_straddles_threshold():
     assert too_noisy(wide, slow, 1.0)
 
 
-def test_readme_table_prints_recorded_rows(smoke_report, capsys):
-    from benchmarks import readme_table
+def test_readme_summary_prints_recorded_rows(smoke_report, capsys):
+    from benchmarks import render
 
-    assert readme_table.main([str(smoke_report.with_suffix(".json"))]) == 0
+    assert render.main(["--summary", str(smoke_report.with_suffix(".json"))]) == 0
     text = capsys.readouterr().out
     assert "| op | backend | float32 ms | float32 x eager |" in text and "softmax2d" in text and "images/s" in text
     assert "run quality:" in text
@@ -236,19 +243,18 @@ def test_byte_model_and_order_statistics():
 
 
 def test_quality_flags_a_loaded_noisy_run_and_overlapping_ratios():
-    from benchmarks.quality import add_ranges, assess, ratio_cell
-    from benchmarks.targets import evaluate
+    from benchmarks.targets import add_ratios, assess, evaluate, ratio_cell
 
     def row(impl, p10, median, p90):
         return {"op": "cross_entropy2d", "shape": "voc-n2", "dtype": "float32", "direction": "fwdbwd", "impl": impl,
                 "status": "ok", "p10_ms": p10, "median_ms": median, "p90_ms": p90}
 
-    eager, cpu = row("eager", 0.27, 47.9, 60.0), row("cpu", 2.0, 2.4, 3.0)  # the issue's loaded eager median
+    eager, cpu = row("eager", 0.27, 47.9, 60.0), row("cpu", 2.0, 2.4, 3.0)  # a loaded run: eager descheduled for most calls
     rows = [eager, cpu, row("compile", 5.0, 5.2, 5.4)]
     for r in rows[1:]:
         r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"]
     cpu["speedup_vs_compile"] = 5.2 / 2.4
-    add_ranges(rows)
+    add_ratios(rows)
     assert cpu["speedup_vs_eager_overlap"] and ratio_cell(cpu, "eager").startswith("~")
     assert not cpu["speedup_vs_compile_overlap"] and ratio_cell(cpu, "compile") == "2.17x"
     q = assess({"meta": {"load_average_start": [1.9, 1.5, 1.4], "device": "X (2 logical CPUs)"}, "rows": rows})
@@ -260,18 +266,18 @@ def test_quality_flags_a_loaded_noisy_run_and_overlapping_ratios():
     assert check["met"] is None and check["gap"].startswith("too noisy to tell")
 
 
-def test_readme_table_names_a_missing_file_in_one_line(tmp_path, capsys):
-    from benchmarks import readme_table
+def test_readme_summary_names_a_missing_file_in_one_line(tmp_path, capsys):
+    from benchmarks import render
 
     with pytest.raises(SystemExit) as exit_info:
-        readme_table.main([str(tmp_path / "missing.json")])
+        render.main(["--summary", str(tmp_path / "missing.json")])
     assert exit_info.value.code == 2
     assert "no results file or folder" in capsys.readouterr().err
 
 
 def test_call_overhead_table_has_every_loss_through_both_paths(smoke_report):
-    """--call-overhead: per loss with a backward, eager, each backend as users call it, and the kernel backends
-    through torch.ops (the dispatcher), every one measured; the Markdown says what the dispatcher adds."""
+    """--call-overhead: per loss with a backward, eager, each backend as users call it, and the registered op of
+    each kernel backend called alone, every one measured; the Markdown says what the Python around the op adds."""
     import fastadvseg
 
     result = json.loads(smoke_report.with_suffix(".json").read_text())
@@ -279,7 +285,7 @@ def test_call_overhead_table_has_every_loss_through_both_paths(smoke_report):
     assert all(r["status"] == "ok" and r["median_us"] > 0 and r["n"] >= 3 for r in rows), rows
     kernel = [b for b in fastadvseg.available_backends("cpu") if b != "reference"]
     want = ["eager"] + [i for b in fastadvseg.available_backends("cpu") for i in
-                        ([b, b + " via torch.ops"] if b in kernel else [b])]
+                        ([b, b + " op alone"] if b in kernel else [b])]
     ops = [r["op"] for r in rows if r["impl"] == "eager"]
     assert "one_hot2d" not in ops and {"softmax2d", "cross_entropy2d", "generator_loss[labelled]"} <= set(ops)
     for op in ops:
@@ -287,7 +293,7 @@ def test_call_overhead_table_has_every_loss_through_both_paths(smoke_report):
         assert set(want) <= set(impls), (op, impls)
     md = smoke_report.with_suffix(".md").read_text()
     assert "## Per-call cost (N=2, C=5, 17x23, float32" in md
-    assert md.count(" via torch.ops | ") >= len(ops) * len(kernel)
+    assert md.count(" op alone | ") >= len(ops) * len(kernel) and "| API adds |" in md
 
 
 def test_copy_of_the_same_bytes_beside_generator_loss(smoke_report):
@@ -349,7 +355,7 @@ def test_allocator_table(smoke_report):
 def test_authors_loop_table(smoke_report):
     result = json.loads(smoke_report.with_suffix(".json").read_text())
     a = result["authors_loop"]
-    rows = {r["variant"]: r for r in a["rows"]}
+    rows = {r["impl"]: r for r in a["rows"]}
     assert set(rows) == {"authors", "fastadvseg", "eager"}  # --no-compile: no compiled variant
     for r in rows.values():
         assert r["status"] == "ok", r
@@ -399,7 +405,7 @@ def test_authors_loop_port_computes_our_losses():
         theirs = port(0, (images, labels), images_u, labels)
         set_lr(nets.opt_g, cfg.lr, 0, cfg.steps, cfg.power)  # what the pipeline's loop and theirs set at step 0
         set_lr(nets.opt_d, cfg.lr_d, 0, cfg.steps, cfg.power)
-        ours = {k: float(v) for k, v in train_step(cfg, nets, 0, *batch2).items()}
+        ours = {k: float(v) for k, v in train_step(cfg, nets, 0, *batch2, num_classes=shape.c).items()}
         assert 0.3 < theirs["semi_ratio"] < 0.7 and theirs["semi_ratio"] == pytest.approx(ours["semi_ratio"])
         for their_key, our_key in (("loss_seg", "loss_ce"), ("loss_adv_p", "loss_adv"), ("loss_semi", "loss_semi"),
                                    ("loss_semi_adv", "loss_semi_adv"), ("loss_D", "loss_d")):
@@ -407,3 +413,57 @@ def test_authors_loop_port_computes_our_losses():
         for a, b in zip(list(ported.G.parameters()) + list(ported.D.parameters()),
                         list(nets.G.parameters()) + list(nets.D.parameters())):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_case_below_the_labels_resolution():
+    """A case whose logits are drawn at 1/scale of the labels' size (``OpCase.low_res``): its inputs have those
+    sizes, its byte model counts their pixels, and its impls compute a float64 bilinear upsample + cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks import cases as C
+    from benchmarks import reference_ops as R
+    from benchmarks.shapes import Shape
+
+    case = C.OpCase("cross_entropy2d from 1/4", "cross_entropy2d", ("x", "y"), ("x",),
+                    eager=lambda i: R.cross_entropy2d(R.upsample(i["x"], i["size"]), i["y"]),
+                    fused=lambda i, b: C._fas().cross_entropy2d(R.upsample(i["x"], i["size"]), i["y"], backend=b),
+                    byte_model="fwd: read x at 1/16 of the pixels, y (QCe + 8P); +bwd: write dx (+QCe)",
+                    fwd_bytes=lambda p, c, e, q: q * c * e + 8 * p, bwd_bytes=lambda p, c, e, q: q * c * e,
+                    scale=4, low_res=("x",))
+    shape = Shape("odd", 2, 5, 19, 23)
+    inputs = C.make_inputs(case, shape, torch.float32, torch.device("cpu"), seed=3)
+    assert inputs["x"].shape == (2, 5, 5, 6) and inputs["y"].shape == (2, 19, 23) and inputs["size"] == (19, 23)
+    assert case.bytes(shape, torch.float32, "fwdbwd") == 2 * (2 * 5 * 6) * 5 * 4 + 8 * 2 * 19 * 23
+    x64 = inputs["x"].detach().double().requires_grad_()
+    want = F.cross_entropy(F.interpolate(x64, size=(19, 23), mode="bilinear", align_corners=False), inputs["y"],
+                           ignore_index=255)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    for impl in ("eager", "reference"):
+        fn = C.impl_function(case, impl)
+        torch.testing.assert_close(fn(inputs).double(), want, rtol=1e-5, atol=1e-6)
+        (grad,) = C.forward_backward(case, fn)(inputs)
+        assert grad.shape == (2, 5, 5, 6)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_pytest_benchmark_times_the_report_cases(tmp_path):
+    """``pytest benchmarks/ --benchmark-only`` runs the report's own plan: one benchmark per impl and direction of
+    the chosen case, each with its byte model's bytes."""
+    import torch
+
+    from benchmarks import report
+    from benchmarks.shapes import SMOKE
+
+    flags = "--shapes smoke --ops softmax2d --dtypes float32 --no-compile --backends reference --threads 1"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/",
+                           "--benchmark-only", f"--report-args={flags}", f"--benchmark-json={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = [b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]]
+    planned = report.plan(report.parse_args(flags.split()), torch.device("cpu"), ["float32"])
+    assert sorted((b["op"], b["impl"], b["direction"]) for b in got) == sorted(
+        (case.name, impl, d) for _, _, case, impls in planned for impl in impls for d in case.directions)
+    case = planned[0][2]
+    assert all(b["bytes"] == case.bytes(SMOKE, torch.float32, b["direction"]) for b in got)
