@@ -1,20 +1,14 @@
 """Backend dispatch: the one table that maps a backend name to its module.
 
-Every public op goes  public function (argument checks, once)  ->  :func:`resolve` (backend by name, device and
-dtype)  ->  the registered op ``torch.ops.fastadvseg.<op>(..., backend=name)`` (``fastadvseg/_ops.py``: one
-autograd rule for all kernel backends)  ->  :func:`launcher` (this table)  ->  the backend module's launch  ->
-kernel. The ``reference`` backend is plain PyTorch and is called directly, so that ``torch.compile`` traces it.
+The path of a call: public function (``fastadvseg/functional.py``: argument checks, once) -> :func:`resolve`
+(backend by name, device and dtype) -> for a kernel backend, the registered op ``torch.ops.fastadvseg.<op>``
+(``fastadvseg/_ops.py``: its autograd rule, then its device implementation) -> :func:`launcher` (this table) -> the
+backend module's launch -> kernel. The ``reference`` backend is plain PyTorch, called by the public function
+itself, so that ``torch.compile`` traces it.
 
-A kernel backend is a module in ``fastadvseg.backends`` that launches kernels and returns what they computed
-(see ``fastadvseg/backends/cpu.py`` for the argument lists and results); it defines every name in
-:data:`LAUNCHES`, plus:
-
-* ``DTYPES``: the logit dtypes it runs;
-* ``supports_device(device) -> bool``: whether it can run on that device *now*;
-* importing it raises ``ImportError`` with a readable reason when it is not usable on this machine;
-* optionally ``find_bad_labels(target, C, ignore_index)`` (one_hot2d's label check; torch ops otherwise).
-
-Adding a backend means writing that module and adding one row to :data:`BACKENDS`.
+What a kernel backend module defines, and what its launches receive and return, is written in
+``fastadvseg/backends/_launch.py``. Adding a backend means writing that module and adding one row to
+:data:`BACKENDS`.
 """
 from __future__ import annotations
 
@@ -26,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+# the launches every kernel backend module defines (fastadvseg/backends/_launch.py)
 LAUNCHES = (
     "softmax2d",
     "softmax2d_backward",

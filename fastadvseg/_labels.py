@@ -169,8 +169,12 @@ def find_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -
     return torch.stack([count, value])
 
 
-@torch.library.custom_op("fastadvseg::valid_labels", mutates_args=())
-def valid_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+# Registered like the ops of fastadvseg/_ops.py (which holds the namespace's definition library).
+_LIB = torch.library.Library("fastadvseg", "FRAGMENT")
+_LIB.define("valid_labels(Tensor target, int num_classes, int ignore_index) -> Tensor")
+
+
+def _valid_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """The mask of counted pixels, ``(y != ignore_index) & (0 <= y < C)``, after reporting bad labels: the label
     check of the reference backend, opaque to ``torch.compile`` so that it is no graph break."""
     check_pending()
@@ -178,6 +182,12 @@ def valid_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> t
     return ((target != ignore_index) & (target >= 0) & (target < num_classes)).contiguous()
 
 
-@valid_labels.register_fake
+_LIB.impl("valid_labels", _valid_labels, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastadvseg::valid_labels", lib=_LIB)
 def _(target, num_classes, ignore_index):
     return target.new_empty(target.shape, dtype=torch.bool)
+
+
+valid_labels = torch.ops.fastadvseg.valid_labels.default

@@ -1,9 +1,10 @@
 """The public loss API.
 
 Each function checks its arguments once, resolves a backend (``fastadvseg/_dispatch.py``) and gets the op's sums
-and counts from it: from the registered op ``torch.ops.fastadvseg.<op>`` for a kernel backend (``triton``,
-``cuda``, ``cpu``; ``fastadvseg/_ops.py``), or from the plain PyTorch formulas of ``reference``. The means, the
-totals and the reductions are formed here, the same way for every backend. All take NCHW tensors of any strides,
+and counts from it: for a kernel backend (``triton``, ``cuda``, ``cpu``) by calling the registered op
+(``_ops.generator_loss`` is ``torch.ops.fastadvseg.generator_loss.default``; ``fastadvseg/_ops.py`` holds each op's
+autograd rule and device implementation), for ``reference`` from its plain PyTorch formulas. The means, the totals
+and the reductions are formed here, the same way for every backend. All take NCHW tensors of any strides,
 float32/float16/bfloat16 logits (float64 runs on the reference backend), on CPU or CUDA, and ``backend=``
 ("auto", "reference", "triton", "cpu", "cuda").
 
@@ -13,12 +14,12 @@ Every mean over an empty set (or a total class weight of exactly 0) is 0 with ze
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 
 from . import _labels
-from . import _ops  # registers torch.ops.fastadvseg.*; _ops.call runs them
+from . import _ops
 from . import _validate as V
 from ._dispatch import resolve
 from ._types import GeneratorLossOutput
@@ -67,9 +68,8 @@ def _mean(total: torch.Tensor, count: torch.Tensor, count_has_grad: bool = False
     product by its inverse (one autograd node), and d(mean)/d(total) exactly that inverse, the number a backend
     that pre-scales its stored gradient (``cpu``) already divided by."""
     if not count_has_grad:
-        count = count.detach()
-        nonzero = count != 0
-        return total * torch.where(nonzero, 1.0 / torch.where(nonzero, count, 1.0), 0.0)
+        count = count.detach()  # (no gradient, so the 1/0 that the where drops cannot become a NaN in backward)
+        return total * torch.where(count != 0, count.reciprocal(), 0.0)
     nonzero = count != 0
     return torch.where(nonzero, total / torch.where(nonzero, count, 1.0), 0.0)
 
@@ -95,7 +95,7 @@ def softmax2d(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     name = resolve("softmax2d", backend, logits.device, logits.dtype, torch.compiler.is_compiling())
     if not _kernel(name):
         return reference.softmax2d(logits)
-    return _ops.call("softmax2d", logits, name)
+    return _ops.softmax2d(logits, name)
 
 
 def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
@@ -116,12 +116,14 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
     label_smoothing = V.check_label_smoothing(label_smoothing)
     ignore_index = V.check_ignore_index(ignore_index)
     if logits.numel() == 0:
-        return _empty_map(logits) if reduction == "none" else _zero_loss(logits, *([weight] if weight is not None else []))
+        if reduction == "none":
+            return _empty_map(logits)
+        return _zero_loss(logits, *([weight] if weight is not None else []))
     name = resolve("cross_entropy2d", backend, logits.device, logits.dtype)
     validate = _labels.label_validation_enabled()
     if _kernel(name):
-        sums, loss_map, _, _ = _ops.call("cross_entropy2d", logits, target, weight, ignore_index,
-                                         label_smoothing, reduction, _wants_grad(logits), validate, name)
+        sums, loss_map, _, _ = _ops.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing,
+                                                    reduction, _wants_grad(logits), validate, name)
     else:
         valid = _labels.valid_labels(target, logits.shape[1], ignore_index) if validate else None
         sums, loss_map = reference.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, valid)
@@ -147,8 +149,8 @@ def bce_with_logits2d(d_logits: torch.Tensor, target: Union[float, torch.Tensor]
     if _kernel(name):
         if target_map is not None and target_map.device != d.device:  # a 0-dim target may live on the CPU
             target_map = target_map.to(d.device)
-        sums, loss_map, _, _ = _ops.call("bce_with_logits2d", d, target_map, target_value, mask, reduction,
-                                         _wants_grad(d), name)
+        sums, loss_map, _, _ = _ops.bce_with_logits2d(d, target_map, target_value, mask, reduction,
+                                                      _wants_grad(d), name)
     else:
         sums, loss_map = reference.bce_with_logits2d(d, target_map, target_value, mask)
     out = _reduce(sums, loss_map, reduction)
@@ -176,8 +178,8 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, *, thresh
     else:
         name = resolve("semi_cross_entropy2d", backend, logits.device, logits.dtype)
         if _kernel(name):
-            sums, loss_map, _, _ = _ops.call("semi_cross_entropy2d", logits, d.detach(), threshold, mask,
-                                             reduction, _wants_grad(logits), name)
+            sums, loss_map, _, _ = _ops.semi_cross_entropy2d(logits, d.detach(), threshold, mask, reduction,
+                                                             _wants_grad(logits), name)
         else:
             sums, loss_map = reference.semi_cross_entropy2d(logits, d.detach(), threshold, mask)
         loss = _reduce(sums, loss_map, reduction)
@@ -205,7 +207,7 @@ def one_hot2d(target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
     name = resolve("one_hot2d", backend, target.device, dtype if dtype.is_floating_point else torch.float32)
     validate = _labels.label_validation_enabled()
     if _kernel(name):
-        return _ops.call("one_hot2d", target, num_classes, ignore_index, dtype, validate, name)
+        return _ops.one_hot2d(target, num_classes, ignore_index, dtype, validate, name)
     valid = _labels.valid_labels(target, num_classes, ignore_index) if validate else None
     return reference.one_hot2d(target, num_classes, ignore_index, dtype, valid)
 
@@ -235,9 +237,9 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
         return GeneratorLossOutput(zero, z, z, z, z)
     name = resolve("generator_loss", backend, logits.device, logits.dtype)
     if _kernel(name):
-        sums, _, _, _ = _ops.call("generator_loss", logits, d, target, lambda_adv, lambda_semi, threshold,
-                                  ignore_index, _wants_grad(logits), _wants_grad(d),
-                                  _labels.label_validation_enabled(), name)
+        sums, _, _, _ = _ops.generator_loss(logits, d, target, lambda_adv, lambda_semi, threshold, ignore_index,
+                                            _wants_grad(logits), _wants_grad(d), _labels.label_validation_enabled(),
+                                            name)
     else:
         valid = None
         if target is not None and _labels.label_validation_enabled():
@@ -270,8 +272,8 @@ def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, *, ignore_mas
         fake, real = fake.to(dtype), real.to(dtype)
     name = resolve("discriminator_loss", backend, fake.device, fake.dtype)
     if _kernel(name):
-        sums, _, _, _ = _ops.call("discriminator_loss", fake, real, mask_fake, mask_real, _wants_grad(fake),
-                                  _wants_grad(real), name)
+        sums, _, _, _ = _ops.discriminator_loss(fake, real, mask_fake, mask_real, _wants_grad(fake),
+                                                _wants_grad(real), name)
     else:
         sums = reference.discriminator_loss(fake, real, mask_fake, mask_real)
     return _mean(sums[0], sums[1]) + _mean(sums[2], sums[3])

@@ -218,16 +218,20 @@ def test_torch_func_grad_and_vjp_work_and_vmap_says_what_to_do(case, gen):
         inner = torch.func.grad(lambda x: fas.cross_entropy2d(x, t, label_smoothing=0.1, backend=b))
         return torch.func.grad(lambda x: (inner(x) * v.to(x.dtype)).sum())(x)
     assert_close(hvp(x, backend), hvp(x64, "reference"), torch.float32, "hessian-vector product")
-    out, vjp = torch.func.vjp(lambda d: fas.discriminator_loss(d, d * 2, backend=backend), d)
-    (got,) = vjp(torch.ones_like(out))
-    _, vjp64 = torch.func.vjp(lambda d: fas.discriminator_loss(d, d * 2, backend="reference"), d64)
-    assert_close(got, vjp64(torch.ones((), dtype=torch.float64, device=device))[0], torch.float32, "vjp")
+    _, vjp64 = torch.func.vjp(lambda d: fas.discriminator_loss(d, d * 2, backend="reference"), d64.detach())
+    want = vjp64(torch.full((), 0.7, dtype=torch.float64, device=device))[0]
+    for primal in (d, d.detach()):  # with and without a graph outside the transform
+        out, vjp = torch.func.vjp(lambda d: fas.discriminator_loss(d, d * 2, backend=backend), primal)
+        assert_close(vjp(torch.full_like(out, 0.7))[0], want, torch.float32, "vjp")
     batch = torch.stack([x, x.flip(0)])
+    refused = "fastadvseg.cross_entropy2d: .*torch.vmap.*backend='reference'"
     if backend == "reference":
         torch.vmap(lambda x: fas.cross_entropy2d(x, t, backend=backend))(batch)
     else:
-        with pytest.raises(NotImplementedError, match="fastadvseg.cross_entropy2d: .*torch.vmap.*backend='reference'"):
+        with pytest.raises(NotImplementedError, match=refused):
             torch.vmap(lambda x: fas.cross_entropy2d(x, t, backend=backend))(batch)
+        with pytest.raises(NotImplementedError, match=refused):  # jacrev: a vjp under vmap
+            torch.func.jacrev(lambda x: fas.cross_entropy2d(x, t, backend=backend))(x)
 
 
 

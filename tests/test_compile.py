@@ -55,8 +55,9 @@ def _op_samples(device, gen):
     }
 
 
-_STORE_FLAGS = {"cross_entropy2d": (6,), "bce_with_logits2d": (5,), "semi_cross_entropy2d": (5,),
-                "generator_loss": (7, 8), "discriminator_loss": (4, 5)}
+def _store_flags(op) -> list:
+    """Positions of the op's arguments that ask a kernel to store a gradient."""
+    return [i for i, a in enumerate(op._schema.arguments) if a.name.startswith("store_grad")]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=ids)
@@ -71,13 +72,15 @@ def test_opcheck_every_registered_op(case, gen):
     for name, samples in _op_samples(device, gen).items():
         for args in samples:
             args = tuple(backend if a == "B" else a for a in args)
-            stores = any(args[i] for i in _STORE_FLAGS.get(name, ()))
+            op = getattr(OPS, name).default
+            flags = _store_flags(op)
+            stores = any(args[i] for i in flags)
             utils = ("test_schema", "test_autograd_registration", "test_faketensor") + \
                 (() if stores else ("test_aot_dispatch_dynamic",))
-            torch.library.opcheck(getattr(OPS, name).default, args, test_utils=utils)
+            torch.library.opcheck(op, args, test_utils=utils)
             if stores:  # the same call without stored gradients, through AOT dispatch
-                args = tuple(False if i in _STORE_FLAGS[name] else a for i, a in enumerate(args))
-                torch.library.opcheck(getattr(OPS, name).default, args, test_utils="test_aot_dispatch_dynamic")
+                args = tuple(False if i in flags else a for i, a in enumerate(args))
+                torch.library.opcheck(op, args, test_utils="test_aot_dispatch_dynamic")
 
 
 def test_opcheck_shared_helpers(gen):
