@@ -24,7 +24,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
-MODES = ("baseline", "adv", "semi")
+MODES = ("baseline", "adv", "semi", "selftrain", "mean_teacher")
+# the modes that train on the unlabelled images (at a label fraction of 1 there are none)
+UNLABELLED_MODES = ("semi", "selftrain", "mean_teacher")
+# the modes with a discriminator step and L_adv
+ADVERSARIAL_MODES = ("adv", "semi", "selftrain")
 INITS = ("scratch", "pretrained")
 AMP_MODES = ("none", "bf16", "fp16")
 LOSS_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
@@ -121,12 +125,35 @@ class TrainConfig:
         "feed the net Caffe input (BGR, 0..255, Caffe mean subtracted), as the authors' Caffe-trained COCO weights "
         "expect; None: true exactly for the DeepLab/COCO weights layout. Recorded resolved in the run's config.yaml.")
     ndf: int = _setting("model", 32, "discriminator width; synthetic default; paper: 64")
+    d_strides: int = _setting("model", 5,
+        "how many of D's 5 convolutions have stride 2 (the first ones; the others are 3x3 stride 1), 0..5. D judges "
+        "a map of crop / 2^d_strides cells a side: 5 is the paper's D (about 10x10 cells on VOC's 321-pixel crops, "
+        "2x2 on the synthetic 64-pixel crops, so its confidence there is nearly one value per image); 3 gives 8x8 "
+        "cells on the synthetic crops")
 
-    mode: str = _setting("losses", "semi", "baseline (L_ce), adv (+L_adv), semi (+L_adv on unlabelled + L_semi)")
+    mode: str = _setting("losses", "semi",
+        "baseline (L_ce), adv (+L_adv), semi (+L_adv on unlabelled + L_semi). Two controls that use the unlabelled "
+        "images without the discriminator's judgement: selftrain (semi with L_semi's pixels chosen by G's own "
+        "confidence, max softmax >= selftrain_threshold, instead of sigmoid(D) > semi_threshold; L_adv as in semi) "
+        "and mean_teacher (L_ce on the labelled batch, no adversarial terms; on the unlabelled batch the student "
+        "learns from CutMix blends of two crops the pseudo-labels of an EMA teacher, blended with the same box, "
+        "where the teacher's confidence >= teacher_threshold; French et al., BMVC 2020)")
     lambda_adv: float = _setting("losses", 0.01, "weight of L_adv on labelled images")
     lambda_semi: float = _setting("losses", 0.1, "weight of L_semi (pseudo-labels where D is confident)")
     lambda_semi_adv: float = _setting("losses", 0.001, "weight of L_adv on unlabelled images")
     semi_threshold: float = _setting("losses", 0.2, "T_semi: L_semi keeps pixels where sigmoid(D) > T_semi")
+    selftrain_threshold: float = _setting("losses", 0.95,
+        "selftrain mode: L_semi keeps the pixels where G's max softmax >= this (0.95: FixMatch's confidence "
+        "threshold); fixed before any selftrain result was seen")
+    lambda_cutmix: float = _setting("losses", 1.0,
+        "mean_teacher mode: weight of the CutMix loss (cross-entropy of the student on the blends against the "
+        "teacher's kept pseudo-labels, mean over the kept pixels); 1.0 as in French et al.")
+    teacher_decay: float = _setting("losses", 0.99,
+        "mean_teacher mode: the teacher is an EMA of the student, teacher <- decay * teacher + (1 - decay) * student "
+        "after every step (weights and BatchNorm statistics), in [0, 1)")
+    teacher_threshold: float = _setting("losses", 0.95,
+        "mean_teacher mode: the student learns a teacher pseudo-label only where the teacher's max softmax >= this "
+        "(0.95); fixed before any mean_teacher result was seen")
     d_unlabelled: bool = _setting("losses", True,
         "D also sees the unlabelled predictions as fake (the authors' D_remain)")
     d_real_smoothing: float = _setting("losses", 0.0,
@@ -217,7 +244,7 @@ class TrainConfig:
         for key in ("lr", "lr_d", "head_lr_mult"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 bad(key, "must be a finite number > 0")
-        for key in ("weight_decay", "power", "lambda_adv", "lambda_semi", "lambda_semi_adv"):
+        for key in ("weight_decay", "power", "lambda_adv", "lambda_semi", "lambda_semi_adv", "lambda_cutmix"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
                 bad(key, "must be a finite number >= 0")
         if not 0 <= self.momentum < 1:
@@ -228,8 +255,13 @@ class TrainConfig:
             bad("labelled_fraction", "must be in (0, 1]")
         if not 0 <= self.d_real_smoothing < 1:
             bad("d_real_smoothing", "must be in [0, 1)")
-        if not 0 <= self.semi_threshold <= 1:
-            bad("semi_threshold", "must be in [0, 1]")
+        for key in ("semi_threshold", "selftrain_threshold", "teacher_threshold"):
+            if not 0 <= getattr(self, key) <= 1:
+                bad(key, "must be in [0, 1]")
+        if not 0 <= self.teacher_decay < 1:
+            bad("teacher_decay", "must be in [0, 1)")
+        if not 0 <= self.d_strides <= 5:
+            bad("d_strides", "must be in 0..5 (the number of D's 5 convolutions with stride 2; the paper's D: 5)")
         lo, hi = self.scale_range
         if not (math.isfinite(hi) and 0 < lo <= hi):
             bad("scale_range", "must be (low, high) with 0 < low <= high, both finite")

@@ -28,12 +28,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import (ConfigError, TrainConfig, build_parser, from_dict, load_config, parse_overrides,
-                     read_config_file, require_pipeline_extras, save_config)
+from .config import (UNLABELLED_MODES, ConfigError, TrainConfig, build_parser, from_dict, load_config,
+                     parse_overrides, read_config_file, require_pipeline_extras, save_config)
 from .evaluate import evaluate
 from .utils import allocator
 from .utils import distributed as dist_utils
-from .utils.builders import build_bundle, build_models, build_optimizers, check_data, make_scaler, set_lr, to_device
+from .utils.builders import (build_bundle, build_models, build_optimizers, build_teacher, check_data, make_scaler,
+                             set_lr, to_device)
 from .utils.checkpoint import (BEST, LAST, CheckpointError, atomic_save, check_data_fits, check_resume,
                                config_differences, first_non_finite, read_training_state, recorded_miou,
                                remove_stale_temp_files, resolve_checkpoint, restore_training_state, run_dir_of,
@@ -118,6 +119,9 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"config batch_size={cfg.batch_size}: the global batch must split evenly over the "
                           f"{info.world_size} processes")
+    if cfg.mode == "mean_teacher" and cfg.batch_size // info.world_size < 2:
+        raise ConfigError(f"config batch_size={cfg.batch_size}: mode mean_teacher blends pairs of unlabelled crops, so "
+                          f"each of the {info.world_size} processes needs at least 2 per batch")
     changed = check_resume(cfg.to_dict(), state, resume.path) if resume else {}  # {key: (old, new)} allowed
     if resume:
         check_same_run(resume)
@@ -130,9 +134,10 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
         check_data_fits(state, bundle.class_names, resume.path)
     G, D = build_models(cfg, bundle, info.device, log, pretrained=state is None)
     opt_g, opt_d = build_optimizers(cfg, G, D)
+    teacher = build_teacher(cfg, G)  # before any wrapping: the EMA of the bare student
     scaler_g, scaler_d = make_scaler(cfg, info.device), make_scaler(cfg, info.device)
     start, best = restore_training_state(state, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d},
-                                         resume.path if resume else "")
+                                         resume.path if resume else "", teacher=teacher)
 
     # ---- the run: one process per run directory (its lock); files are written from here on ----
     run_dir, lock = make_run_dir(cfg, info, resume.run_dir if resume else None)
@@ -151,8 +156,9 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
                 "".join(f"; {k} {old} -> {new}" for k, (old, new) in changed.items()))
             if changed:  # recorded: config.yaml has the new values, metrics.jsonl when they changed
                 metrics.write({"kind": "resume", "step": start, "changed": {k: list(v) for k, v in changed.items()}})
-        nets = Nets(*_wrap(G, D, cfg, info), D_raw=D, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d)
-        use_unl = cfg.mode == "semi" and bundle.unlabelled is not None and len(bundle.unlabelled) > 0
+        nets = Nets(*_wrap(G, D, cfg, info), D_raw=D, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d,
+                    teacher=teacher)
+        use_unl = cfg.mode in UNLABELLED_MODES and bundle.unlabelled is not None and len(bundle.unlabelled) > 0
         loaders = [step_loader(StepBatches(ds, cfg.batch_size, cfg.seed, stream, info.rank, info.world_size),
                                start, cfg.steps, cfg.num_workers, info.device.type == "cuda")
                    for stream, ds in (("labelled", bundle.labelled),
@@ -163,14 +169,15 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
 
         def save(step: int, name: str, val_miou: Optional[float] = None) -> None:
             """Checkpoint after ``step`` steps, never with non-finite weights; an OSError stops the run, naming it."""
-            bad = first_non_finite({"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict()})
+            bad = first_non_finite({"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict(),
+                                    **({"teacher": teacher.state_dict()} if teacher is not None else {})})
             if bad:
                 raise RunStopped(f"step {step}: weight {bad} is not finite, so it was not saved (the checkpoints on "
                                  f"disk are of earlier steps): training diverged. Lower --lr and start a new run")
             path = os.path.join(ckpt_dir, name)
             checkpoint = training_state(step, G, D, opt_g, opt_d, {"g": scaler_g, "d": scaler_d}, best,
                                         cfg.to_dict(), extra={"classes": list(bundle.class_names),
-                                                              "val_miou": val_miou})
+                                                              "val_miou": val_miou}, teacher=teacher)
             try:
                 atomic_save(checkpoint, path)
             except OSError as e:
@@ -225,7 +232,7 @@ def _train(cfg: TrainConfig, resume: Optional[Resume], info: dist_utils.DistInfo
         test = evaluate(G, bundle.test, bundle.num_classes, device=info.device, batch_size=cfg.eval_batch_size,
                         cfg=cfg, info=info) if cfg.eval_test else None  # the final model, as on val; nothing chosen
         return final_report(cfg, bundle, G, D, run_dir, info, result, best, time.perf_counter() - t_start,
-                            time.process_time() - cpu_start, step=max(step + 1, start), test=test)
+                            time.process_time() - cpu_start, step=max(step + 1, start), test=test, teacher=teacher)
 
 
 def _open_run_dir(cfg: TrainConfig, bundle, run_dir: str, *, new_run: bool, finished: bool, log) -> None:

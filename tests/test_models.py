@@ -30,6 +30,69 @@ def test_discriminator_default_channels():
     assert D.leaky_relu.negative_slope == 0.2
 
 
+def _discriminator_in_plain_pytorch(D, x, strides):
+    """D's own map written out with F.conv2d in float64: 4x4 stride-2 pad-1 convs first, then 3x3 stride-1 pad-1."""
+    import torch.nn.functional as F
+
+    layers = list(D.convs) + [D.classifier]
+    x = x.double()
+    for i, conv in enumerate(layers):
+        stride, kernel = (2, 4) if i < strides else (1, 3)
+        assert conv.weight.shape[-2:] == (kernel, kernel)
+        x = F.conv2d(x, conv.weight.double(), conv.bias.double(), stride=stride, padding=1)
+        if i < len(layers) - 1:
+            x = F.leaky_relu(x, 0.2)
+    return x
+
+
+@pytest.mark.parametrize("strides, size", [(5, (64, 64)), (3, (64, 64)), (3, (37, 50)), (2, (33, 41)), (0, (9, 7))])
+def test_discriminator_strides_and_its_own_map(strides, size):
+    """D with ``strides`` stride-2 convolutions: its own map (upsample=False) is the conv stack at input // 2^strides
+    cells a side; the default output is that map upsampled bilinearly to the input size."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(strides)
+    torch.manual_seed(strides)
+    low = FCDiscriminator(6, ndf=4, strides=strides, upsample=False)
+    full = FCDiscriminator(6, ndf=4, strides=strides)
+    full.load_state_dict(low.state_dict())
+    x = torch.rand(2, 6, *size, generator=gen)
+    grid = tuple(s // 2 ** strides for s in size)
+    assert low.output_size(size) == grid
+    want = _discriminator_in_plain_pytorch(low, x, strides)
+    got = low(x)
+    assert got.shape == (2, 1, *grid)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full(x).double(), F.interpolate(want, size=size, mode="bilinear", align_corners=True),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_discriminator_sees_at_least_8x8_cells_on_the_embedded_crop():
+    """The paper's D (5 stride-2 convs) judges a 64-pixel synthetic crop as 2x2 cells; d_strides 3 gives >= 8x8. The
+    D the pipeline builds follows the config's d_strides, validated, and VOC keeps the paper's D."""
+    from types import SimpleNamespace
+
+    from fastadvseg.config import ConfigError, load_config
+    from fastadvseg.utils.builders import build_models
+
+    bundle = SimpleNamespace(num_classes=8, mean=(0.5,) * 3, std=(0.2,) * 3)
+    for d_strides, at_least in ((5, (2, 2)), (3, (8, 8))):
+        cfg = load_config("synthetic", {"d_strides": d_strides, "device": "cpu"})
+        _, D = build_models(cfg, bundle, torch.device("cpu"), log=lambda *a: None)
+        D.upsample = False
+        with torch.no_grad():
+            grid = tuple(D(torch.zeros(1, 8, *cfg.crop_size)).shape[-2:])
+        assert grid == D.output_size(cfg.crop_size) and min(grid) >= min(at_least), (d_strides, grid)
+        assert cfg.to_dict()["d_strides"] == d_strides
+    assert grid == (8, 8)
+    assert load_config("voc_1_8").d_strides == 5 and load_config("synthetic").d_strides == 5
+    for bad in (-1, 6, 2.5):
+        with pytest.raises(ConfigError, match="d_strides"):
+            load_config(None, {"d_strides": bad})
+    with pytest.raises(ValueError, match="strides"):
+        FCDiscriminator(8, strides=6)
+
+
 # the authors' ceil-mode max-pool: 321 -> 41, 64 -> 9 (about 1/8)
 @pytest.mark.parametrize("size,expected", [((64, 64), (9, 9)), ((65, 65), (9, 9)), ((33, 49), (5, 7)), ((321, 321), (41, 41))])
 def test_output_stride_8(compact, size, expected):

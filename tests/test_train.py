@@ -36,9 +36,9 @@ def _finite(records, key):
     return vals and all(math.isfinite(v) for v in vals)
 
 
-@pytest.mark.parametrize("mode", ["baseline", "adv", "semi"])
+@pytest.mark.parametrize("mode", ["baseline", "adv", "semi", "selftrain", "mean_teacher"])
 def test_every_mode_runs_and_writes_a_run_directory(tmp_path, mode):
-    cfg = tiny(tmp_path, mode=mode, plots=(mode == "semi"))
+    cfg = tiny(tmp_path, mode=mode, plots=(mode in ("semi", "mean_teacher")))
     out = train_mod.train(cfg)
     run = out["run_dir"]
     assert not out["interrupted"] and 0.0 <= out["miou"] <= 1.0
@@ -51,16 +51,25 @@ def test_every_mode_runs_and_writes_a_run_directory(tmp_path, mode):
     assert [r["kind"] for r in records].count("val") == 1
     assert _finite(train_recs, "loss_ce") and _finite(train_recs, "lr")
     assert train_recs[0]["lr"] == pytest.approx(cfg.lr) and train_recs[1]["lr"] < train_recs[0]["lr"]
-    if mode == "baseline":
-        assert all("loss_d" not in r and "loss_adv" not in r for r in train_recs)
+    if mode in ("baseline", "mean_teacher"):
+        assert all("loss_d" not in r and "loss_adv" not in r and "loss_semi_adv" not in r for r in train_recs)
     else:
         assert _finite(train_recs, "loss_d") and _finite(train_recs, "loss_adv")
-    if mode == "semi":
+    if mode in ("semi", "selftrain"):
         assert _finite(train_recs, "loss_semi_adv")
-        assert "loss_semi" not in train_recs[0] and "semi_ratio" in train_recs[1]  # semi_start=1
+        assert "loss_semi" not in train_recs[0] and _finite(train_recs, "loss_semi")  # semi_start=1
+    if mode == "mean_teacher":
+        assert "loss_cutmix" not in train_recs[0] and _finite(train_recs, "loss_cutmix")
+    if mode in ("semi", "selftrain", "mean_teacher"):  # the kept fraction of the pseudo-labels, from semi_start on
+        assert "semi_ratio" not in train_recs[0]
+        assert all(0.0 <= r["semi_ratio"] <= 1.0 for r in train_recs[1:])
+    else:
+        assert all("semi_ratio" not in r for r in train_recs)
+    if cfg.plots:
         for png in ("losses.png", "miou.png", "samples.png"):
             assert os.path.getsize(os.path.join(run, png)) > 1000, png
     state = last_state(run)
+    assert ("teacher" in state) == (mode == "mean_teacher")
     assert state["step"] == 3 and set(state["rng"]) >= {"python", "numpy", "torch"}
     assert state["config"] == load_config(os.path.join(run, "config.yaml")).to_dict() == cfg.to_dict()
     assert (state["config"]["ignore_index"], state["config"]["batchnorm"]) == (255, "live")
@@ -108,6 +117,12 @@ def _paper_step_in_float64(G, D, cfg, num_classes, images, labels, images_u):
         total_u, _, adv_u, semi, ratio = oracle.generator_loss(
             logits_u, D(d_in(oracle.softmax2d(logits_u), xu))[:, 0], None, cfg.lambda_semi_adv, cfg.lambda_semi,
             threshold=cfg.semi_threshold)
+        if cfg.mode == "selftrain":  # L_semi on G's own confident argmax instead of where D is confident
+            confidence, pseudo = torch.softmax(logits_u.detach(), 1).max(1)
+            keep = confidence >= cfg.selftrain_threshold
+            semi = F.cross_entropy(logits_u, torch.where(keep, pseudo, ignore), ignore_index=ignore)
+            ratio = keep.double().mean()
+            total_u = cfg.lambda_semi_adv * adv_u + cfg.lambda_semi * semi
         total = total + total_u
         out.update(loss_semi_adv=adv_u, loss_semi=semi, semi_ratio=ratio)
     grads_g = torch.autograd.grad(total, list(G.parameters()))
@@ -134,10 +149,13 @@ def _paper_step_in_float64(G, D, cfg, num_classes, images, labels, images_u):
     dict(mode="semi", ignore_index=255),
     dict(mode="semi", ignore_index=6, d_image=True, d_real_smoothing=0.1, d_unlabelled=False),
     dict(mode="adv", ignore_index=9),
+    dict(mode="selftrain", ignore_index=255, d_strides=3),
+    dict(mode="selftrain", ignore_index=7, d_image=True, d_unlabelled=False),
 ])
 def test_train_step_is_the_papers_iteration_in_plain_pytorch(tmp_path, case):
     """train_step's losses and the updates it makes equal the paper's iteration written out in float64, with the
-    class count given to it and the config's ignore_index (a value other than 255 included)."""
+    class count given to it and the config's ignore_index (a value other than 255 included); selftrain is the same
+    iteration with L_semi's pixels those where G's own max softmax >= selftrain_threshold."""
     from fastadvseg.models import FCDiscriminator
     from fastadvseg.utils.step import Nets, train_step
 
@@ -148,7 +166,7 @@ def test_train_step_is_the_papers_iteration_in_plain_pytorch(tmp_path, case):
     gen = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     G = torch.nn.Conv2d(3, C, 3, stride=2, padding=1)  # logits at half the label's size, as a segmenter's are smaller
-    D = FCDiscriminator(C + (3 if cfg.d_image else 0), ndf=4)
+    D = FCDiscriminator(C + (3 if cfg.d_image else 0), ndf=4, strides=cfg.d_strides)
     G64, D64 = copy.deepcopy(G).double(), copy.deepcopy(D).double()
     G0, D0 = [p.detach().clone() for p in G.parameters()], [p.detach().clone() for p in D.parameters()]
     images, images_u = torch.randn(N, 3, H, W, generator=gen), torch.randn(N, 3, H, W, generator=gen)
@@ -156,11 +174,15 @@ def test_train_step_is_the_papers_iteration_in_plain_pytorch(tmp_path, case):
     labels[torch.rand(N, H, W, generator=gen) < 0.2] = cfg.ignore_index
     nets = Nets(G, D, D_raw=D, opt_g=torch.optim.SGD(G.parameters(), lr=lr),
                 opt_d=torch.optim.SGD(D.parameters(), lr=lr))
-    unlabelled = images_u if cfg.mode == "semi" else None
+    unlabelled = images_u if cfg.mode in ("semi", "selftrain") else None
     with torch.no_grad():  # T_semi at the median confidence: L_semi keeps about half of the unlabelled pixels
         maps = torch.softmax(torch.nn.functional.interpolate(G(images_u), size=(H, W), mode="bilinear",
                                                              align_corners=True), 1)
         cfg.semi_threshold = float(torch.sigmoid(D(torch.cat([maps, images_u], 1) if cfg.d_image else maps)).median())
+        # selftrain's threshold halfway between two neighbouring confidences at the median: no pixel sits on it
+        confidence = maps.max(1).values.flatten().sort().values.double()
+        k = len(confidence) // 2
+        cfg.selftrain_threshold = float((confidence[k] + confidence[k + 1]) / 2)
 
     got = train_step(cfg, nets, 0, images, labels, unlabelled, num_classes=C)
     want, grads_g, grads_d = _paper_step_in_float64(G64, D64, cfg, C, images, labels, unlabelled)
@@ -168,13 +190,133 @@ def test_train_step_is_the_papers_iteration_in_plain_pytorch(tmp_path, case):
     assert set(got) == set(want)
     for key, value in want.items():
         torch.testing.assert_close(got[key].double(), value, rtol=1e-4, atol=1e-6, msg=key)
-    if cfg.mode == "semi":
+    if cfg.mode in ("semi", "selftrain"):
         assert 0.3 < float(want["semi_ratio"]) < 0.7
     for net, before, grads in (("G", G0, grads_g), ("D", D0, grads_d)):  # each net took one SGD step on its loss
         params = list((G if net == "G" else D).parameters())
         for i, (p, p0, g) in enumerate(zip(params, before, grads)):
             torch.testing.assert_close(p.detach().double(), p0.double() - lr * g, rtol=1e-4, atol=1e-6,
                                        msg=f"{net} parameter {i}")
+
+
+def _segmenter_with_batchnorm(C):
+    """Logits at half the label's size, with BatchNorm statistics for the teacher to average."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, stride=2, padding=1), torch.nn.BatchNorm2d(6),
+                               torch.nn.ReLU(), torch.nn.Conv2d(6, C, 1))
+
+
+def test_mean_teacher_step_in_plain_pytorch(tmp_path):
+    """One mean_teacher iteration against its definition in float64: L_ce on the labelled batch; the teacher's
+    argmax and max softmax on the unmixed unlabelled crops, each crop blended with its neighbour inside the box of
+    the step (written out here with slices), the student's CE on the blended images against the blended
+    pseudo-labels where the blended confidence >= teacher_threshold; the student's SGD step on the sum; then the
+    teacher's EMA update, teacher <- decay teacher + (1 - decay) student, weights and BatchNorm statistics alike.
+    D takes no step."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fastadvseg.models import FCDiscriminator
+    from fastadvseg.utils import step as step_mod
+    from fastadvseg.utils.builders import build_teacher
+
+    C, N, H, W, lr, step = 5, 3, 35, 41, 0.3, 4
+    cfg = tiny(tmp_path, mode="mean_teacher", semi_start=step, teacher_decay=0.9, lambda_cutmix=0.7, ignore_index=9)
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    G, D = _segmenter_with_batchnorm(C), FCDiscriminator(C, ndf=4)
+    teacher = build_teacher(cfg, G)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():  # a teacher that has drifted from the student, as after some steps
+        for t in teacher.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.3 * torch.rand(t.shape, generator=gen))
+    images, images_u = torch.randn(N, 3, H, W, generator=gen), torch.randn(N, 3, H, W, generator=gen)
+    labels = torch.randint(0, C, (N, H, W), generator=gen)
+    labels[torch.rand(N, H, W, generator=gen) < 0.2] = cfg.ignore_index
+    seg = lambda net, im: F.interpolate(net(im), size=(H, W), mode="bilinear", align_corners=True)
+    G64, T64 = copy.deepcopy(G).double(), copy.deepcopy(teacher).double()
+    with torch.no_grad():
+        confidence, pseudo = torch.softmax(seg(T64, images_u.double()), 1).max(1)
+    sorted_conf = confidence.flatten().sort().values
+    k = len(sorted_conf) // 2  # the threshold between two neighbouring confidences: no pixel sits on it
+    cfg.teacher_threshold = float((sorted_conf[k] + sorted_conf[k + 1]) / 2)
+    G0, D0 = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())
+    T0 = {k: v.double() for k, v in teacher.state_dict().items()}
+    nets = step_mod.Nets(G, D, D_raw=D, opt_g=torch.optim.SGD(G.parameters(), lr=lr),
+                         opt_d=torch.optim.SGD(D.parameters(), lr=lr), teacher=teacher)
+
+    got = step_mod.train_step(cfg, nets, step, images, labels, images_u, num_classes=C)
+
+    boxes = step_mod.cutmix_boxes(N, (H, W), step_mod._cutmix_generator(cfg, step))
+    mixed, mixed_conf, mixed_label = images_u.double().clone(), confidence.clone(), pseudo.clone()
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        j = (i - 1) % N
+        rows, cols = slice(top, top + h), slice(left, left + w)
+        mixed[i, :, rows, cols] = images_u.double()[j, :, rows, cols]
+        mixed_conf[i, rows, cols], mixed_label[i, rows, cols] = confidence[j, rows, cols], pseudo[j, rows, cols]
+    keep = mixed_conf >= cfg.teacher_threshold
+    ce = F.cross_entropy(seg(G64, images.double()), labels, ignore_index=cfg.ignore_index)
+    cutmix = F.cross_entropy(seg(G64, mixed), torch.where(keep, mixed_label, cfg.ignore_index),
+                             ignore_index=cfg.ignore_index)
+    grads = torch.autograd.grad(ce + cfg.lambda_cutmix * cutmix, list(G64.parameters()))
+    want = {"loss_ce": ce, "loss_cutmix": cutmix, "semi_ratio": keep.double().mean(),
+            "grad_norm_g": torch.cat([g.flatten() for g in grads]).norm()}
+    assert set(got) == set(want) and 0.2 < float(want["semi_ratio"]) < 0.8
+    for key, value in want.items():
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-4, atol=1e-6, msg=key)
+    for (name, p), p0, g in zip(G.named_parameters(), [G0[n] for n, _ in G.named_parameters()], grads):
+        torch.testing.assert_close(p.detach().double(), p0.double() - lr * g, rtol=1e-4, atol=1e-6, msg=name)
+    buffers64 = dict(G64.named_buffers())
+    for name, v in G.named_buffers():  # BatchNorm statistics of both student passes, in float64 too
+        torch.testing.assert_close(v.double(), buffers64[name].double(), rtol=1e-4, atol=1e-6, msg=name)
+    student = G.state_dict()
+    for name, t in teacher.state_dict().items():
+        if t.is_floating_point():
+            want_t = cfg.teacher_decay * T0[name] + (1 - cfg.teacher_decay) * student[name].double()
+            torch.testing.assert_close(t.double(), want_t, rtol=1e-6, atol=1e-7, msg=f"teacher {name}")
+        else:
+            assert torch.equal(t, student[name]), name  # BatchNorm's batch count: the student's
+    assert all(torch.equal(v, D0[k]) for k, v in D.state_dict().items())  # no adversarial terms, no D step
+
+
+def test_cutmix_blends_images_labels_and_confidences_with_the_same_box():
+    from fastadvseg.utils.step import box_masks, cutmix, cutmix_boxes
+
+    gen = torch.Generator().manual_seed(3)
+    N, H, W = 4, 7, 9
+    boxes = torch.tensor([[0, 0, 4, 5], [3, 4, 4, 5], [2, 1, 1, 9], [0, 0, 7, 9]])  # corners, a full row, everything
+    x, conf = torch.randn(N, 2, H, W, generator=gen), torch.rand(N, H, W, generator=gen)
+    label = torch.randint(0, 5, (N, H, W), generator=gen)
+    inside = box_masks(boxes, (H, W))
+    for t in (x, conf, label):
+        want = t.clone()
+        for i, (top, left, h, w) in enumerate(boxes.tolist()):
+            want[i, ..., top:top + h, left:left + w] = t[i - 1, ..., top:top + h, left:left + w]
+        assert torch.equal(cutmix(t, inside), want)
+
+    # French et al.'s box: half the crop (up to rounding), aspect ratios of 1:2 to 2:1, inside the crop
+    H, W = 64, 48
+    draws = cutmix_boxes(500, (H, W), torch.Generator().manual_seed(5))
+    top, left, h, w = draws.unbind(1)
+    assert ((top >= 0) & (left >= 0) & (top + h <= H) & (left + w <= W)).all()
+    area = (h * w).double() / (H * W)
+    assert (area - 0.5).abs().max() < (H + W) / (H * W) and abs(float(area.mean()) - 0.5) < 0.01
+    assert float(h.min()) <= 0.55 * H and float(h.max()) >= 0.95 * H  # the aspect ratio varies
+    assert len({(int(a), int(b)) for a, b in zip(top, left)}) > 100  # and so does the place
+    again = cutmix_boxes(500, (H, W), torch.Generator().manual_seed(5))
+    assert torch.equal(draws, again)
+
+
+def test_a_mean_teacher_checkpoint_without_its_teacher_is_refused(tmp_path):
+    run = train_mod.train(tiny(tmp_path, mode="mean_teacher", steps=1))["run_dir"]
+    path = os.path.join(run, "checkpoints", "last.pt")
+    state = torch.load(path, weights_only=True)
+    del state["teacher"]
+    torch.save(state, path)
+    cfg, resume = train_mod.parse_cli(["--resume", run, "--steps", "2"])
+    with pytest.raises(ConfigError, match="holds no mean teacher"):
+        train_mod.train(cfg, resume)
 
 
 def _interrupt_at(monkeypatch, at_step):
@@ -189,21 +331,27 @@ def _interrupt_at(monkeypatch, at_step):
     monkeypatch.setattr(train_mod, "train_step", step_then_signal)
 
 
-def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
-    kw = dict(mode="semi", steps=4, eval_every=2, checkpoint_every=3)
+@pytest.mark.parametrize("mode, stop_after", [("semi", 1), ("mean_teacher", 2)])
+def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch, mode, stop_after):
+    kw = dict(mode=mode, steps=4, eval_every=2, checkpoint_every=3)
     full = train_mod.train(tiny(tmp_path, "full", **kw))
-    _interrupt_at(monkeypatch, 0)
+    _interrupt_at(monkeypatch, stop_after - 1)
     part = train_mod.train(tiny(tmp_path, "part", **kw))
-    assert part["interrupted"] and part["step"] == 1
-    assert last_state(part["run_dir"])["step"] == 1
+    assert part["interrupted"] and part["step"] == stop_after
+    assert last_state(part["run_dir"])["step"] == stop_after
     monkeypatch.undo()
     cfg, resume = train_mod.parse_cli(["--resume", part["run_dir"]])
     resumed = train_mod.train(cfg, resume)
     a, b = last_state(full["run_dir"]), last_state(part["run_dir"])
     assert a["step"] == b["step"] == 4
-    for net in ("G", "D"):
+    nets = ("G", "D", "teacher") if mode == "mean_teacher" else ("G", "D")
+    for net in nets:
         for k, v in a[net].items():
             assert torch.equal(v, b[net][k]), f"{net}.{k} differs after resume"
+    if mode == "mean_teacher":  # the teacher is an average of the student's past, not a copy of it
+        assert not all(torch.equal(v, a["G"][k]) for k, v in a["teacher"].items())
+    for k, v in a["opt_g"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["opt_g"]["state"][k]["momentum_buffer"])
     for k, v in a["opt_d"]["state"].items():
         assert torch.equal(v["exp_avg"], b["opt_d"]["state"][k]["exp_avg"])
     assert resumed["miou"] == full["miou"] and a["best_miou"] == b["best_miou"]

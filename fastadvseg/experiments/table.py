@@ -26,6 +26,12 @@ data it is reported on the held-out test split (``eval_test``: 200 images disjoi
 scores beside, and any choice (a setting, a remedy) is made on val. ``--init pretrained`` starts every cell from the
 shipped pretrained backbone (``python -m fastadvseg.pretrain``), ``--init scratch`` (the default) from random weights.
 
+Besides the paper's three modes (the default), ``--modes`` takes the two controls that learn from the unlabelled
+images without the discriminator: ``selftrain`` (adv+semi with L_semi's pixels chosen by the network's own confidence)
+and ``mean_teacher`` (CutMix mean teacher, French et al. 2020); like ``semi`` they are not run at fraction 1. The
+report pools the paired differences over the fractions too (e.g. adv - baseline over every seed x fraction pair:
+mean, 95% t interval, how many pairs are positive).
+
 Any other ``--key value`` is passed to every cell as a TrainConfig override (``python -m fastadvseg.train --help``).
 """
 from __future__ import annotations
@@ -45,13 +51,14 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence
 
-from ..config import MODES, ConfigError, load_config, parse_overrides, require_pipeline_extras
+from ..config import MODES, UNLABELLED_MODES, ConfigError, load_config, parse_overrides, require_pipeline_extras
 
 # Defaults for the embedded synthetic data: 1800 steps (twice the plain training default, which is far from
 # converged). The whole from-scratch sweep (33 cells, each scored on val and test) took 65 minutes with --jobs 2 on
 # the 2-core machine (docs/paper_table.md).
 DEFAULT_STEPS = 1800
 DEFAULT_FRACTIONS = ("1/8", "1/4", "1/2", "1")
+DEFAULT_MODES = ("baseline", "adv", "semi")
 DEFAULT_SEEDS = 3
 TRAIN_SEED_BASE = 1234  # TrainConfig's default seed: seed index 0 is the default run
 # Keys the sweep sets itself (per cell); overriding them would make every cell the same.
@@ -62,13 +69,21 @@ RESULT_FILE = "summary.json"  # written by fastadvseg.train when a run has finis
 # Hung et al. (BMVC 2018), PASCAL VOC 2012 val mIoU, DeepLab-v2 ResNet-101 (COCO-pretrained): the reference only.
 PAPER_VOC = {"baseline": {"1/8": 66.0, "1/4": 68.3, "1/2": 69.8, "1": 73.6},
              "semi": {"1/8": 69.5, "1/4": 72.1, "1/2": 73.8, "1": None}}
-PLOT_LABELS = {"semi": "adv+semi"}
-MODE_LABELS = {"baseline": "baseline (L_ce)", "adv": "adv (L_ce + L_adv)", "semi": "adv+semi (+ L_adv, L_semi on unlabelled)"}
+PLOT_LABELS = {"semi": "adv+semi", "selftrain": "adv+selftrain", "mean_teacher": "CutMix mean teacher"}
+MODE_LABELS = {"baseline": "baseline (L_ce)", "adv": "adv (L_ce + L_adv)", "semi": "adv+semi (+ L_adv, L_semi on unlabelled)",
+               "selftrain": "adv+selftrain (adv+semi, L_semi kept where G's max softmax >= selftrain_threshold)",
+               "mean_teacher": "CutMix mean teacher (L_ce + CutMix CE on the EMA teacher's confident pseudo-labels)"}
+# The pooled comparisons (a - b, paired by fraction and seed) of the report, where both modes were run: what L_adv
+# adds, what L_semi adds to it, and the two controls against the baseline and against the paper's adv+semi.
+POOLED_PAIRS = (("adv", "baseline"), ("semi", "adv"), ("semi", "baseline"), ("selftrain", "baseline"),
+                ("selftrain", "semi"), ("mean_teacher", "baseline"), ("mean_teacher", "semi"))
 
 EXPECTED = ("Expected duration with the defaults (embedded synthetic data, 1800 steps, 33 cells) with --jobs 2 on 2 "
             "CPU cores: about 65 minutes from scratch (per cell, two side by side, median: baseline 1.8, adv 3.7, "
             "semi 6.3 minutes, scoring on val and test included), about 58 minutes with --init pretrained; a third "
-            "process competing for the cores makes it up to half as long again.")
+            "process competing for the cores makes it up to half as long again. The controls cost per cell about "
+            "what semi (selftrain: 6.8 CPU minutes at 1/8) and adv (mean_teacher: 3.6) cost (estimated from runs of "
+            "100 and 300 steps).")
 
 
 @dataclass
@@ -98,8 +113,13 @@ def parse_fraction(text: str) -> str:
 
 
 def build_cells(modes: Sequence[str], fractions: Sequence[str], seeds: Sequence[int]) -> List[Cell]:
-    """Seed-major order, so that an interrupted sweep has whole tables of the first seeds."""
-    return [Cell(m, f, s) for s in seeds for f in fractions for m in modes if not (m == "semi" and f == "1")]
+    """Seed-major order, so that an interrupted sweep has whole tables of the first seeds. The modes that learn from
+    unlabelled images are not run at fraction 1 (there are none: semi would repeat adv, mean_teacher the baseline)."""
+    return [Cell(m, f, s) for s in seeds for f in fractions for m in modes if not _not_run(m, f)]
+
+
+def _not_run(mode: str, fraction: str) -> bool:
+    return mode in UNLABELLED_MODES and Fraction(fraction) == 1
 
 
 def train_args(cell: Cell, steps: int, overrides: Dict[str, str], cells_dir: str) -> List[str]:
@@ -215,8 +235,9 @@ def read_cell(cells_dir: str, cell: Cell) -> Dict:
 
 # Training diagnostics per cell (from its metrics.jsonl): D's mean confidence sigmoid(D) on the predictions (fake:
 # labelled, and in semi mode unlabelled, softmax maps) and on the one-hot ground truth (real), the fraction of
-# unlabelled pixels L_semi keeps (from semi_start on), and L_semi's share of the generator loss
-# lambda_semi L_semi / (L_ce + lambda_adv L_adv + lambda_semi_adv L_adv,unl + lambda_semi L_semi), per phase of the run.
+# unlabelled pixels the pseudo-label term keeps (from semi_start on), and that term's share of the generator loss:
+# lambda_semi L_semi / (L_ce + lambda_adv L_adv + lambda_semi_adv L_adv,unl + lambda_semi L_semi) (semi, selftrain), or
+# lambda_cutmix L_cutmix / (L_ce + lambda_cutmix L_cutmix) (mean_teacher), per phase of the run.
 DIAG_KEYS = ("d_conf_fake", "d_conf_real", "semi_ratio", "semi_share")
 PHASES = ((0.0, 0.05), (0.05, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 
@@ -231,7 +252,8 @@ def cell_diagnostics(metrics_path: str, config_path: str) -> Optional[Dict]:
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f) or {}
-    lam = {k: float(cfg.get(k, d)) for k, d in (("lambda_adv", 0.01), ("lambda_semi_adv", 0.001), ("lambda_semi", 0.1))}
+    lam = {k: float(cfg.get(k, d)) for k, d in (("lambda_adv", 0.01), ("lambda_semi_adv", 0.001), ("lambda_semi", 0.1),
+                                                ("lambda_cutmix", 1.0))}
     steps = int(cfg.get("steps", 0)) or None
     records = []
     with open(metrics_path, encoding="utf-8") as f:
@@ -253,7 +275,11 @@ def cell_diagnostics(metrics_path: str, config_path: str) -> Optional[Dict]:
             for k in DIAG_KEYS[:3]:
                 if k in r:
                     vals[k].append(r[k])
-            if "loss_semi" in r:
+            if "loss_cutmix" in r:
+                cutmix = lam["lambda_cutmix"] * r["loss_cutmix"]
+                total = r.get("loss_ce", 0.0) + cutmix
+                vals["semi_share"].append(cutmix / total if total > 0 else 0.0)
+            elif "loss_semi" in r:
                 semi = lam["lambda_semi"] * r["loss_semi"]
                 total = (r.get("loss_ce", 0.0) + lam["lambda_adv"] * r.get("loss_adv", 0.0)
                          + lam["lambda_semi_adv"] * r.get("loss_semi_adv", 0.0) + semi)
@@ -294,17 +320,101 @@ def aggregate(rows: Sequence[Dict], modes: Sequence[str], fractions: Sequence[st
     return agg
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t distribution with ``df`` degrees of freedom (no scipy needed)."""
+    if not 0.5 < p < 1.0 or df < 1:
+        raise ValueError(f"t_quantile: p={p} must be in (0.5, 1) and df={df} >= 1")
+    tail = 2.0 * (1.0 - p)  # P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2)
+    lo, hi = 0.0, 1.0
+    while _betainc(df / 2.0, 0.5, df / (df + hi * hi)) > tail:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if _betainc(df / 2.0, 0.5, df / (df + mid * mid)) > tail:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2.0
+
+
+def pooled_differences(rows: Sequence[Dict], modes: Sequence[str], key: str = "miou",
+                       pairs: Sequence = POOLED_PAIRS) -> List[Dict]:
+    """For each (a, b) of ``pairs`` with both modes in ``modes``: the differences a - b in mIoU points, paired by
+    (fraction, seed) over every pair where both cells are done (``key``: "miou" on val, "test_miou" on test), pooled
+    over the fractions: {"a", "b", "n", "mean", "std", "ci95": (low, high) from the t distribution with n - 1 degrees
+    of freedom (None for n < 2), "positive": how many differences are > 0}."""
+    done = {(r["mode"], r["fraction"], r["seed"]): 100 * r[key] for r in rows if r.get(key) is not None}
+    out = []
+    for a, b in pairs:
+        if a not in modes or b not in modes:
+            continue
+        diffs = [v - done[(b, f, s)] for (m, f, s), v in sorted(done.items()) if m == a and (b, f, s) in done]
+        mean, std, n = mean_std(diffs)
+        ci = None
+        if n > 1:
+            half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
+            ci = (mean - half, mean + half)
+        out.append({"a": a, "b": b, "n": n, "mean": mean, "std": std, "ci95": ci,
+                    "positive": sum(d > 0 for d in diffs)})
+    return out
+
+
+def _pooled_rows(pooled: Sequence[Dict]) -> List[str]:
+    lines = ["| paired difference, pooled over fractions | pairs | mean Δ | 95% interval (t) | pairs > 0 |",
+             "|---|---|---|---|---|"]
+    for p in pooled:
+        name = f"{PLOT_LABELS.get(p['a'], p['a'])} − {PLOT_LABELS.get(p['b'], p['b'])}"
+        if not p["n"]:
+            lines.append(f"| {name} | 0 | – | – | – |")
+            continue
+        ci = "–" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
+        lines.append(f"| {name} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['positive']} of {p['n']} |")
+    return lines
+
+
 def _score_rows(agg: Dict, modes: Sequence[str], fractions: Sequence[str]) -> List[str]:
     head = "| | " + " | ".join(f"{f} labels" for f in fractions) + " |"
     lines = [head, "|---" * (len(fractions) + 1) + "|"]
     for m in modes:
         cells = agg["cells"][m]
         lines.append(f"| {MODE_LABELS.get(m, m)} | "
-                     + " | ".join("– (no unlabelled images: = adv)" if m == "semi" and f == "1"
-                                  else _fmt(cells[f]["mean"], cells[f]["std"], cells[f]["n"]) for f in fractions) + " |")
+                     + " | ".join(f"– (no unlabelled images: = {'baseline' if m == 'mean_teacher' else 'adv'})"
+                                  if _not_run(m, f) else _fmt(cells[f]["mean"], cells[f]["std"], cells[f]["n"])
+                                  for f in fractions) + " |")
     for m, d in agg["delta_vs_baseline"].items():
         lines.append(f"| Δ {m} − baseline (paired by seed) | "
-                     + " | ".join("–" if m == "semi" and f == "1" else
+                     + " | ".join("–" if _not_run(m, f) else
                                   (f"{d[f]['mean']:+.1f}" + (f" ± {d[f]['std']:.1f}" if d[f]["std"] is not None else "")
                                    if d[f]["n"] else "–") for f in fractions) + " |")
     return lines
@@ -312,11 +422,11 @@ def _score_rows(agg: Dict, modes: Sequence[str], fractions: Sequence[str]) -> Li
 
 def diagnostics_table(rows: Sequence[Dict], modes: Sequence[str], fractions: Sequence[str]) -> List[str]:
     """Per mode x fraction x phase of training: the diagnostics (DIAG_KEYS), mean over the seeds done."""
-    lines = ["| mode | labels | steps | D conf. on predictions | D conf. on ground truth | kept fraction (L_semi) "
-             "| L_semi share of G's loss |", "|---|---|---|---|---|---|---|"]
+    lines = ["| mode | labels | steps | D conf. on predictions | D conf. on ground truth | kept fraction (pseudo-labels) "
+             "| pseudo-label term's share of G's loss |", "|---|---|---|---|---|---|---|"]
     for m in modes:
         if m == "baseline":
-            continue  # no discriminator
+            continue  # no discriminator, no pseudo-labels
         for f in fractions:
             diags = [r["diagnostics"] for r in rows if r["mode"] == m and r["fraction"] == f and r.get("diagnostics")]
             if not diags:
@@ -332,8 +442,9 @@ def diagnostics_table(rows: Sequence[Dict], modes: Sequence[str], fractions: Seq
 
 
 def write_table(path: str, aggs: Dict[str, Dict], modes: Sequence[str], fractions: Sequence[str], meta: Dict,
-                rows: Sequence[Dict] = ()) -> str:
-    """``aggs``: {"test": aggregate on the test split (reported), "val": on val}; the test table comes first."""
+                rows: Sequence[Dict] = (), pooled: Optional[Dict[str, List[Dict]]] = None) -> str:
+    """``aggs``: {"test": aggregate on the test split (reported), "val": on val}; the test table comes first.
+    ``pooled``: {"test"/"val": :func:`pooled_differences`}."""
     lines = [f"# Label-fraction table: {meta['dataset']}, {meta['steps']} steps"
              + (f", init {meta['init']}" if meta.get("init") else ""), ""]
     if "test" in aggs:
@@ -346,12 +457,18 @@ def write_table(path: str, aggs: Dict[str, Dict], modes: Sequence[str], fraction
         lines += [f"mIoU (%) of the final model on the val set, mean ± sample std over seeds (n = seeds done). "
                   f"Seed k: split_seed k, training seed {TRAIN_SEED_BASE}+k.", ""]
     lines += _score_rows(aggs["val"], modes, fractions)
+    for split, comparisons in (pooled or {}).items():
+        if comparisons:
+            lines += ["", f"Paired differences pooled over the fractions ({split} mIoU points; each pair: one fraction, "
+                      f"one seed; the interval is mean ± t(0.975, n-1) · std / √n, treating the pairs as independent):",
+                      ""] + _pooled_rows(comparisons)
     diag = diagnostics_table(rows, modes, fractions)
     if len(diag) > 2:
         lines += ["", "Training diagnostics (mean over the seeds and the logged windows of each phase; D conf. = mean "
                   "sigmoid(D) over non-ignored pixels; predictions: the softmax maps D sees as fake, in adv+semi mode "
-                  "labelled and unlabelled; kept fraction: unlabelled pixels above semi_threshold, from semi_start on; "
-                  "L_semi share: lambda_semi L_semi over G's whole loss):", ""] + diag
+                  "labelled and unlabelled; kept fraction: unlabelled pixels above semi_threshold (selftrain: G's max "
+                  "softmax >= selftrain_threshold; mean teacher: the teacher's >= teacher_threshold), from semi_start "
+                  "on; share: lambda_semi L_semi (mean teacher: lambda_cutmix L_cutmix) over G's whole loss):", ""] + diag
     head = "| | " + " | ".join(f"{f} labels" for f in fractions) + " |"
     lines += ["", "For reference only, a different setting (PASCAL VOC 2012 val, DeepLab-v2 ResNet-101 from COCO-pretrained "
               "weights, 20k steps; Hung et al., BMVC 2018):", "", head, "|---" * (len(fractions) + 1) + "|"]
@@ -410,17 +527,19 @@ def report(out: str, cells: Sequence[Cell], modes, fractions, meta: Dict, status
         if st.get("status"):
             row["last_status"] = st["status"]
     aggs = {"val": aggregate(rows, modes, fractions)}
+    pooled = {"val": pooled_differences(rows, modes)}
     if any(r.get("test_miou") is not None for r in rows):
         aggs = {"test": aggregate(rows, modes, fractions, "test_miou"), **aggs}
+        pooled = {"test": pooled_differences(rows, modes, "test_miou"), **pooled}
     meta = {**meta, "done": sum(r["state"] == "done" for r in rows), "total": len(rows)}
     os.makedirs(out, exist_ok=True)
-    text = write_table(os.path.join(out, "table.md"), aggs, modes, fractions, meta, rows)
+    text = write_table(os.path.join(out, "table.md"), aggs, modes, fractions, meta, rows, pooled)
     split = "test" if "test" in aggs else "val"
     plot_table(os.path.join(out, "table.png"), aggs[split], modes, fractions,
                f"{meta['dataset']}, {meta['steps']} steps, {split} mIoU, mean ± std over seeds", split)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({**meta, "paper_voc": PAPER_VOC, "aggregate": aggs["val"], "aggregate_test": aggs.get("test"),
-                   "cells": rows}, f, indent=2)
+                   "pooled": pooled["val"], "pooled_test": pooled.get("test"), "cells": rows}, f, indent=2)
     return text, rows
 
 
@@ -434,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_root", default=None, help="the dataset's root folder (not needed for synthetic)")
     p.add_argument("--config", default=None, help="a shipped config or YAML file for every cell (e.g. voc_1_8)")
     p.add_argument("--fractions", nargs="+", default=list(DEFAULT_FRACTIONS), help="label fractions (default 1/8 1/4 1/2 1)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="default: baseline adv semi")
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
+                   help=f"of {', '.join(MODES)} (default: {' '.join(DEFAULT_MODES)}, the paper's table)")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                    help="number of seeds k = 0..N-1; each sets split_seed=k AND seed=1234+k (default 3)")
     p.add_argument("--steps", type=int, default=None,

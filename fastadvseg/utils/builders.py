@@ -95,7 +95,7 @@ def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print, pret
         log("WARNING: frozen BatchNorm without --pretrained weights: every BN is the identity, and a deep net trained "
             "from scratch this way blows up (measured: ResNet-101 CE 1e4 at step 1). Pass --pretrained FILE (the "
             "paper uses resnet101COCO-41f33a49.pth) or --batchnorm frozen_affine (batch statistics).")
-    D = FCDiscriminator(num_classes + (3 if cfg.d_image else 0), ndf=cfg.ndf)
+    D = FCDiscriminator(num_classes + (3 if cfg.d_image else 0), ndf=cfg.ndf, strides=cfg.d_strides)
     if cfg.pretrained_d and pretrained:
         from ..models.weights import read_state_dict
 
@@ -103,6 +103,32 @@ def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print, pret
             D.load_state_dict(read_state_dict(cfg.pretrained_d))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
+
+
+def build_teacher(cfg: TrainConfig, G) -> Optional[torch.nn.Module]:
+    """The EMA teacher of mean_teacher mode (None in the other modes): a copy of the student ``G`` as it starts (after
+    its pretrained weights), always in eval mode (it predicts with its running BatchNorm statistics and never updates
+    them itself), taking no gradient. A resume then loads the checkpoint's teacher into it."""
+    if cfg.mode != "mean_teacher":
+        return None
+    import copy
+
+    teacher = copy.deepcopy(G)
+    teacher.load_report = None
+    return teacher.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def update_teacher(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, for every floating-point parameter and buffer (BatchNorm
+    running statistics too); integer buffers (BatchNorm's batch count) are copied."""
+    s_state = student.state_dict()
+    for name, t in teacher.state_dict().items():
+        s = s_state[name]
+        if t.is_floating_point():
+            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+        else:
+            t.copy_(s)
 
 
 def build_optimizers(cfg: TrainConfig, G, D):

@@ -134,7 +134,7 @@ def read_training_state(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} holds no training state (it is {what}, without "
                               f"{', '.join(map(repr, missing))}): --resume needs a checkpoint written by "
                               f"python -m fastadvseg.train")
-    bad = first_non_finite({"G": state["G"], "D": state["D"] or {}})
+    bad = first_non_finite({"G": state["G"], "D": state["D"] or {}, "teacher": state.get("teacher") or {}})
     if bad:
         raise CheckpointError(f"checkpoint {path} holds non-finite weights ({bad}): it cannot be resumed; "
                               f"resume from an earlier checkpoint or start a new run")
@@ -234,12 +234,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def training_state(step: int, G, D, opt_g, opt_d, scalers: Dict[str, Any], best_miou: Optional[float],
-                   config: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Everything needed to continue exactly: ``step`` is the next step to run."""
+                   config: Dict[str, Any], extra: Optional[Dict[str, Any]] = None, teacher=None) -> Dict[str, Any]:
+    """Everything needed to continue exactly: ``step`` is the next step to run. ``teacher``: the EMA teacher of
+    mean_teacher mode (saved as "teacher" when given)."""
     return {
         "step": step,
         "G": unwrap(G).state_dict(),
         "D": unwrap(D).state_dict() if D is not None else None,
+        **({"teacher": teacher.state_dict()} if teacher is not None else {}),
         "opt_g": opt_g.state_dict(),
         "opt_d": opt_d.state_dict() if opt_d is not None else None,
         "scalers": {k: s.state_dict() for k, s in scalers.items() if s is not None},
@@ -254,11 +256,17 @@ def training_state(step: int, G, D, opt_g, opt_d, scalers: Dict[str, Any], best_
 
 
 def restore_training_state(state: Optional[Dict[str, Any]], G, D, opt_g, opt_d, scalers: Dict[str, Any],
-                           path: str = "checkpoint"):
-    """Load a :func:`training_state` into freshly built objects; returns (next step, best mIoU) - (0, None) if none."""
+                           path: str = "checkpoint", teacher=None):
+    """Load a :func:`training_state` into freshly built objects (``teacher``: mean_teacher mode's EMA teacher, which
+    the checkpoint must then hold); returns (next step, best mIoU) - (0, None) if none."""
     if state is None:
         return 0, None
+    if teacher is not None and not isinstance(state.get("teacher"), dict):
+        raise CheckpointError(f"checkpoint {path} holds no mean teacher (\"teacher\"), which its mode mean_teacher "
+                              f"needs to continue: resume a checkpoint written by this run")
     try:
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
         unwrap(G).load_state_dict(state["G"])
         unwrap(D).load_state_dict(state["D"])
         opt_g.load_state_dict(state["opt_g"])

@@ -132,7 +132,7 @@ class Progress:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         parts = [f"step {step + 1}/{self.total} [{100 * (step + 1) / self.total:3.0f}%]"]
         for key, label in (("loss_ce", "ce"), ("loss_adv", "adv"), ("loss_semi_adv", "adv_u"), ("loss_semi", "semi"),
-                           ("loss_d", "D")):
+                           ("loss_cutmix", "cutmix"), ("loss_d", "D")):
             if key in values:
                 parts.append(f"{label} {values[key]:.3f}")
         if "semi_ratio" in values:

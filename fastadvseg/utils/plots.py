@@ -1,5 +1,7 @@
 """PNG figures of a run (matplotlib, Agg): loss curves (window means and their trend, labelled axes), validation mIoU
-on a fixed 0-100 axis, and predictions with a class legend and D's confidence map on a colour scale with T_semi marked."""
+on a fixed 0-100 axis, and predictions with a class legend and the confidence map that chooses the pseudo-labels (D's,
+or in the selftrain and mean_teacher modes the network's own max softmax) on a colour scale with its threshold
+marked."""
 from __future__ import annotations
 
 import os
@@ -16,7 +18,7 @@ def _plt():
 
 
 LOSS_KEYS = (("loss_ce", "L_ce"), ("loss_adv", "L_adv (labelled)"), ("loss_semi_adv", "L_adv (unlabelled)"),
-             ("loss_semi", "L_semi"), ("loss_d", "L_D"))
+             ("loss_semi", "L_semi"), ("loss_cutmix", "L_cutmix (mean teacher)"), ("loss_d", "L_D"))
 
 
 def _smooth(values: List[float], n: int) -> List[float]:
@@ -89,10 +91,13 @@ def plot_curves(records: List[Dict], out_dir: str) -> List[str]:
 
 
 def samples_figure(images, labels, preds, confidence, palette, mean, std, class_names: Sequence[str],
-                   threshold: float, ignore_index: int = 255, titles: Optional[List[str]] = None):
-    """One row per image: input, ground truth, prediction, and sigmoid(D(softmax(pred))) - the "trustworthy
-    regions" that L_semi keeps where the confidence exceeds T_semi (``threshold``: outlined, and marked on the
-    colour scale). A legend names the classes shown."""
+                   threshold: float, ignore_index: int = 255, titles: Optional[List[str]] = None,
+                   confidence_name: str = "D confidence", confidence_label: str = "sigmoid(D)",
+                   threshold_name: str = "T_semi"):
+    """One row per image: input, ground truth, prediction, and a confidence map - by default sigmoid(D(softmax(pred))),
+    the "trustworthy regions" that L_semi keeps where the confidence exceeds T_semi (``threshold``: outlined, and
+    marked on the colour scale; ``confidence_name``, ``confidence_label``, ``threshold_name`` name another map and its
+    threshold). A legend names the classes shown."""
     from matplotlib.patches import Patch
 
     from ..data import colorize, denormalize
@@ -114,12 +119,12 @@ def samples_figure(images, labels, preds, confidence, palette, mean, std, class_
         im = axes[i][3].imshow(conf, cmap="viridis", vmin=0, vmax=1)
         if conf.min() < threshold < conf.max():
             axes[i][3].contour(conf, levels=[threshold], colors="white", linewidths=0.7)
-        axes[i][3].set_title(f"D confidence (white: T_semi={threshold:g})", fontsize=8)
+        axes[i][3].set_title(f"{confidence_name} (white: {threshold_name}={threshold:g})", fontsize=8)
         axes[i][3].axis("off")
         bar = fig.colorbar(im, ax=axes[i][3], fraction=0.046, pad=0.04)
         bar.ax.axhline(threshold, color="white", lw=1.5)
         bar.ax.tick_params(labelsize=6)
-        bar.set_label("sigmoid(D)", fontsize=6)
+        bar.set_label(confidence_label, fontsize=6)
     handles = [Patch(facecolor=[c / 255 for c in palette[k]], edgecolor="black", lw=0.3, label=class_names[k])
                for k in sorted(shown) if k < len(class_names)]
     if ignore_index in shown:
@@ -131,11 +136,13 @@ def samples_figure(images, labels, preds, confidence, palette, mean, std, class_
 
 def plot_samples(images, labels, preds, confidence, palette, mean, std, path: str, ignore_index: int = 255,
                  titles: Optional[List[str]] = None, class_names: Optional[Sequence[str]] = None,
-                 threshold: float = 0.2) -> str:
-    """``samples.png``: see :func:`samples_figure`."""
+                 threshold: float = 0.2, **names) -> str:
+    """``samples.png``: see :func:`samples_figure` (``names``: its confidence_name, confidence_label,
+    threshold_name)."""
     plt = _plt()
-    names = list(class_names) if class_names is not None else [f"class {k}" for k in range(len(palette))]
-    fig = samples_figure(images, labels, preds, confidence, palette, mean, std, names, threshold, ignore_index, titles)
+    classes = list(class_names) if class_names is not None else [f"class {k}" for k in range(len(palette))]
+    fig = samples_figure(images, labels, preds, confidence, palette, mean, std, classes, threshold, ignore_index, titles,
+                         **names)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

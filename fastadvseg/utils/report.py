@@ -52,10 +52,25 @@ def describe_run(cfg, bundle, G, info, run_dir) -> str:
             f"run directory {run_dir}")
 
 
-def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=None, step=None, test=None) -> dict:
+def own_confidence(G, images: torch.Tensor, size, cfg) -> torch.Tensor:
+    """(N, H, W) max softmax of the segmenter ``G`` (in eval mode) on ``images``, at ``size``."""
+    from .builders import autocast, segment
+    from .step import confident_argmax
+
+    was_training = G.training
+    G.eval()
+    with torch.no_grad(), autocast(cfg, images.device):
+        confidence, _ = confident_argmax(segment(G, images, size))
+    G.train(was_training)
+    return confidence
+
+
+def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=None, step=None, test=None,
+                 teacher=None) -> dict:
     """Rank 0: curves, the prediction/confidence figure, eval.md/json, summary.json; prints the IoU table. ``step``:
     the step of the model reported (that of checkpoints/last.pt); ``test``: its scores on the held-out test split
-    (eval_test.md/json, test_miou in summary.json)."""
+    (eval_test.md/json, test_miou in summary.json); ``teacher``: mean_teacher mode's EMA teacher, whose confidence
+    the figure shows."""
     from ..evaluate import confidence_maps, write_report
 
     step = cfg.steps if step is None else step
@@ -75,10 +90,19 @@ def final_report(cfg, bundle, G, D, run_dir, info, result, best, wall_s, cpu_s=N
             items = [it for it in items if it[0].shape == shape]
             images = torch.stack([it[0] for it in items]).to(info.device)
             labels = torch.stack([it[1] for it in items])
-            preds, conf = confidence_maps(G, D, images, tuple(labels.shape[-2:]), cfg)
+            size = tuple(labels.shape[-2:])
+            preds, conf = confidence_maps(G, D, images, size, cfg)
+            shown = {"threshold": cfg.semi_threshold}
+            if cfg.mode in ("selftrain", "mean_teacher"):  # the map that chooses these modes' pseudo-labels
+                net = teacher if cfg.mode == "mean_teacher" and teacher is not None else G
+                conf = own_confidence(net, images, size, cfg)
+                who = "teacher" if net is teacher else "G"
+                shown = {"threshold": cfg.teacher_threshold if cfg.mode == "mean_teacher" else cfg.selftrain_threshold,
+                         "confidence_name": f"{who} max softmax", "confidence_label": "max softmax",
+                         "threshold_name": "tau"}
             plot_samples(images, labels, preds, conf, bundle.palette, bundle.mean, bundle.std,
                          os.path.join(run_dir, "samples.png"), ignore_index=cfg.ignore_index, titles=[it[2] for it in items],
-                         class_names=bundle.class_names, threshold=cfg.semi_threshold)
+                         class_names=bundle.class_names, **shown)
     table = write_report(result, bundle.class_names, run_dir, extra={"step": step})
     if test is not None:
         write_report(test, bundle.class_names, run_dir, stem="eval_test", extra={"step": step, "split": "test"})

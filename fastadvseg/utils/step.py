@@ -1,23 +1,36 @@
-"""One training iteration of Hung et al. (2018): a generator (segmenter) update, then a discriminator update.
+"""One training iteration of Hung et al. (2018): a generator (segmenter) update, then a discriminator update; and
+of the two controls that learn from the unlabelled images without the discriminator's judgement.
 
 G step: labelled batch -> ``generator_loss(logits, D(softmax(logits)), target)`` = L_ce + lambda_adv L_adv
-(``baseline``: plain L_ce); in ``semi`` mode also the unlabelled batch -> lambda_semi_adv L_adv +
-lambda_semi L_semi (L_semi from ``semi_start`` on). D takes no gradient from these (requires_grad off, as the
-authors do). D step: fake = D(softmax of the detached predictions), real = D(one-hot ground truth), ignored
-pixels excluded, the sum halved as in the paper.
+(``baseline`` and ``mean_teacher``: plain L_ce). Unlabelled batch, one function per mode, each the whole loss of that
+mode in one place:
+
+- ``semi`` (:func:`semi_loss`): lambda_semi_adv L_adv + lambda_semi L_semi, L_semi on the argmax pseudo-labels where
+  sigmoid(D) > semi_threshold;
+- ``selftrain`` (:func:`selftrain_loss`): the same, but L_semi keeps the pixels where G's own max softmax >=
+  selftrain_threshold. L_adv stays as in ``semi``, so that the two differ in the mask alone;
+- ``mean_teacher`` (:func:`cutmix_mean_teacher_loss`): lambda_cutmix CE of the student on CutMix blends of two
+  unlabelled crops (:func:`cutmix_boxes`, :func:`cutmix`) against the EMA teacher's argmax on the unmixed crops,
+  blended with the same box, kept where the teacher's confidence >= teacher_threshold. After G's step the teacher
+  moves towards the student (``builders.update_teacher``).
+
+The pseudo-label terms start at ``semi_start``. D takes no gradient from these (requires_grad off, as the authors
+do). D step (``adv``, ``semi``, ``selftrain``): fake = D(softmax of the detached predictions), real = D(one-hot ground
+truth), ignored pixels excluded, the sum halved as in the paper.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 
 import fastadvseg as _fas
 
-from ..config import TrainConfig
-from .builders import autocast, d_input, segment
+from ..config import ADVERSARIAL_MODES, UNLABELLED_MODES, TrainConfig
+from .builders import autocast, d_input, segment, update_teacher
+from .sampling import derive_seed
 
 
 @dataclass
@@ -29,6 +42,104 @@ class Nets:
     opt_d: torch.optim.Optimizer
     scaler_g: Optional[object] = None
     scaler_d: Optional[object] = None
+    teacher: Optional[torch.nn.Module] = None  # mean_teacher mode: the EMA of the bare G (builders.build_teacher)
+
+
+@dataclass
+class UnlabelledLoss:
+    """What the unlabelled batch adds to G's loss: ``total`` (to backpropagate) and the terms logged by name."""
+    total: torch.Tensor
+    logged: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def confident_argmax(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(max softmax over the classes, argmax) per pixel of NCHW ``logits``, in float32, no gradient: a pseudo-label
+    and how sure the network is of it."""
+    with torch.no_grad():
+        x = logits.detach().float()
+        top, label = x.max(1)
+        return 1.0 / torch.exp(x - top.unsqueeze(1)).sum(1), label
+
+
+def semi_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, backend: str) -> UnlabelledLoss:
+    """The paper's unlabelled loss: lambda_semi_adv L_adv + lambda_semi L_semi (D chooses L_semi's pixels)."""
+    u = fas.generator_loss(logits_u, d_logits_u, None, lambda_adv=cfg.lambda_semi_adv,
+                           lambda_semi=cfg.lambda_semi if semi_on else 0.0, threshold=cfg.semi_threshold,
+                           ignore_index=cfg.ignore_index, backend=backend)
+    logged = {"loss_semi_adv": u.adv}
+    if semi_on:  # before semi_start L_semi is off: nothing is kept
+        logged.update(loss_semi=u.semi, semi_ratio=u.semi_ratio)
+    return UnlabelledLoss(u.total, logged)
+
+
+def selftrain_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, backend: str) -> UnlabelledLoss:
+    """``semi_loss`` with L_semi's pixels chosen by G's confidence instead of D's: lambda_semi_adv L_adv + lambda_semi
+    CE(logits_u, argmax where max softmax >= selftrain_threshold), the mean over the kept pixels."""
+    ignore = cfg.ignore_index
+    u = fas.generator_loss(logits_u, d_logits_u, None, lambda_adv=cfg.lambda_semi_adv, lambda_semi=0.0,
+                           ignore_index=ignore, backend=backend)
+    logged = {"loss_semi_adv": u.adv}
+    if not semi_on:
+        return UnlabelledLoss(u.total, logged)
+    confidence, pseudo = confident_argmax(logits_u)
+    keep = confidence >= cfg.selftrain_threshold
+    semi = fas.cross_entropy2d(logits_u, torch.where(keep, pseudo, ignore), ignore_index=ignore, reduction="mean",
+                               backend=backend)
+    logged.update(loss_semi=semi, semi_ratio=keep.float().mean())
+    return UnlabelledLoss(u.total + cfg.lambda_semi * semi, logged)
+
+
+def cutmix_mean_teacher_loss(fas, cfg: TrainConfig, logits_mixed, teacher_confidence, teacher_label, *,
+                             backend: str) -> UnlabelledLoss:
+    """lambda_cutmix CE(the student's logits on the blends, the teacher's blended argmax where its blended confidence
+    >= teacher_threshold), the mean over the kept pixels."""
+    ignore = cfg.ignore_index
+    keep = teacher_confidence >= cfg.teacher_threshold
+    loss = fas.cross_entropy2d(logits_mixed, torch.where(keep, teacher_label, ignore), ignore_index=ignore,
+                               reduction="mean", backend=backend)
+    return UnlabelledLoss(cfg.lambda_cutmix * loss, {"loss_cutmix": loss, "semi_ratio": keep.float().mean()})
+
+
+CUTMIX_AREA = 0.5  # French et al.'s box: half of the crop, a random aspect ratio, inside the crop
+
+
+def cutmix_boxes(n: int, size: Tuple[int, int], generator: torch.Generator, area: float = CUTMIX_AREA) -> torch.Tensor:
+    """(n, 4) int64 boxes (top, left, height, width), one per pair: covering ``area`` of an (H, W) crop (up to
+    rounding), the height a fraction area^u (u uniform in [0, 1]) of H so the aspect ratio varies, placed uniformly
+    inside the crop."""
+    H, W = size
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    h_frac = area ** u[:, 0]
+    h = (h_frac * H).round().clamp(1, H).long()
+    w = (area / h_frac * W).round().clamp(1, W).long()
+    top = (u[:, 1] * (H - h + 1)).floor().long()
+    left = (u[:, 2] * (W - w + 1)).floor().long()
+    return torch.stack([top, left, h, w], 1)
+
+
+def box_masks(boxes: torch.Tensor, size: Tuple[int, int], device=None) -> torch.Tensor:
+    """(n, H, W) bool, True inside each box."""
+    H, W = size
+    boxes = boxes.to(device)
+    ys = torch.arange(H, device=device).view(1, H, 1)
+    xs = torch.arange(W, device=device).view(1, 1, W)
+    top, left, h, w = (boxes[:, k].view(-1, 1, 1) for k in range(4))
+    return (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)
+
+
+def cutmix(x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Item i of the batch ``x`` (N, ...) with, inside its box (``inside``: (N, H, W) bool), item i - 1 (item N - 1
+    for item 0): each crop is paired with its neighbour, so N crops make N blends. Images (N, C, H, W), label maps
+    and confidence maps (N, H, W) are blended alike."""
+    mask = inside if x.dim() == inside.dim() else inside.unsqueeze(1)
+    return torch.where(mask, x.roll(1, 0), x)
+
+
+def _cutmix_generator(cfg: TrainConfig, step: int) -> torch.Generator:
+    """The boxes of a step come from (seed, step, rank) alone: a resumed run draws the same ones."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    return torch.Generator().manual_seed(derive_seed(cfg.seed, "cutmix", step, rank))
 
 
 def _backward(loss: torch.Tensor, scaler) -> None:
@@ -64,8 +175,13 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
     fas = _fas if losses is None else losses
     device = images.device
     ignore = cfg.ignore_index
-    adversarial = cfg.mode != "baseline"
-    use_unl = cfg.mode == "semi" and images_u is not None
+    adversarial = cfg.mode in ADVERSARIAL_MODES
+    semi_on = step >= cfg.semi_start
+    use_unl = cfg.mode in UNLABELLED_MODES and images_u is not None
+    # mean_teacher uses the unlabelled batch only from semi_start on (it has no L_adv term before)
+    unl_backward = use_unl and (cfg.mode != "mean_teacher" or semi_on)
+    if cfg.mode == "mean_teacher" and nets.teacher is None:
+        raise ValueError("train_step: mode mean_teacher needs nets.teacher (fastadvseg.utils.builders.build_teacher)")
     be = cfg.loss_backend
     out: Dict[str, torch.Tensor] = {}
     size = tuple(labels.shape[-2:])
@@ -74,7 +190,7 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
     nets.opt_g.zero_grad(set_to_none=True)
     nets.D_raw.requires_grad_(False)
     # With an unlabelled pass, let DDP reduce the gradients once, after both backward passes.
-    no_sync = nets.G.no_sync() if use_unl and hasattr(nets.G, "no_sync") else contextlib.nullcontext()
+    no_sync = nets.G.no_sync() if unl_backward and hasattr(nets.G, "no_sync") else contextlib.nullcontext()
     with no_sync:
         with autocast(cfg, device):
             logits = segment(nets.G, images, size)
@@ -86,20 +202,30 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
             else:
                 loss = out["loss_ce"] = fas.cross_entropy2d(logits, labels, ignore_index=ignore, backend=be)
         _backward(loss, nets.scaler_g)
-    if use_unl:
-        lambda_semi = cfg.lambda_semi if step >= cfg.semi_start else 0.0
+    if unl_backward:
         with autocast(cfg, device):
-            logits_u = segment(nets.G, images_u, size)
-            d_logits_u = nets.D_raw(d_input(cfg, fas.softmax2d(logits_u, backend=be), images_u))
-            u = fas.generator_loss(logits_u, d_logits_u, None, lambda_adv=cfg.lambda_semi_adv, lambda_semi=lambda_semi,
-                                   threshold=cfg.semi_threshold, ignore_index=ignore, backend=be)
+            if cfg.mode == "mean_teacher":
+                if tuple(images_u.shape[-2:]) != size:
+                    raise ValueError(f"train_step: unlabelled crops {tuple(images_u.shape[-2:])} differ from the "
+                                     f"labelled crops {size}; CutMix blends label maps of the crop size")
+                with torch.no_grad():  # the teacher predicts on the unmixed crops
+                    confidence_t, label_t = confident_argmax(segment(nets.teacher, images_u, size))
+                inside = box_masks(cutmix_boxes(len(images_u), size, _cutmix_generator(cfg, step)), size, device)
+                logits_mixed = segment(nets.G, cutmix(images_u, inside), size)
+                u = cutmix_mean_teacher_loss(fas, cfg, logits_mixed, cutmix(confidence_t, inside),
+                                             cutmix(label_t, inside), backend=be)
+            else:
+                logits_u = segment(nets.G, images_u, size)
+                d_logits_u = nets.D_raw(d_input(cfg, fas.softmax2d(logits_u, backend=be), images_u))
+                unlabelled_loss = semi_loss if cfg.mode == "semi" else selftrain_loss
+                u = unlabelled_loss(fas, cfg, logits_u, d_logits_u, semi_on=semi_on, backend=be)
         _backward(u.total, nets.scaler_g)
-        out["loss_semi_adv"] = u.adv
-        if step >= cfg.semi_start:  # before semi_start L_semi is off: nothing is kept
-            out["loss_semi"], out["semi_ratio"] = u.semi, u.semi_ratio
+        out.update(u.logged)
     if nets.scaler_g is None:  # (a GradScaler expects inf gradients now and then, and skips those steps itself)
         out["grad_norm_g"] = grad_norm(nets.G)
     _step(nets.opt_g, nets.scaler_g)
+    if nets.teacher is not None:
+        update_teacher(nets.teacher, getattr(nets.G, "module", nets.G), cfg.teacher_decay)
     nets.D_raw.requires_grad_(True)
     if not adversarial:
         return {k: v.detach() for k, v in out.items()}
