@@ -7,7 +7,9 @@ Each op test runs twice (the ``device`` fixture):
   (fastadvseg/kernels/cuda/pixel_ops.cuh) compiled for the host and run over CPU tensors behind a stand-in of the binding
   (tests/cuda_emulation), with the backend's real autograd layer (fastadvseg/backends/cuda.py).
 The reference backend runs on the same tensors, so both see identical inputs; values are compared in float32,
-gradients in the input dtype. Determinism, streams, >2**31 elements and the triton comparison need the GPU.
+gradients in the input dtype. The launches with ``size`` (fused bilinear upsampling) are compared with the reference
+backend on F.interpolate(x.float(), size) and checked for their argument errors. Determinism, streams, >2**31
+elements, the memory of the upsampled ops and the triton comparison need the GPU.
 
 ``test_nvcc_compiles_cuda_kernels`` runs on any machine with nvcc: it compiles every fastadvseg/kernels/cuda/*.cu for sm_80
 and sm_90 and syntax-checks the binding (``.ci/nvcc_check.sh``), so a syntax error cannot land unseen. Deselect it
@@ -478,6 +480,172 @@ def test_agrees_with_triton_backend(dtype, gen):
     _close(fas.softmax2d(x, backend="cuda").float(), fas.softmax2d(xt, backend="triton").float(), **GRAD_TOL[dtype])
     _close(fas.cross_entropy2d(x, t, reduction="none", backend="cuda"),
            fas.cross_entropy2d(xt, t, reduction="none", backend="triton"), **LOSS_TOL)
+
+
+# ------------------------------------------------------------------------------------ fused bilinear upsampling
+# The backend's launches with size (the public API gets the argument elsewhere): each equals the reference
+# backend's op on F.interpolate(x.float(), size, mode="bilinear", align_corners), its gradient buffers have the
+# low-resolution inputs' shapes and dtypes and equal the gradient through that interpolation.
+
+@pytest.fixture(params=["cuda", "emulated"])
+def cuda_module(request, monkeypatch):
+    """(fastadvseg/backends/cuda.py, device): the real module on a GPU, or the module on the emulated kernels."""
+    if request.param == "cuda":
+        if not HAS_CUDA_BACKEND:
+            pytest.skip("needs a GPU and the built cuda backend: "
+                        + (_dispatch.unavailable_reason("cuda") or "no CUDA device visible"))
+        return _dispatch._load("cuda"), "cuda"
+    return load_emulated_backend(request.getfixturevalue("emulated_ext"), monkeypatch), "cpu"
+
+
+def _interp(x, size, align):
+    """The input as the op sees it: F.interpolate(x.float(), size) (maps: (N, h, w)); at size: x.float() itself."""
+    if list(x.shape[-2:]) == list(size):
+        return x.float()
+    if x.dim() == 3:
+        return _interp(x.unsqueeze(1), size, align).squeeze(1)
+    return torch.nn.functional.interpolate(x.float(), size, mode="bilinear", align_corners=align)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _grad_of(value, inputs):
+    return torch.autograd.grad(value, inputs, allow_unused=True)
+
+
+def _low_grad_close(actual, expected, like):
+    assert actual.shape == like.shape and actual.dtype == like.dtype
+    _close(actual.float(), expected.float(), **GRAD_TOL[like.dtype])
+
+
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "contiguous"), (torch.float16, "channels_last"),
+                                          (torch.bfloat16, "sliced")])
+def test_upsampled_launches_match_the_reference_on_interpolated_inputs(cuda_module, dtype, layout, align, gen):
+    from fastadvseg.backends import reference as ref
+
+    module, device = cuda_module
+    n, c, size = 2, 5, (13, 11)
+    x = _with_layout(_rand((n, c, 5, 4), gen).to(dtype), layout, device)          # logits at about 1/2.5
+    z = _with_layout(_rand((n, 3, 2), gen, 2.0).to(dtype), layout, device)        # D at about 1/5
+    t = _target((n, c, *size), gen, layout=layout, device=device)
+    mask = _mask((n, *size), gen, layout=layout, device=device)
+    w = (torch.rand(c, generator=gen) + 0.5).to(device)
+    kw = dict(size=size, align_corners=align)
+
+    # softmax2d and its backward at the logits' resolution
+    x32 = _leaf(x.float())
+    y = module.softmax2d(x, **kw)
+    y_ref = ref.softmax2d(_interp(x32, size, align))
+    assert y.shape == (n, c, *size) and y.dtype == dtype
+    _close(y.float(), y_ref.detach(), **GRAD_TOL[dtype])
+    gy = _rand(y.shape, gen, 1.0).to(dtype).to(device)
+    gx = module.softmax2d_backward(y, gy, low_size=tuple(x.shape[2:]), align_corners=align)
+    (gx_ref,) = _grad_of((y_ref * gy.float()).sum(), x32)
+    scaled = dict(rtol=GRAD_TOL[dtype]["rtol"], atol=GRAD_TOL[dtype]["rtol"] * float(gx_ref.abs().max()))
+    assert gx.shape == x.shape and gx.dtype == dtype
+    _close(gx.float(), gx_ref, **(GRAD_TOL[dtype] if dtype == torch.float32 else scaled))
+
+    # cross_entropy2d with class weights and label smoothing
+    launch = module.cross_entropy2d(x, t, w, 255, 0.1, "none", True, **kw)
+    sums_ref, map_ref = ref.cross_entropy2d(_interp(x32, size, align), t, w, 255, 0.1)
+    _close(launch.sums, sums_ref.detach(), **LOSS_TOL)
+    _close(launch.loss_map, map_ref.detach(), **LOSS_TOL)
+    _low_grad_close(launch.grad, _grad_of(sums_ref[0], x32)[0], x)
+    assert launch.bad.tolist() == [0, 0]
+
+    # semi_cross_entropy2d: logits and D at different resolutions, the keep rule on the interpolated D
+    launch = module.semi_cross_entropy2d(x, z, 0.2, mask, "none", True, **kw)
+    sums_ref, map_ref = ref.semi_cross_entropy2d(_interp(x32, size, align), _interp(z, size, align), 0.2, mask)
+    _close(launch.sums, sums_ref.detach(), **LOSS_TOL)
+    _close(launch.loss_map, map_ref.detach(), **LOSS_TOL)
+    _low_grad_close(launch.grad, _grad_of(sums_ref[0], x32)[0], x)
+
+    # generator_loss, labelled and unlabelled: the term's gradient to the logits, the adv's to D
+    for target in (t, None):
+        z32 = _leaf(z.float())
+        launch = module.generator_loss(x, z, target, 0.01, 0.1, 0.2, 255, True, True, **kw)
+        sums_ref = ref.generator_loss(_interp(x32, size, align), _interp(z32, size, align), target, 0.2, 255)
+        _close(launch.sums, sums_ref.detach(), **LOSS_TOL)
+        _low_grad_close(launch.grad, _grad_of(sums_ref[0], x32)[0], x)
+        _low_grad_close(launch.grad_d, _grad_of(sums_ref[2], z32)[0], z)
+        assert (launch.bad is None) == (target is None)
+
+    # bce_with_logits2d against a target map, and discriminator_loss with one map at size already
+    z32 = _leaf(z.float())
+    tmap = torch.rand((n, *size), generator=gen).to(device)
+    launch = module.bce_with_logits2d(z, tmap, 0.0, mask, "none", True, **kw)
+    sums_ref, map_ref = ref.bce_with_logits2d(_interp(z32, size, align), tmap, 0.0, mask)
+    _close(launch.sums, sums_ref.detach(), **LOSS_TOL)
+    _close(launch.loss_map, map_ref.detach(), **LOSS_TOL)
+    _low_grad_close(launch.grad, _grad_of(sums_ref[0], z32)[0], z)
+    real = _rand((n, *size), gen).to(dtype).to(device)
+    r32 = _leaf(real.float())
+    launch = module.discriminator_loss(z, real, None, mask, True, True, **kw)
+    sums_ref = ref.discriminator_loss(_interp(z32, size, align), _interp(r32, size, align), None, mask)
+    _close(launch.sums, sums_ref.detach(), **LOSS_TOL)
+    _low_grad_close(launch.grad_fake, _grad_of(sums_ref[0], z32)[0], z)
+    _low_grad_close(launch.grad_real, _grad_of(sums_ref[2], r32)[0], real)
+
+
+def test_upsampled_launch_arguments_are_checked(cuda_module, gen):
+    module, device = cuda_module
+    x = _rand((2, 3, 4, 5), gen).float().to(device)
+    t = _target((2, 3, 8, 9), gen, device=device)
+    z = _rand((2, 2, 3), gen).float().to(device)
+    with pytest.raises(TypeError):
+        module.cross_entropy2d(x, t, None, 255, 0.0, "mean", False, (8, 9))  # keyword-only
+    for size, error, words in (((8,), ValueError, "pair"), ((8, 0), ValueError, "positive"),
+                               ((8.0, 9), TypeError, "ints"), ((True, 9), TypeError, "ints")):
+        with pytest.raises(error, match=words):
+            module.cross_entropy2d(x, t, None, 255, 0.0, "mean", False, size=size)
+    with pytest.raises(TypeError, match="align_corners"):
+        module.softmax2d(x, size=(8, 9), align_corners=1)
+    with pytest.raises(ValueError, match=r"target must have shape \(N, H, W\) = \(2, 8, 10\).*\(2, 8, 9\)"):
+        module.cross_entropy2d(x, t, None, 255, 0.0, "mean", False, size=(8, 10))
+    with pytest.raises(ValueError, match="ignore_mask"):
+        module.semi_cross_entropy2d(x, z, 0.2, torch.zeros((2, 8, 8), dtype=torch.bool, device=device), "mean",
+                                    False, size=(8, 9))
+    with pytest.raises(ValueError, match="d_logits"):
+        module.generator_loss(x, z[:1], None, 0.01, 0.1, 0.2, 255, False, False, size=(8, 9))
+    with pytest.raises(ValueError, match="no pixels"):
+        module.softmax2d(torch.empty((2, 3, 0, 5), device=device), size=(8, 9))
+    with pytest.raises(ValueError, match="ignore_mask_real"):
+        module.discriminator_loss(z, z, None, torch.zeros((2, 3, 2), dtype=torch.bool, device=device), False, False,
+                                  size=(8, 9))
+
+
+@requires_cuda
+def test_upsampled_on_gpu_deterministic_and_without_full_resolution_logits(gen):
+    """41 -> 321 (DeepLab's 1/8 of a VOC crop): the same bits on every run, F.interpolate + F.cross_entropy's
+    values, and no buffer the size of the upsampled logits (its forward or its gradient) at any time."""
+    from fastadvseg.backends import cuda as module
+
+    n, c, size = 2, 21, (321, 321)
+    x = _rand((n, c, 41, 41), gen).float().cuda()
+    t = _target((n, c, *size), gen, device="cuda")
+    z = _rand((n, 11, 11), gen).float().cuda()
+    full_bytes = n * c * size[0] * size[1] * 4
+    for align in (False, True):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        first = module.cross_entropy2d(x, t, None, 255, 0.0, "mean", True, size=size, align_corners=align)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < full_bytes // 4
+        again = module.cross_entropy2d(x, t, None, 255, 0.0, "mean", True, size=size, align_corners=align)
+        assert torch.equal(first.sums, again.sums) and torch.equal(first.grad, again.grad)
+        x32 = x.clone().requires_grad_(True)
+        up = torch.nn.functional.interpolate(x32, size, mode="bilinear", align_corners=align)
+        loss = torch.nn.functional.cross_entropy(up, t, ignore_index=255, reduction="sum")
+        loss.backward()
+        _close(first.sums[0], loss.detach(), rtol=1e-5, atol=1e-3)
+        _close(first.grad, x32.grad, rtol=1e-4, atol=1e-4)
+        g1 = module.generator_loss(x, z, None, 0.01, 0.1, 0.2, 255, True, True, size=size, align_corners=align)
+        g2 = module.generator_loss(x, z, None, 0.01, 0.1, 0.2, 255, True, True, size=size, align_corners=align)
+        assert all(torch.equal(a, b) for a, b in zip(g1[:3], g2[:3]))
 
 
 # ------------------------------------------------------------------------------------------- compile guard (CPU)

@@ -8,7 +8,10 @@ dispatch -- and check what the binding promises: RAW sums (never means), loss ma
 ([count, first bad label in pixel order], int64), for float32/float16/bfloat16 inputs in contiguous,
 channels_last and sliced layouts at small odd shapes. The oracles are PyTorch's own functions
 (F.cross_entropy with weight/ignore_index/label_smoothing, F.binary_cross_entropy_with_logits, softmax, autograd)
-in float64 on the inputs as stored. Skipped without g++ or the CUDA headers (no GPU needed).
+in float64 on the inputs as stored. With `size` (fused bilinear upsampling), the oracle is the same op on
+F.interpolate(x.float(), size, mode="bilinear", align_corners) and the gradient its float64 adjoint, at non-integer
+factors, downsampling, one axis only and identity sizes, with logits and D maps at different resolutions.
+Skipped without g++ or the CUDA headers (no GPU needed).
 """
 from __future__ import annotations
 
@@ -408,3 +411,322 @@ def test_discriminator_loss_one_empty_map(ext, gen):
     _close(sums, torch.stack([torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), ref,
                               torch.tensor(60.0, dtype=torch.float64)]), **SUM_TOL)
     assert fake_grad.shape == fake.shape and real_grad.shape == real.shape
+
+
+# ------------------------------------------------------------------------------------ fused bilinear upsampling
+# Every op with `size`: the same op on F.interpolate(x.float(), size, mode="bilinear", align_corners) (the values
+# the kernels interpolate, in float32), evaluated in float64; gradients at the inputs' own resolution are the
+# float64 adjoint of the interpolation applied to the float64 gradient at size.
+
+# (N, C, h, w) -> (H, W): non-integer factors, 5 -> 17, one axis only, h = 1 and C = 1, downsampling, mixed
+UP_CASES = [((2, 5, 4, 6), (9, 13)), ((1, 3, 5, 5), (17, 17)), ((2, 19, 7, 4), (7, 10)), ((1, 1, 1, 4), (3, 9)),
+            ((2, 4, 9, 11), (5, 6)), ((3, 6, 3, 7), (11, 8))]
+ALIGN = [False, True]
+# every dtype and every layout, float32 in each layout
+DTYPE_LAYOUTS = [(torch.float32, "contiguous"), (torch.float32, "channels_last"), (torch.float32, "sliced"),
+                 (torch.float16, "channels_last"), (torch.bfloat16, "sliced")]
+
+
+def _up(x, size, align):
+    """F.interpolate(x.float(), size) in float64, for an (N, C, h, w) tensor or an (N, h, w) map."""
+    if x.dim() == 3:
+        return _up(x.unsqueeze(1), size, align).squeeze(1)
+    return F.interpolate(x.float(), size, mode="bilinear", align_corners=align).double()
+
+
+def _adjoint(grad_full, x, size, align):
+    """(the gradient at x's resolution of a loss whose gradient at size is grad_full, the same of |grad_full|) in
+    float64. The second is the scale of each element's sum of terms, which bounds its float32 rounding."""
+    if list(x.shape[-2:]) == list(size):  # an input at the label grid is used as is
+        return grad_full, grad_full.abs()
+    x64 = x.detach().double().requires_grad_(True)
+    src = x64.unsqueeze(1) if x.dim() == 3 else x64
+    full = grad_full.unsqueeze(1) if x.dim() == 3 else grad_full
+    up = F.interpolate(src, size, mode="bilinear", align_corners=align)
+    (g,) = torch.autograd.grad(up, x64, full, retain_graph=True)
+    (scale,) = torch.autograd.grad(up, x64, full.abs())
+    return g, scale
+
+
+def _up_grad_close(actual, expected, like):
+    """A low-resolution gradient: the input's shape and dtype; each element is a float32 sum of up to hundreds of
+    terms, so beside the dtype's tolerance it may be off by 1e-5 of the sum of the terms' magnitudes (what
+    PyTorch's own float32 interpolate + loss is off by; the result itself may be far smaller, by cancellation)."""
+    g, scale = expected
+    assert actual.shape == like.shape and actual.dtype == like.dtype
+    tol = GRAD_TOL[like.dtype] if like.dtype in GRAD_TOL else GRAD_TOL[torch.float32]
+    want = g.to(like.dtype).double()
+    err = (actual.double() - want).abs()
+    allowed = tol["atol"] + tol["rtol"] * want.abs() + 1e-5 * scale
+    bad = ~((err <= allowed) | (torch.isnan(actual.double()) & torch.isnan(want)))
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} gradient elements off; worst excess "
+                           f"{float((err - allowed)[bad].max()):.3g} at {tuple(bad.nonzero()[0].tolist())}")
+
+
+@pytest.mark.parametrize("align", ALIGN)
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("case", UP_CASES)
+def test_upsampled_softmax2d_forward_and_backward(ext, case, dtype, layout, align, gen):
+    shape, size = case
+    x = _logits(shape, dtype, layout, gen)
+    y = ext.softmax2d_forward(x, list(size), align)
+    assert y.dtype == dtype and y.shape == (*shape[:2], *size)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    _grad_close(y, torch.softmax(_up(x, size, align), dim=1), dtype)
+    p = y.double()  # the backward reads the probabilities as saved
+    gy = _with_layout(_rand(y.shape, gen, 1.0).to(dtype), layout)
+    gx = ext.softmax2d_backward(y, gy, list(shape[2:]), align)
+    g = gy.double()
+    _up_grad_close(gx, _adjoint(p * (g - (p * g).sum(dim=1, keepdim=True)), x, size, align), x)
+
+
+@pytest.mark.parametrize("weight_kind,eps", [("none", 0.0), ("negative", 0.0), ("positive", 0.1)])
+@pytest.mark.parametrize("align", ALIGN)
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("case", UP_CASES)
+def test_upsampled_cross_entropy2d(ext, case, dtype, layout, align, weight_kind, eps, gen):
+    shape, size = case
+    n, c = shape[:2]
+    x = _logits(shape, dtype, layout, gen)
+    t = _target((n, c, *size), gen, layout=layout)
+    w = _weight(weight_kind, c, gen)
+    sums, loss_map, grad, bad = ext.cross_entropy2d_forward(x, t, w, IGNORE, eps, True, True, list(size), align)
+    ref_map, ref_sum, ref_wsum, ref_grad = _ce_oracle(_up(x, size, align), t, w, IGNORE, eps)
+    assert bad.tolist() == [0, 0]
+    assert loss_map.shape == t.shape
+    _close(loss_map, ref_map, **MAP_TOL)
+    _close(sums, torch.stack([ref_sum, ref_wsum]), **SUM_TOL)
+    _up_grad_close(grad, _adjoint(ref_grad, x, size, align), x)
+    sums2, map2, grad2, _ = ext.cross_entropy2d_forward(x, t, w, IGNORE, eps, False, False, list(size), align)
+    assert map2 is None and grad2 is None and torch.equal(sums2, sums)
+
+
+@pytest.mark.parametrize("align", ALIGN)
+def test_upsampled_cross_entropy2d_41_to_321(ext, align, gen):
+    """DeepLab's 1/8 output of a 321 crop: a factor of 7.83, the gather reads about 16 x 16 pixels per element."""
+    shape, size = (1, 3, 41, 41), (321, 321)
+    x = _logits(shape, torch.float32, "contiguous", gen)
+    t = _target((1, 3, *size), gen)
+    sums, loss_map, grad, _ = ext.cross_entropy2d_forward(x, t, None, IGNORE, 0.0, True, True, list(size), align)
+    ref_map, ref_sum, ref_wsum, ref_grad = _ce_oracle(_up(x, size, align), t, None, IGNORE, 0.0)
+    _close(loss_map, ref_map, **MAP_TOL)
+    _close(sums, torch.stack([ref_sum, ref_wsum]), **SUM_TOL)
+    _up_grad_close(grad, _adjoint(ref_grad, x, size, align), x)
+
+
+def test_upsampled_identity_size_is_the_plain_op(ext, gen):
+    """size equal to the input's grid: the input is used as is, the very bits of the call without size."""
+    shape = (2, 5, 7, 9)
+    x = _logits(shape, torch.float16, "channels_last", gen)
+    z = _rand((2, 7, 9), gen).float()
+    t = _target(shape, gen)
+    m = _mask((2, 7, 9), gen)
+    for align in ALIGN:
+        pairs = [(ext.softmax2d_forward(x), ext.softmax2d_forward(x, [7, 9], align)),
+                 (ext.cross_entropy2d_forward(x, t, None, IGNORE, 0.1, True, True),
+                  ext.cross_entropy2d_forward(x, t, None, IGNORE, 0.1, True, True, [7, 9], align)),
+                 (ext.semi_cross_entropy2d_forward(x, z, 0.2, m, True, True),
+                  ext.semi_cross_entropy2d_forward(x, z, 0.2, m, True, True, [7, 9], align)),
+                 (ext.generator_loss_forward(x, z, t, 0.2, IGNORE, True, True),
+                  ext.generator_loss_forward(x, z, t, 0.2, IGNORE, True, True, [7, 9], align)),
+                 (ext.bce_with_logits2d_forward(z, None, 0.3, m, True, True),
+                  ext.bce_with_logits2d_forward(z, None, 0.3, m, True, True, [7, 9], align)),
+                 (ext.discriminator_loss_forward(z, z, m, None, True, True),
+                  ext.discriminator_loss_forward(z, z, m, None, True, True, [7, 9], align))]
+        for plain, sized in pairs:
+            plain, sized = (plain, sized) if isinstance(plain, list) else ([plain], [sized])
+            for a, b in zip(plain, sized):
+                assert (a is None and b is None) or torch.equal(a, b)
+        y = ext.softmax2d_forward(x)
+        gy = _rand(shape, gen, 1.0).to(torch.float16)
+        assert torch.equal(ext.softmax2d_backward(y, gy), ext.softmax2d_backward(y, gy, [7, 9], align))
+
+
+@pytest.mark.parametrize("align", ALIGN)
+def test_upsampled_gradient_is_exactly_zero_where_only_uncounted_pixels_read(ext, align, gen):
+    """A NaN logit whose label-grid pixels are all ignored reaches neither the loss nor any gradient, and its own
+    gradient is exactly 0 (the gather selects, it does not multiply by a zero weight)."""
+    shape, size = (1, 4, 5, 6), (13, 11)
+    x = _rand(shape, gen).float()
+    x[0, :, 2, 3] = float("nan")
+    reads = torch.isnan(_up(x, size, align)[:, 0])  # the label-grid pixels that read it, zero weights included
+    t = _target((1, 4, *size), gen, ignore_frac=0.0)
+    t[reads] = IGNORE
+    assert 0 < int(reads.sum()) < reads.numel()
+    for eps in (0.0, 0.2):
+        sums, loss_map, grad, _ = ext.cross_entropy2d_forward(x, t, None, IGNORE, eps, True, True, list(size), align)
+        assert torch.isfinite(sums).all() and torch.isfinite(loss_map).all() and torch.isfinite(grad).all()
+        assert torch.count_nonzero(grad[0, :, 2, 3]) == 0
+        ref_map, _, _, ref_grad = _ce_oracle(torch.nan_to_num(_up(x, size, align)), t, None, IGNORE, eps)
+        _close(loss_map, ref_map, **MAP_TOL)
+        _up_grad_close(grad, _adjoint(ref_grad, torch.nan_to_num(x), size, align), x)
+    # all ignored: zero sums and an all-zero gradient, also at the NaN
+    t_all = torch.full((1, *size), IGNORE)
+    sums, _, grad, _ = ext.cross_entropy2d_forward(x, t_all, None, IGNORE, 0.0, True, True, list(size), align)
+    assert sums.tolist() == [0.0, 0.0] and torch.count_nonzero(grad) == 0
+
+
+def test_upsampled_bad_labels_are_reported_at_the_label_grid(ext, gen):
+    shape, size = (3, 6, 2, 3), (5, 7)
+    x = _logits(shape, torch.float32, "sliced", gen)
+    base = _target((3, 6, *size), gen)
+    count, first = _plant_bad_labels(base)
+    for layout in ("contiguous", "w_major"):
+        t = _with_layout(base, layout)
+        _, _, _, bad = ext.cross_entropy2d_forward(x, t, None, IGNORE, 0.0, False, True, list(size), True)
+        assert bad.tolist() == [count, first]
+        sums, _, _, bad = ext.generator_loss_forward(x, torch.zeros(3, 1, 2), t, 0.2, IGNORE, True, True, list(size),
+                                                     False)
+        assert bad.tolist() == [count, first]
+        assert sums[1].item() == _counted(t, 6, IGNORE).sum().item() == sums[3].item()
+
+
+def _keep_up(z, size, align, threshold):
+    """The keep rule of L_semi on the interpolated float32 z."""
+    from fastadvseg._keep import keep_mask
+    return keep_mask(F.interpolate(z.float().unsqueeze(1), size, mode="bilinear", align_corners=align)[:, 0],
+                     threshold) if list(z.shape[1:]) != list(size) else keep_mask(z, threshold)
+
+
+def _semi_up_oracle(x, z, size, align, threshold, mask):
+    """(loss map, [sum, kept, considered], gradient at x's resolution) of L_semi on the upsampled inputs."""
+    keep = _keep_up(z, size, align, threshold)
+    if mask is not None:
+        keep &= ~mask
+    xu = _up(x, size, align) if list(x.shape[2:]) != list(size) else x.double()
+    xu = xu.detach().requires_grad_(True)
+    nll = F.cross_entropy(xu, xu.detach().argmax(dim=1), reduction="none")
+    nll = torch.where(keep, nll, torch.zeros_like(nll))
+    nll.sum().backward()
+    considered = keep.numel() if mask is None else int((~mask).sum())
+    sums = torch.tensor([nll.sum().item(), keep.sum().item(), considered], dtype=torch.float64)
+    return nll.detach(), sums, _adjoint(xu.grad, x, size, align)
+
+
+# logits (N, C, h, w), D map (N, hd, wd), label grid (H, W): D at a lower resolution than the logits, D at the
+# label grid, logits at the label grid with D below it
+SEMI_CASES = [((2, 5, 4, 5), (2, 2, 3), (9, 11)), ((1, 7, 3, 3), (1, 9, 11), (9, 11)),
+              ((2, 4, 9, 11), (2, 3, 2), (9, 11))]
+
+
+@pytest.mark.parametrize("masked,threshold", [(False, 0.0), (True, 0.2), (False, 0.7)])
+@pytest.mark.parametrize("align", ALIGN)
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("case", SEMI_CASES)
+def test_upsampled_semi_cross_entropy2d(ext, case, dtype, layout, align, masked, threshold, gen):
+    shape, zshape, size = case
+    x = _logits(shape, dtype, layout, gen)
+    z = _with_layout(_rand(zshape, gen, 2.0).to(torch.float16), layout)
+    mask = _mask((shape[0], *size), gen, layout=layout) if masked else None
+    sums, loss_map, grad = ext.semi_cross_entropy2d_forward(x, z, threshold, mask, True, True, list(size), align)
+    ref_map, ref_sums, ref_grad = _semi_up_oracle(x, z, size, align, threshold, mask)
+    _close(loss_map, ref_map, **MAP_TOL)
+    _close(sums, ref_sums, **SUM_TOL)
+    _up_grad_close(grad, ref_grad, x)
+    sums2, map2, grad2 = ext.semi_cross_entropy2d_forward(x, z, threshold, mask, False, False, list(size), align)
+    assert map2 is None and grad2 is None and torch.equal(sums2, sums)
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+@pytest.mark.parametrize("align", ALIGN)
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("case", SEMI_CASES)
+def test_upsampled_generator_loss(ext, case, dtype, layout, align, labelled, gen):
+    shape, zshape, size = case
+    n, c = shape[:2]
+    x = _logits(shape, dtype, layout, gen)
+    z = _with_layout(_rand(zshape, gen, 2.0).to(dtype), layout)
+    t = _target((n, c, *size), gen, layout=layout) if labelled else None
+    sums, gx, gz, bad = ext.generator_loss_forward(x, z, t, 0.2, IGNORE, True, True, list(size), align)
+    assert bad.tolist() == [0, 0] and gz.shape == z.shape and gz.dtype == z.dtype
+    zu = _up(z, size, align) if list(zshape[1:]) != list(size) else z.double()
+    xu = _up(x, size, align) if list(shape[2:]) != list(size) else x.double()
+    if labelled:
+        _, term, count, ref_gxu = _ce_oracle(xu, t, None, IGNORE, 0.0)
+        ref_gx = _adjoint(ref_gxu, x, size, align)
+        adv_at = _counted(t, c, IGNORE)
+        kept = considered = 0
+    else:
+        _, semi_sums, ref_gx = _semi_up_oracle(x, z, size, align, 0.2, None)
+        term, count, kept, considered = semi_sums[0], semi_sums[1], semi_sums[1], n * size[0] * size[1]
+        adv_at = torch.ones((n, *size), dtype=torch.bool)
+    adv = torch.where(adv_at, _softplus_neg(zu), torch.zeros_like(zu))
+    expected = torch.tensor([float(term), float(count), adv.sum().item(), adv_at.sum().item(), float(kept),
+                             float(considered)], dtype=torch.float64)
+    _close(sums, expected, **SUM_TOL)
+    _up_grad_close(gx, ref_gx, x)
+    gzu = torch.where(adv_at, torch.sigmoid(zu) - 1, torch.zeros_like(zu))
+    _up_grad_close(gz, _adjoint(gzu, z, size, align), z)
+    sums2, gx2, gz2, _ = ext.generator_loss_forward(x, z, t, 0.2, IGNORE, False, False, list(size), align)
+    assert gx2 is None and gz2 is None and torch.equal(sums2, sums)
+
+
+@pytest.mark.parametrize("target_kind", ["soft", "map", "scalar_tensor"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("align", ALIGN)
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS + [(torch.float64, "contiguous")])
+def test_upsampled_bce_with_logits2d(ext, dtype, layout, align, masked, target_kind, gen):
+    zshape, size = (2, 3, 5), (7, 12)
+    nhw = (2, *size)
+    z = _with_layout(_rand(zshape, gen).to(dtype), layout)
+    target, value = None, 0.3
+    if target_kind == "map":
+        target = _with_layout(torch.rand(nhw, generator=gen, dtype=torch.float64), layout).float()
+    elif target_kind == "scalar_tensor":
+        target = torch.tensor(0.8)
+    mask = _mask(nhw, gen, layout=layout) if masked else None
+    sums, loss_map, grad = ext.bce_with_logits2d_forward(z, target, value, mask, True, True, list(size), align)
+    zu = _up(z, size, align)
+    t64 = torch.full(nhw, value, dtype=torch.float64) if target is None else target.double().expand(nhw)
+    keep = torch.ones(nhw, dtype=torch.bool) if mask is None else ~mask
+    ref = torch.where(keep, F.binary_cross_entropy_with_logits(zu, t64, reduction="none"), torch.zeros_like(zu))
+    _close(loss_map, ref, **MAP_TOL)
+    _close(sums, torch.stack([ref.sum(), keep.sum().double()]), **SUM_TOL)
+    gu = torch.where(keep, torch.sigmoid(zu) - t64, torch.zeros_like(zu))
+    _up_grad_close(grad, _adjoint(gu, z, size, align), z)
+
+
+@pytest.mark.parametrize("masks", [(False, False), (True, True)])
+@pytest.mark.parametrize("align", ALIGN)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_upsampled_discriminator_loss(ext, dtype, align, masks, gen):
+    """Fake and real at different resolutions (one of them at size), both read at size."""
+    size = (9, 10)
+    fake = _with_layout(_rand((3, 2, 3), gen).to(dtype), "sliced")
+    real = _with_layout(_rand((2, *size), gen).to(dtype), "channels_last")
+    mf = _mask((3, *size), gen) if masks[0] else None
+    mr = _mask((2, *size), gen) if masks[1] else None
+    sums, fake_grad, real_grad = ext.discriminator_loss_forward(fake, real, mf, mr, True, True, list(size), align)
+    expected, grads = [], []
+    for d, m, label in ((fake, mf, 0.0), (real, mr, 1.0)):
+        du = _up(d, size, align) if list(d.shape[1:]) != list(size) else d.double()
+        keep = torch.ones(du.shape, dtype=torch.bool) if m is None else ~m
+        loss = F.binary_cross_entropy_with_logits(du, torch.full_like(du, label), reduction="none")
+        expected += [torch.where(keep, loss, torch.zeros_like(loss)).sum().item(), keep.sum().item()]
+        g = torch.where(keep, torch.sigmoid(du) - label, torch.zeros_like(du))
+        grads.append(_adjoint(g, d, size, align))
+    _close(sums, torch.tensor(expected, dtype=torch.float64), **SUM_TOL)
+    _up_grad_close(fake_grad, grads[0], fake)
+    _up_grad_close(real_grad, grads[1], real)
+
+
+def test_upsampled_empty_batch(ext):
+    x = torch.empty((0, 4, 3, 5))
+    t = torch.empty((0, 7, 9), dtype=torch.int64)
+    sums, loss_map, grad, bad = ext.cross_entropy2d_forward(x, t, None, IGNORE, 0.0, True, True, [7, 9], False)
+    assert sums.tolist() == [0.0, 0.0] and bad.tolist() == [0, 0]
+    assert loss_map.shape == (0, 7, 9) and grad.shape == x.shape
+    assert ext.softmax2d_forward(x, [7, 9], True).shape == (0, 4, 7, 9)
+    sums, gx, gz, _ = ext.generator_loss_forward(x, torch.empty((0, 2, 2)), None, 0.2, IGNORE, True, True, [7, 9],
+                                                 False)
+    assert sums.tolist() == [0.0] * 6 and gx.shape == x.shape and gz.shape == (0, 2, 2)
+
+
+def test_upsampled_results_are_deterministic(ext, gen):
+    shape, size = (2, 5, 4, 6), (11, 13)
+    x = _logits(shape, torch.bfloat16, "channels_last", gen)
+    t = _target((2, 5, *size), gen)
+    z = _rand((2, 3, 2), gen).float()
+    first = ext.generator_loss_forward(x, z, t, 0.2, IGNORE, True, True, list(size), True)
+    again = ext.generator_loss_forward(x, z, t, 0.2, IGNORE, True, True, list(size), True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

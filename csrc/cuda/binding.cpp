@@ -5,8 +5,13 @@
 // The losses return RAW sums (float32 device tensors; see launchers.cuh), loss maps and gradients of the raw
 // sums; optional results are None. Means, gradient scaling and autograd live in fastadvseg/backends/cuda.py.
 // Arguments arrive checked by the registered ops (fastadvseg/_ops.py: shapes, devices, dtypes); the binding checks
-// again what each kernel will read (device, dtype, (N, H, W) against the logits, a weight's length), so that no call
-// can make a kernel read out of bounds. Every pointer is taken from an argument or a local at::Tensor alive until
+// again what each kernel will read (device, dtype, (N, H, W) against the logits or the label grid, a weight's
+// length), so that no call can make a kernel read out of bounds.
+// Fused bilinear upsampling: every logit op and D-map op takes `size` (the label grid (H, W), or None) and
+// `align_corners`; an input whose grid differs from `size` is the op's input after F.interpolate(x.float(), size,
+// mode="bilinear", align_corners), without that tensor: logits go to the *_upsampled launchers, a D map is
+// upsampled to a float32 map first and its gradient, computed at (H, W) in float32, is gathered back to its own
+// grid (see launchers.cuh). Gradients keep their input's shape and dtype; labels, masks and loss maps are at size. Every pointer is taken from an argument or a local at::Tensor alive until
 // the launch is queued; stream order covers the kernel's run after the caching allocator reuses its memory.
 // Only the headers used (not torch/extension.h, which pulls in the whole C++ frontend): builds and checks faster.
 #include <ATen/core/Tensor.h>
@@ -103,25 +108,114 @@ float* float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>()
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The label grid of an op: `size` when given (two positive ints), else the (H, W) of its first input.
+struct Grid {
+  int64_t H, W;
+};
+
+Grid label_grid(const std::optional<std::vector<int64_t>>& size, int64_t H, int64_t W) {
+  if (!size.has_value()) return Grid{H, W};
+  TORCH_CHECK_VALUE(size->size() == 2 && (*size)[0] > 0 && (*size)[1] > 0,
+                    "fastadvseg cuda backend: size must be two positive ints (H, W), got ", c10::IntArrayRef(*size));
+  return Grid{(*size)[0], (*size)[1]};
+}
+
+// Whether a tensor whose last two dimensions are (h, w) is resampled to the grid (an input at the grid is used
+// as is); one that is must have pixels to interpolate from.
+bool resampled(const at::Tensor& t, const Grid& g, const char* name) {
+  const int64_t h = t.size(t.dim() - 2), w = t.size(t.dim() - 1);
+  if (h == g.H && w == g.W) return false;
+  TORCH_CHECK_VALUE(h > 0 && w > 0, "fastadvseg cuda backend: cannot upsample ", name, " ", t.sizes(), " to (", g.H,
+                    ", ", g.W, "): it has no pixels");
+  return true;
+}
+
+// The gather's scratch of an upsampled loss (fc::kLogitStateBytes per label-grid pixel), when a gradient is due.
+at::Tensor logit_state(bool need, const at::Tensor& like, int64_t pixels) {
+  static_assert(fc::kLogitStateBytes == 8, "one int64 per pixel");
+  return need ? at::empty({pixels}, like.options().dtype(at::kLong)) : at::Tensor();
+}
+
+fc::Upsample upsample_of(const at::Tensor& x, bool align_corners, const at::Tensor& scratch) {
+  TORCH_CHECK_VALUE(x.size(1) < (int64_t{1} << 31), "fastadvseg cuda backend: upsampled logits need C < 2**31, got ",
+                    x.size(1));
+  return fc::Upsample{x.size(2), x.size(3), align_corners, scratch.defined() ? scratch.data_ptr() : nullptr};
+}
+
+using OptSize = std::optional<std::vector<int64_t>>;
+
+// A D map (N, h, w) at the label grid g of an op with `size`: itself when it is there already or when there is no
+// size (then the kernel's shape check applies), else upsampled to a float32 (N, H, W) map.
+at::Tensor map_at(const at::Tensor& z, const OptSize& size, const Grid& g, bool align_corners, const char* name) {
+  if (!size.has_value() || !resampled(z, g, name)) return z;
+  at::Tensor full = at::empty({z.size(0), g.H, g.W}, z.options().dtype(at::kFloat));
+  check_launch(fc::upsample_map(z.size(0), z.size(1), z.size(2), float_map(z), g.H, g.W, align_corners,
+                                full.data_ptr<float>(), current_stream()),
+               "upsample_map");
+  return full;
+}
+
+// The gradient buffer of a D map: in its dtype at its grid, or float32 at the grid when it is resampled (then
+// gather_map_grad reduces it to the map's grid).
+at::Tensor map_grad_buffer(bool need, const at::Tensor& z, const at::Tensor& z_at_grid) {
+  if (!need) return at::Tensor();
+  return z_at_grid.is_same(z) ? at::empty(z.sizes(), z.options()) : at::empty_like(z_at_grid);
+}
+
+at::Tensor gather_map_grad(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& z_at_grid,
+                           bool align_corners) {
+  if (!grad.defined() || z_at_grid.is_same(z)) return grad;
+  at::Tensor out = at::empty(z.sizes(), z.options());
+  check_launch(fc::map_grad_gather(grad.size(0), grad.size(1), grad.size(2), grad.data_ptr<float>(), z.size(1),
+                                   z.size(2), align_corners, float_map(out), current_stream()),
+               "map_grad_gather");
+  return out;
+}
+
 }  // namespace
 
-at::Tensor softmax2d_forward(const at::Tensor& x) {
+at::Tensor softmax2d_forward(const at::Tensor& x, const OptSize& size, bool align_corners) {
   check_cuda(x, "logits");
   const c10::cuda::CUDAGuard guard(x.device());
+  const fc::Shape4 s = shape4(x);
+  const Grid g = label_grid(size, s.H, s.W);
+  if (resampled(x, g, "logits")) {
+    at::Tensor y = at::empty({s.N, s.C, g.H, g.W}, x.options().memory_format(x.suggest_memory_format()));
+    check_launch(fc::softmax2d_upsampled_forward(fc::Shape4{s.N, s.C, g.H, g.W}, dtype_code(x), strided4(x),
+                                                 upsample_of(x, align_corners, at::Tensor()), strided4(y),
+                                                 current_stream()),
+                 "softmax2d_upsampled_forward");
+    return y;
+  }
   at::Tensor y = at::empty_like(x);  // same memory format as x (dense layouts), contiguous otherwise
-  check_launch(fc::softmax2d_forward(shape4(x), dtype_code(x), strided4(x), strided4(y), current_stream()),
+  check_launch(fc::softmax2d_forward(s, dtype_code(x), strided4(x), strided4(y), current_stream()),
                "softmax2d_forward");
   return y;
 }
 
 // The gradient of softmax2d from the saved probabilities (softmax2d_forward's output) and grad_probs:
-// gx = p * (gy - sum_c p*gy) in float32 math, in p's dtype.
-at::Tensor softmax2d_backward(const at::Tensor& probs, const at::Tensor& grad_probs) {
+// gx = p * (gy - sum_c p*gy) in float32 math, in p's dtype; with low_size (the logits' (h, w) when they were
+// upsampled), that gradient's adjoint through the upsampling, at (N, C, h, w).
+at::Tensor softmax2d_backward(const at::Tensor& probs, const at::Tensor& grad_probs, const OptSize& low_size,
+                              bool align_corners) {
   check_cuda(probs, "probabilities");
   const c10::cuda::CUDAGuard guard(probs.device());
   const at::Tensor gy = grad_probs.scalar_type() == probs.scalar_type() ? grad_probs
                                                                          : grad_probs.to(probs.scalar_type());
   TORCH_CHECK(gy.sizes() == probs.sizes(), "fastadvseg cuda backend: softmax2d gradient shape mismatch");
+  const fc::Shape4 s = shape4(probs);
+  const Grid low = label_grid(low_size, s.H, s.W);
+  if (low.H != s.H || low.W != s.W) {
+    TORCH_CHECK_VALUE(s.H > 0 && s.W > 0, "fastadvseg cuda backend: probabilities ", probs.sizes(),
+                      " have no pixels to take a gradient at low_size from");
+    at::Tensor gx = at::empty({s.N, s.C, low.H, low.W}, probs.options().memory_format(probs.suggest_memory_format()));
+    at::Tensor dot = at::empty({s.N, s.H, s.W}, probs.options().dtype(at::kFloat));
+    check_launch(fc::softmax2d_upsampled_backward(s, dtype_code(probs), strided4(probs), strided4(gy),
+                                                  fc::Upsample{low.H, low.W, align_corners, dot.data_ptr()},
+                                                  strided4(gx), current_stream()),
+                 "softmax2d_upsampled_backward");
+    return gx;
+  }
   at::Tensor gx = at::empty_like(probs);
   check_launch(fc::softmax2d_backward(shape4(probs), dtype_code(probs), strided4(probs), strided4(gy), strided4(gx),
                                       current_stream()),
@@ -133,23 +227,36 @@ at::Tensor softmax2d_backward(const at::Tensor& probs, const at::Tensor& grad_pr
 //     bad (2,) int64 = [bad label count, first bad label value or 0]]
 std::vector<at::Tensor> cross_entropy2d_forward(const at::Tensor& x, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                double label_smoothing, bool need_map, bool need_grad) {
+                                                double label_smoothing, bool need_map, bool need_grad,
+                                                const OptSize& size, bool align_corners) {
   check_cuda(x, "logits");
   const c10::cuda::CUDAGuard guard(x.device());
-  const fc::Shape4 s = shape4(x);
+  const fc::Shape4 x_shape = shape4(x);
+  const Grid g = label_grid(size, x_shape.H, x_shape.W);
+  const fc::Shape4 s{x_shape.N, x_shape.C, g.H, g.W};  // the label grid
   const int64_t P = s.N * s.H * s.W;
   at::Tensor w;
   if (weight.has_value()) {
     w = weight->to(x.device(), at::kFloat).contiguous();
     TORCH_CHECK(w.numel() == s.C, "fastadvseg cuda backend: weight must have C elements");
   }
+  const fc::Strided3 t = raw_map(nhw_map(target, s.N, s.H, s.W, "target"), at::kLong);
   at::Tensor loss_map = loss_map_if(need_map, x, s.N, s.H, s.W);
   at::Tensor grad = need_grad ? at::empty_like(x) : at::Tensor();
   at::Tensor sums = sums_of(x, 2), bad = bad_report(x);
   at::Tensor ws = workspace(x, 2, P, true);
-  check_launch(fc::cross_entropy2d_forward(s, dtype_code(x), strided4(x),
-                                           raw_map(nhw_map(target, s.N, s.H, s.W, "target"), at::kLong), float_ptr(w),
-                                           ignore_index, static_cast<float>(label_smoothing), float_ptr(loss_map),
+  if (resampled(x, g, "logits")) {
+    const at::Tensor state = logit_state(need_grad, x, P);
+    check_launch(fc::cross_entropy2d_upsampled_forward(s, dtype_code(x), strided4(x), upsample_of(x, align_corners, state),
+                                                       t, float_ptr(w), ignore_index,
+                                                       static_cast<float>(label_smoothing), float_ptr(loss_map),
+                                                       strided4(grad), ws.data_ptr(), sums.data_ptr<float>(),
+                                                       bad.data_ptr<int64_t>(), current_stream()),
+                 "cross_entropy2d_upsampled_forward");
+    return {sums, loss_map, grad, bad};
+  }
+  check_launch(fc::cross_entropy2d_forward(s, dtype_code(x), strided4(x), t, float_ptr(w), ignore_index,
+                                           static_cast<float>(label_smoothing), float_ptr(loss_map),
                                            strided4(grad), ws.data_ptr(), sums.data_ptr<float>(),
                                            bad.data_ptr<int64_t>(), current_stream()),
                "cross_entropy2d_forward");
@@ -159,46 +266,63 @@ std::vector<at::Tensor> cross_entropy2d_forward(const at::Tensor& x, const at::T
 // -> [sums (2,) = [loss sum, counted pixels], loss map or None, gradient (z's dtype, (N, H, W)) or None]
 std::vector<at::Tensor> bce_with_logits2d_forward(const at::Tensor& z, const std::optional<at::Tensor>& target,
                                                   double target_value, const std::optional<at::Tensor>& mask,
-                                                  bool need_map, bool need_grad) {
+                                                  bool need_map, bool need_grad, const OptSize& size,
+                                                  bool align_corners) {
   check_cuda(z, "d_logits");
+  TORCH_CHECK(z.dim() == 3, "fastadvseg cuda backend: expected an (N, H, W) map");
   const c10::cuda::CUDAGuard guard(z.device());
-  const int64_t N = z.size(0), H = z.size(1), W = z.size(2);
+  const Grid g = label_grid(size, z.size(1), z.size(2));
+  const int64_t N = z.size(0), H = g.H, W = g.W;
   at::Tensor t;
   if (target.has_value()) {
-    t = target->dim() == 0 ? target->expand(z.sizes()) : *target;  // stride-0 broadcast of a 0-dim target
+    t = target->dim() == 0 ? target->expand({N, H, W}) : *target;  // stride-0 broadcast of a 0-dim target
     check_cuda(t, "target");
   }
+  const at::Tensor zg = map_at(z, size, g, align_corners, "d_logits");
   at::Tensor loss_map = loss_map_if(need_map, z, N, H, W);
-  at::Tensor grad = need_grad ? at::empty({N, H, W}, z.options()) : at::Tensor();
+  at::Tensor grad = map_grad_buffer(need_grad, z, zg);
   at::Tensor sums = sums_of(z, 2);
   at::Tensor ws = workspace(z, 4, N * H * W, false);
-  check_launch(fc::bce_with_logits2d_forward(N, H, W, float_map(z), float_map(nhw_map(t, N, H, W, "target")),
+  check_launch(fc::bce_with_logits2d_forward(N, H, W, float_map(zg), float_map(nhw_map(t, N, H, W, "target")),
                                              static_cast<float>(target_value),
                                              raw_map(nhw_map(value_or_undefined(mask), N, H, W, "ignore_mask"), at::kBool),
                                              float_ptr(loss_map),
                                              float_map(grad), ws.data_ptr(), sums.data_ptr<float>(), current_stream()),
                "bce_with_logits2d_forward");
-  return {sums, loss_map, grad};
+  return {sums, loss_map, gather_map_grad(grad, z, zg, align_corners)};
 }
 
 // -> [sums (3,) = [loss sum over kept pixels, kept, considered], loss map or None, gradient (like x) or None]
 std::vector<at::Tensor> semi_cross_entropy2d_forward(const at::Tensor& x, const at::Tensor& z, double threshold,
                                                      const std::optional<at::Tensor>& mask, bool need_map,
-                                                     bool need_grad) {
+                                                     bool need_grad, const OptSize& size, bool align_corners) {
   check_cuda(x, "logits");
   check_cuda(z, "d_logits");
   const c10::cuda::CUDAGuard guard(x.device());
-  const fc::Shape4 s = shape4(x);
+  const fc::Shape4 x_shape = shape4(x);
+  const Grid g = label_grid(size, x_shape.H, x_shape.W);
+  const fc::Shape4 s{x_shape.N, x_shape.C, g.H, g.W};  // the label grid
+  TORCH_CHECK_VALUE(!size.has_value() || (z.dim() == 3 && z.size(0) == s.N), "fastadvseg cuda backend: d_logits ",
+                    z.sizes(), " does not match the logits' N = ", s.N);
+  const at::Tensor zg = nhw_map(map_at(z, size, g, align_corners, "d_logits"), s.N, s.H, s.W, "d_logits");
+  const fc::Strided3 m = raw_map(nhw_map(value_or_undefined(mask), s.N, s.H, s.W, "ignore_mask"), at::kBool);
   at::Tensor loss_map = loss_map_if(need_map, x, s.N, s.H, s.W);
   at::Tensor grad = need_grad ? at::empty_like(x) : at::Tensor();
   at::Tensor sums = sums_of(x, 3);
   at::Tensor ws = workspace(x, 3, s.N * s.H * s.W, false);
-  check_launch(fc::semi_cross_entropy2d_forward(s, dtype_code(x), strided4(x), float_map(nhw_map(z, s.N, s.H, s.W, "d_logits")),
-                                                static_cast<float>(threshold),
-                                                raw_map(nhw_map(value_or_undefined(mask), s.N, s.H, s.W, "ignore_mask"), at::kBool),
-                                                float_ptr(loss_map),
-                                                strided4(grad), ws.data_ptr(), sums.data_ptr<float>(),
-                                                current_stream()),
+  if (resampled(x, g, "logits")) {
+    const at::Tensor state = logit_state(need_grad, x, s.N * s.H * s.W);
+    check_launch(fc::semi_cross_entropy2d_upsampled_forward(s, dtype_code(x), strided4(x),
+                                                            upsample_of(x, align_corners, state), float_map(zg),
+                                                            static_cast<float>(threshold), m, float_ptr(loss_map),
+                                                            strided4(grad), ws.data_ptr(), sums.data_ptr<float>(),
+                                                            current_stream()),
+                 "semi_cross_entropy2d_upsampled_forward");
+    return {sums, loss_map, grad};
+  }
+  check_launch(fc::semi_cross_entropy2d_forward(s, dtype_code(x), strided4(x), float_map(zg), static_cast<float>(threshold), m,
+                                                float_ptr(loss_map), strided4(grad), ws.data_ptr(),
+                                                sums.data_ptr<float>(), current_stream()),
                "semi_cross_entropy2d_forward");
   return {sums, loss_map, grad};
 }
@@ -207,47 +331,66 @@ std::vector<at::Tensor> semi_cross_entropy2d_forward(const at::Tensor& x, const 
 //     grad_z = d(adv sum)/dz (z's dtype, (N, H, W)) or None, bad (2,) int64 ([0, 0] when unlabelled)]
 std::vector<at::Tensor> generator_loss_forward(const at::Tensor& x, const at::Tensor& z,
                                                const std::optional<at::Tensor>& target, double threshold,
-                                               int64_t ignore_index, bool need_grad_x, bool need_grad_z) {
+                                               int64_t ignore_index, bool need_grad_x, bool need_grad_z,
+                                               const OptSize& size, bool align_corners) {
   check_cuda(x, "logits");
   check_cuda(z, "d_logits");
   const c10::cuda::CUDAGuard guard(x.device());
-  const fc::Shape4 s = shape4(x);
+  const fc::Shape4 x_shape = shape4(x);
+  const Grid g = label_grid(size, x_shape.H, x_shape.W);
+  const fc::Shape4 s{x_shape.N, x_shape.C, g.H, g.W};  // the label grid
+  TORCH_CHECK_VALUE(!size.has_value() || (z.dim() == 3 && z.size(0) == s.N), "fastadvseg cuda backend: d_logits ",
+                    z.sizes(), " does not match the logits' N = ", s.N);
+  const at::Tensor zg = nhw_map(map_at(z, size, g, align_corners, "d_logits"), s.N, s.H, s.W, "d_logits");
+  const fc::Strided3 t = raw_map(nhw_map(value_or_undefined(target), s.N, s.H, s.W, "target"), at::kLong);
   at::Tensor grad_x = need_grad_x ? at::empty_like(x) : at::Tensor();
-  at::Tensor grad_z = need_grad_z ? at::empty({s.N, s.H, s.W}, z.options()) : at::Tensor();
+  at::Tensor grad_z = map_grad_buffer(need_grad_z, z, zg);
   at::Tensor sums = sums_of(x, 6), bad = bad_report(x);
   at::Tensor ws = workspace(x, 6, s.N * s.H * s.W, true);
-  check_launch(fc::generator_loss_forward(s, dtype_code(x), strided4(x), float_map(nhw_map(z, s.N, s.H, s.W, "d_logits")),
-                                          raw_map(nhw_map(value_or_undefined(target), s.N, s.H, s.W, "target"), at::kLong),
-                                          ignore_index,
-                                          static_cast<float>(threshold), strided4(grad_x), float_map(grad_z),
-                                          ws.data_ptr(), sums.data_ptr<float>(), bad.data_ptr<int64_t>(),
-                                          current_stream()),
-               "generator_loss_forward");
-  return {sums, grad_x, grad_z, bad};
+  if (resampled(x, g, "logits")) {
+    const at::Tensor state = logit_state(need_grad_x, x, s.N * s.H * s.W);
+    check_launch(fc::generator_loss_upsampled_forward(s, dtype_code(x), strided4(x), upsample_of(x, align_corners, state),
+                                                      float_map(zg), t, ignore_index, static_cast<float>(threshold),
+                                                      strided4(grad_x), float_map(grad_z), ws.data_ptr(),
+                                                      sums.data_ptr<float>(), bad.data_ptr<int64_t>(),
+                                                      current_stream()),
+                 "generator_loss_upsampled_forward");
+  } else {
+    check_launch(fc::generator_loss_forward(s, dtype_code(x), strided4(x), float_map(zg), t, ignore_index,
+                                            static_cast<float>(threshold), strided4(grad_x), float_map(grad_z),
+                                            ws.data_ptr(), sums.data_ptr<float>(), bad.data_ptr<int64_t>(),
+                                            current_stream()),
+                 "generator_loss_forward");
+  }
+  return {sums, grad_x, gather_map_grad(grad_z, z, zg, align_corners), bad};
 }
 
 // -> [sums (4,) = [fake sum, fake count, real sum, real count], fake gradient or None, real gradient or None]
 std::vector<at::Tensor> discriminator_loss_forward(const at::Tensor& fake, const at::Tensor& real,
                                                    const std::optional<at::Tensor>& fake_mask,
                                                    const std::optional<at::Tensor>& real_mask, bool need_fake_grad,
-                                                   bool need_real_grad) {
+                                                   bool need_real_grad, const OptSize& size, bool align_corners) {
   check_cuda(fake, "d_fake");
   check_cuda(real, "d_real");
+  TORCH_CHECK(fake.dim() == 3 && real.dim() == 3, "fastadvseg cuda backend: expected (N, H, W) maps");
   const c10::cuda::CUDAGuard guard(fake.device());
-  const int64_t fake_nhw[3] = {fake.size(0), fake.size(1), fake.size(2)};
-  const int64_t real_nhw[3] = {real.size(0), real.size(1), real.size(2)};
-  at::Tensor fake_grad = need_fake_grad ? at::empty(fake.sizes(), fake.options()) : at::Tensor();
-  at::Tensor real_grad = need_real_grad ? at::empty(real.sizes(), real.options()) : at::Tensor();
+  // without size each map is at its own grid; with size both are at that one
+  const at::Tensor fg = map_at(fake, size, label_grid(size, 0, 0), align_corners, "d_fake");
+  const at::Tensor rg = map_at(real, size, label_grid(size, 0, 0), align_corners, "d_real");
+  const int64_t fake_nhw[3] = {fg.size(0), fg.size(1), fg.size(2)};
+  const int64_t real_nhw[3] = {rg.size(0), rg.size(1), rg.size(2)};
+  at::Tensor fake_grad = map_grad_buffer(need_fake_grad, fake, fg);
+  at::Tensor real_grad = map_grad_buffer(need_real_grad, real, rg);
   at::Tensor sums = sums_of(fake, 4);
-  at::Tensor ws = workspace(fake, 4, fake.numel() + real.numel(), false);
+  at::Tensor ws = workspace(fake, 4, fg.numel() + rg.numel(), false);
   const at::Tensor fm = nhw_map(value_or_undefined(fake_mask), fake_nhw[0], fake_nhw[1], fake_nhw[2], "ignore_mask_fake");
   const at::Tensor rm = nhw_map(value_or_undefined(real_mask), real_nhw[0], real_nhw[1], real_nhw[2], "ignore_mask_real");
-  check_launch(fc::discriminator_loss_forward(fake_nhw, float_map(fake), raw_map(fm, at::kBool),
-                                              float_map(fake_grad), real_nhw, float_map(real),
+  check_launch(fc::discriminator_loss_forward(fake_nhw, float_map(fg), raw_map(fm, at::kBool),
+                                              float_map(fake_grad), real_nhw, float_map(rg),
                                               raw_map(rm, at::kBool), float_map(real_grad),
                                               ws.data_ptr(), sums.data_ptr<float>(), current_stream()),
                "discriminator_loss_forward");
-  return {sums, fake_grad, real_grad};
+  return {sums, gather_map_grad(fake_grad, fake, fg, align_corners), gather_map_grad(real_grad, real, rg, align_corners)};
 }
 
 // Fills `out`, a contiguous (N, C, H, W) tensor of a 1/2/4/8-byte dtype, with the one-hot of `target`.
@@ -268,17 +411,33 @@ void one_hot2d_forward(const at::Tensor& target, const at::Tensor& out, int64_t 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.doc() = "fastadvseg CUDA kernels (raw sums, see fastadvseg/kernels/cuda/launchers.cuh); autograd: fastadvseg/backends/cuda.py";
-  m.def("softmax2d_forward", &softmax2d_forward, "softmax over channels");
-  m.def("softmax2d_backward", &softmax2d_backward, "softmax backward from the saved probabilities and their gradient");
+  // size: the label grid (H, W) the inputs of another grid are bilinearly upsampled to (None: none)
+  const auto size = py::arg("size") = py::none();
+  const auto align_corners = py::arg("align_corners") = false;
+  m.def("softmax2d_forward", &softmax2d_forward, "softmax over channels (of the logits upsampled to size, if given)",
+        py::arg("x"), size, align_corners);
+  m.def("softmax2d_backward", &softmax2d_backward,
+        "softmax backward from the saved probabilities and their gradient (at low_size, if given)", py::arg("probs"),
+        py::arg("grad_probs"), py::arg("low_size") = py::none(), align_corners);
   m.def("cross_entropy2d_forward", &cross_entropy2d_forward,
-        "cross entropy (weights, ignore_index, label smoothing): [loss sum, weight sum], map, gradient, bad labels");
-  m.def("bce_with_logits2d_forward", &bce_with_logits2d_forward, "BCE with logits: [loss sum, count], map, gradient");
+        "cross entropy (weights, ignore_index, label smoothing): [loss sum, weight sum], map, gradient, bad labels",
+        py::arg("x"), py::arg("target"), py::arg("weight"), py::arg("ignore_index"), py::arg("label_smoothing"),
+        py::arg("need_map"), py::arg("need_grad"), size, align_corners);
+  m.def("bce_with_logits2d_forward", &bce_with_logits2d_forward, "BCE with logits: [loss sum, count], map, gradient",
+        py::arg("z"), py::arg("target"), py::arg("target_value"), py::arg("mask"), py::arg("need_map"),
+        py::arg("need_grad"), size, align_corners);
   m.def("semi_cross_entropy2d_forward", &semi_cross_entropy2d_forward,
-        "masked self-training loss: [loss sum, kept, considered], map, gradient");
+        "masked self-training loss: [loss sum, kept, considered], map, gradient", py::arg("x"), py::arg("z"),
+        py::arg("threshold"), py::arg("mask"), py::arg("need_map"), py::arg("need_grad"), size, align_corners);
   m.def("generator_loss_forward", &generator_loss_forward,
-        "generator loss terms: [term, term count, adv, adv count, kept, considered], gradients, bad labels");
+        "generator loss terms: [term, term count, adv, adv count, kept, considered], gradients, bad labels",
+        py::arg("x"), py::arg("z"), py::arg("target"), py::arg("threshold"), py::arg("ignore_index"),
+        py::arg("need_grad_x"), py::arg("need_grad_z"), size, align_corners);
   m.def("discriminator_loss_forward", &discriminator_loss_forward,
-        "BCE(fake, 0) and BCE(real, 1) in one launch: [fake sum, fake count, real sum, real count], gradients");
+        "BCE(fake, 0) and BCE(real, 1) in one launch: [fake sum, fake count, real sum, real count], gradients",
+        py::arg("fake"), py::arg("real"), py::arg("fake_mask"), py::arg("real_mask"), py::arg("need_fake_grad"),
+        py::arg("need_real_grad"), size, align_corners);
   m.def("one_hot2d_forward", &one_hot2d_forward, "one-hot of a label map into a preallocated tensor");
 }

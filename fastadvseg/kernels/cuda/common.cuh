@@ -1,6 +1,8 @@
 // Helpers shared by the kernels: dtype conversion (float32 math for float/half/bfloat16 data), pixel indexing and
-// label checks, the per-pixel softmax statistics (one online pass over the C channels, optionally with the label
-// smoothing term), the stable BCE and sigmoid, the deterministic block reductions and the finalize launcher.
+// label checks, bilinear resampling (PyTorch's weights, and which output pixels read an input pixel), the channel
+// readers of one pixel (stored logits, or logits interpolated from a lower resolution), the per-pixel softmax
+// statistics (one online pass over the C channels, optionally with the label smoothing term), the stable BCE and
+// sigmoid, the deterministic block reductions and the finalize launcher.
 // Everything but the block reductions is __host__ __device__: tests/cuda_emulation runs the very same per-pixel
 // code and finalize arithmetic on the CPU (no GPU needed).
 #pragma once
@@ -121,6 +123,119 @@ FAS_HD int64_t checked_label(const Strided3& target, const Pixel& px, int64_t p,
   return -1;
 }
 
+// ------------------------------------------------------------------------------------------ bilinear resampling
+// One axis of PyTorch's bilinear resampling to an explicit size (F.interpolate(x, size, mode="bilinear",
+// align_corners), upsample_bilinear2d without scale factors): output index d reads input indices
+// i0 = min(floor(src), in - 1) and i1 = min(i0 + 1, in - 1) with weights 1 - l and l, l = src - i0, where
+//   align_corners:  src = d * (in - 1) / (out - 1)  (0 when out == 1)
+//   otherwise:      src = max((d + 0.5) * in / out - 0.5, 0).
+// scale and src are float32, and src is one fused multiply-add: the single rounding of PyTorch's kernels (its CPU
+// build contracts the expression, so does nvcc), so the weights agree with F.interpolate's to the bit.
+// The same formulas hold for downsampling (out < in), where some input indices are read by no output index.
+struct Axis {
+  int64_t in, out;
+  float scale;
+  bool align_corners;
+};
+
+inline Axis make_axis(int64_t in, int64_t out, bool align_corners) {
+  float scale;
+  if (align_corners) {
+    scale = out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.f;
+  } else {
+    scale = static_cast<float>(in) / static_cast<float>(out);
+  }
+  return Axis{in, out, scale, align_corners};
+}
+
+struct Taps {
+  int64_t i0, i1;
+  float l0, l1;
+};
+
+// src of output index d, given as float(d)
+FAS_HD float source_index(const Axis& a, float fd) {
+  const float src = a.align_corners ? a.scale * fd : fmaf(a.scale, fd + 0.5f, -0.5f);
+  return src < 0.f ? 0.f : src;
+}
+
+// The taps of a source index whose i0 is known (fi0 = float(i0)).
+FAS_HD Taps taps_of(const Axis& a, float src, int64_t i0, float fi0) {
+  float l1 = src - fi0;
+  l1 = l1 < 0.f ? 0.f : (l1 > 1.f ? 1.f : l1);
+  return Taps{i0, i0 < a.in - 1 ? i0 + 1 : i0, 1.f - l1, l1};
+}
+
+FAS_HD Taps taps_at(const Axis& a, int64_t d) {
+  const float src = source_index(a, static_cast<float>(d));
+  int64_t i0 = static_cast<int64_t>(src);  // src >= 0: truncation is floor
+  i0 = i0 < a.in - 1 ? i0 : a.in - 1;
+  return taps_of(a, src, i0, static_cast<float>(i0));
+}
+
+// The weight with which output index d (taps t) reads input index i: both weights where i0 == i1 == i (the last
+// input index), as PyTorch's backward adds both there.
+FAS_HD float tap_weight(const Taps& t, int64_t i) {
+  return (t.i0 == i ? t.l0 : 0.f) + (t.i1 == i ? t.l1 : 0.f);
+}
+
+// The first output index whose i0 is >= k (a.out when there is none). i0 never decreases along the output axis
+// (every step of taps_at is monotonic), so the output indices reading input index i (i0 == i - 1, whose i1 is i,
+// or i0 == i) are the range [first_reaching(a, i - 1), first_reaching(a, i + 1)). The estimate from the real-valued
+// inverse of src is off by at most a step or two; the float32 taps themselves settle it.
+FAS_HD int64_t first_reaching(const Axis& a, int64_t k) {
+  if (k <= 0) return 0;
+  if (k > a.in - 1 || a.scale <= 0.f) return a.out;
+  const double scale = static_cast<double>(a.scale);
+  const double e = a.align_corners ? static_cast<double>(k) / scale : (static_cast<double>(k) + 0.5) / scale - 0.5;
+  int64_t d = e <= 0.0 ? 0 : (e >= static_cast<double>(a.out) ? a.out : static_cast<int64_t>(e));
+  while (d < a.out && taps_at(a, d).i0 < k) ++d;
+  while (d > 0 && taps_at(a, d - 1).i0 >= k) --d;
+  return d;
+}
+
+// Bilinear blend of the four source values (x_rc: source row r, column c) with weights (h0, h1) x (w0, w1):
+// rows of the two source rows first, as PyTorch's kernels do, each a fused multiply-add onto the second product.
+FAS_HD float blend(float x00, float x01, float x10, float x11, const Taps& th, const Taps& tw) {
+  return fmaf(th.l0, fmaf(tw.l0, x00, tw.l1 * x01), th.l1 * fmaf(tw.l0, x10, tw.l1 * x11));
+}
+
+// sum over the output pixels (h, w) that read input pixel (i, j), rows outer, each in increasing order, of
+// tap_weight(rows) * tap_weight(cols) * g(h, w, hr, wr, th, tw): the adjoint of the resampling applied to a
+// gradient g given at the output grid, as one deterministic gather (a fixed order, no atomics).
+// Along each axis the range is two runs: r = 0, the outputs whose i0 is i - 1 (they read i as their i1), then
+// r = 1, those whose i0 is i. So output row h reads input rows i - 1 + hr and min(i + hr, in - 1) (the same for
+// columns), which g can take from a table of three rows; and the taps come without a float-to-int conversion
+// (a quarter-rate instruction), the output coordinate stepping in float32 (exact below 2**24).
+template <typename G>
+FAS_HD float gather_adjoint(const Axis& rows, const Axis& cols, int64_t i, int64_t j, G&& g) {
+  const int64_t hb[3] = {first_reaching(rows, i - 1), first_reaching(rows, i), first_reaching(rows, i + 1)};
+  const int64_t wb[3] = {first_reaching(cols, j - 1), first_reaching(cols, j), first_reaching(cols, j + 1)};
+  float acc = 0.f;
+FAS_UNROLL
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t i0 = i - 1 + hr;
+    const float fi0 = static_cast<float>(i0);
+    float fh = static_cast<float>(hb[hr]);
+    for (int64_t h = hb[hr]; h < hb[hr + 1]; ++h, fh += 1.f) {
+      const Taps th = taps_of(rows, source_index(rows, fh), i0, fi0);
+      float row = 0.f;
+FAS_UNROLL
+      for (int wr = 0; wr < 2; ++wr) {
+        const int64_t j0 = j - 1 + wr;
+        const float fj0 = static_cast<float>(j0);
+        float fw = static_cast<float>(wb[wr]);
+        for (int64_t w = wb[wr]; w < wb[wr + 1]; ++w, fw += 1.f) {
+          const Taps tw = taps_of(cols, source_index(cols, fw), j0, fj0);
+          row += tap_weight(tw, j) * g(h, w, hr, wr, th, tw);
+        }
+      }
+      acc += tap_weight(th, i) * row;
+    }
+  }
+  return acc;
+}
+
 #define FASTADVSEG_PIXEL_LOOP(p, P) \
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < (P); \
        p += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -130,19 +245,53 @@ FAS_HD int64_t checked_label(const Strided3& target, const Pixel& px, int64_t p,
 // loop of one pixel is otherwise a chain of dependent load-use steps), which is what keeps DRAM busy.
 constexpr int kChunk = 4;
 
-// f(c, x[c]) for c = first .. C-1, in order, with the loads batched kChunk at a time.
-template <typename T, typename F>
-FAS_HD void for_channels(const T* __restrict__ x, int64_t base, int64_t sc, int64_t first, int64_t C,
-                                             F&& f) {
+// Where the C channel values of one pixel are, as the losses see them, in float32: at(x, c) is channel c of the
+// pixel in the tensor x (the pointer is passed at each read, as a restrict parameter, so that the reads stay
+// non-aliased loads after inlining).
+// StoredAt: the values stored at the pixel itself (base: channel 0's offset, sc: the channel stride).
+struct StoredAt {
+  int64_t base, sc;
+  template <typename T>
+  FAS_HD float operator()(const T* __restrict__ x, int64_t c) const { return to_float(x[base + c * sc]); }
+};
+
+// InterpolatedAt: the logits of a label-grid pixel bilinearly interpolated from the four pixels of a lower
+// resolution around it (o_rc: channel 0's offset of source row r, column c), in float32 from the stored values,
+// never rounded to x's dtype: F.interpolate(x.float(), size, mode="bilinear", align_corners) at that pixel.
+struct InterpolatedAt {
+  int64_t sc, o00, o01, o10, o11;
+  Taps th, tw;
+  template <typename T>
+  FAS_HD float operator()(const T* __restrict__ x, int64_t c) const {
+    const int64_t o = c * sc;
+    return blend(to_float(x[o00 + o]), to_float(x[o01 + o]), to_float(x[o10 + o]), to_float(x[o11 + o]), th, tw);
+  }
+};
+
+// The reader of logits x (N, C, h, w) at the label-grid pixel of image n whose taps are th (rows) and tw (columns).
+FAS_HD InterpolatedAt interpolated_at(const Strided4& x, int64_t n, const Taps& th, const Taps& tw) {
+  const int64_t b = n * x.sn;
+  const int64_t r0 = b + th.i0 * x.sh, r1 = b + th.i1 * x.sh, c0 = tw.i0 * x.sw, c1 = tw.i1 * x.sw;
+  return InterpolatedAt{x.sc, r0 + c0, r0 + c1, r1 + c0, r1 + c1, th, tw};
+}
+
+// f(c, at(x, c)) for c = first .. C-1, in order, with the loads batched kChunk at a time.
+template <typename T, typename R, typename F>
+FAS_HD void for_channels(const T* __restrict__ x, const R& at, int64_t first, int64_t C, F&& f) {
   int64_t c = first;
   for (; c + kChunk <= C; c += kChunk) {
     float v[kChunk];
 FAS_UNROLL
-    for (int j = 0; j < kChunk; ++j) v[j] = to_float(x[base + (c + j) * sc]);
+    for (int j = 0; j < kChunk; ++j) v[j] = at(x, c + j);
 FAS_UNROLL
     for (int j = 0; j < kChunk; ++j) f(c + j, v[j]);
   }
-  for (; c < C; ++c) f(c, to_float(x[base + c * sc]));
+  for (; c < C; ++c) f(c, at(x, c));
+}
+
+template <typename T, typename F>
+FAS_HD void for_channels(const T* __restrict__ x, int64_t base, int64_t sc, int64_t first, int64_t C, F&& f) {
+  for_channels(x, StoredAt{base, sc}, first, C, static_cast<F&&>(f));
 }
 
 // Label smoothing of the cross-entropy (PyTorch's F.cross_entropy(label_smoothing=eps)): keep = 1 - eps,
@@ -171,10 +320,10 @@ struct RowStats {
   float t, wsum;
 };
 
-template <typename T, bool kArgmax, bool kSmooth = false>
-FAS_HD RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int64_t C, int64_t sel,
-                          const float* __restrict__ weight = nullptr) {
-  const float x0 = to_float(x[base]);
+template <bool kArgmax, bool kSmooth = false, typename T, typename R>
+FAS_HD RowStats row_stats_of(const T* __restrict__ x, const R& at, int64_t C, int64_t sel,
+                             const float* __restrict__ weight = nullptr) {
+  const float x0 = at(x, 0);
   RowStats r;
   r.m = x0;
   r.s = 1.f;
@@ -183,7 +332,7 @@ FAS_HD RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int
   r.t = 0.f;  // w_0 (x_0 - m) with m = x_0: exactly 0 (also for x_0 = -inf)
   r.wsum = kSmooth ? (weight != nullptr ? weight[0] : 1.f) : 0.f;
   float best = x0;
-  for_channels(x, base, sc, 1, C, [&](int64_t c, float v) {
+  for_channels(x, at, 1, C, [&](int64_t c, float v) {
     const float wc = (kSmooth && weight != nullptr) ? weight[c] : 1.f;
     if (v > r.m) {
       r.s = r.s * expf(r.m - v) + 1.f;
@@ -205,6 +354,12 @@ FAS_HD RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int
   return r;
 }
 
+template <typename T, bool kArgmax, bool kSmooth = false>
+FAS_HD RowStats row_stats(const T* __restrict__ x, int64_t base, int64_t sc, int64_t C, int64_t sel,
+                          const float* __restrict__ weight = nullptr) {
+  return row_stats_of<kArgmax, kSmooth>(x, StoredAt{base, sc}, C, sel, weight);
+}
+
 // The cross-entropy of one counted pixel with label y and weight wy from its statistics:
 // (1 - eps) w_y (lse - x_y) + (eps/C) sum_c w_c (lse - x_c), or w_y (lse - x_y) without smoothing.
 template <bool kSmooth>
@@ -213,6 +368,16 @@ FAS_HD float ce_loss(const RowStats& r, float wy, const Smoothing& sm) {
   const float nll = r.m + log_s - r.xsel;
   if (!kSmooth) return wy * nll;
   return sm.keep * wy * nll + sm.each * (r.wsum * log_s - r.t);
+}
+
+// The gradient of one counted pixel's loss w.r.t. its logit c from p_c = softmax(x)_c, one formula for the
+// kernels that write it per pixel and the gathers of upsampled logits (which recompute p_c from a saved
+// log-sum-exp).
+template <bool kSmooth>
+FAS_HD float nll_grad(float p, int64_t c, int64_t sel, float scale, float wsum, const Smoothing& sm) {
+  float d = scale * (p - (c == sel ? 1.f : 0.f));
+  if (kSmooth) d += sm.each * (wsum * p - (sm.weight != nullptr ? sm.weight[c] : 1.f));
+  return d;
 }
 
 // The gradient of one counted pixel, written for every channel c:
@@ -224,10 +389,7 @@ FAS_HD void write_nll_grad(const T* __restrict__ x, int64_t xbase, int64_t xsc, 
                            const Smoothing& sm = Smoothing{1.f, 0.f, nullptr}) {
   const float inv_s = 1.f / r.s;
   for_channels(x, xbase, xsc, 0, C, [&](int64_t c, float v) {
-    const float p = expf(v - r.m) * inv_s;
-    float d = scale * (p - (c == sel ? 1.f : 0.f));
-    if (kSmooth) d += sm.each * (r.wsum * p - (sm.weight != nullptr ? sm.weight[c] : 1.f));
-    g[gbase + c * gsc] = from_float<T>(d);
+    g[gbase + c * gsc] = from_float<T>(nll_grad<kSmooth>(expf(v - r.m) * inv_s, c, sel, scale, r.wsum, sm));
   });
 }
 

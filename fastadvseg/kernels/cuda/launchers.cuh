@@ -16,7 +16,9 @@
 //    the first in pixel order (0 when none). Such pixels do not count. Their workspace holds one more float row
 //    (the per-block bad count) and G int64 per-block smallest bad pixel indices (see workspace_bytes);
 //  * a gradient buffer, when given, receives d(raw sum)/d(input) for every element (exactly 0 where the pixel does
-//    not count: a select, so NaN/Inf inputs there never reach it).
+//    not count: a select, so NaN/Inf inputs there never reach it);
+//  * the *_upsampled launchers and the two map launchers at the end fuse bilinear upsampling into the ops (see
+//    there): inputs at a lower resolution than the labels, gradients at the inputs' resolution.
 #pragma once
 
 #include <cstdint>
@@ -107,6 +109,61 @@ cudaError_t semi_cross_entropy2d_forward(Shape4 s, int dtype, Strided4 x, Stride
 cudaError_t generator_loss_forward(Shape4 s, int dtype, Strided4 x, Strided3 z, Strided3 target,
                                    int64_t ignore_index, float threshold, Strided4 grad_x, Strided3 grad_z,
                                    void* workspace, float* sums, int64_t* bad, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------ fused bilinear upsampling
+// An op on logits x (N, C, h, w) and a label grid (H, W) of another size is the op applied to
+// F.interpolate(x.float(), (H, W), mode="bilinear", align_corners): labels, masks, D maps and loss maps are at
+// (H, W), sums and counts are over the H*W pixels, and the gradient has x's shape and dtype (the adjoint of the
+// interpolation applied to the gradient at (H, W)). Neither the upsampled logits nor their gradient at (H, W) is
+// ever stored: the loss kernel interpolates each pixel's logits from the four pixels around it (in float32, never
+// rounded to x's dtype) and keeps kLogitStateBytes per label-grid pixel (log-sum-exp and counted class) in
+// `scratch`; a second kernel gathers each gradient element from the pixels it feeds, in a fixed order (no
+// atomics: deterministic). Weights: PyTorch's (taps_at in common.cuh). s is {N, C, H, W}, the label grid.
+// A D map of another size than the labels is upsampled to a float32 (N, H, W) map first (upsample_map) and fed
+// to the launchers above as such; the float32 (N, H, W) gradient they write for it is reduced to the map's own
+// resolution and dtype by map_grad_gather.
+
+// The logits' grid, the resampling and the gather's scratch (kLogitStateBytes per label-grid pixel, 8-byte
+// aligned; may be nullptr when no gradient is requested).
+struct Upsample {
+  int64_t h, w;
+  bool align_corners;
+  void* scratch;
+};
+constexpr int64_t kLogitStateBytes = 8;
+
+// softmax2d of the upsampled logits: y (N, C, H, W) in x's dtype.
+cudaError_t softmax2d_upsampled_forward(Shape4 s, int dtype, Strided4 x, Upsample up, Strided4 y,
+                                        cudaStream_t stream);
+// Its gradient at the logits' resolution: gx (N, C, up.h, up.w) from the saved probabilities p and their gradient gy
+// at s's grid (p, gy, gx of one dtype). up.scratch: N*H*W floats (sum_c p*gy per pixel).
+cudaError_t softmax2d_upsampled_backward(Shape4 s, int dtype, Strided4 p, Strided4 gy, Upsample up, Strided4 gx,
+                                         cudaStream_t stream);
+
+// As cross_entropy2d_forward, with x upsampled; grad (N, C, up.h, up.w).
+cudaError_t cross_entropy2d_upsampled_forward(Shape4 s, int dtype, Strided4 x, Upsample up, Strided3 target,
+                                              const float* weight, int64_t ignore_index, float label_smoothing,
+                                              float* loss_map, Strided4 grad, void* workspace, float* sums,
+                                              int64_t* bad, cudaStream_t stream);
+
+// As semi_cross_entropy2d_forward, with x upsampled (z and mask at (H, W)); grad (N, C, up.h, up.w).
+cudaError_t semi_cross_entropy2d_upsampled_forward(Shape4 s, int dtype, Strided4 x, Upsample up, Strided3 z,
+                                                   float threshold, Strided3 mask, float* loss_map, Strided4 grad,
+                                                   void* workspace, float* sums, cudaStream_t stream);
+
+// As generator_loss_forward, with x upsampled (z, target and grad_z at (H, W)); grad_x (N, C, up.h, up.w).
+cudaError_t generator_loss_upsampled_forward(Shape4 s, int dtype, Strided4 x, Upsample up, Strided3 z,
+                                             Strided3 target, int64_t ignore_index, float threshold, Strided4 grad_x,
+                                             Strided3 grad_z, void* workspace, float* sums, int64_t* bad,
+                                             cudaStream_t stream);
+
+// A map z (N, h, w) of any float DType upsampled to out, a contiguous float32 (N, H, W) map.
+cudaError_t upsample_map(int64_t N, int64_t h, int64_t w, Strided3 z, int64_t H, int64_t W, bool align_corners,
+                         float* out, cudaStream_t stream);
+// The gradient g (contiguous float32 (N, H, W)) of such an upsampled map, at the map's resolution: out (N, h, w),
+// any float DType.
+cudaError_t map_grad_gather(int64_t N, int64_t H, int64_t W, const float* g, int64_t h, int64_t w,
+                            bool align_corners, Strided3 out, cudaStream_t stream);
 
 // one_hot2d: out is a contiguous (N, C, H, W) tensor of elements of elem_size bytes (1, 2, 4 or 8);
 // one_bits is the bit pattern of the value 1 in that dtype (zero is all-zero bits).

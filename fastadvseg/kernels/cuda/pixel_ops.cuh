@@ -1,7 +1,8 @@
 // The per-pixel work of every op, one function per op: what one thread does for pixel p (reads its C logits,
-// writes its outputs and gradients, adds to its running raw sums, records bad labels). The kernels in *.cu are a
-// grid-stride loop over p around these plus the deterministic block reductions; tests/cuda_emulation runs the
-// same functions on the CPU.
+// writes its outputs and gradients, adds to its running raw sums, records bad labels), and what one thread does
+// for one element of the gradient of an upsampled input (the gathers at the end). The kernels in *.cu are a
+// grid-stride loop around these plus the deterministic block reductions; tests/cuda_emulation runs the same
+// functions on the CPU.
 // Math per op: see the header of its .cu file.
 #pragma once
 
@@ -10,6 +11,66 @@
 namespace fastadvseg {
 namespace cuda {
 
+// ------------------------------------------------------------------------- where the logits of a pixel come from
+// The loss functions below take the logits of label-grid pixel px through a placement:
+//  * AtLabelGrid: the logits are at the labels' resolution, read in place, and the gradient of each channel is
+//    written at the pixel (grad.data nullptr: none);
+//  * Upsampled: the logits (N, C, h, w) are bilinearly upsampled to the label grid, interpolated at each pixel;
+//    their gradient is gathered at (h, w) afterwards (logit_grad_element) from what the pixel leaves in `state`:
+//    its log-sum-exp and the class whose -log p counts there (-1: none). state nullptr: no gradient.
+
+// What the gather of an upsampled logits' gradient reads of one label-grid pixel (kLogitStateBytes of scratch).
+struct alignas(8) LogitState {
+  float lse;
+  int32_t sel;
+};
+static_assert(sizeof(LogitState) == kLogitStateBytes, "the binding allocates kLogitStateBytes per pixel");
+
+struct AtLabelGrid {
+  template <typename T>
+  FAS_HD StoredAt logits(const Strided4& x, const Pixel& px) const { return StoredAt{offset4(x, px), x.sc}; }
+  // a pixel whose -log softmax(x)_sel counts, with gradient scale * (p - onehot(sel)) (+ smoothing)
+  template <typename T, bool kSmooth>
+  FAS_HD void counted(const T* __restrict__ x, const StoredAt& at, const Strided4& grad, const Pixel& px, int64_t,
+                      int64_t C, const RowStats& r, int64_t sel, float scale, const Smoothing& sm) const {
+    if (grad.data != nullptr) {
+      write_nll_grad<T, kSmooth>(x, at.base, at.sc, static_cast<T*>(grad.data), offset4(grad, px), grad.sc, C, r,
+                                 sel, scale, sm);
+    }
+  }
+  template <typename T>
+  FAS_HD void uncounted(const Strided4& grad, const Pixel& px, int64_t, int64_t C) const {
+    if (grad.data != nullptr) write_zeros<T>(static_cast<T*>(grad.data), offset4(grad, px), grad.sc, C);
+  }
+};
+
+struct Upsampled {
+  Axis rows, cols;    // the logits' h -> H and w -> W
+  LogitState* state;  // (N, H, W), contiguous, or nullptr
+  template <typename T>
+  FAS_HD InterpolatedAt logits(const Strided4& x, const Pixel& px) const {
+    return interpolated_at(x, px.n, taps_at(rows, px.h), taps_at(cols, px.w));
+  }
+  // the scale is not kept: the gather derives it from sel (the op's class weight, 1 for the other losses)
+  template <typename T, bool kSmooth>
+  FAS_HD void counted(const T*, const InterpolatedAt&, const Strided4&, const Pixel&, int64_t p, int64_t,
+                      const RowStats& r, int64_t sel, float, const Smoothing&) const {
+    if (state != nullptr) state[p] = LogitState{r.m + logf(r.s), static_cast<int32_t>(sel)};
+  }
+  template <typename T>
+  FAS_HD void uncounted(const Strided4&, const Pixel&, int64_t p, int64_t) const {
+    if (state != nullptr) state[p] = LogitState{0.f, -1};
+  }
+};
+
+inline Upsampled make_upsampled(const Upsample& up, int64_t H, int64_t W) {
+  return Upsampled{make_axis(up.h, H, up.align_corners), make_axis(up.w, W, up.align_corners),
+                   static_cast<LogitState*>(up.scratch)};
+}
+
+// The losses without class weights or smoothing: scale 1 at every counted pixel.
+FAS_HD Smoothing no_smoothing() { return Smoothing{1.f, 0.f, nullptr}; }
+
 // ---------------------------------------------------------------------------------------------------- softmax2d
 struct SoftmaxArgs {
   Shape4 s;
@@ -17,16 +78,27 @@ struct SoftmaxArgs {
   Strided4 p, gy, gx;  // backward: gx = p * (gy - <p, gy>) from the saved probabilities p = y
 };
 
-template <typename T>
-FAS_HD void softmax_forward_pixel(const SoftmaxArgs& a, int64_t p) {
+// y at pixel px (of a.s's grid) = softmax of the logits the placement gives there (a.s.C channels).
+template <typename T, typename Place = AtLabelGrid>
+FAS_HD void softmax_forward_pixel(const SoftmaxArgs& a, int64_t p, const Place& place = Place{}) {
   const T* __restrict__ xp = static_cast<const T*>(a.x.data);
   T* __restrict__ yp = static_cast<T*>(a.y.data);
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
-  const int64_t xb = offset4(a.x, px), yb = offset4(a.y, px), ysc = a.y.sc;
-  const RowStats r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, -1);
+  const auto at = place.template logits<T>(a.x, px);
+  const int64_t yb = offset4(a.y, px), ysc = a.y.sc;
+  const RowStats r = row_stats_of<false>(xp, at, a.s.C, -1);
   const float inv_s = 1.f / r.s;
-  for_channels(xp, xb, a.x.sc, 0, a.s.C,
+  for_channels(xp, at, 0, a.s.C,
                [&](int64_t c, float v) { yp[yb + c * ysc] = from_float<T>(expf(v - r.m) * inv_s); });
+}
+
+// sum_c p_c gy_c of one pixel, in float32 whatever the storage dtype.
+template <typename T>
+FAS_HD float softmax_dot(const T* __restrict__ pp, int64_t pb, int64_t psc, const T* __restrict__ gyp, int64_t gyb,
+                         int64_t gysc, int64_t C) {
+  float dot = 0.f;
+  for_channels(pp, pb, psc, 0, C, [&](int64_t c, float v) { dot += v * to_float(gyp[gyb + c * gysc]); });
+  return dot;
 }
 
 // The backward reads the saved probabilities (no recomputation from the logits): two sweeps over p and gy, the
@@ -39,8 +111,7 @@ FAS_HD void softmax_backward_pixel(const SoftmaxArgs& a, int64_t p) {
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
   const int64_t pb = offset4(a.p, px), gyb = offset4(a.gy, px), gxb = offset4(a.gx, px);
   const int64_t gysc = a.gy.sc, gxsc = a.gx.sc;
-  float dot = 0.f;
-  for_channels(pp, pb, a.p.sc, 0, a.s.C, [&](int64_t c, float v) { dot += v * to_float(gyp[gyb + c * gysc]); });
+  const float dot = softmax_dot(pp, pb, a.p.sc, gyp, gyb, gysc, a.s.C);
   for_channels(pp, pb, a.p.sc, 0, a.s.C, [&](int64_t c, float v) {
     gxp[gxb + c * gxsc] = from_float<T>(v * (to_float(gyp[gyb + c * gysc]) - dot));
   });
@@ -59,26 +130,23 @@ struct CrossEntropyArgs {
 
 // acc: [sum of the losses, sum of w_y, bad labels]; first_bad: the smallest pixel with a bad label seen.
 // kSmooth: label smoothing eps != 0 (eps = 0 is the plain instantiation, which costs nothing extra).
-template <typename T, bool kSmooth>
-FAS_HD void cross_entropy_pixel(const CrossEntropyArgs& a, int64_t p, float* acc, int64_t& first_bad) {
+template <typename T, bool kSmooth, typename Place = AtLabelGrid>
+FAS_HD void cross_entropy_pixel(const CrossEntropyArgs& a, int64_t p, float* acc, int64_t& first_bad,
+                                const Place& place = Place{}) {
   const T* __restrict__ xp = static_cast<const T*>(a.x.data);
-  T* __restrict__ gp = static_cast<T*>(a.grad.data);
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
   const int64_t y = checked_label(a.target, px, p, a.s.C, a.ignore_index, acc[2], first_bad);
   float loss = 0.f;
   if (y >= 0) {  // the logits of an uncounted pixel are never read: a NaN there cannot reach the loss
-    const int64_t xb = offset4(a.x, px);
-    const RowStats r = row_stats<T, false, kSmooth>(xp, xb, a.x.sc, a.s.C, y, a.sm.weight);
+    const auto at = place.template logits<T>(a.x, px);
+    const RowStats r = row_stats_of<false, kSmooth>(xp, at, a.s.C, y, a.sm.weight);
     const float wy = a.sm.weight != nullptr ? a.sm.weight[y] : 1.f;
     loss = ce_loss<kSmooth>(r, wy, a.sm);
     acc[0] += loss;
     acc[1] += wy;
-    if (gp != nullptr) {
-      write_nll_grad<T, kSmooth>(xp, xb, a.x.sc, gp, offset4(a.grad, px), a.grad.sc, a.s.C, r, y,
-                                 kSmooth ? a.sm.keep * wy : wy, a.sm);
-    }
-  } else if (gp != nullptr) {
-    write_zeros<T>(gp, offset4(a.grad, px), a.grad.sc, a.s.C);
+    place.template counted<T, kSmooth>(xp, at, a.grad, px, p, a.s.C, r, y, kSmooth ? a.sm.keep * wy : wy, a.sm);
+  } else {
+    place.template uncounted<T>(a.grad, px, p, a.s.C);
   }
   if (a.loss_map != nullptr) a.loss_map[p] = loss;
 }
@@ -156,10 +224,9 @@ struct SemiArgs {
 };
 
 // acc: [sum of nll over kept pixels, kept, considered]
-template <typename T>
-FAS_HD void semi_pixel(const SemiArgs& a, int64_t p, float* acc) {
+template <typename T, typename Place = AtLabelGrid>
+FAS_HD void semi_pixel(const SemiArgs& a, int64_t p, float* acc, const Place& place = Place{}) {
   const T* __restrict__ xp = static_cast<const T*>(a.x.data);
-  T* __restrict__ gp = static_cast<T*>(a.grad.data);
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
   bool keep = false;
   if (!masked(a.mask, px)) {
@@ -168,14 +235,14 @@ FAS_HD void semi_pixel(const SemiArgs& a, int64_t p, float* acc) {
   }
   float loss = 0.f;
   if (keep) {
-    const int64_t xb = offset4(a.x, px);
-    const RowStats r = row_stats<T, true>(xp, xb, a.x.sc, a.s.C, -1);
+    const auto at = place.template logits<T>(a.x, px);
+    const RowStats r = row_stats_of<true>(xp, at, a.s.C, -1);
     loss = r.m + logf(r.s) - r.xsel;
     acc[0] += loss;
     acc[1] += 1.f;
-    if (gp != nullptr) write_nll_grad<T>(xp, xb, a.x.sc, gp, offset4(a.grad, px), a.grad.sc, a.s.C, r, r.arg, 1.f);
-  } else if (gp != nullptr) {
-    write_zeros<T>(gp, offset4(a.grad, px), a.grad.sc, a.s.C);
+    place.template counted<T, false>(xp, at, a.grad, px, p, a.s.C, r, r.arg, 1.f, no_smoothing());
+  } else {
+    place.template uncounted<T>(a.grad, px, p, a.s.C);
   }
   if (a.loss_map != nullptr) a.loss_map[p] = loss;
 }
@@ -198,12 +265,12 @@ struct GeneratorArgs {
 };
 
 // acc: [term sum, term count, adv sum, adv count, kept, considered, bad labels]; first_bad as in cross_entropy.
-template <typename T>
-FAS_HD void generator_pixel(const GeneratorArgs& a, int64_t p, float* acc, int64_t& first_bad) {
+template <typename T, typename Place = AtLabelGrid>
+FAS_HD void generator_pixel(const GeneratorArgs& a, int64_t p, float* acc, int64_t& first_bad,
+                            const Place& place = Place{}) {
   const T* __restrict__ xp = static_cast<const T*>(a.x.data);
-  T* __restrict__ gxp = static_cast<T*>(a.grad_x.data);
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
-  const int64_t xb = offset4(a.x, px);
+  const auto at = place.template logits<T>(a.x, px);
   int64_t sel = -1;  // the class whose nll counts in the term at this pixel, -1 if none
   bool adv_counts;   // whether BCE(z, 1) counts at this pixel
   float zv = 0.f;
@@ -213,14 +280,14 @@ FAS_HD void generator_pixel(const GeneratorArgs& a, int64_t p, float* acc, int64
     adv_counts = sel >= 0;
     if (sel >= 0) {
       zv = load_map(a.z, offset3(a.z, px));
-      r = row_stats<T, false>(xp, xb, a.x.sc, a.s.C, sel);
+      r = row_stats_of<false>(xp, at, a.s.C, sel);
     }
   } else {  // unlabelled: adv over every pixel, L_semi over the confident ones
     adv_counts = true;
     zv = load_map(a.z, offset3(a.z, px));
     acc[5] += 1.f;
     if (keep_pixel(zv, a.keep_logit)) {
-      r = row_stats<T, true>(xp, xb, a.x.sc, a.s.C, -1);
+      r = row_stats_of<true>(xp, at, a.s.C, -1);
       sel = r.arg;
       acc[4] += 1.f;
     }
@@ -234,13 +301,128 @@ FAS_HD void generator_pixel(const GeneratorArgs& a, int64_t p, float* acc, int64
     acc[3] += 1.f;
   }
   if (a.grad_z.data != nullptr) store_map(a.grad_z, offset3(a.grad_z, px), adv_counts ? sigmoid(zv) - 1.f : 0.f);
-  if (gxp != nullptr) {
-    if (sel >= 0) {
-      write_nll_grad<T>(xp, xb, a.x.sc, gxp, offset4(a.grad_x, px), a.grad_x.sc, a.s.C, r, sel, 1.f);
-    } else {
-      write_zeros<T>(gxp, offset4(a.grad_x, px), a.grad_x.sc, a.s.C);
-    }
+  if (sel >= 0) {
+    place.template counted<T, false>(xp, at, a.grad_x, px, p, a.s.C, r, sel, 1.f, no_smoothing());
+  } else {
+    place.template uncounted<T>(a.grad_x, px, p, a.s.C);
   }
+}
+
+// ------------------------------------------------------------------------- gradients of upsampled inputs
+// Each element of the gradient of an upsampled input sums, in a fixed order (gather_adjoint), the label-grid
+// gradient of the pixels that read it times their bilinear weights: the adjoint of the upsampling, as a gather
+// (deterministic, no atomics), with float32 accumulation. One thread per element; element q runs over the
+// gradient's (N, C, h, w) (or (N, h, w)) in memory order of NCHW, so adjacent threads take adjacent columns.
+
+// The upsampled logits' gradient from the state the loss kernel left per label-grid pixel: the label-grid gradient
+// is nll_grad of p_c = exp(x_c - lse) with x_c interpolated again from the low-resolution logits, and the scale
+// sm.keep * w[sel] (w = 1 without class weights: 1 for L_semi and the generator's terms); 0 where sel < 0.
+struct LogitGradArgs {
+  Shape4 s;                 // the logits' (N, C, h, w), also the gradient's
+  int64_t H, W;             // the label grid
+  Axis rows, cols;          // h -> H, w -> W
+  Strided4 x, grad;         // the logits and their gradient (same dtype)
+  const LogitState* state;  // (N, H, W), contiguous
+  Smoothing sm;
+};
+
+template <typename T, bool kSmooth>
+FAS_HD void logit_grad_element(const LogitGradArgs& a, int64_t q) {
+  const T* __restrict__ xp = static_cast<const T*>(a.x.data);
+  const float* __restrict__ w = a.sm.weight;
+  const Pixel e = split_pixel(q, a.s.H * a.s.W, a.s.W);  // e.n = n * C + c
+  const int64_t n = e.n / a.s.C, c = e.n - n * a.s.C;
+  float wsum = 0.f;  // the sum row_stats forms at every pixel, in the same order
+  if (kSmooth) {
+    wsum = w != nullptr ? w[0] : 1.f;
+    for (int64_t k = 1; k < a.s.C; ++k) wsum += w != nullptr ? w[k] : 1.f;
+  }
+  // channel c of image n at rows i - 1, i, i + 1 (the last clamped) and the same columns: what the label-grid
+  // pixels reading (i, j) interpolate from (gather_adjoint's runs)
+  const T* __restrict__ xc = xp + n * a.x.sn + c * a.x.sc;
+  const int64_t ro[3] = {(e.h - 1) * a.x.sh, e.h * a.x.sh, (e.h + 1 < a.s.H ? e.h + 1 : e.h) * a.x.sh};
+  const int64_t co[3] = {(e.w - 1) * a.x.sw, e.w * a.x.sw, (e.w + 1 < a.s.W ? e.w + 1 : e.w) * a.x.sw};
+  const LogitState* __restrict__ st = a.state + n * a.H * a.W;
+  const float g = gather_adjoint(a.rows, a.cols, e.h, e.w,
+                                 [&](int64_t h, int64_t v, int hr, int wr, const Taps& th, const Taps& tw) {
+    const LogitState s = st[h * a.W + v];
+    if (s.sel < 0) return 0.f;  // a select: whatever the logits hold there never reaches the gradient
+    const T* __restrict__ r0 = xc + ro[hr];
+    const T* __restrict__ r1 = xc + ro[hr + 1];
+    const float xv = blend(to_float(r0[co[wr]]), to_float(r0[co[wr + 1]]), to_float(r1[co[wr]]),
+                           to_float(r1[co[wr + 1]]), th, tw);
+    const float scale = a.sm.keep * (w != nullptr ? w[s.sel] : 1.f);
+    return nll_grad<kSmooth>(expf(xv - s.lse), c, s.sel, scale, wsum, a.sm);
+  });
+  static_cast<T*>(a.grad.data)[n * a.grad.sn + c * a.grad.sc + e.h * a.grad.sh + e.w * a.grad.sw] = from_float<T>(g);
+}
+
+// The gather of the logits' gradient after a loss kernel on the label grid s ({N, C, H, W}) that left its state
+// through `up`.
+inline LogitGradArgs make_logit_grad(const Shape4& s, const Strided4& x, const Upsampled& up, const Strided4& grad,
+                                     const Smoothing& sm) {
+  return LogitGradArgs{Shape4{s.N, s.C, up.rows.in, up.cols.in}, s.H, s.W, up.rows, up.cols, x, grad, up.state, sm};
+}
+
+// Launches logit_grad_element over the gradient (defined in upsample.cu; kSmooth = smooth).
+cudaError_t launch_logit_grad(const LogitGradArgs& a, int dtype, bool smooth, cudaStream_t stream);
+
+// softmax2d's gradient at the logits' resolution from the saved label-grid probabilities p and the incoming
+// gradient gy: the label-grid gradient p_c (gy_c - dot), dot = sum_k p_k gy_k (softmax_dot_pixel, first).
+struct SoftmaxGradArgs {
+  Shape4 s;         // the gradient's (N, C, h, w)
+  int64_t H, W;     // p's and gy's grid
+  Axis rows, cols;  // h -> H, w -> W
+  Strided4 p, gy, gx;
+  float* dot;       // (N, H, W), contiguous
+};
+
+template <typename T>
+FAS_HD void softmax_dot_pixel(const SoftmaxGradArgs& a, int64_t p) {
+  const Pixel px = split_pixel(p, a.H * a.W, a.W);
+  a.dot[p] = softmax_dot(static_cast<const T*>(a.p.data), offset4(a.p, px), a.p.sc,
+                         static_cast<const T*>(a.gy.data), offset4(a.gy, px), a.gy.sc, a.s.C);
+}
+
+template <typename T>
+FAS_HD void softmax_grad_element(const SoftmaxGradArgs& a, int64_t q) {
+  const T* __restrict__ pp = static_cast<const T*>(a.p.data);
+  const T* __restrict__ gyp = static_cast<const T*>(a.gy.data);
+  const Pixel e = split_pixel(q, a.s.H * a.s.W, a.s.W);  // e.n = n * C + c
+  const int64_t n = e.n / a.s.C, c = e.n - n * a.s.C;
+  const int64_t pc = n * a.p.sn + c * a.p.sc, gc = n * a.gy.sn + c * a.gy.sc;
+  const float* __restrict__ dot = a.dot + n * a.H * a.W;
+  const float g = gather_adjoint(a.rows, a.cols, e.h, e.w,
+                                 [&](int64_t h, int64_t w, int, int, const Taps&, const Taps&) {
+    return to_float(pp[pc + h * a.p.sh + w * a.p.sw]) * (to_float(gyp[gc + h * a.gy.sh + w * a.gy.sw]) - dot[h * a.W + w]);
+  });
+  static_cast<T*>(a.gx.data)[n * a.gx.sn + c * a.gx.sc + e.h * a.gx.sh + e.w * a.gx.sw] = from_float<T>(g);
+}
+
+// A discriminator map (N, h, w) (any float dtype) bilinearly upsampled to a float32 (N, H, W) map, and the
+// gradient of such a map, given as float32 (N, H, W), reduced to (N, h, w) in the map's dtype.
+struct MapResample {
+  int64_t N, H, W;     // the label grid
+  Axis rows, cols;     // h -> H, w -> W
+  Strided3 low;        // (N, h, w): the map (upsample) or its gradient (gather)
+  float* full;         // (N, H, W), contiguous: the upsampled map (upsample) or its gradient (gather)
+};
+
+FAS_HD void map_upsample_pixel(const MapResample& a, int64_t p) {
+  const Pixel px = split_pixel(p, a.H * a.W, a.W);
+  const Taps th = taps_at(a.rows, px.h), tw = taps_at(a.cols, px.w);
+  const int64_t b = px.n * a.low.sn, r0 = b + th.i0 * a.low.sh, r1 = b + th.i1 * a.low.sh;
+  const int64_t c0 = tw.i0 * a.low.sw, c1 = tw.i1 * a.low.sw;
+  a.full[p] = blend(load_map(a.low, r0 + c0), load_map(a.low, r0 + c1), load_map(a.low, r1 + c0),
+                    load_map(a.low, r1 + c1), th, tw);
+}
+
+FAS_HD void map_grad_element(const MapResample& a, int64_t q) {
+  const Pixel e = split_pixel(q, a.rows.in * a.cols.in, a.cols.in);
+  const float* __restrict__ g = a.full + e.n * a.H * a.W;
+  store_map(a.low, offset3(a.low, e),
+            gather_adjoint(a.rows, a.cols, e.h, e.w,
+                           [&](int64_t h, int64_t w, int, int, const Taps&, const Taps&) { return g[h * a.W + w]; }));
 }
 
 // ---------------------------------------------------------------------------------------------------- one_hot2d

@@ -8,6 +8,8 @@
 // Bytes moved (E = bytes per logit, Ez per map element): reads the logits of kept pixels once from DRAM
 // (E per element), z (Ez per pixel) and the mask (1 byte per pixel) if any; writes the gradient (E per element)
 // when requested, 4 bytes per pixel for the loss map, 3 floats per block of workspace.
+// Upsampled (semi_cross_entropy2d_upsampled_forward): the same per label-grid pixel on interpolated logits, with
+// 8 bytes of state per pixel for the gather of the low-resolution gradient (see cross_entropy.cu).
 #include "pixel_ops.cuh"
 
 namespace fastadvseg {
@@ -18,6 +20,13 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) semi_kernel(SemiArgs a, Workspace ws) {
   float acc[3] = {0.f, 0.f, 0.f};
   FASTADVSEG_PIXEL_LOOP(p, a.s.N * a.s.H * a.s.W) semi_pixel<T>(a, p, acc);
+  block_sums_to_partials<3>(acc, ws.partials, ws.G);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) semi_upsampled_kernel(SemiArgs a, Upsampled up, Workspace ws) {
+  float acc[3] = {0.f, 0.f, 0.f};
+  FASTADVSEG_PIXEL_LOOP(p, a.s.N * a.s.H * a.s.W) semi_pixel<T>(a, p, acc, up);
   block_sums_to_partials<3>(acc, ws.partials, ws.G);
 }
 
@@ -33,6 +42,22 @@ cudaError_t semi_cross_entropy2d_forward(Shape4 s, int dtype, Strided4 x, Stride
     return cudaGetLastError();
   });
   return then_finalize(err, ws, make_finalize(3, sums), stream);
+}
+
+cudaError_t semi_cross_entropy2d_upsampled_forward(Shape4 s, int dtype, Strided4 x, Upsample upsample, Strided3 z,
+                                                   float threshold, Strided3 mask, float* loss_map, Strided4 grad,
+                                                   void* workspace, float* sums, cudaStream_t stream) {
+  const SemiArgs a{s, x, z, mask, threshold, loss_map, Strided4{}};
+  Upsampled up = make_upsampled(upsample, s.H, s.W);
+  if (grad.data == nullptr) up.state = nullptr;
+  const Workspace ws = carve_workspace(workspace, s.N * s.H * s.W, false);
+  cudaError_t err = dispatch_logits(dtype, [&](auto tag) {
+    semi_upsampled_kernel<decltype(tag)><<<grid_of(ws.G), kThreads, 0, stream>>>(a, up, ws);
+    return cudaGetLastError();
+  });
+  err = then_finalize(err, ws, make_finalize(3, sums), stream);
+  if (err != cudaSuccess || grad.data == nullptr) return err;
+  return launch_logit_grad(make_logit_grad(s, x, up, grad, no_smoothing()), dtype, false, stream);
 }
 
 }  // namespace cuda

@@ -6,6 +6,11 @@
 // Bytes moved (E = bytes per element, N*C*H*W elements): forward reads the logits once from DRAM (the second
 // sweep of a pixel's C values hits L1/L2) and writes y: 2*E per element; backward reads p and gy once from DRAM
 // (the second sweep hits L1/L2) and writes gx: 3*E per element.
+// Upsampled logits x (N, C, h, w), label grid (H, W): the forward interpolates each pixel's logits from the four
+// low-resolution pixels around it (two sweeps, reads from L1/L2) and writes y at (H, W): E per element of y plus
+// the low-resolution logits. The backward first writes dot = sum_c p*gy per label-grid pixel (reads p and gy once:
+// 2*E per element, 4 bytes per pixel), then each gradient element gathers p (gy - dot) * weight over the pixels
+// it feeds (every p, gy element is read by about 4 threads, mostly from L2) and writes gx at (N, C, h, w).
 #include "pixel_ops.cuh"
 
 namespace fastadvseg {
@@ -24,6 +29,21 @@ __global__ void __launch_bounds__(kThreads) softmax_backward_kernel(SoftmaxArgs 
   FASTADVSEG_PIXEL_LOOP(p, a.s.N * a.s.H * a.s.W) softmax_backward_pixel<T>(a, p);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) softmax_upsampled_kernel(SoftmaxArgs a, Upsampled up) {
+  FASTADVSEG_PIXEL_LOOP(p, a.s.N * a.s.H * a.s.W) softmax_forward_pixel<T>(a, p, up);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) softmax_dot_kernel(SoftmaxGradArgs a) {
+  FASTADVSEG_PIXEL_LOOP(p, a.s.N * a.H * a.W) softmax_dot_pixel<T>(a, p);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) softmax_grad_kernel(SoftmaxGradArgs a) {
+  FASTADVSEG_PIXEL_LOOP(q, a.s.N * a.s.C * a.s.H * a.s.W) softmax_grad_element<T>(a, q);
+}
+
 }  // namespace
 
 cudaError_t softmax2d_forward(Shape4 s, int dtype, Strided4 x, Strided4 y, cudaStream_t stream) {
@@ -38,6 +58,32 @@ cudaError_t softmax2d_backward(Shape4 s, int dtype, Strided4 p, Strided4 gy, Str
   const SoftmaxArgs a{s, Strided4{}, Strided4{}, p, gy, gx};
   return dispatch_logits(dtype, [&](auto tag) {
     softmax_backward_kernel<decltype(tag)><<<grid_of(grid_blocks(s.N * s.H * s.W)), kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t softmax2d_upsampled_forward(Shape4 s, int dtype, Strided4 x, Upsample upsample, Strided4 y,
+                                        cudaStream_t stream) {
+  const SoftmaxArgs a{s, x, y, Strided4{}, Strided4{}, Strided4{}};
+  const Upsampled up = make_upsampled(upsample, s.H, s.W);
+  return dispatch_logits(dtype, [&](auto tag) {
+    softmax_upsampled_kernel<decltype(tag)><<<grid_of(grid_blocks(s.N * s.H * s.W)), kThreads, 0, stream>>>(a, up);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t softmax2d_upsampled_backward(Shape4 s, int dtype, Strided4 p, Strided4 gy, Upsample upsample, Strided4 gx,
+                                         cudaStream_t stream) {
+  const SoftmaxGradArgs a{Shape4{s.N, s.C, upsample.h, upsample.w}, s.H, s.W,
+                          make_axis(upsample.h, s.H, upsample.align_corners),
+                          make_axis(upsample.w, s.W, upsample.align_corners), p, gy, gx,
+                          static_cast<float*>(upsample.scratch)};
+  return dispatch_logits(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    softmax_dot_kernel<T><<<grid_of(grid_blocks(s.N * s.H * s.W)), kThreads, 0, stream>>>(a);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    softmax_grad_kernel<T><<<grid_of(grid_blocks(a.s.N * a.s.C * a.s.H * a.s.W)), kThreads, 0, stream>>>(a);
     return cudaGetLastError();
   });
 }
