@@ -11,7 +11,12 @@ a test can count how often each element of each tensor is read and written by on
 * the only other accesses are the per-program partial sums and bad-label reports: single-element stores, each
   cell written once, never read by a kernel;
 * the benchmark byte model (``benchmarks/cases.py``) equals the bytes these kernels move, per op, for the
-  forward without gradients and for forward + backward.
+  forward without gradients and for forward + backward;
+* with inputs read upsampled (a ``size``): the full-resolution labels, masks, target maps and probabilities are
+  read once by the forward and once more per low-resolution index they feed along the axis the gradient's first
+  pass reduces, the low-resolution logits and maps gathered 4 times per full-resolution pixel and visit, each
+  output and gradient stored once, and the only other stores are the first pass's float32 intermediate
+  (N·C·H·w or N·C·h·W elements, each once, read back at most twice): no (N, C, H, W) logits or gradient.
 """
 import contextlib
 import os
@@ -207,3 +212,178 @@ def test_byte_model_is_what_the_kernels_move(case, dtype):
         with counted() as acc:
             C.forward_backward(case, fn)(inputs)
         assert acc.tile_bytes() == case.bytes(SMOKE, dtype, "fwdbwd")
+
+
+# --------------------------------------------------------------------------------------- inputs read upsampled
+
+def neighbours(low: int, full: int, align: bool):
+    """(i0, i1) of every full-resolution index along one axis: PyTorch's bilinear source indices, in float32."""
+    f32 = np.float32
+    d = np.arange(full)
+    if low == full:
+        return d, d
+    if align:
+        scale = f32(low - 1) / f32(full - 1) if full > 1 else f32(0)
+        src = scale * d.astype(f32)
+    else:
+        scale = f32(low) / f32(full)
+        src = np.maximum(scale * (d.astype(f32) + f32(0.5)) - f32(0.5), f32(0))
+    i0 = np.minimum(src.astype(np.int64), low - 1)
+    return i0, np.minimum(i0 + 1, low - 1)
+
+
+def feeds(low: int, full: int, align: bool) -> np.ndarray:
+    """How many low-resolution indices each full-resolution index feeds along one axis (1 or 2)."""
+    i0, i1 = neighbours(low, full, align)
+    return 1 + (i0 != i1)
+
+
+def reduced_first(h, w, big_h, big_w) -> str:
+    """The axis pass 1 of a gradient reduces: W where only W is resampled or where H·w <= h·W."""
+    if h == big_h:
+        return "w"
+    if w == big_w:
+        return "h"
+    return "w" if big_h * w <= h * big_w else "h"
+
+
+def visits(h, w, size, align) -> np.ndarray:
+    """(H, W): how often pass 1 visits each full-resolution pixel (once per low-resolution index it feeds along the
+    axis pass 1 reduces)."""
+    big_h, big_w = size
+    if reduced_first(h, w, big_h, big_w) == "w":
+        return np.broadcast_to(feeds(w, big_w, align)[None, :], size)
+    return np.broadcast_to(feeds(h, big_h, align)[:, None], size)
+
+
+def intermediate_elems(shape, size) -> int:
+    """Elements of pass 1's float32 intermediate: N·C·H·w or N·C·h·W (whichever is reduced first), none where only
+    one axis is resampled (pass 1 writes the gradient)."""
+    n, c, h, w = shape
+    big_h, big_w = size
+    if h == big_h or w == big_w:
+        return 0
+    return n * c * (big_h * w if reduced_first(h, w, big_h, big_w) == "w" else h * big_w)
+
+
+def assert_outputs_and_intermediate(acc, outputs, shape, size, read_inputs):
+    """Each output stored once and never loaded; the only other block stores are pass 1's intermediate (each
+    element once, 4 bytes, read back at most twice by pass 2, never more than N·C·H·w of them: no (N, C, H, W)
+    tensor); the inputs never stored."""
+    for name, t in outputs:
+        n = acc.counts(t, "store")
+        assert n.min() == 1 and n.max() == 1, f"{name}: store counts {np.bincount(n)}"
+        assert not acc.counts(t, "load").any(), f"{name} was loaded"
+    for name, t in read_inputs:
+        assert not acc.counts(t, "store").any(), f"{name} was stored"
+    output_addrs = np.concatenate([element_addresses(t) for _, t in outputs])
+    stores = acc.addresses("store")
+    extra = stores[~np.isin(stores, output_addrs)]
+    assert len(np.unique(extra)) == len(extra), "an intermediate element stored twice"
+    assert len(extra) == intermediate_elems(shape, size)
+    n, c, h, w = shape
+    assert len(extra) < n * c * size[0] * size[1]
+    loads = acc.addresses("load")
+    if len(extra):
+        reads = np.unique(loads[np.isin(loads, extra)], return_counts=True)[1]
+        assert len(reads) == len(extra) and reads.max() <= 2, np.bincount(reads)
+    return len(extra)
+
+
+UPSAMPLED = [("3x4_7x9", (2, 5, 3, 4), (7, 9), False, "contiguous"),  # the gradient reduces H first
+             ("4x3_9x7", (2, 5, 4, 3), (9, 7), True, "channels_last"),  # W first
+             ("5x2_17x5", (1, 3, 5, 2), (17, 5), True, "sliced"),
+             ("7x4_7x9", (2, 3, 7, 4), (7, 9), False, "sliced")]  # one pass, no intermediate
+
+
+@pytest.mark.parametrize("name,shape,size,align,layout", UPSAMPLED, ids=[u[0] for u in UPSAMPLED])
+def test_upsampled_cross_entropy_reads_labels_per_visit_and_never_makes_full_resolution_logits(
+        name, shape, size, align, layout, gen):
+    """Forward: each label read once, each loss once; the low-resolution logits are gathered 4 times per
+    full-resolution pixel and channel, nothing else. Gradient: each label read once more per low-resolution index it
+    feeds along pass 1's axis, the logits 4 times per such visit, the gradient stored once."""
+    n, c, h, w = shape
+    x = layout_4d(torch.randn(shape, generator=gen) * 3, layout)
+    y = torch.randint(0, c, (n, *size), generator=gen)
+    y[torch.rand((n, *size), generator=gen) < 0.2] = 255
+    y = layout_3d(y, layout)
+    with counted() as acc:
+        _, _, loss_map, _, _ = cross_entropy.cross_entropy_forward(x, y, None, 255, store_grad=False, store_map=True,
+                                                                  size=size, align_corners=align)
+    assert (acc.counts(y, "load") == 1).all() and (acc.counts(loss_map, "store") == 1).all()
+    logit_loads = acc.counts(x, "load")
+    assert logit_loads.sum() == 4 * n * c * size[0] * size[1]
+    assert logit_loads.min() >= 1  # upsampling: every low-resolution logit is some pixel's neighbour
+    assert len(acc.addresses("load")) == y.numel() + 4 * n * c * size[0] * size[1]
+    assert len(acc.addresses("store")) == loss_map.numel()
+    with counted() as acc:
+        *_, grad, _ = cross_entropy.cross_entropy_forward(x, y, None, 255, store_grad=True, store_map=False,
+                                                          size=size, align_corners=align)
+    per_visit = visits(h, w, size, align)
+    label_reads = acc.counts(y, "load").reshape(n, *size)
+    assert (label_reads == 1 + per_visit[None]).all()
+    assert acc.counts(x, "load").sum() == 4 * c * (n * size[0] * size[1] + n * int(per_visit.sum()))
+    assert_outputs_and_intermediate(acc, [("gradient", grad)], shape, size, [("logits", x), ("labels", y)])
+
+
+@pytest.mark.parametrize("name,shape,size,align,layout", UPSAMPLED, ids=[u[0] for u in UPSAMPLED])
+def test_upsampled_softmax_backward_reads_full_resolution_inputs_per_visit(name, shape, size, align, layout, gen):
+    """The backward of softmax2d with a low_size: p and the incoming gradient (full resolution) read once per
+    low-resolution index each pixel feeds along pass 1's axis, nothing else; no full-resolution gradient."""
+    n, c, h, w = shape
+    p = layout_4d(torch.rand((n, c, *size), generator=gen), layout)
+    g = layout_4d(torch.randn((n, c, *size), generator=gen), layout)
+    with counted() as acc:
+        dx = softmax.softmax_backward(p, g, (h, w), align)
+    per_visit = np.broadcast_to(visits(h, w, size, align)[None, None], (n, c, *size)).reshape(-1)
+    for what, t in (("probabilities", p), ("grad_output", g)):
+        assert (acc.counts(t, "load") == per_visit).all(), what
+    inter = assert_outputs_and_intermediate(acc, [("grad_input", dx)], shape, size, [("p", p), ("g", g)])
+    assert len(acc.addresses("load")) == 2 * int(per_visit.sum()) + acc_intermediate_reads(acc, inter, dx)
+
+
+def acc_intermediate_reads(acc, inter, *outputs) -> int:
+    """Loads outside the inputs: pass 2's reads of the intermediate (0 without one)."""
+    if not inter:
+        return 0
+    output_addrs = np.concatenate([element_addresses(t) for t in outputs])
+    stores = acc.addresses("store")
+    extra = stores[~np.isin(stores, output_addrs)]
+    loads = acc.addresses("load")
+    return int(np.isin(loads, extra).sum())
+
+
+@pytest.mark.parametrize("name,shape,size,align,layout", UPSAMPLED[:3], ids=[u[0] for u in UPSAMPLED[:3]])
+def test_upsampled_maps_and_generator_touch_only_their_tensors(name, shape, size, align, layout, gen):
+    """BCE over an upsampled D map with a target map and a mask, and the unlabelled generator loss with logits and
+    D at different resolutions: the full-resolution maps read once by the forward and once per visit by pass 1,
+    the low-resolution D map gathered 4 times per full-resolution pixel and visit, each gradient stored once."""
+    n, c, h, w = shape
+    d = layout_3d(torch.randn((n, h, w), generator=gen), layout)
+    t = layout_3d(torch.rand((n, *size), generator=gen), layout)
+    m = layout_3d(torch.rand((n, *size), generator=gen) < 0.3, layout)
+    with counted() as acc:
+        _, _, loss_map, grad = bce.bce_forward(d, t, m, store_grad=True, store_map=True, size=size,
+                                               align_corners=align)
+    per_visit = visits(h, w, size, align)
+    for what, full in (("target", t), ("mask", m)):
+        assert (acc.counts(full, "load").reshape(n, *size) == 1 + per_visit[None]).all(), what
+    assert acc.counts(d, "load").sum() == 4 * (n * size[0] * size[1] + n * int(per_visit.sum()))
+    assert_outputs_and_intermediate(acc, [("gradient", grad), ("loss map", loss_map)], (n, 1, h, w), size,
+                                    [("d", d), ("target", t), ("mask", m)])
+
+    x = layout_4d(torch.randn(shape, generator=gen) * 3, layout)
+    d_small = layout_3d(torch.randn((n, 2, 3), generator=gen), layout)
+    with counted() as acc:
+        *_, gx, gz, _ = generator.generator_forward(x, d_small, None, 255, 0.2, store_gx=True, store_gz=True,
+                                                    size=size, align_corners=align)
+    pixels = n * size[0] * size[1]
+    x_visits = n * int(visits(h, w, size, align).sum())
+    z_visits = n * int(visits(2, 3, size, align).sum())
+    assert acc.counts(x, "load").sum() == 4 * c * (pixels + x_visits)
+    # z: 4 per pixel in the forward, 4 per logits' pass-1 visit (the keep mask), 4 per its own pass-1 visit
+    assert acc.counts(d_small, "load").sum() == 4 * (pixels + x_visits + z_visits)
+    for what, g in (("logits gradient", gx), ("D gradient", gz)):
+        counts = acc.counts(g, "store")
+        assert counts.min() == 1 and counts.max() == 1 and not acc.counts(g, "load").any(), what
+    assert gx.shape == x.shape and gz.shape == d_small.shape

@@ -1,10 +1,10 @@
 """Registers, spills and shared memory of every compiled kernel, without a GPU.
 
 ``python -m tools.compile_check`` compiles every Triton kernel, as the backend launches it at
-the tiles of real images, for sm_90 (cubin, ptxas shipped with triton) and the CUDA backend's kernels with
-``nvcc --resource-usage``, and fails on a register spill at C <= 256 that no "accepted spill" comment explains.
-It runs once per session here (about half a minute on 2 cores with a cold Triton cache); the tests read its
-JSON report.
+the tiles of real images (also with inputs read upsampled, and the passes of their gradients), for sm_90 (cubin,
+ptxas shipped with triton) and the CUDA backend's kernels with ``nvcc --resource-usage``, and fails on a register
+spill at C <= 256 that no "accepted spill" comment explains. It runs once per session here (a few minutes on 2
+cores with a cold Triton cache); the tests read its JSON report.
 """
 import json
 import os
@@ -20,8 +20,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "fastadvseg" / "kernels"
 TILE_KERNELS = ("softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel", "semi_kernel",
-                "generator_kernel", "one_hot_kernel")
+                "generator_kernel", "one_hot_kernel", "adjoint_pass_kernel")
 MAP_KERNELS = ("bce_kernel", "discriminator_kernel")
+# the kernels of inputs read upsampled: the forward tile kernels under these flags, the gradients' first passes
+UPSAMPLED_FLAGS = {"UPSAMPLE", "UP_X"}
+UPSAMPLED_TILE_KERNELS = ("softmax_fwd_kernel", "cross_entropy_kernel", "semi_kernel", "generator_kernel")
+GRAD_TILE_KERNELS = ("cross_entropy_grad_kernel", "semi_grad_kernel", "softmax_bwd_grad_kernel")
 DTYPES = ("fp32", "fp16", "bf16")
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
@@ -70,29 +74,49 @@ def test_every_kernel_compiles_for_sm90_without_unexplained_spills(check):
             assert (r["kernel"], None) in accepted, r
 
 
+def _upsampled(row) -> bool:
+    return bool(UPSAMPLED_FLAGS & set(row["flags"]))
+
+
 def test_report_covers_every_class_count_and_dtype_at_the_tiles_of_real_images(check):
-    """Per kernel, C in {19, 21, 150, 256} and every dtype: a row whose tile is the one a 512x1024 image gets."""
+    """Per kernel, C in {19, 21, 150, 256} and every dtype: a row whose tile is the one a 512x1024 image gets; the
+    kernels that read inputs upsampled at their own tiles (fastadvseg/kernels/triton/bilinear.py)."""
+    from fastadvseg.kernels.triton.bilinear import GATHER_TILE_ELEMS, GRAD_MAP_BLOCK, UPSAMPLED_MAP_BLOCK
     from fastadvseg.kernels.triton.common import map_block, tile_shape
 
     _, report = check
     rows = report["triton"]["rows"]
     big = 512 * 1024
-    for kernel in TILE_KERNELS:
-        for c in (19, 21, 150, 256):
-            block_c, block_p, warps = tile_shape(c, big)
-            for dtype in DTYPES:
-                hits = [r for r in rows if r["kernel"] == kernel and c in r["classes"] and dtype in r["dtypes"]
-                        and not r["i64"]]
-                assert hits, (kernel, c, dtype)
-                assert {(r["tile"], r["warps"]) for r in hits} == {(f"{block_c}x{block_p}", warps)}, (kernel, c)
+
+    def tiles(kernel, c, dtype, upsampled):
+        return {(r["tile"], r["warps"]) for r in rows if r["kernel"] == kernel and c in r["classes"]
+                and dtype in r["dtypes"] and not r["i64"] and _upsampled(r) == upsampled
+                and not (kernel == "adjoint_pass_kernel" and r["tile"].startswith("1x"))}  # maps' pass 2: C = 1
+
+    for c in (19, 21, 150, 256):
+        block_c, block_p, warps = tile_shape(c, big)
+        for dtype in DTYPES:
+            for kernel in TILE_KERNELS:
+                assert tiles(kernel, c, dtype, False) == {(f"{block_c}x{block_p}", warps)}, (kernel, c, dtype)
+            for kernel in UPSAMPLED_TILE_KERNELS + GRAD_TILE_KERNELS:
+                upsampled = kernel in UPSAMPLED_TILE_KERNELS
+                bc, bp, warps = tile_shape(c, big, GATHER_TILE_ELEMS)
+                assert tiles(kernel, c, dtype, upsampled) == {(f"{bc}x{bp}", warps)}, (kernel, c, dtype)
     block, warps = map_block(big)
     for kernel in MAP_KERNELS:
         for dtype in DTYPES:
             assert any(r["kernel"] == kernel and dtype in r["dtypes"] and r["tile"] == str(block)
                        and r["warps"] == warps for r in rows), (kernel, dtype)
-    # the int64 pass (strides >= 2**31) covers both tile families too
-    assert {r["tile"] for r in rows if r["i64"] and r["kernel"] == "generator_kernel"} == \
+            assert any(r["kernel"] == kernel and dtype in r["dtypes"] and r["tile"] == str(UPSAMPLED_MAP_BLOCK)
+                       and {"UPSAMPLE", "UP_FAKE", "UP_REAL"} & set(r["flags"]) for r in rows), (kernel, dtype)
+    for dtype in DTYPES:
+        assert any(r["kernel"] == "map_grad_kernel" and dtype in r["dtypes"] and r["tile"] == str(GRAD_MAP_BLOCK)
+                   for r in rows), dtype
+    # the int64 pass (strides >= 2**31) covers both tile families too, and the kernels of upsampled inputs
+    assert {r["tile"] for r in rows if r["i64"] and r["kernel"] == "generator_kernel" and not _upsampled(r)} == \
         {"x".join(map(str, tile_shape(c, big)[:2])) for c in (19, 256)}
+    assert {r["tile"] for r in rows if r["i64"] and r["kernel"] == "cross_entropy_grad_kernel"} == \
+        {"x".join(map(str, tile_shape(c, big, GATHER_TILE_ELEMS)[:2])) for c in (19, 256)}
 
 
 def test_cuda_kernels_are_reported_per_dtype(check):

@@ -9,6 +9,8 @@ file. This tool runs the backend's ops on CPU tensors with every kernel launch r
 arguments and meta-parameters the launch would use, then compiles each distinct launch with
 ``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` down to a cubin (ptxas ships with triton), in
 parallel processes. A second pass types every integer argument as int64, as Triton does for strides >= 2**31.
+The sweep also calls every logit and D-map launch of the backend with a ``size`` (inputs read upsampled, and the
+passes of their gradients: ``fastadvseg/kernels/triton/bilinear.py``).
 
 Resources, per kernel and launch configuration (tile, warps, flags), for C in :data:`CLASSES` and every dtype,
 at an image size where the tile is the one real images get (:func:`common.tile_shape` at many pixels):
@@ -182,13 +184,16 @@ class Recorder:
 
 
 def _kernels():
-    from fastadvseg.kernels.triton import (bce_with_logits, cross_entropy, discriminator_loss, generator_loss, one_hot,
-                                           semi_cross_entropy, softmax)
+    from fastadvseg.kernels.triton import (bce_with_logits, bilinear, cross_entropy, discriminator_loss, generator_loss,
+                                           one_hot, semi_cross_entropy, softmax)
 
     return [softmax.softmax_fwd_kernel, softmax.softmax_bwd_kernel, cross_entropy.cross_entropy_kernel,
             bce_with_logits.bce_kernel, semi_cross_entropy.semi_kernel, generator_loss.generator_kernel,
             discriminator_loss.discriminator_kernel,
-            one_hot.one_hot_kernel]
+            one_hot.one_hot_kernel,
+            # the gradients of inputs read upsampled: pass 1 per op, pass 2 shared
+            cross_entropy.cross_entropy_grad_kernel, semi_cross_entropy.semi_grad_kernel,
+            softmax.softmax_bwd_grad_kernel, bce_with_logits.map_grad_kernel, bilinear.adjoint_pass_kernel]
 
 
 def record_launches(recorder: Recorder, classes=CLASSES) -> None:
@@ -208,11 +213,20 @@ def record_launches(recorder: Recorder, classes=CLASSES) -> None:
         _flags_off((1, c, *IMAGE[1:]), g)
     recorder.context = {"C": 4100, "dtype": "fp16", "layout": "channels_last"}
     _flags_off((1, 4100, 2, 3), g)
+    _flags_off((1, 4100, *UPSAMPLED_LOW), g, size=UPSAMPLED_SIZE)
+    for c in classes:  # the logits and D maps read upsampled, and their gradients
+        for dtype, layout, align in ((torch.float32, "contiguous", False), (torch.float16, "channels_last", True),
+                                     (torch.bfloat16, "sliced", False)):
+            recorder.context = {"C": c, "dtype": _TYPES[dtype], "layout": layout}
+            _upsampled_ops(c, dtype, layout, align, g)
+        recorder.context = {"C": c, "dtype": "fp16", "layout": "channels_last"}
+        _flags_off((1, c, *UPSAMPLED_LOW), g, size=UPSAMPLED_SIZE)
     # int64 arguments come with a stride >= 2**31, i.e. images of many pixels: the tiles of real images
     recorder.force_i64 = True
     for c in (min(classes), max(classes)):
         recorder.context = {"C": c, "dtype": "bf16", "layout": "sliced"}
         _training_ops((IMAGE[0], c, *IMAGE[1:]), torch.bfloat16, "sliced", g)
+        _upsampled_ops(c, torch.bfloat16, "sliced", False, g)
     recorder.force_i64 = False
 
 
@@ -248,20 +262,66 @@ def _training_ops(shape, dtype, layout, g) -> None:
     F.one_hot2d(y, c, dtype=dtype, backend=T)
 
 
-def _flags_off(shape, g) -> None:
-    """No stored gradients, a scalar BCE target, no masks (fp16, channels_last)."""
+def _flags_off(shape, g, size=None) -> None:
+    """No stored gradients, a scalar BCE target, no masks (fp16, channels_last); with a size, through the backend's
+    launches with the logits and D maps read upsampled to it."""
     from fastadvseg import functional as F
+    from fastadvseg.backends import triton as B
 
     T = "triton"
     n, c, h, w = shape
     with torch.no_grad():
         x = _logits(shape, torch.float16, "channels_last", g)
         d = torch.randn((n, h, w), generator=g).to(torch.float16)
+        if size is not None:
+            y = torch.randint(0, c, (n, *size), generator=g)
+            B.cross_entropy2d(x, y, None, 255, 0.0, "mean", False, size=size)
+            B.bce_with_logits2d(d, None, 1.0, None, "sum", False, size=size)
+            B.generator_loss(x, d, None, 0.01, 0.1, 0.2, 255, False, False, size=size)
+            return
         y = torch.randint(0, c, (n, h, w), generator=g)
         F.cross_entropy2d(x, y, backend=T)
         F.bce_with_logits2d(d, 1.0, reduction="sum", backend=T)
         F.generator_loss(x, d, None, lambda_adv=0.01, backend=T)
         F.one_hot2d(y, c, backend=T)
+
+
+# logits (N, C, 9, 16) read upsampled to (33, 61), D maps from 1/4 of that: enough lanes in every pass for the tiles
+# and map blocks of real images; the (H, w) and (h, W) intermediates differ by a few percent only, and the cases
+# with one axis resampled (one pass, the gradient written directly) reduce each axis in turn
+UPSAMPLED_LOW = (9, 16)
+UPSAMPLED_SIZE = (33, 61)
+
+
+def _upsampled_ops(c, dtype, layout, align_corners, g) -> None:
+    """Every logit and D-map launch with its inputs read upsampled (gradients stored), through the backend's
+    launches: both reduction orders of the gradient, one axis only, logits and D at different resolutions."""
+    from fastadvseg.backends import triton as B
+
+    n, (h, w), size = IMAGE[0], UPSAMPLED_LOW, UPSAMPLED_SIZE
+    kw = dict(size=size, align_corners=align_corners)
+    x = _logits((n, c, h, w), dtype, layout, g).detach()
+    d = torch.randn((n, h, w), generator=g).to(dtype)
+    d_small = torch.randn((n, 3, 5), generator=g).to(dtype)
+    y = torch.randint(0, c, (n, *size), generator=g)
+    mask = torch.rand((n, *size), generator=g) < 0.2
+    p = B.softmax2d(x, **kw)
+    B.softmax2d_backward(p, torch.ones_like(p), low_size=(h, w), align_corners=align_corners)
+    B.cross_entropy2d(x, y, None, 255, 0.0, "mean", True, **kw)
+    B.cross_entropy2d(x, y, torch.rand(c), 255, 0.1, "none", True, **kw)
+    B.bce_with_logits2d(d, torch.rand((n, *size), generator=g).to(dtype), 0.0, mask, "none", True, **kw)
+    B.semi_cross_entropy2d(x, d_small, 0.2, mask, "mean", True, **kw)
+    B.generator_loss(x, d_small, y, 0.01, 0.1, 0.2, 255, True, True, **kw)
+    B.generator_loss(x, d_small, None, 0.01, 0.1, 0.2, 255, True, True, **kw)
+    B.discriminator_loss(d, d_small[:1], mask, None, True, True, **kw)
+    for one_axis in ((size[0], w), (h, size[1])):  # one pass, writing the gradient itself
+        x1 = _logits((n, c, *one_axis), dtype, layout, g).detach()
+        B.cross_entropy2d(x1, y, None, 255, 0.0, "mean", True, **kw)
+        B.bce_with_logits2d(x1[:, 0], None, 1.0, None, "mean", True, **kw)
+    # logits at full resolution with D upsampled, and the reverse
+    x_full = _logits((n, c, *size), dtype, layout, g).detach()
+    B.generator_loss(x_full, d_small, None, 0.01, 0.1, 0.2, 255, True, True, **kw)
+    B.generator_loss(x, torch.randn((n, *size), generator=g).to(dtype), y, 0.01, 0.1, 0.2, 255, True, True, **kw)
 
 
 def triton_report(arch: int, jobs: int, classes=CLASSES, log=print) -> dict:

@@ -44,11 +44,11 @@ MAP_BLOCK = 1024  # pixels per program for the kernels that only read (N, H, W) 
 # CI runs the check under both).
 
 
-def tile_shape(num_classes: int, num_pixels: int) -> tuple:
-    """(BLOCK_C, BLOCK_P, num_warps) for a [all channels x block of pixels] tile of about TILE_ELEMS elements
+def tile_shape(num_classes: int, num_pixels: int, tile_elems: int = TILE_ELEMS) -> tuple:
+    """(BLOCK_C, BLOCK_P, num_warps) for a [all channels x block of pixels] tile of about ``tile_elems`` elements
     (TILE_ELEMS depends on the Triton release: see above)."""
     block_c = triton.next_power_of_2(num_classes)
-    block_p = max(1, min(TILE_ELEMS // block_c, triton.next_power_of_2(max(num_pixels, 1))))
+    block_p = max(1, min(tile_elems // block_c, triton.next_power_of_2(max(num_pixels, 1))))
     num_warps = 8 if block_c * block_p >= 8192 else 4
     return block_c, block_p, num_warps
 
@@ -237,12 +237,13 @@ class TileLaunch(NamedTuple):
     meta: dict  # BLOCK_C, BLOCK_P, num_warps
 
 
-def tile_launch(shape) -> TileLaunch:
+def tile_launch(shape, tile_elems: int = TILE_ELEMS) -> TileLaunch:
+    """The launch over (N, C, H, W) at tiles of about ``tile_elems`` elements (:func:`tile_shape`)."""
     n, c, h, w = shape
     if h * w >= 2 ** 31 or n > 65535:
         raise ValueError(f"logits of shape {tuple(shape)} exceed the triton kernels' grid: need H*W < 2**31 "
                          "and N <= 65535 (split the batch)")
-    block_c, block_p, num_warps = tile_shape(c, h * w)
+    block_c, block_p, num_warps = tile_shape(c, h * w, tile_elems)
     blocks = triton.cdiv(h * w, block_p)
     return TileLaunch((blocks, n), blocks, dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps))
 
