@@ -3,7 +3,8 @@ shapes, in one process: the workload that tests/test_memcheck.py runs under a me
 which reports any read or write of freed or unallocated memory by the kernels, e.g. a kernel handed the address of
 a temporary copy that is freed before it runs.
 
-Only the public API (``import fastadvseg as fas``) and the registered ops (``torch.ops.fastadvseg.*``), never the
+Only the public API (``import fastadvseg as fas``), the registered ops (``torch.ops.fastadvseg.*``) and the cpu
+backend's launches (``fastadvseg.backends.cpu``, for the fused upsampling: ``size=`` and ``align_corners``), never the
 extension module itself, so that it keeps working when the binding changes. Each result is also compared with the
 ``reference`` backend, so a plain run (``python tests/memcheck_driver.py``, a few seconds) catches what a reused
 dangling buffer does to the values; under the checker freed memory is not reused, and the checker's report is the
@@ -21,6 +22,7 @@ import sys
 import traceback
 
 import torch
+import torch.nn.functional as F
 
 import fastadvseg as fas
 
@@ -296,6 +298,107 @@ def run_registered_ops():
         op(f"ops.one_hot2d -> {odtype}", ops.one_hot2d, t, C, 255, odtype, True, "cpu")
 
 
+def _up(x, size, align_corners):
+    """F.interpolate of a (N, C, h, w) or (N, h, w) tensor in float32: the reference of the fused upsampling."""
+    three = x.dim() == 3
+    y = F.interpolate((x[:, None] if three else x).float(), size=size, mode="bilinear", align_corners=align_corners)
+    return y[:, 0] if three else y
+
+
+def _grad_of(value, leaf):
+    return torch.autograd.grad(value, leaf)[0]
+
+
+def upsampled(what, fn):
+    """fn() -> pairs (got, want) of the fused upsampling and its reference; errors are recorded, not raised."""
+    _calls[0] += 1
+    try:
+        pairs = fn()
+        if not _compare[0]:
+            _touch([g for g, _ in pairs])
+            return
+        for i, (got, want) in enumerate(pairs):
+            _close(f"{what} result {i}", got, want, _tol(got))
+    except Exception:
+        _failures.append(f"{what}: raised\n{traceback.format_exc()}")
+
+
+def run_upsampling():
+    """The cpu launches with size=(H, W): logits (N, C, h, w) and D maps at their own low resolutions, resized inside
+    the kernels; each layout and dtype of the logits, both align_corners, masks and target maps at (H, W)."""
+    from fastadvseg.backends import cpu, reference
+    size, low, d_low = (H, W), (3, 5), (2, 3)
+    for i, dtype in enumerate(FLOATS):
+        x0 = _randn(N, C, *low, dtype=dtype)
+        for j, (layout, x) in enumerate(_layouts(x0)):
+            ac = bool((i + j) % 2)
+            tag = f"{dtype} {layout} align_corners={ac}"
+            xr = x.detach().float().requires_grad_()
+            x_full = _up(xr, size, ac)
+
+            def softmax(x=x, xr=xr, x_full=x_full, ac=ac):
+                y = cpu.softmax2d(x, size=size, align_corners=ac)
+                gy = _randn(N, C, H, W, dtype=dtype)
+                gx = cpu.softmax2d_backward(y, gy, low_size=low, align_corners=ac)
+                want = torch.softmax(x_full, 1)
+                return [(y, want), (gx, torch.autograd.grad(want, xr, gy.float(), retain_graph=True)[0])]
+            upsampled(f"softmax2d upsampled {tag}", softmax)
+
+            t = _labels()
+            def ce(x=x, xr=xr, x_full=x_full, ac=ac, t=t):
+                out = cpu.cross_entropy2d(x, t, None, 255, 0.1 * j, "mean", True, size=size, align_corners=ac)
+                loss = F.cross_entropy(x_full, t, ignore_index=255, label_smoothing=0.1 * j)
+                return [(out.sums[0] / out.sums[1], loss), (out.grad, _grad_of(loss, xr))]
+            upsampled(f"cross_entropy2d upsampled {tag}", ce)
+
+            d = _randn(N, *d_low)
+            d_view = _map_view(d) if j == 2 else d
+            zr = d.detach().requires_grad_()
+            z_full = _up(zr, size, ac)
+            mask = _mask()
+
+            def semi(x=x, xr=xr, x_full=x_full, ac=ac, d_view=d_view, z_full=z_full, mask=mask):
+                out = cpu.semi_cross_entropy2d(x, d_view, 0.3, mask, "none", True, size=size, align_corners=ac)
+                sums, loss_map = reference.semi_cross_entropy2d(x_full, z_full.detach(), 0.3, mask)
+                return [(out.sums, sums.detach()), (out.loss_map, loss_map),
+                        (out.grad, _grad_of(sums[0], xr))]
+            upsampled(f"semi_cross_entropy2d upsampled {tag}", semi)
+
+            for target in (t, None):
+                def gen(x=x, xr=xr, x_full=x_full, ac=ac, d_view=d_view, zr=zr, z_full=z_full, target=target):
+                    out = cpu.generator_loss(x, d_view, target, 0.01, 0.1, 0.2, 255, True, True, size=size,
+                                             align_corners=ac)
+                    sums = reference.generator_loss(x_full, z_full, target, 0.2, 255)
+                    return [(out.sums, sums.detach()),
+                            (out.grad / out.scales[0], _grad_of(sums[0], xr)),
+                            (out.grad_d / out.scales[1], _grad_of(sums[2], zr))]
+                upsampled(f"generator_loss upsampled {tag} labelled={target is not None}", gen)
+
+    for k, ac in enumerate((False, True)):
+        d = _randn(N, 2, 3)
+        zr = d.detach().requires_grad_()
+        z_full = _up(zr, (H, W), ac)
+        tmap = _rand(N, H, W) if k else None
+        mask = _mask()
+
+        def bce(d=d, zr=zr, z_full=z_full, tmap=tmap, mask=mask, ac=ac):
+            out = cpu.bce_with_logits2d(_map_view(d), tmap, 0.3, mask, "none", True, size=(H, W), align_corners=ac)
+            sums, loss_map = reference.bce_with_logits2d(z_full, tmap, 0.3, mask)
+            return [(out.sums, sums.detach()), (out.loss_map, loss_map), (out.grad, _grad_of(sums[0], zr))]
+        upsampled(f"bce_with_logits2d upsampled align_corners={ac} target map={tmap is not None}", bce)
+
+        real = _randn(N + 1, 4, 2)
+        rr = real.detach().requires_grad_()
+        r_full = _up(rr, (H, W), ac)
+
+        def disc(d=d, zr=zr, z_full=z_full, real=real, rr=rr, r_full=r_full, mask=mask, ac=ac):
+            out = cpu.discriminator_loss(d, real, mask, None, True, True, size=(H, W), align_corners=ac)
+            sums = reference.discriminator_loss(z_full, r_full, mask, None)
+            return [(out.sums, sums.detach()), (out.grad_fake / out.scales[0], _grad_of(sums[0], zr)),
+                    (out.grad_real / out.scales[1], _grad_of(sums[2], rr))]
+        upsampled(f"discriminator_loss upsampled align_corners={ac}", disc)
+
+
 def _under_valgrind() -> bool:
     """valgrind maps its preload library (vgpreload_memcheck-*.so) into the process it checks."""
     try:
@@ -317,6 +420,7 @@ def main(argv) -> int:
     torch.set_num_threads(int(os.environ.get("FASTADVSEG_MEMCHECK_THREADS", "2")))
     run_public()
     run_registered_ops()
+    run_upsampling()
     for failure in _failures:
         print(f"memcheck driver: FAILED {failure}", flush=True)
     print(f"{DONE_MARKER}: {_calls[0]} calls, {len(_failures)} failed; fastadvseg from {fas.__file__}", flush=True)

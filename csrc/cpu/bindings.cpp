@@ -5,9 +5,10 @@
 // has finished, so no memory a kernel reads or writes can be freed during the launch (a temporary converted
 // inline by the caller, `f(t.float())`, lives as long as the call). Each tensor is read through its Python
 // interface (data_ptr, dtype, shape, stride, is_cpu) and checked against what the kernel will touch: device,
-// dtype, dimensions, shape against the logits, a weight's length, outputs non-overlapping. A bad
-// argument is a TypeError or ValueError naming it, never an out-of-bounds access. The GIL is released while a
-// kernel runs, after the checks.
+// dtype, dimensions, shape against the logits (or, for a launch that resizes its inputs, the maps against the full
+// resolution `size` and the gradients against their low-resolution inputs), a weight's length, outputs
+// non-overlapping. A bad argument is a TypeError or ValueError naming it, never an out-of-bounds access. The GIL is
+// released while a kernel runs, after the checks.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -179,6 +180,48 @@ float* out_map(py::handle t, const char* name, const Sizes& nhw, const char* aga
 
 Sizes nhw_of(const Sizes& nchw) { return {nchw[0], nchw[2], nchw[3]}; }
 
+// The full resolution (H, W) a resizing launch makes (None: no resize), two positive sizes.
+bool read_size(py::handle size, const char* name, int64_t& H, int64_t& W) {
+  if (size.is_none()) return false;
+  Sizes s;
+  try {
+    s = size.cast<Sizes>();
+  } catch (const py::cast_error&) {
+    throw py::type_error(std::string(name) + " must be None or two ints (H, W), got " +
+                         std::string(py::str(py::repr(size))));
+  }
+  if (s.size() != 2 || s[0] < 1 || s[1] < 1)
+    throw py::value_error(std::string(name) + " must be two positive sizes (H, W), got " + str(s));
+  H = s[0];
+  W = s[1];
+  return true;
+}
+
+// A tensor of spatial size (h, w) resized to (H, W): interpolation needs a point to start from.
+void expect_resizable(const Arg& a, int64_t h, int64_t w, int64_t H, int64_t W) {
+  if ((h != H || w != W) && (h < 1 || w < 1))
+    throw py::value_error(std::string(a.name) + " " + str(a.sizes) + " has no pixel to resize to size " +
+                          str(Sizes{H, W}));
+}
+
+// A low-resolution D map (N, h, w) (float32) resized to (H, W) when its spatial size differs: its N must be `n`.
+fas::Map3 low_map(const Arg& a, int64_t n, int64_t H, int64_t W, const char* against, int64_t& h, int64_t& w) {
+  fas::Map3 m;
+  if (!a.present) return m;
+  if (a.sizes.size() != 3 || a.sizes[0] != n)
+    throw py::value_error(std::string(a.name) + " " + str(a.sizes) + " does not match " + against +
+                          ": need (" + std::to_string(n) + ", h, w)");
+  expect_dtype(a, torch_objects->float32, "float32");
+  h = a.sizes[1];
+  w = a.sizes[2];
+  expect_resizable(a, h, w, H, W);
+  m.ptr = a.ptr;
+  m.s0 = a.strides[0];
+  m.s1 = a.strides[1];
+  m.s2 = a.strides[2];
+  return m;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cpu, m) {
@@ -206,25 +249,32 @@ PYBIND11_MODULE(_C_cpu, m) {
       [](const Sizes& nchw, py::object x, py::object grad, double grad_scale, py::object labels, int64_t ignore_index,
          py::object weight, py::object z, py::object mask, int keep_mode, double threshold, int adv_mode,
          py::object loss_map, py::object grad_z, double grad_z_scale, bool maps_only, int num_threads,
-         double label_smoothing) {
+         double label_smoothing, py::object size, bool align_corners) {
         if (nchw.size() != 4 || *std::min_element(nchw.begin(), nchw.end()) < 0)
           throw py::value_error("fused_loss: sizes must be (N, C, H, W), got " + str(nchw));
-        const Sizes nhw = nhw_of(nchw);
         fas::FusedArgs a;
         a.N = nchw[0];
         a.C = nchw[1];
         a.H = nchw[2];
         a.W = nchw[3];
+        // size (H, W): the maps are at (H, W); the logits (sizes) and d_logits are resized to it where they differ
+        const bool resize = read_size(size, "size", a.H, a.W);
+        a.xH = nchw[2];
+        a.xW = nchw[3];
+        a.align_corners = align_corners;
+        const Sizes nhw{a.N, a.H, a.W};
+        const char* maps_against = resize ? "the logits' N and size (N, H, W)" : "the logits' (N, H, W)";
         if (!maps_only) {
           const Arg xa = logits(x, "logits");
           expect_shape(xa, nchw, "the sizes");
+          if (resize) expect_resizable(xa, a.xH, a.xW, a.H, a.W);
           a.x = tensor4(xa);
           a.grad = like(grad, "grad", xa, true);
         } else if (!grad.is_none()) {
           throw py::value_error("fused_loss: maps_only reads no logits and writes no gradient");
         }
         a.grad_scale = static_cast<float>(grad_scale);
-        a.labels = map3(labels, "target", nhw, torch_objects->int64, "int64", "the logits' (N, H, W)");
+        a.labels = map3(labels, "target", nhw, torch_objects->int64, "int64", maps_against);
         a.label_mode = labels.is_none() ? 1 : 0;
         a.ignore_index = ignore_index;
         const Arg w = read(weight, "weight");
@@ -235,13 +285,20 @@ PYBIND11_MODULE(_C_cpu, m) {
           if (a.label_mode != 0) throw py::value_error("fused_loss: class weights need labels");
           a.weight = static_cast<const float*>(w.ptr);
         }
-        a.z = map3(z, "d_logits", nhw, torch_objects->float32, "float32", "the logits' (N, H, W)");
-        a.mask = map3(mask, "ignore_mask", nhw, torch_objects->boolean, "bool", "the logits' (N, H, W)");
+        Sizes z_sizes = nhw;  // d_logits' own sizes, those of its gradient
+        if (resize) {
+          const Arg za = read(z, "d_logits");
+          a.z = low_map(za, a.N, a.H, a.W, "the logits' N", a.zH, a.zW);
+          if (za.present) z_sizes = za.sizes;
+        } else {
+          a.z = map3(z, "d_logits", nhw, torch_objects->float32, "float32", "the logits' (N, H, W)");
+        }
+        a.mask = map3(mask, "ignore_mask", nhw, torch_objects->boolean, "bool", maps_against);
         a.keep_mode = keep_mode;
         a.threshold = static_cast<float>(threshold);
         a.adv_mode = adv_mode;
-        a.loss_map = out_map(loss_map, "loss_map", nhw, "the logits' (N, H, W)");
-        a.grad_z = out_map(grad_z, "grad_d_logits", nhw, "the logits' (N, H, W)");
+        a.loss_map = out_map(loss_map, "loss_map", nhw, maps_against);
+        a.grad_z = out_map(grad_z, "grad_d_logits", z_sizes, resize ? "d_logits" : "the logits' (N, H, W)");
         a.grad_z_scale = static_cast<float>(grad_z_scale);
         a.maps_only = maps_only;
         a.num_threads = num_threads;
@@ -260,6 +317,7 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("ignore_index"), py::arg("weight"), py::arg("d_logits"), py::arg("ignore_mask"), py::arg("keep_mode"),
       py::arg("threshold"), py::arg("adv_mode"), py::arg("loss_map"), py::arg("grad_d_logits"),
       py::arg("grad_d_logits_scale"), py::arg("maps_only"), py::arg("num_threads"), py::arg("label_smoothing") = 0.0,
+      py::arg("size") = py::none(), py::arg("align_corners") = false,
       "One pass over the logits (N, C, H, W; float32, float16 or bfloat16, any strides): weighted nll sum, weight "
       "sum, adversarial sum and count, kept and considered pixel counts, count of labels outside [0, C) that are "
       "not ignore_index and the flat index of the first (-1 if none). target: int64 (N, H, W) labels, or None for "
@@ -267,34 +325,73 @@ PYBIND11_MODULE(_C_cpu, m) {
       "ignore_mask: bool (N, H, W). Outputs, each optional (None): grad (the logits' shape and dtype), loss_map "
       "and grad_d_logits (contiguous float32 (N, H, W)), scaled by grad_scale / grad_d_logits_scale. maps_only: "
       "read the maps only (the counts), no logits. label_smoothing (labels only, in [0, 1]): PyTorch's "
-      "cross_entropy label_smoothing; the weight sum stays the sum of the labels' class weights.");
+      "cross_entropy label_smoothing; the weight sum stays the sum of the labels' class weights. size (H, W): "
+      "the maps (target, ignore_mask, loss_map) are at (H, W), and the logits and d_logits (any (N, h, w)) are "
+      "bilinearly resized to it where their size differs (F.interpolate's align_corners); counts are of (H, W) "
+      "pixels, and grad and grad_d_logits have the shapes of the logits and d_logits: the gradient w.r.t. them.");
 
   m.def(
       "softmax_forward",
-      [](py::object x, py::object y, int num_threads) {
+      [](py::object x, py::object y, int num_threads, py::object size, bool align_corners) {
         const Arg xa = logits(x, "logits");
-        const fas::Tensor4 tx = tensor4(xa), ty = like(y, "out", xa, true);
-        if (!ty.ptr && xa.numel() > 0) throw py::type_error("softmax_forward: out is required");
         const Sizes& s = xa.sizes;
+        int64_t H = s[2], W = s[3];
+        const bool resize = read_size(size, "size", H, W) && (H != s[2] || W != s[3]);
+        if (!resize) {
+          const fas::Tensor4 tx = tensor4(xa), ty = like(y, "out", xa, true);
+          if (!ty.ptr && xa.numel() > 0) throw py::type_error("softmax_forward: out is required");
+          py::gil_scoped_release release;
+          fas::softmax_forward(s[0], s[1], s[2], s[3], tx, ty, num_threads);
+          return;
+        }
+        expect_resizable(xa, s[2], s[3], H, W);
+        const Arg ya = read(y, "out", false);
+        expect_shape(ya, Sizes{s[0], s[1], H, W}, "the logits' (N, C) and size");
+        if (!ya.is(xa.dtype))
+          throw py::type_error("out must have the dtype of logits (" + xa.dtype_name() + "), got " + ya.dtype_name());
+        expect_non_overlapping(ya);
+        const fas::Tensor4 tx = tensor4(xa), ty = tensor4(ya);
         py::gil_scoped_release release;
-        fas::softmax_forward(s[0], s[1], s[2], s[3], tx, ty, num_threads);
+        fas::softmax_forward_resized(s[0], s[1], H, W, s[2], s[3], align_corners, tx, ty, num_threads);
       },
-      py::arg("logits"), py::arg("out"), py::arg("num_threads"),
-      "out = softmax over the channels of logits (N, C, H, W); out of the same shape and dtype");
+      py::arg("logits"), py::arg("out"), py::arg("num_threads"), py::arg("size") = py::none(),
+      py::arg("align_corners") = false,
+      "out = softmax over the channels of logits (N, C, H, W); out of the same shape and dtype. size (H, W): the "
+      "logits are bilinearly resized to it first (F.interpolate's align_corners), out is (N, C, H, W)");
 
   m.def(
       "softmax_backward",
-      [](py::object y, py::object gy, py::object gx, int num_threads) {
+      [](py::object y, py::object gy, py::object gx, int num_threads, py::object low_size, bool align_corners) {
         const Arg ya = logits(y, "probs");
-        const fas::Tensor4 tgy = like(gy, "grad_probs", ya, false), tgx = like(gx, "grad_logits", ya, true);
-        if ((!tgy.ptr || !tgx.ptr) && ya.numel() > 0)
-          throw py::type_error("softmax_backward: grad_probs and grad_logits are required");
         const Sizes& s = ya.sizes;
+        int64_t h = s[2], w = s[3];
+        const bool resize = read_size(low_size, "low_size", h, w) && (h != s[2] || w != s[3]);
+        const fas::Tensor4 tgy = like(gy, "grad_probs", ya, false);
+        if (!resize) {
+          const fas::Tensor4 tgx = like(gx, "grad_logits", ya, true);
+          if ((!tgy.ptr || !tgx.ptr) && ya.numel() > 0)
+            throw py::type_error("softmax_backward: grad_probs and grad_logits are required");
+          py::gil_scoped_release release;
+          fas::softmax_backward(s[0], s[1], s[2], s[3], tensor4(ya), tgy, tgx, num_threads);
+          return;
+        }
+        if (!tgy.ptr && ya.numel() > 0) throw py::type_error("softmax_backward: grad_probs is required");
+        const Arg ga = read(gx, "grad_logits", false);
+        expect_shape(ga, Sizes{s[0], s[1], h, w}, "probs' (N, C) and low_size");
+        if (!ga.is(ya.dtype))
+          throw py::type_error("grad_logits must have the dtype of probs (" + ya.dtype_name() + "), got " +
+                               ga.dtype_name());
+        expect_non_overlapping(ga);
+        const fas::Tensor4 tgx = tensor4(ga);
         py::gil_scoped_release release;
-        fas::softmax_backward(s[0], s[1], s[2], s[3], tensor4(ya), tgy, tgx, num_threads);
+        fas::softmax_backward_resized(s[0], s[1], s[2], s[3], h, w, align_corners, tensor4(ya), tgy, tgx,
+                                      num_threads);
       },
       py::arg("probs"), py::arg("grad_probs"), py::arg("grad_logits"), py::arg("num_threads"),
-      "grad_logits = probs * (grad_probs - sum_c probs * grad_probs); all three of one shape and dtype");
+      py::arg("low_size") = py::none(), py::arg("align_corners") = false,
+      "grad_logits = probs * (grad_probs - sum_c probs * grad_probs); all three of one shape and dtype. low_size "
+      "(h, w): probs came from logits (N, C, h, w) bilinearly resized to probs' size (F.interpolate's "
+      "align_corners); grad_logits is (N, C, h, w), the gradient w.r.t. those logits");
 
   m.def(
       "one_hot",
@@ -333,9 +430,11 @@ PYBIND11_MODULE(_C_cpu, m) {
       "bce_maps",
       [](const std::vector<std::tuple<py::object, py::object, double, py::object, py::object, py::object, double>>&
              jobs,
-         int num_threads) {
+         int num_threads, py::object size, bool align_corners) {
         // job: (d_logits, target map or None, target value, ignore_mask or None, loss_map or None, grad or None,
         // grad scale)
+        int64_t H = 0, W = 0;
+        const bool resize = read_size(size, "size", H, W);
         std::vector<fas::BceArgs> maps;
         for (const auto& j : jobs) {
           const Arg z = read(std::get<0>(j), "d_logits", false);
@@ -343,13 +442,21 @@ PYBIND11_MODULE(_C_cpu, m) {
           expect_dtype(z, torch_objects->float32, "float32");
           fas::BceArgs b;
           b.N = z.sizes[0];
-          b.H = z.sizes[1];
-          b.W = z.sizes[2];
+          b.H = resize ? H : z.sizes[1];
+          b.W = resize ? W : z.sizes[2];
           b.z = map3(std::get<0>(j), "d_logits", z.sizes, torch_objects->float32, "float32", "itself");
-          b.target = map3(std::get<1>(j), "target", z.sizes, torch_objects->float32, "float32", "d_logits");
+          if (resize) {
+            expect_resizable(z, z.sizes[1], z.sizes[2], H, W);
+            b.zH = z.sizes[1];
+            b.zW = z.sizes[2];
+            b.align_corners = align_corners;
+          }
+          const Sizes nhw{b.N, b.H, b.W};
+          const char* against = resize ? "d_logits' N and size (N, H, W)" : "d_logits";
+          b.target = map3(std::get<1>(j), "target", nhw, torch_objects->float32, "float32", against);
           b.target_value = static_cast<float>(std::get<2>(j));
-          b.mask = map3(std::get<3>(j), "ignore_mask", z.sizes, torch_objects->boolean, "bool", "d_logits");
-          b.loss_map = out_map(std::get<4>(j), "loss_map", z.sizes, "d_logits");
+          b.mask = map3(std::get<3>(j), "ignore_mask", nhw, torch_objects->boolean, "bool", against);
+          b.loss_map = out_map(std::get<4>(j), "loss_map", nhw, against);
           b.grad = out_map(std::get<5>(j), "grad", z.sizes, "d_logits");
           b.grad_scale = static_cast<float>(std::get<6>(j));
           maps.push_back(b);
@@ -357,8 +464,23 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::gil_scoped_release release;
         return fas::bce_maps(maps, num_threads);
       },
-      py::arg("jobs"), py::arg("num_threads"),
+      py::arg("jobs"), py::arg("num_threads"), py::arg("size") = py::none(), py::arg("align_corners") = false,
       "BCE with logits over float32 (N, H, W) maps, each job (d_logits, target map or None, target value, "
       "ignore_mask or None, loss_map or None, grad or None, grad scale): [loss sum, count] per map; optional "
-      "contiguous float32 loss maps and gradients.");
+      "contiguous float32 loss maps and gradients. size (H, W): each d_logits (N, h, w) is bilinearly resized to "
+      "it where its size differs (F.interpolate's align_corners); target maps, masks and loss maps are (N, H, W), "
+      "counts are of (H, W) pixels, and grad has d_logits' shape (the gradient w.r.t. it).");
+
+  m.def(
+      "resize_axis",
+      [](int64_t in, int64_t out, bool align_corners) {
+        if (in < 1 || out < 1)
+          throw py::value_error("resize_axis: in and out must be positive, got " + std::to_string(in) + " and " +
+                                std::to_string(out));
+        const fas::ResizeAxis a = fas::resize_axis(in, out, align_corners);
+        return py::make_tuple(a.i0, a.i1, a.l0, a.l1);
+      },
+      py::arg("in"), py::arg("out"), py::arg("align_corners"),
+      "The bilinear resize tables of one axis the kernels use (PyTorch's source indices and weights): "
+      "(i0, i1, l0, l1), output d = x[i0[d]] l0[d] + x[i1[d]] l1[d].");
 }

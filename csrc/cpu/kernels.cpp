@@ -1,6 +1,8 @@
 // Runtime choice between the kernel builds (kernels_base.cpp, kernels_avx2.cpp, kernels_avx512.cpp): the widest
 // one this CPU runs, capped by FASTADVSEG_CPU_ISA=base|avx2|avx512 (tests run each build the CPU has).
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
@@ -17,6 +19,10 @@ namespace fas {
   void softmax_forward(int64_t, int64_t, int64_t, int64_t, const Tensor4&, const Tensor4&, int);              \
   void softmax_backward(int64_t, int64_t, int64_t, int64_t, const Tensor4&, const Tensor4&, const Tensor4&,   \
                         int);                                                                                 \
+  void softmax_forward_resized(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const Tensor4&,     \
+                               const Tensor4&, int);                                                          \
+  void softmax_backward_resized(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const Tensor4&,    \
+                                const Tensor4&, const Tensor4&, int);                                         \
   void one_hot(int64_t, int64_t, int64_t, int64_t, const Map3&, int64_t, void*, int, uint64_t, int);          \
   std::vector<double> bce_maps(const std::vector<BceArgs>&, int);                                             \
   std::vector<int64_t> find_bad_labels(int64_t, int64_t, int64_t, const Map3&, int64_t, int64_t, int);         \
@@ -139,6 +145,45 @@ int64_t stream_bytes() {
 
 void set_stream_bytes(int64_t bytes) { stream_bytes_override.store(bytes > 0 ? bytes : 0); }
 
+// PyTorch's source index of upsample_bilinear2d (area_pixel_compute_scale / _source_index, guard_index_and_lambda)
+// in its opmath float. Its CPU kernels are built with FMA on x86-64 (the AVX2 and AVX-512 dispatch levels) and
+// the compiler fuses scale * (d + 0.5) - 0.5 into one multiply-add: std::fma here, so that the weights equal
+// PyTorch's bit for bit (tests/test_upsample_cpu.py checks them against F.interpolate). This file is compiled
+// once, for the default target, so every kernel build gets the same tables.
+ResizeAxis resize_axis(int64_t in, int64_t out, bool align_corners) {
+  ResizeAxis a;
+  a.in = in;
+  a.out = out;
+  a.i0.resize(out);
+  a.i1.resize(out);
+  a.l0.resize(out);
+  a.l1.resize(out);
+  a.first.assign(in, out);
+  a.last.assign(in, -1);
+  const float scale = align_corners ? (out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.f)
+                                    : static_cast<float>(in) / static_cast<float>(out);
+  for (int64_t d = 0; d < out; ++d) {
+    int64_t i0 = d, i1 = d;
+    float l1 = 0.f;
+    if (in != out) {  // (PyTorch's kernel copies an axis whose size does not change)
+      float src = align_corners ? scale * static_cast<float>(d) : std::fma(scale, static_cast<float>(d) + 0.5f, -0.5f);
+      if (!align_corners && src < 0.f) src = 0.f;
+      i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+      l1 = std::min(std::max(src - static_cast<float>(i0), 0.f), 1.f);
+      i1 = i0 + (i0 < in - 1 ? 1 : 0);
+    }
+    a.i0[d] = i0;
+    a.i1[d] = i1;
+    a.l0[d] = 1.f - l1;
+    a.l1[d] = l1;
+    for (const int64_t i : {i0, i1}) {
+      a.first[i] = std::min(a.first[i], d);
+      a.last[i] = std::max(a.last[i], d);
+    }
+  }
+  return a;
+}
+
 std::vector<double> fused_loss(const FusedArgs& a) { return FAS_CALL(fused_loss, a); }
 
 void softmax_forward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& x, const Tensor4& y, int nt) {
@@ -148,6 +193,16 @@ void softmax_forward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& 
 void softmax_backward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& y, const Tensor4& gy,
                       const Tensor4& gx, int nt) {
   FAS_CALL(softmax_backward, N, C, H, W, y, gy, gx, nt);
+}
+
+void softmax_forward_resized(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool align_corners,
+                             const Tensor4& x, const Tensor4& y, int nt) {
+  FAS_CALL(softmax_forward_resized, N, C, H, W, h, w, align_corners, x, y, nt);
+}
+
+void softmax_backward_resized(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool align_corners,
+                              const Tensor4& y, const Tensor4& gy, const Tensor4& gx, int nt) {
+  FAS_CALL(softmax_backward_resized, N, C, H, W, h, w, align_corners, y, gy, gx, nt);
 }
 
 void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int64_t ignore_index, void* out,

@@ -28,7 +28,24 @@ struct Map3 {
   }
 };
 
+// One axis of a bilinear resize, PyTorch's upsample_bilinear2d (F.interpolate(x, size, mode="bilinear",
+// align_corners)) from `in` to `out` points: output d is x[i0[d]] l0[d] + x[i1[d]] l1[d]. first[i] .. last[i] are
+// the outputs that read input i (first > last: none; contiguous, because i0 and i1 never decrease).
+struct ResizeAxis {
+  int64_t in = 0, out = 0;
+  std::vector<int64_t> i0, i1, first, last;
+  std::vector<float> l0, l1;
+};
+
+// The tables of one axis, computed as PyTorch's CPU kernel does (kernels.cpp). in, out >= 1.
+ResizeAxis resize_axis(int64_t in, int64_t out, bool align_corners);
+
 // The fused one-pass loss over logits (cross-entropy, L_semi, the generator loss).
+//
+// Resizing: the per-pixel maps (labels, mask, loss_map) are at (H, W). The logits (and their gradient) may be at
+// (xH, xW) and the discriminator map z (and grad_z) at (zH, zW): each is then bilinearly resized to (H, W) on the fly
+// (ResizeAxis), and its gradient is the adjoint of that resize applied to the full-resolution gradient, i.e. the
+// gradient of the loss sum w.r.t. the low-resolution tensor. 0 means (H, W): no resize.
 struct FusedArgs {
   int64_t N = 0, C = 0, H = 0, W = 0;
   Tensor4 x;                 // logits (read once)
@@ -49,6 +66,9 @@ struct FusedArgs {
   float grad_z_scale = 1.f;
   bool maps_only = false;    // only read the maps (counts for the gradient scale); do not touch the logits
   int num_threads = 1;
+  int64_t xH = 0, xW = 0;    // the logits' spatial size, 0: (H, W)
+  int64_t zH = 0, zW = 0;    // z's spatial size, 0: (H, W)
+  bool align_corners = false;
 };
 
 // Label smoothing (eps = label_smoothing, label_mode 0): a counted pixel's loss is PyTorch's
@@ -69,6 +89,14 @@ void softmax_forward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& 
 void softmax_backward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4& y, const Tensor4& gy,
                       const Tensor4& gx, int num_threads);
 
+// softmax2d of logits x (N, C, h, w) resized to (H, W): y is (N, C, H, W). The logits are never materialised at
+// (H, W) beyond a block.
+void softmax_forward_resized(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool align_corners,
+                             const Tensor4& x, const Tensor4& y, int num_threads);
+// Its backward: y and gy at (N, C, H, W), gx at (N, C, h, w) the gradient w.r.t. the low-resolution logits.
+void softmax_backward_resized(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool align_corners,
+                              const Tensor4& y, const Tensor4& gy, const Tensor4& gx, int num_threads);
+
 // out: contiguous (N, C, H, W) of elem_size bytes; `one` is the bit pattern of 1 in that dtype.
 void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int64_t ignore_index, void* out,
              int elem_size, uint64_t one, int num_threads);
@@ -79,14 +107,18 @@ std::vector<int64_t> find_bad_labels(int64_t N, int64_t H, int64_t W, const Map3
                                      int64_t ignore_index, int num_threads);
 
 // BCE with logits over one float32 map: loss = (1 - t) z - log_sigmoid(z), grad = grad_scale (sigmoid(z) - t).
+// z may be at (zH, zW) and is then bilinearly resized to (H, W), the size of the target, mask and loss map; grad is
+// then at z's size (the adjoint of the resize applied to the full-resolution gradient).
 struct BceArgs {
   int64_t N = 0, H = 0, W = 0;
+  int64_t zH = 0, zW = 0;  // z's spatial size, 0: (H, W)
+  bool align_corners = false;
   Map3 z;             // float32
   Map3 target;        // float32 map, or ptr == nullptr: the constant target_value
   float target_value = 0.f;
   Map3 mask;          // bool, True = not counted
   float* loss_map = nullptr;  // optional contiguous (N, H, W)
-  float* grad = nullptr;      // optional contiguous (N, H, W), 0 where not counted
+  float* grad = nullptr;      // optional contiguous (N, H, W) (or (N, zH, zW)), 0 where not counted
   float grad_scale = 1.f;     // grad = grad_scale * (sigmoid(z) - t)
 };
 

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 
@@ -222,6 +223,24 @@ inline DiscTerms vdisc_terms(vf z, vf e, vf t) {
 
 inline vf vexp_neg_abs(vf z) { return vexp_nonpositive(vbits_f(vbits_i(z) | vsplat_i(INT32_MIN))); }  // -|z|
 
+// The sum of v's lanes, as a tree in a fixed order (halves added, then their halves, ...).
+inline float vhsum(vf v) {
+#if defined(FAS_HAS_AVX512)
+  v += __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#elif defined(FAS_HAS_AVX2_FMA)
+  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6});
+#else
+  v += __builtin_shuffle(v, vi{2, 3, 0, 1});
+  v += __builtin_shuffle(v, vi{1, 0, 3, 2});
+#endif
+  return v[0];
+}
+
 // p[0..n) = the first n lanes of v (n <= kV): the last, partial vector of an output that has no padding.
 inline void vstore_n(float* p, vf v, int64_t n) {
   if (n >= kV) {
@@ -313,10 +332,11 @@ struct Geometry {
   int64_t per_row;   // blocks per row
   int64_t nblocks;
 
+  // by_rows: blocks never cross a row (the resizing kernels compute a row from its two low-resolution rows)
   Geometry(int64_t N_, int64_t C, int64_t H_, int64_t W_, std::initializer_list<const Tensor4*> tensors,
-           int64_t max_block = kMaxBlock)
+           int64_t max_block = kMaxBlock, bool by_rows = false)
       : N(N_), H(H_), W(W_) {
-    merged = true;
+    merged = !by_rows;
     for (const Tensor4* t : tensors)
       if (t && t->ptr && H > 1 && t->sH != W * t->sW) merged = false;
     L = merged ? H * W : W;
@@ -643,6 +663,387 @@ inline StreamRows block_stream(const Tensor4& out, int64_t base, int64_t C, cons
   return StreamRows::make(static_cast<float*>(out.ptr) + base, out.sC, C, prev, lead, cont, ends);
 }
 
+// ---- Bilinear resizing fused into the kernels (F.interpolate(x, size, mode="bilinear", align_corners)) --------
+//
+// Logits at (h, w) are seen at (H, W) one row at a time: full-resolution row r is l0[r] X[i0[r]] + l1[r] X[i1[r]],
+// where X[i] is low-resolution row i already resized along W ([C][W]; PyTorch's order: W, then H). A thread keeps
+// the two X rows its current row needs, so a low row is resized along W about once, not once per full row.
+// The gradient takes the transposed way: a full row's gradient is added, times the same two weights, into the
+// accumulators of its two low rows (vector adds along the row), and a low row none of the remaining rows reads is
+// transposed along W once, into (C, w). Rows are cut into chunks fixed by the shape, each chunk computed in order
+// by one thread; a low row that rows of several chunks read gets one partial result per chunk, and a last pass adds
+// them in chunk order. Every sum has a fixed order, whatever thread computed what: bit-identical across runs and
+// thread counts, no atomics. Full-resolution logits and gradients exist only as a block and four [C][W] rows per
+// thread. D maps (one channel) are resized per pixel from two cached W-resized rows; their gradient is transposed
+// along W per full row and gathered along H after the pass.
+
+// a * b + c, fused where the build's vfma is (so that a lane computed alone rounds as a vector lane does)
+inline float sfma(float a, float b, float c) {
+#if defined(FAS_HAS_AVX2_FMA)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The two halves of a resize along one axis in pixel vectors.
+// Forward: output vector v (outputs v kV .. v kV + kV - 1) reads inputs base[v] + idx0 / idx1 (lanes), when they all
+// lie in one vector of inputs from base[v] (fits[v]; upsampling), by two permutes of one load; else lane by lane.
+// Adjoint, as a gather: input j sums the outputs that read it, first[j] .. last[j], times their weights
+// (taps[at[j] ...]: m0 and / or m1 of each, whole vectors; lanes past last[j] are selected out, not multiplied by
+// 0: a NaN there stays out, as in PyTorch, where a NaN reaches the inputs its output reads, also through a weight
+// of 0).
+struct AxisPlan {
+  const ResizeAxis* a = nullptr;
+  std::vector<int64_t> base;
+  std::vector<int32_t> idx0, idx1;  // [nv][kV] (plain arrays: vector types in a std::vector lose their alignment)
+  std::vector<uint8_t> fits;
+  std::vector<int64_t> at, vecs;
+  std::vector<float> taps;
+
+  AxisPlan() = default;
+  explicit AxisPlan(const ResizeAxis& ax) : a(&ax) {
+    const int64_t out = ax.out, in = ax.in, nv = (out + kV - 1) / kV;
+    base.assign(nv, 0);
+    idx0.assign(nv * kV, 0);
+    idx1.assign(nv * kV, 0);
+    fits.assign(nv, 0);
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t q0 = v * kV, q1 = std::min(out, q0 + kV) - 1;
+      base[v] = ax.i0[q0];
+      fits[v] = ax.i1[q1] - base[v] < kV;
+      for (int k = 0; k < kV; ++k) {
+        const int64_t q = std::min(q0 + k, q1);
+        idx0[v * kV + k] = static_cast<int32_t>(std::min<int64_t>(ax.i0[q] - base[v], kV - 1));
+        idx1[v * kV + k] = static_cast<int32_t>(std::min<int64_t>(ax.i1[q] - base[v], kV - 1));
+      }
+    }
+    at.assign(in, 0);
+    vecs.assign(in, 0);
+    for (int64_t j = 0; j < in; ++j) {
+      at[j] = static_cast<int64_t>(taps.size());
+      if (ax.first[j] > ax.last[j]) continue;
+      vecs[j] = (ax.last[j] - ax.first[j] + kV) / kV;
+      taps.resize(taps.size() + vecs[j] * kV, 0.f);
+      for (int64_t q = ax.first[j]; q <= ax.last[j]; ++q) {
+        // (both taps on one input: the last one, or an axis that keeps its size; PyTorch adds the two products)
+        const double wq = (ax.i0[q] == j ? static_cast<double>(ax.l0[q]) : 0.0) +
+                          (ax.i1[q] == j ? static_cast<double>(ax.l1[q]) : 0.0);
+        taps[at[j] + q - ax.first[j]] = static_cast<float>(wq);
+      }
+    }
+  }
+
+  // out[q] = in[i0[q]] l0[q] + in[i1[q]] l1[q], q < out; `in` readable kV floats past its last input.
+  void resize(const float* in, float* out) const {
+    const ResizeAxis& ax = *a;
+    const int64_t n = ax.out, nv = (n + kV - 1) / kV;
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t q0 = v * kV;
+      if (fits[v] && q0 + kV <= n) {
+        const vf x = vload(in + base[v]);
+        const vf y = vfma(__builtin_shuffle(x, vload_i(idx1.data() + v * kV)), vload(ax.l1.data() + q0),
+                          __builtin_shuffle(x, vload_i(idx0.data() + v * kV)) * vload(ax.l0.data() + q0));
+        vstore(out + q0, y);
+      } else {
+        for (int64_t q = q0; q < std::min(n, q0 + kV); ++q)
+          out[q] = sfma(in[ax.i1[q]], ax.l1[q], in[ax.i0[q]] * ax.l0[q]);
+      }
+    }
+  }
+
+  // The adjoint at input j: sum over the outputs q that read it of row[q] times its weight; `row` readable kV
+  // floats past its last output.
+  float gather(const float* row, int64_t j) const {
+    const float* tj = taps.data() + at[j];
+    const float* pj = row + a->first[j];
+    const int32_t len = static_cast<int32_t>(a->last[j] - a->first[j] + 1);
+    vi lane;
+    for (int k = 0; k < kV; ++k) lane[k] = k;
+    vf acc = vf{};
+    for (int64_t v = 0; v < vecs[j]; ++v) {
+      const vi in_taps = lane < vsplat_i(len - static_cast<int32_t>(v * kV));
+      acc = vfma(vselect(in_taps, vload(pj + v * kV), vf{}), vload(tj + v * kV), acc);
+    }
+    return vhsum(acc);
+  }
+  void transpose(const float* row, float* out) const {
+    for (int64_t j = 0; j < a->in; ++j) out[j] = gather(row, j);
+  }
+};
+
+// The per-call plan of a resized (N, C, h, w) tensor: its two axes, the chunks of full rows and the slots of the
+// partial low rows (per image: low row i has slots off[i] .. off[i + 1] - 1, one per chunk from kfirst[i] on).
+struct RowResize {
+  const ResizeAxis& ah;  // h -> H
+  const ResizeAxis& aw;  // w -> W
+  AxisPlan pw;           // along W
+  int64_t N, C, H, W, h, w;
+  int64_t xs;          // row stride of the [C][xs] rows: W padded, so that a block's last pixel vector stays inside
+  int64_t ls;          // row stride of a low row: w padded (the forward resize reads a whole vector)
+  int64_t chunk_rows, chunks;  // full rows per chunk, chunks per image
+  int64_t slots;       // partial low rows per image
+  std::vector<int64_t> kfirst, off;
+
+  RowResize(const ResizeAxis& ah_, const ResizeAxis& aw_, int64_t N_, int64_t C_)
+      : ah(ah_), aw(aw_), pw(aw_), N(N_), C(C_), H(ah_.out), W(aw_.out), h(ah_.in), w(aw_.in) {
+    xs = (W + 15) / 16 * 16 + 16;
+    ls = (w + 15) / 16 * 16 + 16;
+    // two low rows' worth of full rows at least, so that most low rows are complete in one chunk
+    const int64_t per_low = (H + h - 1) / std::max<int64_t>(h, 1);
+    chunk_rows = std::min<int64_t>(std::max<int64_t>(H, 1), std::max<int64_t>(16, 2 * per_low));
+    chunks = (H + chunk_rows - 1) / chunk_rows;
+    kfirst.assign(h, 0);
+    off.assign(h + 1, 0);
+    for (int64_t i = 0; i < h; ++i) {
+      const bool read = ah.first[i] <= ah.last[i];
+      kfirst[i] = read ? ah.first[i] / chunk_rows : 0;
+      off[i + 1] = off[i] + (read ? ah.last[i] / chunk_rows - kfirst[i] + 1 : 0);
+    }
+    slots = off[h];
+  }
+  float* partial(float* P, int64_t n, int64_t i, int64_t k) const {
+    return P + (n * slots + off[i] + k - kfirst[i]) * C * w;
+  }
+  // floats of a thread's row scratch (at an even float offset): keys, two X rows, two gradient rows, a low row
+  int64_t scratch(bool grad) const { return 8 + (grad ? 4 : 2) * C * xs + C * ls; }
+};
+
+// The rows of a thread's row scratch (RowResize::scratch), `s` at its start. The keys (n * h + i + 1 of the low row a
+// row holds, 0 for none) stay with the thread's scratch from chunk to chunk: X rows are reused across chunks. The
+// padding of every row is never written: it stays the zeros of the fresh scratch (finite lanes).
+struct ThreadRows {
+  int64_t* xkey;  // [2]
+  int64_t* ukey;  // [2]
+  float* x[2];
+  float* u[2];
+  float* low;  // [C][ls]
+  ThreadRows(float* s, const RowResize& rr, bool grad) {
+    xkey = reinterpret_cast<int64_t*>(s);
+    ukey = xkey + 2;
+    float* p = s + 8;
+    const int64_t row = rr.C * rr.xs;
+    x[0] = p;
+    x[1] = p + row;
+    p += 2 * row;
+    u[0] = grad ? p : nullptr;
+    u[1] = grad ? p + row : nullptr;
+    p += grad ? 2 * row : 0;
+    low = p;
+  }
+};
+
+// The slot holding `key`, else one that does not hold `keep` (fresh: the caller fills it).
+inline int slot_of(int64_t* keys, int64_t key, int64_t keep, bool& fresh) {
+  fresh = false;
+  if (keys[0] == key) return 0;
+  if (keys[1] == key) return 1;
+  fresh = true;
+  const int s = keys[0] == keep ? 1 : 0;
+  keys[s] = key;
+  return s;
+}
+
+// out ([C][xs]) = low row i of image n of x, resized along W.
+template <class Tag>
+void resize_low_row(const Tensor4& x, const RowResize& rr, int64_t n, int64_t i, float* low, float* out) {
+  load_block<Tag>(x, offset(x, n, i, 0), rr.C, rr.w, rr.ls, low);
+  for (int64_t c = 0; c < rr.C; ++c) rr.pw.resize(low + c * rr.ls, out + c * rr.xs);
+}
+
+// The gradient accumulated for one low row (u, [C][xs]) transposed along W into dst ([C][w]).
+inline void transpose_low_row(const RowResize& rr, const float* u, float* dst) {
+  for (int64_t c = 0; c < rr.C; ++c) rr.pw.transpose(u + c * rr.xs, dst + c * rr.w);
+}
+
+// What the blocks of one resized row read and write instead of the tensors (fields unused when that tensor is not
+// resized).
+struct RowCtx {
+  const float* xw0 = nullptr;  // the row's two low rows resized along W, [C][xs]
+  const float* xw1 = nullptr;
+  float l0 = 1.f, l1 = 0.f;    // their weights
+  int64_t xs = 0;
+  float* u0 = nullptr;         // their gradient accumulators, [C][xs] (nullptr: no gradient)
+  float* u1 = nullptr;
+  float* gz = nullptr;         // the row's D-map gradient, [W] (+ kV readable)
+};
+
+// Row r of image n reads low rows i0[r], i1[r]: their X rows (resized along W when not held already).
+template <class Tag>
+void enter_x_row(const Tensor4& x, const RowResize& rr, ThreadRows& t, int64_t n, int64_t r, RowCtx& rc) {
+  const int64_t key0 = n * rr.h + rr.ah.i0[r] + 1, key1 = n * rr.h + rr.ah.i1[r] + 1;
+  bool fresh;
+  const int s0 = slot_of(t.xkey, key0, key1, fresh);
+  if (fresh) resize_low_row<Tag>(x, rr, n, rr.ah.i0[r], t.low, t.x[s0]);
+  const int s1 = slot_of(t.xkey, key1, key0, fresh);
+  if (fresh) resize_low_row<Tag>(x, rr, n, rr.ah.i1[r], t.low, t.x[s1]);
+  rc.xw0 = t.x[s0];
+  rc.xw1 = t.x[s1];
+  rc.l0 = rr.ah.l0[r];
+  rc.l1 = rr.ah.l1[r];
+  rc.xs = rr.xs;
+}
+
+// Row r (of chunk k of image n) adds its gradient into the accumulators of low rows i0[r], i1[r] (zeroed when
+// new), after the accumulators of the low rows no later row of the chunk reads (below i0[r]: i0 never decreases)
+// have been transposed into their partial slots.
+inline void enter_grad_row(const RowResize& rr, ThreadRows& t, float* P, int64_t n, int64_t k, int64_t r,
+                           RowCtx& rc) {
+  const int64_t key0 = n * rr.h + rr.ah.i0[r] + 1, key1 = n * rr.h + rr.ah.i1[r] + 1;
+  for (int s = 0; s < 2; ++s)
+    if (t.ukey[s] && t.ukey[s] < key0) {
+      transpose_low_row(rr, t.u[s], rr.partial(P, n, t.ukey[s] - 1 - n * rr.h, k));
+      t.ukey[s] = 0;
+    }
+  bool fresh;
+  const int u0 = slot_of(t.ukey, key0, key1, fresh);
+  if (fresh) std::fill(t.u[u0], t.u[u0] + rr.C * rr.xs, 0.f);
+  const int u1 = slot_of(t.ukey, key1, key0, fresh);
+  if (fresh) std::fill(t.u[u1], t.u[u1] + rr.C * rr.xs, 0.f);
+  rc.u0 = t.u[u0];
+  rc.u1 = t.u[u1];
+  rc.l0 = rr.ah.l0[r];
+  rc.l1 = rr.ah.l1[r];
+  rc.xs = rr.xs;
+}
+
+// Transposes every accumulator still open (end of chunk k) into its partial slot.
+inline void leave_chunk(const RowResize& rr, ThreadRows& t, float* P, int64_t n, int64_t k) {
+  for (int s = 0; s < 2; ++s)
+    if (t.ukey[s]) {
+      transpose_low_row(rr, t.u[s], rr.partial(P, n, t.ukey[s] - 1 - n * rr.h, k));
+      t.ukey[s] = 0;
+    }
+}
+
+// The low-resolution gradient gx (N, C, h, w), in its dtype and strides: per low row, its partial slots added in
+// chunk order (0 for a row no full row reads).
+template <class Tag>
+void gather_low_rows(const RowResize& rr, const float* P, const Tensor4& gx, int num_threads) {
+  const int64_t C = rr.C, w = rr.w;
+  // (a copy and conversion per element, a fraction of a kernel's work per element: threads only for large ones)
+  const int nt = threads_for(num_threads, rr.N * C * rr.h * w / 8);
+  for_blocks(rr.N * rr.h, nt, C * w, [&](int64_t row, float* buf) {
+    const int64_t n = row / rr.h, i = row % rr.h, ns = rr.off[i + 1] - rr.off[i];
+    if (ns == 0) {
+      std::fill(buf, buf + C * w, 0.f);
+    } else {
+      const float* p = P + (n * rr.slots + rr.off[i]) * C * w;
+      std::copy(p, p + C * w, buf);
+      for (int64_t k = 1; k < ns; ++k)
+        for (int64_t e = 0; e < C * w; ++e) buf[e] += p[k * C * w + e];
+    }
+    store_block<Tag>(gx, offset(gx, n, i, 0), C, w, w, buf);
+  });
+}
+
+// A resized row's gradient vectors, added times the row's two weights into the accumulators of its low rows.
+struct AdjointRows {
+  float* u0;
+  float* u1;
+  int64_t sc;
+  float l0, l1;
+};
+inline void put_vec(const AdjointRows& r, int64_t c, int64_t, int64_t b, vf x) {
+  float* p0 = r.u0 + c * r.sc + b;
+  vstore(p0, vfma(x, vsplat(r.l0), vload(p0)));
+  float* p1 = r.u1 + c * r.sc + b;  // (the same row as p0 at the last low row: read after that store)
+  vstore(p1, vfma(x, vsplat(r.l1), vload(p1)));
+}
+
+// buf ([C][BS]) = pixels w0 .. w0 + padded - 1 of a resized row: the blend of its two low rows.
+inline void blend_rows(const RowCtx& rc, int64_t C, int64_t w0, int64_t padded, int64_t BS, float* buf) {
+  const vf l0 = vsplat(rc.l0), l1 = vsplat(rc.l1);
+  for (int64_t c = 0; c < C; ++c) {
+    const float* p0 = rc.xw0 + c * rc.xs + w0;
+    const float* p1 = rc.xw1 + c * rc.xs + w0;
+    float* bc = buf + c * BS;
+    for (int64_t b = 0; b < padded; b += kV) vstore(bc + b, vfma(vload(p1 + b), l1, vload(p0 + b) * l0));
+  }
+}
+
+// A (N, h, w) float32 D map resized to (H, W) (none: not resized): its axes and their plans.
+struct MapResize {
+  const ResizeAxis* ah = nullptr;
+  const AxisPlan* pw = nullptr;
+  int64_t tag = 0;  // added to the keys of its cached rows (several maps share a thread's MapRows)
+};
+
+// A thread's two rows of a D map resized along W ([W] floats + padding each; keys tag + n * h + i + 1, 0: none),
+// kept from block to block: a low row is resized along W once for the full rows that read it. `low`: a low row
+// copied (the resize reads whole vectors, past the row's end).
+struct MapRows {
+  int64_t* key;
+  float* row[2];
+  float* low;
+  static int64_t padded(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+  static int64_t floats(int64_t W, int64_t w) { return 4 + 2 * padded(W) + padded(w); }
+  MapRows(float* s, int64_t W) {  // (s at an even float offset)
+    key = reinterpret_cast<int64_t*>(s);
+    row[0] = s + 4;
+    row[1] = row[0] + padded(W);
+    low = row[1] + padded(W);
+  }
+};
+
+// out[b] = D map m resized to (H, W) at the flat pixel j0 + b of (N, H, W), b < len: the blend of two rows
+// resized along W (MapRows). The same code for every pass: the maps-only count and the main pass see bit-identical
+// values and keep the same pixels.
+__attribute__((noinline)) void resize_map(const Map3& m, const MapResize& mr, int64_t H, int64_t W, int64_t j0,
+                                          int64_t len, float* out, MapRows& cache) {
+  const float* p = static_cast<const float*>(m.ptr);
+  const ResizeAxis& ah = *mr.ah;
+  const int64_t h = ah.in, w = mr.pw->a->in;
+  int64_t n = j0 / (H * W), r = (j0 / W) % H, q = j0 % W;
+  for (int64_t b = 0; b < len;) {
+    const int64_t seg = std::min(len - b, W - q);
+    const int64_t key0 = mr.tag + n * h + ah.i0[r] + 1, key1 = mr.tag + n * h + ah.i1[r] + 1;
+    for (const int64_t key : {key0, key1}) {
+      bool fresh;
+      const int s = slot_of(cache.key, key, key == key0 ? key1 : key0, fresh);
+      if (!fresh) continue;
+      const float* src = p + n * m.s0 + (key - 1 - mr.tag - n * h) * m.s1;
+      for (int64_t j = 0; j < w; ++j) cache.low[j] = src[j * m.s2];
+      mr.pw->resize(cache.low, cache.row[s]);
+    }
+    const float* z0 = cache.row[cache.key[0] == key0 ? 0 : 1] + q;
+    const float* z1 = cache.row[cache.key[0] == key1 ? 0 : 1] + q;
+    const float l0 = ah.l0[r], l1 = ah.l1[r];
+    for (int64_t k = 0; k < seg; ++k) out[b + k] = sfma(z1[k], l1, z0[k] * l0);
+    b += seg;
+    q = 0;
+    if (++r == H) {
+      r = 0;
+      ++n;
+    }
+  }
+}
+
+// grad (contiguous (N, h, wl) float32) from t (float (N, H, wl): each full row's gradient transposed along W): per
+// low row i, the full rows that read it in order, times their weights for it, in double. The H half of the adjoint
+// of a map's resize.
+inline void gather_map_grad(const ResizeAxis& ah, int64_t N, int64_t wl, const float* t, float* grad) {
+  const int64_t H = ah.out, h = ah.in;
+  std::vector<double> acc(static_cast<size_t>(wl));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < h; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t r = ah.first[i]; r <= ah.last[i]; ++r) {
+        const float* tr = t + (n * H + r) * wl;
+        if (ah.i0[r] == i) {
+          const double l0 = ah.l0[r];
+          for (int64_t j = 0; j < wl; ++j) acc[j] += tr[j] * l0;
+        }
+        if (ah.i1[r] == i) {
+          const double l1 = ah.l1[r];
+          for (int64_t j = 0; j < wl; ++j) acc[j] += tr[j] * l1;
+        }
+      }
+      float* out = grad + (n * h + i) * wl;
+      for (int64_t j = 0; j < wl; ++j) out[j] = static_cast<float>(acc[j]);
+    }
+}
+
 // Label smoothing's per-call constants (kernels.h): a1 = 1 - eps, a2 = eps / C, the class weights w_c (1s without
 // weights) and their sum W, and the gradient's per-channel term, negated: ngw_c = -grad_scale a2 w_c. The
 // per-channel values come as whole pixel vectors ([C][kV]): one plain load each in the channel loops.
@@ -655,7 +1056,8 @@ struct Smoothing {
 // kSmooth: the label-smoothing terms (a template parameter, so that eps == 0 runs the plain kernel unchanged).
 template <class Tag, bool kSmooth>
 void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scratch, double* sums, bool stream,
-                 RunPos pos, const Smoothing& sm, float keep_at) {
+                 RunPos pos, const Smoothing& sm, float keep_at, const MapResize& zr, MapRows* zrows,
+                 const RowCtx* rc) {
   const int64_t C = a.C, BS = g.BS;
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
@@ -680,7 +1082,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   const int64_t pix0 = (n * a.H + h0) * a.W + w0;
   if (!a.maps_only) {
     prefetch_map<int64_t>(a.labels, a.H, a.W, pix0 + kAhead * g.B, len);
-    prefetch_map<float>(a.z, a.H, a.W, pix0 + kAhead * g.B, len);
+    if (!zr.ah) prefetch_map<float>(a.z, a.H, a.W, pix0 + kAhead * g.B, len);
   }
   if (a.label_mode == 0) {
     gather_map<int64_t>(a.labels, a.H, a.W, pix0, len, lab64);
@@ -707,7 +1109,13 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   }
   for (int64_t b = 0; b < len; ++b) cnt[b] = lab[b] >= 0;
   const bool adv_terms = a.adv_mode != 0 && !a.maps_only;
-  if (a.z.ptr && (a.keep_mode || adv_terms)) gather_map<float>(a.z, a.H, a.W, pix0, len, zb);
+  if (a.z.ptr && (a.keep_mode || adv_terms)) {
+    if (zr.ah) {
+      resize_map(a.z, zr, a.H, a.W, pix0, len, zb, *zrows);
+    } else {
+      gather_map<float>(a.z, a.H, a.W, pix0, len, zb);
+    }
+  }
   if (a.keep_mode) {
     if (a.mask.ptr) {
       gather_map<uint8_t>(a.mask, a.H, a.W, pix0, len, ign);
@@ -743,7 +1151,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
       for (int64_t b = 0; b < len; ++b) ad[b] = lab[b] >= 0 ? ad[b] : 0.0f;  // a select: NaN stays out
     adv = sum_fixed(ad, len);
     if (a.grad_z) {
-      float* gz = a.grad_z + pix0;
+      float* gz = zr.ah ? rc->gz + w0 : a.grad_z + pix0;  // (a resized map's: its row's, transposed at its end)
       const float scale = a.grad_z_scale;
       const bool all = a.adv_mode == 2;
       for (int64_t b = 0; b < len; ++b) gz[b] = (all || lab[b] >= 0) ? (sg[b] - 1.0f) * scale : 0.0f;
@@ -767,13 +1175,21 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     // Logits and gradient with unit pixel stride are read and written in place, in their own dtype (whole pixel
     // vectors); otherwise the logits are converted into `buf` first, and the gradient is written into `buf` (each
     // vector's logits are dead by the time its gradient is written over them) and stored from there.
-    const int64_t xbase = offset(a.x, n, h0, w0), gbase = offset(a.grad, n, h0, w0);
+    // Resized logits (rc->xw0) are blended into `buf` from their row's two low rows, and the gradient goes into
+    // the accumulators of those rows (AdjointRows).
+    const bool resized = rc && rc->xw0;
+    const int64_t xbase = resized ? 0 : offset(a.x, n, h0, w0), gbase = resized ? 0 : offset(a.grad, n, h0, w0);
     const bool want_grad = a.grad.ptr != nullptr;
-    const bool direct = rows_in_place(a.x, len) && (!want_grad || rows_in_place(a.grad, len));
-    if (!direct) load_padded<Tag>(a.x, xbase, C, len, BS, buf);
+    const bool direct = !resized && rows_in_place(a.x, len) && (!want_grad || rows_in_place(a.grad, len));
+    if (resized) {
+      blend_rows(*rc, C, w0, nvec * kV, BS, buf);
+    } else if (!direct) {
+      load_padded<Tag>(a.x, xbase, C, len, BS, buf);
+    }
     const bool streamed = stream && direct && want_grad && std::is_same<Tag, Float32>::value;
-    const BlockLines pf_in = block_lines(a.x, xbase, C);
-    const BlockLines pf_out = streamed ? BlockLines{} : block_lines(a.grad, gbase, C);  // (streamed: no reads)
+    const BlockLines pf_in = resized ? BlockLines{} : block_lines(a.x, xbase, C);
+    // (streamed: no reads; resized: no gradient tensor in the block)
+    const BlockLines pf_out = streamed || resized ? BlockLines{} : block_lines(a.grad, gbase, C);
     const float grad_scale = a.grad_scale;
     const bool argmax = a.label_mode == 1;
 
@@ -855,7 +1271,9 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
         }
       }
     };
-    if (streamed) {
+    if (resized && want_grad) {
+      vectors(Rows<Float32>{buf, BS}, AdjointRows{rc->u0 + w0, rc->u1 + w0, rc->xs, rc->l0, rc->l1});
+    } else if (streamed) {
       const StreamRows out = block_stream(a.grad, gbase, C, g, blk, len, pos, sbuf);
       vectors(tensor_rows<Tag>(a.x, xbase), out);
       out.finish(C, nvec);
@@ -866,7 +1284,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     }
     loss = sum_fixed(xt, len);
     if (a.loss_map) std::copy(xt, xt + len, a.loss_map + pix0);
-    if (want_grad && !direct) store_block<Tag>(a.grad, gbase, C, len, BS, buf);
+    if (want_grad && !direct && !resized) store_block<Tag>(a.grad, gbase, C, len, BS, buf);
   }
 
   sums[kLossSum] = loss;
@@ -882,18 +1300,24 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
 // y = softmax over channels of one block: per pixel vector, the max, then exp(x - max) and its sum, then y.
 template <class Tag>
 void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const Tensor4& y, int64_t blk,
-                           float* scratch, bool stream, RunPos pos) {
+                           float* scratch, bool stream, RunPos pos, const RowCtx* rc = nullptr) {
   const int64_t BS = g.BS;
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
   float* buf = scratch;        // [C][BS] x converted (when not read in place), then y (when not written in place)
   float* ev = buf + C * BS;    // [C][kV] exp(x - max) of one pixel vector
   float* sbuf = ev + C * kV;   // stream_scratch(C), for block_stream
-  const int64_t xbase = offset(x, n, h0, w0), ybase = offset(y, n, h0, w0);
-  const bool direct = rows_in_place(x, len) && rows_in_place(y, len);
-  const bool streamed = stream && direct && std::is_same<Tag, Float32>::value;
-  if (!direct) load_padded<Tag>(x, xbase, C, len, BS, buf);
-  const BlockLines pf_in = block_lines(x, xbase, C), pf_out = streamed ? BlockLines{} : block_lines(y, ybase, C);
+  // resized logits (rc): blended into buf from the row's two low rows
+  const int64_t xbase = rc ? 0 : offset(x, n, h0, w0), ybase = offset(y, n, h0, w0);
+  const bool direct = !rc && rows_in_place(x, len) && rows_in_place(y, len);
+  const bool streamed = stream && rows_in_place(y, len) && (direct || rc) && std::is_same<Tag, Float32>::value;
+  if (rc) {
+    blend_rows(*rc, C, w0, (len + kV - 1) / kV * kV, BS, buf);
+  } else if (!direct) {
+    load_padded<Tag>(x, xbase, C, len, BS, buf);
+  }
+  const BlockLines pf_in = rc ? BlockLines{} : block_lines(x, xbase, C);
+  const BlockLines pf_out = streamed ? BlockLines{} : block_lines(y, ybase, C);
   auto vectors = [&](const auto& in, const auto& out) {
     for (int64_t b = 0; b < len; b += kV) {
       prefetch_rows<false>(pf_in, b, kAhead * g.B);
@@ -913,7 +1337,13 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
       for (int64_t c = 0; c < C; ++c) put_vec(out, c, b / kV, b, vload(ev + c * kV) * r);
     }
   };
-  if (streamed) {
+  if (rc && streamed) {
+    const StreamRows out = block_stream(y, ybase, C, g, blk, len, pos, sbuf);
+    vectors(Rows<Float32>{buf, BS}, out);
+    out.finish(C, len / kV);
+  } else if (rc && rows_in_place(y, len)) {
+    vectors(Rows<Float32>{buf, BS}, tensor_rows<Tag>(y, ybase));
+  } else if (streamed) {
     const StreamRows out = block_stream(y, ybase, C, g, blk, len, pos, sbuf);
     vectors(tensor_rows<Tag>(x, xbase), out);
     out.finish(C, len / kV);
@@ -928,22 +1358,24 @@ void softmax_forward_block(int64_t C, const Geometry& g, const Tensor4& x, const
 // grad_x = y * (grad_y - sum_c y * grad_y) of one block, per pixel vector.
 template <class Tag>
 void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, const Tensor4& gy, const Tensor4& gx,
-                            int64_t blk, float* scratch, bool stream, RunPos pos) {
+                            int64_t blk, float* scratch, bool stream, RunPos pos, const RowCtx* rc = nullptr) {
   const int64_t BS = g.BS;
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
   float* by = scratch;         // [C][BS] y converted (when not read in place)
   float* bg = by + C * BS;     // [C][BS] grad_y converted, then grad_x (each element read before it is written)
   float* sbuf = bg + C * BS;   // stream_scratch(C), for block_stream
-  const int64_t ybase = offset(y, n, h0, w0), gybase = offset(gy, n, h0, w0), gxbase = offset(gx, n, h0, w0);
-  const bool direct = rows_in_place(y, len) && rows_in_place(gy, len) && rows_in_place(gx, len);
-  const bool streamed = stream && direct && std::is_same<Tag, Float32>::value;
+  // a resized gradient (rc): gx is low-resolution, the row's gradient goes into its low rows' accumulators
+  const int64_t ybase = offset(y, n, h0, w0), gybase = offset(gy, n, h0, w0);
+  const int64_t gxbase = rc ? 0 : offset(gx, n, h0, w0);
+  const bool direct = rows_in_place(y, len) && rows_in_place(gy, len) && (rc || rows_in_place(gx, len));
+  const bool streamed = !rc && stream && direct && std::is_same<Tag, Float32>::value;
   if (!direct) {
     load_padded<Tag>(y, ybase, C, len, BS, by);
     load_padded<Tag>(gy, gybase, C, len, BS, bg);
   }
   const BlockLines pf_y = block_lines(y, ybase, C), pf_gy = block_lines(gy, gybase, C);
-  const BlockLines pf_gx = streamed ? BlockLines{} : block_lines(gx, gxbase, C);
+  const BlockLines pf_gx = streamed || rc ? BlockLines{} : block_lines(gx, gxbase, C);
   auto vectors = [&](const auto& iy, const auto& ig, const auto& out) {
     for (int64_t b = 0; b < len; b += kV) {
       prefetch_rows<false>(pf_y, b, kAhead * g.B);
@@ -955,7 +1387,14 @@ void softmax_backward_block(int64_t C, const Geometry& g, const Tensor4& y, cons
         put_vec(out, c, b / kV, b, iy.load(b + c * iy.sc) * (ig.load(b + c * ig.sc) - dot));
     }
   };
-  if (streamed) {
+  if (rc) {
+    const AdjointRows out{rc->u0 + w0, rc->u1 + w0, rc->xs, rc->l0, rc->l1};
+    if (direct) {
+      vectors(tensor_rows<Tag>(y, ybase), tensor_rows<Tag>(gy, gybase), out);
+    } else {
+      vectors(Rows<Float32>{by, BS}, Rows<Float32>{bg, BS}, out);
+    }
+  } else if (streamed) {
     const StreamRows out = block_stream(gx, gxbase, C, g, blk, len, pos, sbuf);
     vectors(tensor_rows<Tag>(y, ybase), tensor_rows<Tag>(gy, gybase), out);
     out.finish(C, len / kV);
@@ -995,14 +1434,33 @@ void one_hot_impl(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels
 }  // namespace
 
 std::vector<double> fused_loss(const FusedArgs& a) {
+  const int64_t xH = a.xH ? a.xH : a.H, xW = a.xW ? a.xW : a.W;
+  const int64_t zH = a.zH ? a.zH : a.H, zW = a.zW ? a.zW : a.W;
+  const bool resize_x = !a.maps_only && (xH != a.H || xW != a.W) && a.N * a.H * a.W > 0;
+  const bool resize_z = a.z.ptr && (zH != a.H || zW != a.W) && a.N * a.H * a.W > 0;
+  ResizeAxis zah, zaw;
+  AxisPlan zpw;
+  MapResize zr;
+  if (resize_z) {
+    zah = resize_axis(zH, a.H, a.align_corners);
+    zaw = resize_axis(zW, a.W, a.align_corners);
+    zpw = AxisPlan(zaw);
+    zr = {&zah, &zpw, 0};
+  }
+  // A resized gradient (of the logits or of z) is transposed row by row: whole rows on one thread.
+  const bool by_rows = !a.maps_only && (resize_x || (resize_z && a.grad_z));
   // The maps-only pre-pass reads no logits: long blocks (fewer per-block overheads), no [C][B] scratch.
   const Geometry g = a.maps_only ? Geometry(a.N, 1, a.H, a.W, {}, kMapsBlock)
+                     : by_rows   ? Geometry(a.N, a.C, a.H, a.W, {}, kMaxBlock, true)
                                  : Geometry(a.N, a.C, a.H, a.W, {&a.x, &a.grad});
-  const int64_t scratch =
+  const int64_t block_scratch =
       a.maps_only ? kFusedMaps * g.BS : (a.C + kFusedMaps) * g.BS + a.C * kV + stream_scratch(a.C);
+  // then (even offsets: they hold int64 keys) the D map's cached rows, and the row driver's rows
+  const int64_t zrows_at = (block_scratch + 1) / 2 * 2;
+  const int64_t scratch = zrows_at + (resize_z ? MapRows::floats(a.W, zW) : 0);
   const int64_t elements = a.N * a.C * a.H * a.W;
   const int nt = threads_for(a.num_threads, a.maps_only ? a.N * a.H * a.W : elements);
-  const bool stream = streams(a.grad, elements);
+  const bool stream = !resize_x && streams(a.grad, elements);
   std::vector<double> partial(static_cast<size_t>(kNumSums * g.nblocks), 0.0);
   const float keep_at = keep_logit(a.threshold);  // the keep rule's constant, once per call (keep_mode)
   // Label smoothing (label_mode 0 with logits): one branch per call; its constants for every block.
@@ -1028,18 +1486,72 @@ std::vector<double> fused_loss(const FusedArgs& a) {
     sm.w = smooth_w.data();
     sm.ngw = smooth_ngw.data();
   }
-  auto run = [&](auto smooth_tag) {
-    constexpr bool kSmooth = decltype(smooth_tag)::value;
-    FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
-      double sums[kNumSums];
-      fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, pos, sm, keep_at);
-      for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
-    }));
-  };
-  if (smooth) {
-    run(std::true_type{});
+
+  if (!by_rows) {
+    auto run = [&](auto smooth_tag) {
+      constexpr bool kSmooth = decltype(smooth_tag)::value;
+      FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
+        double sums[kNumSums];
+        MapRows zrows(s + zrows_at, a.W);
+        fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, pos, sm, keep_at, zr, &zrows, nullptr);
+        for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
+      }));
+    };
+    if (smooth) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
   } else {
-    run(std::false_type{});
+    // Chunks of whole rows, each on one thread, its rows and their blocks in order (see RowResize).
+    ResizeAxis xah, xaw;
+    if (resize_x) {
+      xah = resize_axis(xH, a.H, a.align_corners);
+      xaw = resize_axis(xW, a.W, a.align_corners);
+    } else {  // (only z is resized: the plan's chunks, no X rows)
+      xah = resize_axis(a.H, a.H, false);
+      xaw = resize_axis(1, 1, false);
+    }
+    const RowResize rr(xah, xaw, a.N, resize_x ? a.C : 0);
+    const bool want_grad = resize_x && a.grad.ptr;
+    const bool grad_z = resize_z && a.grad_z;
+    // (every partial slot and transposed row is written before it is read: no zeroing)
+    const std::unique_ptr<float[]> P(new float[want_grad ? a.N * rr.slots * a.C * xW : 0]);
+    const std::unique_ptr<float[]> tz(new float[grad_z ? a.N * a.H * zW : 0]);  // rows transposed along W
+    const int64_t rows_at = scratch;  // (even)
+    const int64_t gz_at = rows_at + (resize_x ? rr.scratch(want_grad) : 0);
+    const int64_t total = gz_at + (grad_z ? MapRows::padded(a.W) : 0);
+    auto run = [&](auto smooth_tag) {
+      constexpr bool kSmooth = decltype(smooth_tag)::value;
+      FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(a.N * rr.chunks, nt, total, [&](int64_t chunk, float* s) {
+        const int64_t n = chunk / rr.chunks, k = chunk % rr.chunks;
+        const int64_t r0 = k * rr.chunk_rows, r1 = std::min(a.H, r0 + rr.chunk_rows);
+        ThreadRows t(s + rows_at, rr, want_grad);
+        MapRows zrows(s + zrows_at, a.W);
+        for (int64_t r = r0; r < r1; ++r) {
+          RowCtx rc;
+          if (resize_x) enter_x_row<Tag>(a.x, rr, t, n, r, rc);
+          if (want_grad) enter_grad_row(rr, t, P.get(), n, k, r, rc);
+          if (grad_z) rc.gz = s + gz_at;
+          for (int64_t kb = 0; kb < g.per_row; ++kb) {
+            const int64_t blk = (n * a.H + r) * g.per_row + kb;
+            double sums[kNumSums];
+            fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, RunPos{kb == 0, kb + 1 == g.per_row}, sm,
+                                      keep_at, zr, &zrows, &rc);
+            for (int q = 0; q < kNumSums; ++q) partial[q * g.nblocks + blk] = sums[q];
+          }
+          if (grad_z) zpw.transpose(rc.gz, tz.get() + (n * a.H + r) * zW);
+        }
+        if (want_grad) leave_chunk(rr, t, P.get(), n, k);
+      }));
+    };
+    if (smooth) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+    if (want_grad) FAS_DISPATCH_DTYPE(a.grad.dtype, gather_low_rows<Tag>(rr, P.get(), a.grad, nt));
+    if (grad_z) gather_map_grad(zah, a.N, zW, tz.get(), a.grad_z);
   }
   std::vector<double> out = sum_blocks(partial, g.nblocks, kNumSums);
   out[kFirstBad] = -1;  // the first block that has one, not a sum
@@ -1069,6 +1581,57 @@ void softmax_backward(int64_t N, int64_t C, int64_t H, int64_t W, const Tensor4&
   FAS_DISPATCH_DTYPE(y.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
     softmax_backward_block<Tag>(C, g, y, gy, gx, blk, s, stream, pos);
   }));
+}
+
+void softmax_forward_resized(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool align_corners,
+                             const Tensor4& x, const Tensor4& y, int num_threads) {
+  if (N * C * H * W == 0) return;
+  const ResizeAxis ah = resize_axis(h, H, align_corners), aw = resize_axis(w, W, align_corners);
+  const RowResize rr(ah, aw, N, C);
+  const Geometry g(N, C, H, W, {}, kMaxBlock, true);
+  const int nt = threads_for(num_threads, N * C * H * W);
+  const bool stream = streams(y, N * C * H * W);
+  const int64_t rows_at = (C * g.BS + C * kV + stream_scratch(C) + 1) / 2 * 2;
+  FAS_DISPATCH_DTYPE(x.dtype, for_blocks(N * rr.chunks, nt, rows_at + rr.scratch(false), [&](int64_t chunk, float* s) {
+    const int64_t n = chunk / rr.chunks, k = chunk % rr.chunks;
+    const int64_t r0 = k * rr.chunk_rows, r1 = std::min(H, r0 + rr.chunk_rows);
+    ThreadRows t(s + rows_at, rr, false);
+    for (int64_t r = r0; r < r1; ++r) {
+      RowCtx rc;
+      enter_x_row<Tag>(x, rr, t, n, r, rc);
+      for (int64_t kb = 0; kb < g.per_row; ++kb)
+        softmax_forward_block<Tag>(C, g, x, y, (n * H + r) * g.per_row + kb, s, stream,
+                                   RunPos{kb == 0, kb + 1 == g.per_row}, &rc);
+    }
+  }));
+}
+
+void softmax_backward_resized(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool align_corners,
+                              const Tensor4& y, const Tensor4& gy, const Tensor4& gx, int num_threads) {
+  if (y.dtype != gy.dtype || y.dtype != gx.dtype) throw std::invalid_argument("softmax_backward: mixed dtypes");
+  if (N * C * h * w == 0) return;
+  const ResizeAxis ah = resize_axis(h, H, align_corners), aw = resize_axis(w, W, align_corners);
+  const RowResize rr(ah, aw, N, C);
+  const Geometry g(N, C, H, W, {}, kMaxBlock, true);
+  const int nt = threads_for(num_threads, N * C * H * W);
+  const std::unique_ptr<float[]> P(new float[N * rr.slots * C * w]);  // (every slot written before it is read)
+  const int64_t rows_at = (2 * C * g.BS + stream_scratch(C) + 1) / 2 * 2;
+  FAS_DISPATCH_DTYPE(y.dtype, {
+    for_blocks(N * rr.chunks, nt, rows_at + rr.scratch(true), [&](int64_t chunk, float* s) {
+      const int64_t n = chunk / rr.chunks, k = chunk % rr.chunks;
+      const int64_t r0 = k * rr.chunk_rows, r1 = std::min(H, r0 + rr.chunk_rows);
+      ThreadRows t(s + rows_at, rr, true);
+      for (int64_t r = r0; r < r1; ++r) {
+        RowCtx rc;
+        enter_grad_row(rr, t, P.get(), n, k, r, rc);
+        for (int64_t kb = 0; kb < g.per_row; ++kb)
+          softmax_backward_block<Tag>(C, g, y, gy, gx, (n * H + r) * g.per_row + kb, s, false,
+                                      RunPos{kb == 0, kb + 1 == g.per_row}, &rc);
+      }
+      leave_chunk(rr, t, P.get(), n, k);
+    });
+    gather_low_rows<Tag>(rr, P.get(), gx, nt);
+  });
 }
 
 void one_hot(int64_t N, int64_t C, int64_t H, int64_t W, const Map3& labels, int64_t ignore_index, void* out,
@@ -1122,27 +1685,56 @@ std::vector<int64_t> find_bad_labels(int64_t N, int64_t H, int64_t W, const Map3
 
 std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads) {
   const int64_t B = 2048;
-  std::vector<int64_t> first(maps.size() + 1, 0);  // first block of each map
-  int64_t total = 0;
-  for (size_t i = 0; i < maps.size(); ++i) {
-    const int64_t np = maps[i].N * maps[i].H * maps[i].W;
-    first[i + 1] = first[i] + (np + B - 1) / B;
+  const size_t nm = maps.size();
+  // A resized map (z at (zH, zW)) is cut into blocks of whole rows, so that each row's gradient is transposed along
+  // W by the thread that computes it (into tw, float (N, H, zW)); the H half follows the parallel pass.
+  std::vector<ResizeAxis> ah(nm), aw(nm);
+  std::vector<AxisPlan> pw(nm);
+  std::vector<MapResize> mr(nm);
+  std::vector<std::vector<float>> tw(nm);
+  std::vector<int64_t> first(nm + 1, 0), blen(nm, B);  // first block of each map, its block length
+  int64_t total = 0, longest = B, widest = 0, widest_low = 0, tag = 0;
+  for (size_t i = 0; i < nm; ++i) {
+    const BceArgs& m = maps[i];
+    const int64_t np = m.N * m.H * m.W;
+    const int64_t zH = m.zH ? m.zH : m.H, zW = m.zW ? m.zW : m.W;
+    if ((zH != m.H || zW != m.W) && np > 0) {
+      ah[i] = resize_axis(zH, m.H, m.align_corners);
+      aw[i] = resize_axis(zW, m.W, m.align_corners);
+      pw[i] = AxisPlan(aw[i]);
+      mr[i] = {&ah[i], &pw[i], tag};
+      tag += m.N * zH;
+      blen[i] = std::max<int64_t>(1, B / m.W) * m.W;
+      longest = std::max(longest, blen[i]);
+      widest = std::max(widest, m.W);
+      widest_low = std::max(widest_low, zW);
+      if (m.grad) tw[i].assign(static_cast<size_t>(m.N * m.H * zW), 0.f);
+    }
+    first[i + 1] = first[i] + (np + blen[i] - 1) / blen[i];
     total += np;
   }
   const int64_t nblocks = first.back();
   std::vector<double> partial(static_cast<size_t>(2 * nblocks), 0.0);
-  for_blocks(nblocks, threads_for(num_threads, 8 * total), 4 * (B + kV), [&](int64_t blk, float* scratch) {
+  const int64_t stride = longest + kV;  // (a row's transpose reads up to kV past its end)
+  const int64_t scratch = 4 * stride + (widest ? MapRows::floats(widest, widest_low) : 0);
+  for_blocks(nblocks, threads_for(num_threads, 8 * total), scratch, [&](int64_t blk, float* s) {
     size_t i = 0;
     while (blk >= first[i + 1]) ++i;
     const BceArgs& m = maps[i];
-    const int64_t j0 = (blk - first[i]) * B, end = std::min(m.N * m.H * m.W, j0 + B);
-    float* zb = scratch;  // strided reads first, then the math on pixel vectors (arrays padded to whole ones)
-    float* tb = zb + B + kV;
-    float* lb = tb + B + kV;
-    int32_t* ib = reinterpret_cast<int32_t*>(lb + B + kV);
+    const int64_t j0 = (blk - first[i]) * blen[i], end = std::min(m.N * m.H * m.W, j0 + blen[i]);
+    float* zb = s;  // strided reads first, then the math on pixel vectors (arrays padded to whole ones)
+    float* tb = zb + stride;  // the target, then (resized with a gradient) each pixel's gradient
+    float* lb = tb + stride;
+    int32_t* ib = reinterpret_cast<int32_t*>(lb + stride);
     const int64_t len = end - j0;
     const int64_t padded = (len + kV - 1) / kV * kV;
-    gather_map<float>(m.z, m.H, m.W, j0, len, zb);
+    const bool resized = mr[i].ah != nullptr;
+    if (resized) {
+      MapRows rows(s + 4 * stride, widest);
+      resize_map(m.z, mr[i], m.H, m.W, j0, len, zb, rows);
+    } else {
+      gather_map<float>(m.z, m.H, m.W, j0, len, zb);
+    }
     if (m.target.ptr) {
       gather_map<float>(m.target, m.H, m.W, j0, len, tb);
     } else {
@@ -1158,7 +1750,7 @@ std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads) 
       tb[b] = 0.f;
       ib[b] = 1;
     }
-    float* gb = m.grad ? m.grad + j0 : nullptr;
+    float* gb = m.grad ? (resized ? tb : m.grad + j0) : nullptr;
     const vf grad_scale = vsplat(m.grad_scale);
     for (int64_t b = 0; b < padded; b += kV) {
       const vf z = vload(zb + b), t = vload(tb + b), e = vexp_neg_abs(z);
@@ -1167,12 +1759,18 @@ std::vector<double> bce_maps(const std::vector<BceArgs>& maps, int num_threads) 
       vstore(lb + b, vselect(ignored, vf{}, d.bce));  // a select: NaN at an ignored pixel stays out
       if (gb) vstore_n(gb + b, vselect(ignored, vf{}, (d.sigmoid - t) * grad_scale), len - b);
     }
+    if (resized && m.grad) {  // (whole rows, from row j0 / W on)
+      const int64_t zW = aw[i].in;
+      for (int64_t q = 0; q < len; q += m.W) pw[i].transpose(tb + q, tw[i].data() + (j0 + q) / m.W * zW);
+    }
     const double loss = sum_fixed(lb, len);
     const double count = static_cast<double>(len - count_nonzero(ib, len));
     if (m.loss_map) std::copy(lb, lb + len, m.loss_map + j0);
     partial[blk] = loss;
     partial[nblocks + blk] = count;
   });
+  for (size_t i = 0; i < nm; ++i)
+    if (mr[i].ah && maps[i].grad) gather_map_grad(ah[i], maps[i].N, aw[i].in, tw[i].data(), maps[i].grad);
   std::vector<double> out(2 * maps.size(), 0.0);
   for (size_t i = 0; i < maps.size(); ++i)
     for (int64_t blk = first[i]; blk < first[i + 1]; ++blk) {

@@ -17,6 +17,16 @@ without copying the logits. Discriminator maps, BCE targets and class weights (1
 are converted to float32 when they are not float32 already.
 Threads: ``torch.get_num_threads()`` at each call; results do not depend on it (fixed blocks, ordered sums).
 
+Upsampling: every launch over logits or D maps takes ``size=(H, W)`` and ``align_corners`` (keyword-only; None
+keeps the plain op). Logits and D maps whose spatial size differs from ``size`` are bilinearly resized to it inside
+the kernel, as ``F.interpolate(x.float(), size, mode="bilinear", align_corners=align_corners)`` would (float32
+interpolation, never rounded to a half dtype); labels, masks, BCE target maps and loss maps are at ``size``, and
+counts are counts of full-resolution pixels. Gradients come back at the low resolution of their input: the
+gradient of the loss sum w.r.t. it. The full-resolution logits and their gradient are never stored (see
+``csrc/cpu/kernels_impl.h``); ``softmax2d`` returns its probabilities at ``size`` (D reads them), and
+``softmax2d_backward(..., low_size=(h, w))`` gives the gradient w.r.t. the low-resolution logits. An input already at
+``size`` is read as it is.
+
 Importing raises ImportError with the reason when the extension was not built, fails to load, or is switched
 off with ``FASTADVSEG_DISABLE_CPU_EXT=1``.
 """
@@ -88,17 +98,35 @@ def _vector(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+Size = Optional[Tuple[int, int]]
+
+
+def _resize_to(size: Size, *tensors: torch.Tensor) -> Size:
+    """``size`` as a tuple when some tensor (N, C, h, w) or (N, h, w) has another spatial size, else None: an input
+    already at ``size`` is read as it is, by the kernels of the plain op."""
+    if size is None:
+        return None
+    size = (int(size[0]), int(size[1]))
+    return size if any(tuple(t.shape[-2:]) != size for t in tensors) else None
+
+
+def _full(t: torch.Tensor, size: Size) -> Tuple[int, int, int]:
+    """(N, H, W) of the maps over tensor t's pixels: its own, or (N, *size)."""
+    return (t.shape[0],) + (tuple(t.shape[-2:]) if size is None else size)
+
+
 def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor] = None, grad_scale: float = 1.0,
            labels: Optional[torch.Tensor] = None, ignore_index: int = -1, weight: Optional[torch.Tensor] = None,
            label_smoothing: float = 0.0, z: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
            keep: bool = False, threshold: float = 0.0, adv_mode: int = 0, loss_map: Optional[torch.Tensor] = None,
-           grad_z: Optional[torch.Tensor] = None, grad_z_scale: float = 1.0, maps_only: bool = False):
+           grad_z: Optional[torch.Tensor] = None, grad_z_scale: float = 1.0, maps_only: bool = False,
+           size: Size = None, align_corners: bool = False):
     """One call of the fused kernel: [loss sum, weight sum, adv sum, adv count, kept, considered, bad labels,
     first bad pixel]."""
     return _ext.fused_loss(
         tuple(sizes), logits, grad, float(grad_scale), labels, int(ignore_index), weight, z, mask, int(keep),
         float(threshold), int(adv_mode), loss_map, grad_z, float(grad_z_scale), bool(maps_only),
-        torch.get_num_threads(), float(label_smoothing))
+        torch.get_num_threads(), float(label_smoothing), size=size, align_corners=bool(align_corners))
 
 
 def _bad(sums, labels: torch.Tensor) -> Tuple[int, int]:
@@ -118,15 +146,35 @@ def _map_buffer(n: int, h: int, w: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # softmax2d
 
-def softmax2d(logits: torch.Tensor) -> torch.Tensor:
-    y = torch.empty_like(logits)  # same memory format for dense inputs, contiguous for sliced views
-    _ext.softmax_forward(logits, y, torch.get_num_threads())
+def _empty_4d(like: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
+    """An (n, c, h, w) tensor of ``like``'s dtype, channels_last where ``like`` is (as F.interpolate keeps it)."""
+    channels_last = like.dim() == 4 and not like.is_contiguous() \
+        and like.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty((n, c, h, w), dtype=like.dtype,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def softmax2d(logits: torch.Tensor, *, size: Size = None, align_corners: bool = False) -> torch.Tensor:
+    size = _resize_to(size, logits)
+    if size is None:
+        y = torch.empty_like(logits)  # same memory format for dense inputs, contiguous for sliced views
+        _ext.softmax_forward(logits, y, torch.get_num_threads())
+        return y
+    y = _empty_4d(logits, logits.shape[0], logits.shape[1], *size)
+    _ext.softmax_forward(logits, y, torch.get_num_threads(), size=size, align_corners=bool(align_corners))
     return y
 
 
-def softmax2d_backward(probs: torch.Tensor, grad_probs: torch.Tensor) -> torch.Tensor:
-    grad_x = torch.empty_like(probs)
-    _ext.softmax_backward(probs, grad_probs, grad_x, torch.get_num_threads())
+def softmax2d_backward(probs: torch.Tensor, grad_probs: torch.Tensor, *, low_size: Size = None,
+                       align_corners: bool = False) -> torch.Tensor:
+    low_size = _resize_to(low_size, probs)
+    if low_size is None:
+        grad_x = torch.empty_like(probs)
+        _ext.softmax_backward(probs, grad_probs, grad_x, torch.get_num_threads())
+        return grad_x
+    grad_x = _empty_4d(probs, probs.shape[0], probs.shape[1], *low_size)
+    _ext.softmax_backward(probs, grad_probs, grad_x, torch.get_num_threads(), low_size=low_size,
+                          align_corners=bool(align_corners))
     return grad_x
 
 
@@ -135,28 +183,30 @@ def softmax2d_backward(probs: torch.Tensor, grad_probs: torch.Tensor) -> torch.T
 
 def _logits_loss(logits: torch.Tensor, reduction: str, store_grad: bool, count_index: int, k: float, common: dict):
     """The kernel's sums, loss map and gradient, pre-scaled by k / count for a mean (count from a maps pre-pass)."""
-    n, _, h, w = logits.shape
     pre = 1.0
     if store_grad and reduction == "mean":
         pre = _pre(k, _fused(None, maps_only=True, **common)[count_index])
     grad = torch.empty_like(logits) if store_grad else None
-    loss_map = _map_buffer(n, h, w) if reduction == "none" else None
+    loss_map = _map_buffer(*_full(logits, common["size"])) if reduction == "none" else None
     sums = _fused(logits, grad=grad, grad_scale=pre, loss_map=loss_map, **common)
     return sums, loss_map, grad, pre
 
 
 def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
-                    label_smoothing: float, reduction: str, store_grad: bool) -> LossLaunch:
+                    label_smoothing: float, reduction: str, store_grad: bool, *, size: Size = None,
+                    align_corners: bool = False) -> LossLaunch:
     weight32 = None if weight is None else _f32(weight.detach()).contiguous()
     common = dict(sizes=logits.shape, labels=target, ignore_index=ignore_index, weight=weight32,
-                  label_smoothing=label_smoothing)
+                  label_smoothing=label_smoothing, size=_resize_to(size, logits), align_corners=align_corners)
     sums, loss_map, grad, pre = _logits_loss(logits, reduction, store_grad, _WEIGHT, 1.0, common)
     return LossLaunch(_vector(sums[_LOSS], sums[_WEIGHT]), loss_map, grad, _vector(pre), _bad(sums, target))
 
 
 def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold: float,
-                         ignore_mask: Optional[torch.Tensor], reduction: str, store_grad: bool) -> LossLaunch:
-    common = dict(sizes=logits.shape, z=_f32(d_logits), mask=ignore_mask, keep=True, threshold=threshold)
+                         ignore_mask: Optional[torch.Tensor], reduction: str, store_grad: bool, *,
+                         size: Size = None, align_corners: bool = False) -> LossLaunch:
+    common = dict(sizes=logits.shape, z=_f32(d_logits), mask=ignore_mask, keep=True, threshold=threshold,
+                  size=_resize_to(size, logits, d_logits), align_corners=align_corners)
     sums, loss_map, grad, pre = _logits_loss(logits, reduction, store_grad, _KEPT, 1.0, common)
     return LossLaunch(_vector(sums[_LOSS], sums[_KEPT], sums[_CONSIDERED]), loss_map, grad, _vector(pre))
 
@@ -169,36 +219,44 @@ def _bce_job(z: torch.Tensor, target_map: Optional[torch.Tensor], target_value: 
     return (z, target_map, float(target_value), mask, loss_map, grad, float(grad_scale))
 
 
-def _counted(z: torch.Tensor, mask: Optional[torch.Tensor]) -> int:
-    """Pixels a BCE mean divides by (known before the kernel runs, so that it can pre-scale the gradient)."""
-    return z.numel() if mask is None else z.numel() - int(mask.sum())
+def _counted(z: torch.Tensor, mask: Optional[torch.Tensor], size: Size) -> int:
+    """Pixels a BCE mean divides by (known before the kernel runs, so that it can pre-scale the gradient): those
+    of the map at ``size``, less the masked ones."""
+    n, h, w = _full(z, size)
+    total = n * h * w
+    return total if mask is None else total - int(mask.sum())
 
 
-def _map_grad(z: torch.Tensor, store: bool) -> Optional[torch.Tensor]:
+def _new_map_grad(z: torch.Tensor, store: bool) -> Optional[torch.Tensor]:
+    """A fresh float32 gradient buffer of z's shape (its own resolution), or None."""
     return torch.empty(z.shape, dtype=torch.float32) if store else None
 
 
 def bce_with_logits2d(d_logits: torch.Tensor, target_map: Optional[torch.Tensor], target_value: float,
-                      ignore_mask: Optional[torch.Tensor], reduction: str, store_grad: bool) -> LossLaunch:
+                      ignore_mask: Optional[torch.Tensor], reduction: str, store_grad: bool, *, size: Size = None,
+                      align_corners: bool = False) -> LossLaunch:
     z = _f32(d_logits)
-    count = _counted(z, ignore_mask)
+    size = _resize_to(size, z)
+    count = _counted(z, ignore_mask, size)
     pre = _pre(1.0, count) if reduction == "mean" else 1.0
-    grad = _map_grad(z, store_grad)
-    loss_map = _map_buffer(*z.shape) if reduction == "none" else None
+    grad = _new_map_grad(z, store_grad)
+    loss_map = _map_buffer(*_full(z, size)) if reduction == "none" else None
     job = _bce_job(z, _f32(target_map), target_value, ignore_mask, loss_map, grad, pre)
-    loss_sum, _ = _ext.bce_maps([job], torch.get_num_threads())
+    loss_sum, _ = _ext.bce_maps([job], torch.get_num_threads(), size=size, align_corners=bool(align_corners))
     return LossLaunch(_vector(loss_sum, count), loss_map, grad, _vector(pre))
 
 
 def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_fake: Optional[torch.Tensor],
                        ignore_mask_real: Optional[torch.Tensor], store_fake: bool,
-                       store_real: bool) -> DiscriminatorLaunch:
+                       store_real: bool, *, size: Size = None, align_corners: bool = False) -> DiscriminatorLaunch:
     maps = ((_f32(d_fake), 0.0, ignore_mask_fake, store_fake), (_f32(d_real), 1.0, ignore_mask_real, store_real))
-    counts = [_counted(z, mask) for z, _, mask, _ in maps]
+    size = _resize_to(size, *(z for z, _, _, _ in maps))
+    counts = [_counted(z, mask, size) for z, _, mask, _ in maps]
     pres = [_pre(1.0, c) for c in counts]  # each term is a mean
-    grads = [_map_grad(z, store) for z, _, _, store in maps]
+    grads = [_new_map_grad(z, store) for z, _, _, store in maps]
     sums = _ext.bce_maps([_bce_job(z, None, t, mask, None, g, k)
-                          for (z, t, mask, _), g, k in zip(maps, grads, pres)], torch.get_num_threads())
+                          for (z, t, mask, _), g, k in zip(maps, grads, pres)], torch.get_num_threads(),
+                         size=size, align_corners=bool(align_corners))
     return DiscriminatorLaunch(_vector(sums[0], counts[0], sums[2], counts[1]), grads[0], grads[1], _vector(*pres))
 
 
@@ -207,15 +265,17 @@ def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor, ignore_mask_f
 
 def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor], lambda_adv: float,
                    lambda_semi: float, threshold: float, ignore_index: int, store_gx: bool,
-                   store_gz: bool) -> GeneratorLaunch:
-    n, _, h, w = logits.shape
+                   store_gz: bool, *, size: Size = None, align_corners: bool = False) -> GeneratorLaunch:
     z = _f32(d_logits)
+    size = _resize_to(size, logits, z)
+    n, h, w = _full(logits, size)
     labelled = target is not None
+    resize = dict(size=size, align_corners=align_corners)
     if labelled:
-        common = dict(sizes=logits.shape, labels=target, ignore_index=ignore_index, z=z, adv_mode=1)
+        common = dict(sizes=logits.shape, labels=target, ignore_index=ignore_index, z=z, adv_mode=1, **resize)
         count_index = _WEIGHT  # the adversarial term counts the same pixels as the cross-entropy
     else:
-        common = dict(sizes=logits.shape, z=z, keep=True, threshold=threshold, adv_mode=2)
+        common = dict(sizes=logits.shape, z=z, keep=True, threshold=threshold, adv_mode=2, **resize)
         count_index = _KEPT
     pre_x, pre_z = 1.0, 1.0
     if store_gx or store_gz:
@@ -223,7 +283,7 @@ def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optiona
         pre_x = _pre(1.0 if labelled else _lam(lambda_semi), count)
         pre_z = _pre(_lam(lambda_adv), count if labelled else float(n * h * w))
     gx = torch.empty_like(logits) if store_gx else None
-    gz = _map_buffer(n, h, w) if store_gz else None
+    gz = _new_map_grad(z, store_gz)
     s = _fused(logits, grad=gx, grad_scale=pre_x, grad_z=gz, grad_z_scale=pre_z, **common)
     term_count = s[_WEIGHT] if labelled else s[_KEPT]
     kept, considered = (0.0, 0.0) if labelled else (s[_KEPT], s[_CONSIDERED])
