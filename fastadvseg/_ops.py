@@ -20,6 +20,15 @@ the buffer over, so one gradient-sized buffer exists at peak. A second backward 
 (``retain_graph=True``) relaunches the op. Gradients the kernels do not write (learnt class weights, BCE target
 maps) and double backward (``create_graph=True``) differentiate the reference backend's formula on the saved
 inputs instead, so they work on every backend. The means are formed from the sums by ``functional.py``.
+
+Fused upsampling: the ops over logits or discriminator maps end with ``SymInt[]? size=None, bool align_corners=False``
+(``softmax2d_backward``: ``low_size``, the logits' own (h, w)). With ``size``, inputs at another spatial size are
+read bilinearly upsampled to it (``reference.upsample`` says exactly how); labels, masks, target maps, loss maps and
+softmax2d's output are at ``size``, and the stored gradients at their inputs' own (low) resolution. One case of the
+rule materialises the full-resolution logits and their gradient: a per-pixel loss map (``reduction="none"``) of
+upsampled logits, whose incoming gradient is at full resolution while the stored buffer is not, so it cannot scale
+that buffer pixel by pixel; that gradient comes from the reference formula (the public functions then do not ask
+the kernel to store one).
 """
 from __future__ import annotations
 
@@ -180,6 +189,9 @@ class _StoredGradientRule(_Rule):
         ctx.asked = [bool(inputs[a]) for a in self.asked_by]
         ctx.buffers = self._asked(ctx, output)
         ctx.scales = output[self.scales]
+        # stored inputs read upsampled: their buffers are at their own resolution, not the loss map's
+        size = _given(self, inputs, "size") if "size" in self.arg_names else None
+        ctx.low_res = [_differs(inputs[i], size) for i in self.inputs]
 
     def _asked(self, ctx, output) -> List[Optional[Tensor]]:
         return [output[b] if asked else None for b, asked in zip(self.buffers, ctx.asked)]
@@ -206,21 +218,24 @@ class _StoredGradientRule(_Rule):
         if torch.is_grad_enabled():  # create_graph=True: every gradient from the (differentiable) reference formula
             by_reference = [i for i, n in enumerate(need) if n]
         else:
-            if any(need[i] for i in self.inputs):
+            # the loss map's gradient (reduction="none", whose stored gradient is not pre-scaled) and the sum's
+            per_pixel = None if self.loss_map is None else grads[self.loss_map]
+            per_pixel = per_pixel if per_pixel is not None and per_pixel.dim() == 3 else None
+            # a full-resolution per-pixel gradient cannot scale the buffer of an upsampled input pixel by pixel
+            from_buffer = [need[i] and not (per_pixel is not None and low) for i, low in zip(self.inputs, ctx.low_res)]
+            if any(from_buffer):
                 buffers, scales = self._take(ctx)
-                # the loss map's gradient (reduction="none", whose stored gradient is not pre-scaled) and the sum's
-                per_pixel = None if self.loss_map is None else grads[self.loss_map]
-                per_pixel = per_pixel if per_pixel is not None and per_pixel.dim() == 3 else None
                 sums = grads[self.sums]
                 for k, i in enumerate(self.inputs):
-                    if need[i]:
+                    if from_buffer[k]:
                         upstream = per_pixel
                         if sums is not None:
                             of_sum = sums[self.of_sums[k]]
                             upstream = of_sum if upstream is None else upstream + of_sum
                         result[i] = _scaled(buffers[k], scales[k], upstream)
-            # learnt class weights, BCE target maps: rare, from the reference formula
-            by_reference = [i for i, n in enumerate(need) if n and i not in self.inputs]
+            # learnt class weights, BCE target maps, upsampled inputs of a loss map: from the reference formula
+            stored = {i for i, b in zip(self.inputs, from_buffer) if b}
+            by_reference = [i for i, n in enumerate(need) if n and i not in stored]
         if by_reference:
             for i, g in zip(by_reference, self._reference_vjp(ctx, grads, by_reference)):
                 result[i] = g
@@ -231,11 +246,21 @@ class _StoredGradientRule(_Rule):
         reference formula.
 
         With grad mode on (``create_graph=True``) the saved inputs keep their graph, so the result is
-        differentiable again; otherwise the wanted inputs are fresh leaves and nothing else is differentiated."""
+        differentiable again; otherwise the wanted inputs are fresh leaves and nothing else is differentiated. An
+        upsampled input is then a leaf at full resolution, whose gradient is taken back to the input's own by
+        :func:`_upsample_adjoint` (deterministic, where F.interpolate's backward on CUDA is not)."""
         args = _inputs(ctx)
+        dtypes = [a.dtype if isinstance(a, Tensor) else None for a in args]
         create = torch.is_grad_enabled()
+        lifted = {}
+        size = _given(self, args, "size") if "size" in self.arg_names else None
+        align_corners = bool(_given(self, args, "align_corners", False)) if size is not None else False
         if not create:
             args = [a.detach() if isinstance(a, Tensor) else a for a in args]
+            for k, i in enumerate(self.inputs):
+                if i in wanted and ctx.low_res[k]:
+                    lifted[i] = tuple(args[i].shape[-2:])
+                    args[i] = reference.upsample(args[i], size, align_corners)
             for i in wanted:
                 args[i] = args[i].requires_grad_()
         else:  # fresh views: gradients w.r.t. them are this op's partial derivatives (an input may depend on another)
@@ -254,7 +279,43 @@ class _StoredGradientRule(_Rule):
             return [None] * len(wanted)
         got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
                                   [g.to(o.dtype) for o, g in pairs], create_graph=create, allow_unused=True)
-        return [None if g is None else g.to(args[i].dtype) for i, g in zip(wanted, got)]
+        got = [g if g is None or i not in lifted else _upsample_adjoint(g, lifted[i], align_corners)
+               for i, g in zip(wanted, got)]
+        return [None if g is None else g.to(dtypes[i]) for i, g in zip(wanted, got)]
+
+
+def _source_taps(n_in: int, n_out: int, align_corners: bool, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(i0, i1, lambda0, lambda1) of each output index of PyTorch's bilinear resize along one axis, ``size`` given
+    (no scale factor), computed in float32 as its CPU kernel does."""
+    dst = torch.arange(n_out, device=device, dtype=torch.float32)
+    if align_corners:
+        scale = torch.tensor(n_in - 1, dtype=torch.float32).div(n_out - 1).item() if n_out > 1 else 0.0
+        src = dst * scale
+    else:
+        scale = torch.tensor(n_in, dtype=torch.float32).div(n_out).item()
+        src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    lambda1 = src - i0
+    return i0, i1, 1.0 - lambda1, lambda1
+
+
+def _upsample_adjoint(grad: Tensor, low_hw: Tuple[int, int], align_corners: bool) -> Tensor:
+    """The adjoint of ``reference.upsample`` from ``low_hw``: the gradient of the low-resolution input, given the
+    gradient ``grad`` of the (N, C, H, W) or (N, H, W) result. Sums by ``index_add_``, which PyTorch runs
+    deterministically under ``torch.use_deterministic_algorithms(True)``."""
+    for dim, n_in in zip((grad.dim() - 2, grad.dim() - 1), low_hw):
+        n_out = grad.shape[dim]
+        if n_out == n_in:
+            continue
+        i0, i1, lambda0, lambda1 = _source_taps(n_in, n_out, align_corners, grad.device)
+        along = [1] * grad.dim()
+        along[dim] = n_out
+        out = grad.new_zeros(grad.shape[:dim] + (n_in,) + grad.shape[dim + 1:])
+        out.index_add_(dim, i0, grad * lambda0.to(grad.dtype).view(along))
+        out.index_add_(dim, i1, grad * lambda1.to(grad.dtype).view(along))
+        grad = out
+    return grad
 
 
 _SAVED = object()  # where a tensor input sits in ctx.template
@@ -293,6 +354,42 @@ def _scaled(buffer: Optional[Tensor], scale: Tensor, upstream: Optional[Tensor])
 
 
 # ------------------------------------------------------------------------------------------ shared by the ops
+
+def _differs(x: Tensor, size) -> bool:
+    """Whether ``size`` resamples ``x`` (an (N, C, h, w) or (N, h, w) input): given, and not x's own (h, w)."""
+    return size is not None and tuple(x.shape[-2:]) != tuple(size)
+
+
+def _given(rule: _Rule, inputs: tuple, name: str, default=None):
+    """The op's argument ``name`` as called (a trailing argument left at its default is not passed)."""
+    i = rule.arg(name)
+    return inputs[i] if i < len(inputs) else default
+
+
+def _grid(size, n_h_w: tuple, **resampled: Tensor):
+    """(the ``size`` to launch with, the (N, H, W) of the maps over the pixels): without ``size``, (None, n_h_w);
+    with it, the maps are at (N, *size), and the launch gets ``size`` only where it resamples an input (each of
+    which must have pixels), so that inputs already at ``size`` run the plain op."""
+    size = V.op_size(size)
+    if size is None:
+        return None, tuple(n_h_w)
+    for name, t in resampled.items():
+        V.check_resizable(t, name, size)
+    return (size if any(_differs(t, size) for t in resampled.values()) else None), (n_h_w[0], *size)
+
+
+def _resize(size, align_corners) -> dict:
+    """The keywords of a launch that upsamples (none for the plain op)."""
+    return {} if size is None else dict(size=tuple(size), align_corners=bool(align_corners))
+
+
+def _check_d_map(d: Tensor, n_h_w: tuple, size, device) -> None:
+    """A generator-side D map: at the logits' (N, H, W), or, with ``size``, at any (h, w) of their batch."""
+    if size is None:
+        V.op_float_map(d, n_h_w, device, "d_logits")
+    else:
+        V.op_low_map(d, n_h_w[0], device, "d_logits")
+
 
 def _launch_for(backend: str, first: Tensor, name: str, dims: int = 4):
     """The backend's launch module, after checking the op's first tensor (its logits, or its (N, H, W) D map):
@@ -337,10 +434,17 @@ def _fake_map_grad(d: Tensor, stored: bool) -> Tensor:
     return d.new_empty(d.shape) if stored else _empty(d)
 
 
-def _fake_loss_map(first: Tensor, reduction: str) -> Tensor:
-    """(N, H, W) float32 for reduction="none" (of the logits or of a D map), else a stand-in."""
-    n_h_w = tuple(first.shape) if first.dim() == 3 else (first.shape[0], first.shape[2], first.shape[3])
+def _fake_loss_map(first: Tensor, reduction: str, size=None) -> Tensor:
+    """(N, H, W) float32 for reduction="none" (of the logits or of a D map, or (N, *size)), else a stand-in."""
+    n_h_w = (first.shape[0], *(first.shape[-2:] if size is None else size))
     return first.new_empty(n_h_w if reduction == "none" else (0,), dtype=torch.float32)
+
+
+def _like_4d(x: Tensor, h_w) -> Tensor:
+    """An (N, C, *h_w) tensor of x's dtype, channels_last where x is (as the launches and F.interpolate give it)."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty((x.shape[0], x.shape[1], *h_w), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _fake_vector(like: Tensor, n: int) -> Tensor:
@@ -349,49 +453,69 @@ def _fake_vector(like: Tensor, n: int) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------- softmax2d
 
-softmax2d = _define("softmax2d(Tensor logits, str backend) -> Tensor")
-softmax2d_backward = _define("softmax2d_backward(Tensor probs, Tensor grad_probs, str backend) -> Tensor")
+softmax2d = _define(
+    "softmax2d(Tensor logits, str backend, SymInt[]? size=None, bool align_corners=False) -> Tensor")
+softmax2d_backward = _define(
+    "softmax2d_backward(Tensor probs, Tensor grad_probs, str backend, SymInt[]? low_size=None, "
+    "bool align_corners=False) -> Tensor")
 
 
 @_device(softmax2d)
-def _softmax2d_impl(logits, backend):
-    """Channel softmax of (N, C, H, W) logits, in their dtype; dense layouts keep their memory format."""
-    module, _ = _launch_for(backend, logits, "logits")
-    return module.softmax2d(logits)
+def _softmax2d_impl(logits, backend, size=None, align_corners=False):
+    """Channel softmax of (N, C, H, W) logits (upsampled to ``size``), in their dtype; dense layouts keep their
+    memory format."""
+    module, n_h_w = _launch_for(backend, logits, "logits")
+    size, _ = _grid(size, n_h_w, logits=logits)
+    return module.softmax2d(logits, **_resize(size, align_corners))
 
 
 @_fake(softmax2d)
-def _softmax2d_fake(logits, backend):
-    return torch.empty_like(logits)
+def _softmax2d_fake(logits, backend, size=None, align_corners=False):
+    return torch.empty_like(logits) if not _differs(logits, size) else _like_4d(logits, size)
 
 
 @_device(softmax2d_backward)
-def _softmax2d_backward_impl(probs, grad_probs, backend):
-    """p * (g - sum_c p g), from the saved probabilities p."""
+def _softmax2d_backward_impl(probs, grad_probs, backend, low_size=None, align_corners=False):
+    """p * (g - sum_c p g), from the saved probabilities p; with ``low_size``, the adjoint of the upsampling of
+    the logits applied to it: the gradient of the logits at their own (h, w)."""
     module, _ = _launch_for(backend, probs, "probs")
     V.op_same(grad_probs, probs, "grad_probs", "probs")
-    return module.softmax2d_backward(probs, grad_probs.to(probs.dtype))
+    low_size = V.op_size(low_size, "low_size")
+    if not _differs(probs, low_size):
+        return module.softmax2d_backward(probs, grad_probs.to(probs.dtype))
+    return module.softmax2d_backward(probs, grad_probs.to(probs.dtype), low_size=low_size,
+                                     align_corners=bool(align_corners))
 
 
 @_fake(softmax2d_backward)
-def _softmax2d_backward_fake(probs, grad_probs, backend):
-    return torch.empty_like(probs)
+def _softmax2d_backward_fake(probs, grad_probs, backend, low_size=None, align_corners=False):
+    return torch.empty_like(probs) if not _differs(probs, low_size) else _like_4d(probs, low_size)
 
 
 class _SoftmaxRule(_Rule):
-    """Backward from the saved probabilities, by the backend's fused kernel (softmax2d_backward)."""
+    """Backward from the saved probabilities, by the backend's fused kernel (softmax2d_backward); for upsampled
+    logits, the kernel also applies the adjoint of the upsampling (the logits' size is saved for it)."""
 
     def setup_context(self, ctx, inputs: tuple, output) -> None:
         ctx.save_for_backward(output)
         ctx.backend = inputs[self.arg("backend")]
+        logits, size = inputs[self.arg("logits")], _given(self, inputs, "size")
+        ctx.low_size = list(logits.shape[-2:]) if _differs(logits, size) else None
+        ctx.align_corners = bool(_given(self, inputs, "align_corners", False))
 
     def backward(self, ctx, grad_probs):
         (p,) = ctx.saved_tensors
+        rest = (None,) * (len(ctx.needs_input_grad) - 1)
         if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable torch ops, in float32
             # as the kernels compute it (in float16/bfloat16 arithmetic the channel sum alone misses their tolerance)
             p32, g = p.float(), grad_probs.float()
-            return (p32 * (g - (p32 * g).sum(1, keepdim=True))).to(p.dtype), None
-        return softmax2d_backward(p, grad_probs, ctx.backend), None
+            grad = p32 * (g - (p32 * g).sum(1, keepdim=True))
+            if ctx.low_size is not None:  # the adjoint of the upsampling, differentiable again
+                n, c, h, w = grad.shape
+                grad = torch.ops.aten.upsample_bilinear2d_backward(grad, [h, w], [n, c, *ctx.low_size],
+                                                                   ctx.align_corners)
+            return (grad.to(p.dtype),) + rest
+        return (softmax2d_backward(p, grad_probs, ctx.backend, ctx.low_size, ctx.align_corners),) + rest
 
 
 _SoftmaxRule(softmax2d)
@@ -401,18 +525,20 @@ _SoftmaxRule(softmax2d)
 
 cross_entropy2d = _define(
     "cross_entropy2d(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
-    "str reduction, bool store_grad, bool validate, str backend) "
+    "str reduction, bool store_grad, bool validate, str backend, SymInt[]? size=None, bool align_corners=False) "
     "-> (Tensor sums, Tensor loss_map, Tensor grad, Tensor scales)")
 
 
 @_device(cross_entropy2d)
 def _cross_entropy2d_impl(logits, target, weight, ignore_index, label_smoothing, reduction, store_grad, validate,
-                          backend):
+                          backend, size=None, align_corners=False):
     """sums = [loss sum, sum of w[y] over counted pixels]; loss_map (N, H, W) for reduction "none"."""
     module, n_h_w = _launch_for(backend, logits, "logits")
-    V.op_labels(target, n_h_w, logits.device)
+    size, full = _grid(size, n_h_w, logits=logits)
+    V.op_labels(target, full, logits.device)
     V.op_weight(weight, logits.shape[1], logits.device)
-    out = module.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, reduction, store_grad)
+    out = module.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, reduction, store_grad,
+                                 **_resize(size, align_corners))
     if validate:
         _labels.report(out.bad, logits.shape[1], ignore_index, device=logits.device)
     return out.sums, _or_empty(out.loss_map, logits, torch.float32), _or_empty(out.grad, logits), out.scales
@@ -420,102 +546,116 @@ def _cross_entropy2d_impl(logits, target, weight, ignore_index, label_smoothing,
 
 @_fake(cross_entropy2d)
 def _cross_entropy2d_fake(logits, target, weight, ignore_index, label_smoothing, reduction, store_grad, validate,
-                          backend):
-    return (_fake_vector(logits, 2), _fake_loss_map(logits, reduction), _fake_grad(logits, store_grad),
+                          backend, size=None, align_corners=False):
+    return (_fake_vector(logits, 2), _fake_loss_map(logits, reduction, size), _fake_grad(logits, store_grad),
             _fake_vector(logits, 1))
 
 
 _StoredGradientRule(
     cross_entropy2d, sums=("loss", "weight"), loss_map="loss_map", validation_flag="validate",
     stored=[_StoredGrad(input="logits", buffer="grad", of_sum="loss", asked_by="store_grad")],
-    reference=lambda logits, target, weight, ignore_index, label_smoothing, **_: reference.cross_entropy2d(
-        logits, target, weight, ignore_index, label_smoothing))
+    reference=lambda logits, target, weight, ignore_index, label_smoothing, size=None, align_corners=False, **_:
+    reference.cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, size=size,
+                              align_corners=align_corners))
 
 
 # --------------------------------------------------------------------------------------------- bce_with_logits2d
 
 bce_with_logits2d = _define(
     "bce_with_logits2d(Tensor d_logits, Tensor? target_map, float target_value, Tensor? ignore_mask, "
-    "str reduction, bool store_grad, str backend) -> (Tensor sums, Tensor loss_map, Tensor grad, Tensor scales)")
+    "str reduction, bool store_grad, str backend, SymInt[]? size=None, bool align_corners=False) "
+    "-> (Tensor sums, Tensor loss_map, Tensor grad, Tensor scales)")
 
 
 @_device(bce_with_logits2d)
-def _bce_with_logits2d_impl(d_logits, target_map, target_value, ignore_mask, reduction, store_grad, backend):
-    """sums = [loss sum, counted pixels] over the (N, H, W) ``d_logits``; ``target_map`` an (N, H, W) float map,
-    or None for the constant ``target_value``."""
+def _bce_with_logits2d_impl(d_logits, target_map, target_value, ignore_mask, reduction, store_grad, backend,
+                            size=None, align_corners=False):
+    """sums = [loss sum, counted pixels] over the (N, H, W) ``d_logits`` (upsampled to ``size``); ``target_map``
+    an (N, H, W) float map, or None for the constant ``target_value``."""
     module, n_h_w = _launch_for(backend, d_logits, "d_logits", dims=3)
+    size, full = _grid(size, n_h_w, d_logits=d_logits)
     if target_map is not None:
-        V.op_float_map(target_map, n_h_w, d_logits.device, "target_map", "d_logits")
-    V.op_mask(ignore_mask, n_h_w, d_logits.device, ref_name="d_logits")
-    out = module.bce_with_logits2d(d_logits, target_map, target_value, ignore_mask, reduction, store_grad)
+        V.op_float_map(target_map, full, d_logits.device, "target_map", "d_logits")
+    V.op_mask(ignore_mask, full, d_logits.device, ref_name="d_logits")
+    out = module.bce_with_logits2d(d_logits, target_map, target_value, ignore_mask, reduction, store_grad,
+                                   **_resize(size, align_corners))
     return (out.sums, _or_empty(out.loss_map, d_logits, torch.float32), _map_grad_as_output(out.grad, d_logits),
             out.scales)
 
 
 @_fake(bce_with_logits2d)
-def _bce_with_logits2d_fake(d_logits, target_map, target_value, ignore_mask, reduction, store_grad, backend):
-    return (_fake_vector(d_logits, 2), _fake_loss_map(d_logits, reduction), _fake_map_grad(d_logits, store_grad),
-            _fake_vector(d_logits, 1))
+def _bce_with_logits2d_fake(d_logits, target_map, target_value, ignore_mask, reduction, store_grad, backend,
+                            size=None, align_corners=False):
+    return (_fake_vector(d_logits, 2), _fake_loss_map(d_logits, reduction, size),
+            _fake_map_grad(d_logits, store_grad), _fake_vector(d_logits, 1))
 
 
 _StoredGradientRule(
     bce_with_logits2d, sums=("loss", "count"), loss_map="loss_map",
     stored=[_StoredGrad(input="d_logits", buffer="grad", of_sum="loss", asked_by="store_grad")],
-    reference=lambda d_logits, target_map, target_value, ignore_mask, **_: reference.bce_with_logits2d(
-        d_logits, target_map, target_value, ignore_mask))
+    reference=lambda d_logits, target_map, target_value, ignore_mask, size=None, align_corners=False, **_:
+    reference.bce_with_logits2d(d_logits, target_map, target_value, ignore_mask, size=size,
+                                align_corners=align_corners))
 
 
 # ------------------------------------------------------------------------------------------ semi_cross_entropy2d
 
 semi_cross_entropy2d = _define(
     "semi_cross_entropy2d(Tensor logits, Tensor d_logits, float threshold, Tensor? ignore_mask, str reduction, "
-    "bool store_grad, str backend) -> (Tensor sums, Tensor loss_map, Tensor grad, Tensor scales)")
+    "bool store_grad, str backend, SymInt[]? size=None, bool align_corners=False) "
+    "-> (Tensor sums, Tensor loss_map, Tensor grad, Tensor scales)")
 
 
 @_device(semi_cross_entropy2d)
-def _semi_cross_entropy2d_impl(logits, d_logits, threshold, ignore_mask, reduction, store_grad, backend):
+def _semi_cross_entropy2d_impl(logits, d_logits, threshold, ignore_mask, reduction, store_grad, backend, size=None,
+                               align_corners=False):
     """sums = [loss sum, kept pixels, considered pixels]. ``d_logits`` and the pseudo-labels are constants: no
-    gradient for d_logits."""
+    gradient for d_logits. With ``size``, the logits and d_logits each at their own resolution."""
     module, n_h_w = _launch_for(backend, logits, "logits")
-    V.op_float_map(d_logits, n_h_w, logits.device, "d_logits")
-    V.op_mask(ignore_mask, n_h_w, logits.device)
-    out = module.semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, reduction, store_grad)
+    _check_d_map(d_logits, n_h_w, size, logits.device)
+    size, full = _grid(size, n_h_w, logits=logits, d_logits=d_logits)
+    V.op_mask(ignore_mask, full, logits.device)
+    out = module.semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, reduction, store_grad,
+                                      **_resize(size, align_corners))
     return out.sums, _or_empty(out.loss_map, logits, torch.float32), _or_empty(out.grad, logits), out.scales
 
 
 @_fake(semi_cross_entropy2d)
-def _semi_cross_entropy2d_fake(logits, d_logits, threshold, ignore_mask, reduction, store_grad, backend):
-    return (_fake_vector(logits, 3), _fake_loss_map(logits, reduction), _fake_grad(logits, store_grad),
+def _semi_cross_entropy2d_fake(logits, d_logits, threshold, ignore_mask, reduction, store_grad, backend, size=None,
+                               align_corners=False):
+    return (_fake_vector(logits, 3), _fake_loss_map(logits, reduction, size), _fake_grad(logits, store_grad),
             _fake_vector(logits, 1))
 
 
 _StoredGradientRule(
     semi_cross_entropy2d, sums=("loss", "kept", "considered"), loss_map="loss_map",
     stored=[_StoredGrad(input="logits", buffer="grad", of_sum="loss", asked_by="store_grad")],
-    reference=lambda logits, d_logits, threshold, ignore_mask, **_: reference.semi_cross_entropy2d(
-        logits, d_logits, threshold, ignore_mask))
+    reference=lambda logits, d_logits, threshold, ignore_mask, size=None, align_corners=False, **_:
+    reference.semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, size=size, align_corners=align_corners))
 
 
 # ------------------------------------------------------------------------------------------------ generator_loss
 
 generator_loss = _define(
     "generator_loss(Tensor logits, Tensor d_logits, Tensor? target, float lambda_adv, float lambda_semi, "
-    "float threshold, int ignore_index, bool store_grad_logits, bool store_grad_d, bool validate, str backend) "
-    "-> (Tensor sums, Tensor grad_logits, Tensor grad_d, Tensor scales)")
+    "float threshold, int ignore_index, bool store_grad_logits, bool store_grad_d, bool validate, str backend, "
+    "SymInt[]? size=None, bool align_corners=False) -> (Tensor sums, Tensor grad_logits, Tensor grad_d, Tensor scales)")
 
 
 @_device(generator_loss)
 def _generator_loss_impl(logits, d_logits, target, lambda_adv, lambda_semi, threshold, ignore_index,
-                         store_grad_logits, store_grad_d, validate, backend):
+                         store_grad_logits, store_grad_d, validate, backend, size=None, align_corners=False):
     """sums = [term sum, term count, adv sum, adv count, kept, considered]. The term is the cross-entropy
     (labelled: ``target`` given) or L_semi (unlabelled). The lambdas are the weights the caller gives the terms:
-    a backend may pre-scale its stored gradients by them."""
+    a backend may pre-scale its stored gradients by them. With ``size``, the logits and d_logits each at their own
+    resolution."""
     module, n_h_w = _launch_for(backend, logits, "logits")
-    V.op_float_map(d_logits, n_h_w, logits.device, "d_logits")
+    _check_d_map(d_logits, n_h_w, size, logits.device)
+    size, full = _grid(size, n_h_w, logits=logits, d_logits=d_logits)
     if target is not None:
-        V.op_labels(target, n_h_w, logits.device)
+        V.op_labels(target, full, logits.device)
     out = module.generator_loss(logits, d_logits, target, lambda_adv, lambda_semi, threshold, ignore_index,
-                                store_grad_logits, store_grad_d)
+                                store_grad_logits, store_grad_d, **_resize(size, align_corners))
     if validate and target is not None:
         _labels.report(out.bad, logits.shape[1], ignore_index, device=logits.device)
     return out.sums, _or_empty(out.grad, logits), _map_grad_as_output(out.grad_d, d_logits), out.scales
@@ -523,7 +663,7 @@ def _generator_loss_impl(logits, d_logits, target, lambda_adv, lambda_semi, thre
 
 @_fake(generator_loss)
 def _generator_loss_fake(logits, d_logits, target, lambda_adv, lambda_semi, threshold, ignore_index,
-                         store_grad_logits, store_grad_d, validate, backend):
+                         store_grad_logits, store_grad_d, validate, backend, size=None, align_corners=False):
     return (_fake_vector(logits, 6), _fake_grad(logits, store_grad_logits), _fake_map_grad(d_logits, store_grad_d),
             _fake_vector(logits, 2))
 
@@ -533,36 +673,40 @@ _StoredGradientRule(
     validation_flag="validate",
     stored=[_StoredGrad(input="logits", buffer="grad_logits", of_sum="term", asked_by="store_grad_logits"),
             _StoredGrad(input="d_logits", buffer="grad_d", of_sum="adv", asked_by="store_grad_d")],
-    reference=lambda logits, d_logits, target, threshold, ignore_index, **_: (reference.generator_loss(
-        logits, d_logits, target, threshold, ignore_index),))
+    reference=lambda logits, d_logits, target, threshold, ignore_index, size=None, align_corners=False, **_: (
+        reference.generator_loss(logits, d_logits, target, threshold, ignore_index, size=size,
+                                 align_corners=align_corners),))
 
 
 # -------------------------------------------------------------------------------------------- discriminator_loss
 
 discriminator_loss = _define(
     "discriminator_loss(Tensor d_fake, Tensor d_real, Tensor? ignore_mask_fake, Tensor? ignore_mask_real, "
-    "bool store_grad_fake, bool store_grad_real, str backend) "
+    "bool store_grad_fake, bool store_grad_real, str backend, SymInt[]? size=None, bool align_corners=False) "
     "-> (Tensor sums, Tensor grad_fake, Tensor grad_real, Tensor scales)")
 
 
 @_device(discriminator_loss)
 def _discriminator_loss_impl(d_fake, d_real, ignore_mask_fake, ignore_mask_real, store_grad_fake, store_grad_real,
-                             backend):
-    """sums = [fake sum, fake count, real sum, real count] of BCE(d_fake, 0) and BCE(d_real, 1)."""
+                             backend, size=None, align_corners=False):
+    """sums = [fake sum, fake count, real sum, real count] of BCE(d_fake, 0) and BCE(d_real, 1), each map
+    upsampled to ``size`` if given (their batches may differ)."""
     module, fake_n_h_w = _launch_for(backend, d_fake, "d_fake", dims=3)
     _, real_n_h_w = _launch_for(backend, d_real, "d_real", dims=3)
     V.check_same_device_as(d_real, d_fake.device, "d_real")
-    V.op_mask(ignore_mask_fake, fake_n_h_w, d_fake.device, "ignore_mask_fake", "d_fake")
-    V.op_mask(ignore_mask_real, real_n_h_w, d_fake.device, "ignore_mask_real", "d_real")
+    _, real_full = _grid(size, real_n_h_w)
+    size, fake_full = _grid(size, fake_n_h_w, d_fake=d_fake, d_real=d_real)
+    V.op_mask(ignore_mask_fake, fake_full, d_fake.device, "ignore_mask_fake", "d_fake")
+    V.op_mask(ignore_mask_real, real_full, d_fake.device, "ignore_mask_real", "d_real")
     out = module.discriminator_loss(d_fake, d_real, ignore_mask_fake, ignore_mask_real, store_grad_fake,
-                                    store_grad_real)
+                                    store_grad_real, **_resize(size, align_corners))
     return out.sums, _map_grad_as_output(out.grad_fake, d_fake), _map_grad_as_output(out.grad_real, d_real), \
         out.scales
 
 
 @_fake(discriminator_loss)
 def _discriminator_loss_fake(d_fake, d_real, ignore_mask_fake, ignore_mask_real, store_grad_fake, store_grad_real,
-                             backend):
+                             backend, size=None, align_corners=False):
     return (_fake_vector(d_fake, 4), _fake_map_grad(d_fake, store_grad_fake), _fake_map_grad(d_real, store_grad_real),
             _fake_vector(d_fake, 2))
 
@@ -571,8 +715,9 @@ _StoredGradientRule(
     discriminator_loss, sums=("fake", "fake_count", "real", "real_count"),
     stored=[_StoredGrad(input="d_fake", buffer="grad_fake", of_sum="fake", asked_by="store_grad_fake"),
             _StoredGrad(input="d_real", buffer="grad_real", of_sum="real", asked_by="store_grad_real")],
-    reference=lambda d_fake, d_real, ignore_mask_fake, ignore_mask_real, **_: (reference.discriminator_loss(
-        d_fake, d_real, ignore_mask_fake, ignore_mask_real),))
+    reference=lambda d_fake, d_real, ignore_mask_fake, ignore_mask_real, size=None, align_corners=False, **_: (
+        reference.discriminator_loss(d_fake, d_real, ignore_mask_fake, ignore_mask_real, size=size,
+                                     align_corners=align_corners),))
 
 
 # ----------------------------------------------------------------------------------------------------- one_hot2d

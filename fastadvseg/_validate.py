@@ -3,12 +3,16 @@
 Backends receive tensors that passed these checks, with discriminator-sized maps normalised to (N, H, W) views.
 The label-range check is not here: the ops report bad labels from the passes they make anyway
 (``fastadvseg/_labels.py``).
+
+With ``size`` (fused bilinear upsampling), the logits and discriminator maps may have any spatial size of their
+own, while labels, masks and BCE target maps must be at ``size``; without it, every map must match the logits (or
+the D map it belongs to), and a mismatch says how to opt in to the upsampling.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -45,23 +49,75 @@ def check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str
         )
 
 
-def check_target(target, logits: torch.Tensor, name: str = "target") -> torch.Tensor:
-    """Class-index map (N, H, W) of an integer type; returned as int64 (a copy only if it was not int64)."""
+Size = Optional[Tuple[int, int]]
+
+
+def check_size(size, name: str = "size") -> Size:
+    """None, or a full-resolution (H, W) of two positive ints (a tuple, a list, or a ``torch.Size`` such as
+    ``target.shape[-2:]``), returned as a tuple. Symbolic ints (``torch.compile(dynamic=True)``) pass as they are."""
+    if size is None:
+        return None
+    if not isinstance(size, (tuple, list, torch.Size)):
+        raise TypeError(f"{name} must be None or (H, W), two positive ints such as target.shape[-2:], "
+                        f"got {type(size).__name__} {size!r}")
+    if len(size) != 2:
+        raise ValueError(f"{name} must be (H, W), two positive ints such as target.shape[-2:], got {tuple(size)!r}")
+    for v in size:
+        if isinstance(v, torch.SymInt):
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be (H, W), two positive ints, got {tuple(size)!r}")
+        if v < 1:
+            raise ValueError(f"{name} must be (H, W), two positive ints, got {tuple(size)!r}")
+    return tuple(v if isinstance(v, torch.SymInt) else int(v) for v in size)
+
+
+def check_align_corners(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"align_corners must be a bool (as F.interpolate's), got {type(value).__name__} {value!r}")
+    return value
+
+
+def spatial(t: torch.Tensor) -> tuple:
+    return tuple(t.shape[-2:])
+
+
+def check_resizable(t: torch.Tensor, name: str, size: Size) -> None:
+    """An input that ``size`` resamples must have pixels to interpolate from (unless its batch is empty)."""
+    if size is not None and t.shape[0] > 0 and spatial(t) != tuple(size) and 0 in spatial(t):
+        raise ValueError(f"cannot upsample {name} {_shape(t)} to size {tuple(size)}: it has no pixels")
+
+
+def _opt_in(what: str, to: str) -> str:
+    """How to ask for the upsampling, appended to a shape mismatch."""
+    return f"; pass size={to} to upsample {what} bilinearly"
+
+
+def check_target(target, logits: torch.Tensor, name: str = "target", size: Size = None) -> torch.Tensor:
+    """Class-index map (N, H, W) of an integer type, at the logits' (H, W) or at ``size``; returned as int64 (a
+    copy only if it was not int64)."""
     check_tensor(target, name)
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise TypeError(f"{name} must hold integer class indices (int64, int32, int16, uint8), got {target.dtype}")
     n, _, h, w = logits.shape
-    if target.dim() != 3 or tuple(target.shape) != (n, h, w):
+    if size is not None:
+        if target.dim() != 3 or tuple(target.shape) != (n, *size):
+            raise ValueError(f"{name} must have shape (N, *size) = {(n, *size)} for logits {_shape(logits)} and "
+                             f"size {tuple(size)}, got {_shape(target)}")
+    elif target.dim() != 3 or tuple(target.shape) != (n, h, w):
+        hint = _opt_in("the logits", f"{name}.shape[-2:]") if target.dim() == 3 and target.shape[0] == n else ""
         raise ValueError(
             f"{name} must have shape (N, H, W) = ({n}, {h}, {w}) to match logits {_shape(logits)}, "
-            f"got {_shape(target)}"
+            f"got {_shape(target)}{hint}"
         )
     check_same_device(logits, "logits", target, name)
     return target if target.dtype == torch.int64 else target.long()
 
 
-def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tuple] = None) -> torch.Tensor:
-    """Discriminator-sized float map (N, 1, H, W) or (N, H, W); returns an (N, H, W) view (no copy)."""
+def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tuple] = None,
+              size: Size = None) -> torch.Tensor:
+    """Discriminator-sized float map (N, 1, H, W) or (N, H, W); returns an (N, H, W) view (no copy). With
+    ``size``, its (H, W) is its own (it is upsampled), and only its batch must match the logits'."""
     check_tensor(d, name)
     if not d.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16, float64), got {d.dtype}")
@@ -77,9 +133,13 @@ def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tupl
         raise ValueError(f"{name} must be (N, 1, H, W) or (N, H, W), got {_shape(d)}")
     if logits is not None:
         n, _, h, w = logits.shape
-        if tuple(view.shape) != (n, h, w):
+        if size is not None:
+            if view.shape[0] != n:
+                raise ValueError(f"{name} {_shape(d)} does not match logits {_shape(logits)}: need batch N = {n}")
+        elif tuple(view.shape) != (n, h, w):
+            hint = _opt_in(f"{name} and the logits to it", "(H, W)") if view.shape[0] == n else ""
             raise ValueError(
-                f"{name} {_shape(d)} does not match logits {_shape(logits)}: need N, H, W = ({n}, {h}, {w})"
+                f"{name} {_shape(d)} does not match logits {_shape(logits)}: need N, H, W = ({n}, {h}, {w}){hint}"
             )
         check_same_device(logits, "logits", d, name)
     elif n_h_w is not None and tuple(view.shape) != tuple(n_h_w):
@@ -87,24 +147,36 @@ def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tupl
     return view
 
 
-def check_mask(mask, ref: torch.Tensor, ref_name: str, name: str = "ignore_mask") -> Optional[torch.Tensor]:
-    """Optional bool mask, (N, 1, H, W) or (N, H, W), matching ``ref`` (an (N, H, W) view); True = ignored."""
+def _full(ref: torch.Tensor, size: Size) -> tuple:
+    """(N, H, W) of the maps over ``ref``'s pixels (an (N, h, w) view): its own, or (N, *size)."""
+    return tuple(ref.shape) if size is None else (ref.shape[0], *size)
+
+
+def check_mask(mask, ref: torch.Tensor, ref_name: str, name: str = "ignore_mask",
+               size: Size = None) -> Optional[torch.Tensor]:
+    """Optional bool mask, (N, 1, H, W) or (N, H, W), matching ``ref`` (an (N, H, W) view), or (N, *size) with
+    ``size``; True = ignored."""
     if mask is None:
         return None
     check_tensor(mask, name)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = ignored), got {mask.dtype}")
     view = mask.squeeze(1) if (mask.dim() == 4 and mask.shape[1] == 1) else mask
-    if view.dim() != 3 or tuple(view.shape) != tuple(ref.shape):
+    if size is not None and (view.dim() != 3 or tuple(view.shape) != _full(ref, size)):
+        raise ValueError(f"{name} {_shape(mask)} must be at size {tuple(size)}: need (N, H, W) = "
+                         f"{_full(ref, size)} for {ref_name} {_shape(ref)}, or (N, 1, H, W)")
+    if view.dim() != 3 or tuple(view.shape) != _full(ref, size):
+        hint = _opt_in(ref_name, f"{name}.shape[-2:]") if view.dim() == 3 and view.shape[0] == ref.shape[0] else ""
         raise ValueError(
-            f"{name} {_shape(mask)} does not match {ref_name} {_shape(ref)}: need (N, H, W) or (N, 1, H, W)"
+            f"{name} {_shape(mask)} does not match {ref_name} {_shape(ref)}: need (N, H, W) or (N, 1, H, W){hint}"
         )
     check_same_device(ref, ref_name, mask, name)
     return view
 
 
-def check_bce_target(target, d: torch.Tensor, name: str = "target") -> Union[float, torch.Tensor]:
-    """A python number (0. or 1., any float in [0, 1]) or a float map matching ``d`` (an (N, H, W) view)."""
+def check_bce_target(target, d: torch.Tensor, name: str = "target", size: Size = None) -> Union[float, torch.Tensor]:
+    """A python number (0. or 1., any float in [0, 1]) or a float map matching ``d`` (an (N, H, W) view), or at
+    (N, *size) with ``size``."""
     if isinstance(target, bool):
         return float(target)
     if isinstance(target, (int, float)):
@@ -118,8 +190,12 @@ def check_bce_target(target, d: torch.Tensor, name: str = "target") -> Union[flo
     if target.dim() == 0:
         return target  # a 0-dim tensor target broadcasts, like F.binary_cross_entropy_with_logits allows
     view = target.squeeze(1) if (target.dim() == 4 and target.shape[1] == 1) else target
-    if tuple(view.shape) != tuple(d.shape):
-        raise ValueError(f"{name} {_shape(target)} does not match d_logits (N, H, W) = {tuple(d.shape)}")
+    if size is not None and tuple(view.shape) != _full(d, size):
+        raise ValueError(f"{name} {_shape(target)} must be at size {tuple(size)}: need (N, H, W) = {_full(d, size)} "
+                         f"for d_logits {_shape(d)}, or (N, 1, H, W)")
+    if tuple(view.shape) != tuple(d.shape) and size is None:
+        hint = _opt_in("d_logits", f"{name}.shape[-2:]") if view.dim() == 3 and view.shape[0] == d.shape[0] else ""
+        raise ValueError(f"{name} {_shape(target)} does not match d_logits (N, H, W) = {tuple(d.shape)}{hint}")
     check_same_device(d, "d_logits", target, name)
     return view
 
@@ -237,3 +313,18 @@ def op_same(t, ref: torch.Tensor, name: str, ref_name: str) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     check_same_device_as(t, ref.device, name)
+
+
+def op_size(size, name: str = "size") -> Size:
+    """A size argument of an op: None or two positive ints (symbolic under torch.compile)."""
+    return check_size(None if size is None else list(size), name)
+
+
+def op_low_map(t, n: int, device, name: str, ref_name: str = "the logits") -> None:
+    """A floating (N, h, w) discriminator map that is upsampled: any (h, w), the batch of ``ref_name``."""
+    check_tensor(t, name)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating (N, H, W) map, got {t.dtype}")
+    if t.dim() != 3 or t.shape[0] != n:
+        raise ValueError(f"{name} {_shape(t)} does not match {ref_name}: need (N, h, w) with N = {n}")
+    check_same_device_as(t, device, name)

@@ -21,8 +21,12 @@ TRITON_INTERPRET=1 here; cuda, and triton on CUDA, join on a GPU machine):
 
 plus, per argument: requires_grad (class weight, BCE target, d maps, the generator's logits) and fill (labels:
 some / none / all ignored; masks: some / none / all True); per op: reduction (mean, sum, none), label_smoothing,
-ignore_index (255, -100, 1), threshold, return_ratio, lambdas, one_hot2d's output dtype and num_classes; how
-backward is called (``once``; ``twice`` with retain_graph=True, the second bit-identical to the first, and a second
+ignore_index (255, -100, 1), threshold, return_ratio, lambdas, one_hot2d's output dtype and num_classes; the fused
+upsampling of every op over logits or D maps (``upsample``: no ``size``, or a larger ``size`` with align_corners
+False / True: logits and D maps are then drawn at their own low resolution, the D map of the generator-side ops at
+a lower one than the logits', and labels, masks and BCE target maps at ``size``; the oracle is ``F.interpolate`` of
+the float64 inputs, its values those of the float32 interpolation, as the kernels compute it); how backward is
+called (``once``; ``twice`` with retain_graph=True, the second bit-identical to the first, and a second
 forward bit-identical too; ``create_graph``: the gradients against the oracle, then the gradient of
 <gradients, v> against the oracle's (second order); ``func_grad``: torch.func.grad), and the upstream gradient
 (``ones``: the plain ``loss.backward()``; ``weights``: a random weight in [-2, 2] per output and per pixel).
@@ -42,7 +46,7 @@ Cases:
 * the FIXED CORPUS (``test_corpus``) always runs: per op and backend, a greedy cover, from a fixed seed, of every
   axis value of every argument, every pair of values of one argument's own axes but fill (a bfloat16 0-dim BCE
   target, an expanded int32 label map, ...), every pair of dtypes of two float arguments, every (reduction,
-  backward) pair.
+  backward) pair, every (upsample, backward) pair.
   ``test_corpus_coverage`` checks that it covers all that.
 * the RANDOM part (``test_random``) samples fresh cases for FASTADVSEG_CONTRACT_SECONDS seconds in all (default 20,
   split among the backends), from FASTADVSEG_CONTRACT_SEED or a fresh seed, which it prints and names on failure.
@@ -94,6 +98,7 @@ FILLS = ["some", "none", "all"]
 BACKWARDS = ["once", "twice", "create_graph", "func_grad"]
 UPSTREAMS = ["ones", "weights"]
 REDUCTIONS = ["mean", "sum", "none"]
+UPSAMPLE = ["none", "align_corners_false", "align_corners_true"]
 TENSOR_AXES = ("form", "dtype", "layout", "grad", "fill")
 
 # Per op: its tensor arguments (in call order), each with the values of its axes and the kind of values it holds;
@@ -103,23 +108,26 @@ _DMAP = dict(kind="dmap", form=["3d", "4d"], dtype=FLOATS, grad=[True])
 _MASK = dict(kind="mask", form=["none", "3d", "4d"], dtype=["bool"], fill=FILLS)
 _LABELS = dict(kind="labels", form=["3d"], dtype=LABELS, fill=FILLS)
 _DIFF = dict(backward=BACKWARDS, upstream=UPSTREAMS)
+_RESIZE = dict(upsample=UPSAMPLE)
 
 OPS = {
     "softmax2d": dict(
         args=dict(logits=_LOGITS),
-        options=dict(**_DIFF)),
+        options=dict(**_RESIZE, **_DIFF)),
     "cross_entropy2d": dict(
         args=dict(logits=_LOGITS, target=_LABELS,
                   weight=dict(kind="weight", form=["none", "1d"], dtype=FLOATS, grad=[False, True])),
-        options=dict(reduction=REDUCTIONS, label_smoothing=[0.0, 0.1], ignore_index=[255, -100, 1], **_DIFF)),
+        options=dict(reduction=REDUCTIONS, label_smoothing=[0.0, 0.1], ignore_index=[255, -100, 1], **_RESIZE,
+                     **_DIFF)),
     "bce_with_logits2d": dict(
         args=dict(d_logits=_DMAP,
                   target=dict(kind="bce_target", form=["float", "0d", "3d", "4d"], dtype=FLOATS, grad=[False, True]),
                   ignore_mask=_MASK),
-        options=dict(reduction=REDUCTIONS, target_value=[0.0, 0.3, 1.0], **_DIFF)),
+        options=dict(reduction=REDUCTIONS, target_value=[0.0, 0.3, 1.0], **_RESIZE, **_DIFF)),
     "semi_cross_entropy2d": dict(
         args=dict(logits=_LOGITS, d_logits=dict(_DMAP, grad=[False, True]), ignore_mask=_MASK),
-        options=dict(reduction=REDUCTIONS, threshold=[0.0, 0.2, 0.7], return_ratio=[False, True], **_DIFF)),
+        options=dict(reduction=REDUCTIONS, threshold=[0.0, 0.2, 0.7], return_ratio=[False, True], **_RESIZE,
+                     **_DIFF)),
     "one_hot2d": dict(
         args=dict(target=_LABELS),
         options=dict(out_dtype=["f32", "f16", "bf16", "i64", "u8", "bool"], ignore_index=[255, -100, 1],
@@ -128,11 +136,11 @@ OPS = {
         args=dict(logits=dict(_LOGITS, grad=[True, False]), d_logits=dict(_DMAP, grad=[True, False]),
                   target=dict(_LABELS, form=["none", "3d"])),
         options=dict(lambda_adv=[0.01, 1.0], lambda_semi=[0.0, 0.1, 1.0], threshold=[0.0, 0.2, 0.7],
-                     ignore_index=[255, -100, 1], **_DIFF)),
+                     ignore_index=[255, -100, 1], **_RESIZE, **_DIFF)),
     "discriminator_loss": dict(
         args=dict(d_fake=dict(_DMAP, grad=[True, False]), d_real=dict(_DMAP, grad=[True, False]),
                   ignore_mask_fake=_MASK, ignore_mask_real=_MASK),
-        options=dict(real_shape=["same", "other"], **_DIFF)),
+        options=dict(real_shape=["same", "other"], **_RESIZE, **_DIFF)),
 }
 
 # (N, C, H, W) per backend: the interpreter runs Triton programs in numpy, so the tiniest shapes there; the others
@@ -209,6 +217,8 @@ def case_keys(case):
         keys.add((name, case[name]))
     if "reduction" in case and "backward" in case:
         keys.add(("reduction x backward", case["reduction"], case["backward"]))
+    if "upsample" in case and "backward" in case:
+        keys.add(("upsample x backward", case["upsample"], case["backward"]))
     return keys
 
 
@@ -231,6 +241,8 @@ def universe(op_name):
         keys |= {(name, v) for v in values}
     if "reduction" in op["options"] and "backward" in op["options"]:
         keys |= {("reduction x backward", r, b) for r in REDUCTIONS for b in BACKWARDS}
+    if "upsample" in op["options"] and "backward" in op["options"]:
+        keys |= {("upsample x backward", u, b) for u in UPSAMPLE for b in BACKWARDS}
     return keys
 
 
@@ -347,10 +359,30 @@ def _mask_values(n_h_w, fill, g):
             "all": torch.ones(n_h_w, dtype=torch.bool)}[fill]
 
 
+def full_size(case):
+    """The ``size`` the case upsamples to (None without upsampling): larger than its logits' (H, W) by factors that
+    are not integers."""
+    if case.get("upsample", "none") == "none":
+        return None
+    _, _, h, w = case["shape"]
+    return (h + h // 2 + 2, w + w // 2 + 1)
+
+
+# the arguments read upsampled, at their own low resolution; the others (labels, masks, BCE targets) are at size
+RESAMPLED = ("logits", "d_logits", "d_fake", "d_real")
+
+
 def _n_h_w(case, name):
     n, _, h, w = case["shape"]
     if name in ("d_real", "ignore_mask_real") and case.get("real_shape") == "other":
-        return (3 - n, w, h)  # the real batch may differ in N, H and W from the fake one
+        n, h, w = 3 - n, w, h  # the real batch may differ in N, H and W from the fake one
+    size = full_size(case)
+    if size is None:
+        return (n, h, w)
+    if name not in RESAMPLED:
+        return (n, *size)
+    if name == "d_logits" and case["op"] in ("semi_cross_entropy2d", "generator_loss"):
+        return (n, (h + 1) // 2, (w + 1) // 2)  # D's output at a lower resolution than the logits' (as D's stride)
     return (n, h, w)
 
 
@@ -467,19 +499,20 @@ def _bce64(z, target, ignore_mask, reduction):
 
 def run_op(case, a):
     """Our op on the inputs ``a``: the list of its tensor outputs."""
-    op, b = case["op"], case["backend"]
+    op, b, resize = case["op"], case["backend"], _resize_kwargs(case)
     if op == "softmax2d":
-        return [fas.softmax2d(a["logits"], backend=b)]
+        return [fas.softmax2d(a["logits"], backend=b, **resize)]
     if op == "cross_entropy2d":
         return [fas.cross_entropy2d(a["logits"], a["target"], a["weight"], ignore_index=case["ignore_index"],
-                                    reduction=case["reduction"], label_smoothing=case["label_smoothing"], backend=b)]
+                                    reduction=case["reduction"], label_smoothing=case["label_smoothing"], backend=b,
+                                    **resize)]
     if op == "bce_with_logits2d":
         return [fas.bce_with_logits2d(a["d_logits"], a["target"], ignore_mask=a["ignore_mask"],
-                                      reduction=case["reduction"], backend=b)]
+                                      reduction=case["reduction"], backend=b, **resize)]
     if op == "semi_cross_entropy2d":
         out = fas.semi_cross_entropy2d(a["logits"], a["d_logits"], threshold=case["threshold"],
                                        ignore_mask=a["ignore_mask"], reduction=case["reduction"],
-                                       return_ratio=case["return_ratio"], backend=b)
+                                       return_ratio=case["return_ratio"], backend=b, **resize)
         return list(out) if case["return_ratio"] else [out]
     if op == "one_hot2d":
         c = case["shape"][1] + case["extra_classes"]
@@ -488,16 +521,37 @@ def run_op(case, a):
     if op == "generator_loss":
         return list(fas.generator_loss(a["logits"], a["d_logits"], a["target"], lambda_adv=case["lambda_adv"],
                                        lambda_semi=case["lambda_semi"], threshold=case["threshold"],
-                                       ignore_index=case["ignore_index"], backend=b))
+                                       ignore_index=case["ignore_index"], backend=b, **resize))
     if op == "discriminator_loss":
         return [fas.discriminator_loss(a["d_fake"], a["d_real"], ignore_mask_fake=a["ignore_mask_fake"],
-                                       ignore_mask_real=a["ignore_mask_real"], backend=b)]
+                                       ignore_mask_real=a["ignore_mask_real"], backend=b, **resize)]
     raise ValueError(op)
+
+
+def upsampled(t, size, align_corners):
+    """``F.interpolate(t, size, mode="bilinear")`` of a float64 (N, C, h, w) or (N, h, w) input: the values of the
+    float32 interpolation (what the kernels compute, and what L_semi's keep rule and argmax decide on), the
+    gradient of the float64 one."""
+    x = t if t.dim() == 4 else t.unsqueeze(1)
+    exact = F.interpolate(x, size, mode="bilinear", align_corners=align_corners)
+    in_float32 = F.interpolate(x.detach().float(), size, mode="bilinear", align_corners=align_corners).double()
+    out = exact + (in_float32 - exact).detach()
+    return out if t.dim() == 4 else out.squeeze(1)
+
+
+def _resize_kwargs(case):
+    """The op's size and align_corners arguments ({} without upsampling)."""
+    size = full_size(case)
+    return {} if size is None else dict(size=size, align_corners=case["upsample"] == "align_corners_true")
 
 
 def run_oracle(case, a):
     """The float64 ground truth of ``run_op`` on the float64 inputs ``a``."""
     op = case["op"]
+    resize = _resize_kwargs(case)
+    if resize:
+        a = {k: upsampled(v, resize["size"], resize["align_corners"]) if k in RESAMPLED and v is not None else v
+             for k, v in a.items()}
     if op == "softmax2d":
         return [torch.softmax(a["logits"], dim=1)]
     if op == "cross_entropy2d":
