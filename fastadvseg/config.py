@@ -160,6 +160,11 @@ class TrainConfig:
         "a remedy for D's entropy shortcut, off by default (the paper's recipe): D's real input is the one-hot ground "
         "truth smoothed to (1 - eps) one-hot + eps / C, so a low entropy alone no longer tells real from predicted "
         "maps")
+    fused_upsampling: bool = _setting("losses", True,
+        "the losses take G's 1/8-resolution logits and D's own low-resolution map and upsample them inside their "
+        "kernels (align_corners=True, as the authors' code): the same losses without the full-resolution logits or "
+        "their gradient in memory; false: F.interpolate to the label size first, then the losses, as the authors' "
+        "code does (runs saved before this setting existed resume with false)")
     d_image: bool = _setting("losses", False,
         "the other remedy, off by default: D sees the (normalised) image beside the probability map (C + 3 input "
         "channels), so it can judge a map against the image it segments, not only by its entropy")
@@ -297,6 +302,16 @@ _HINTS = typing.get_type_hints(TrainConfig)
 # Settings an earlier version spelled otherwise: old key -> (its type, the key that replaced it, old value -> new
 # value), so that the config files, checkpoints and command lines of that version keep their meaning.
 _REPLACED = {"freeze_bn": (bool, "batchnorm", lambda frozen: "frozen" if frozen else "live")}
+
+
+# Settings added after runs were saved without them, whose default would change what such a run computes: a saved
+# config (a checkpoint's) that lacks one gets the value that reproduces the version that wrote it.
+ADDED_SINCE = {"fused_upsampling": False}
+
+
+def saved_config(values: Dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint saved (unvalidated: it is validated with the resume's overrides applied)."""
+    return from_dict({**ADDED_SINCE, **values}, validate=False)
 
 
 def with_current_keys(values: Dict[str, Any]) -> Dict[str, Any]:

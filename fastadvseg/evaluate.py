@@ -29,7 +29,7 @@ from .config import (ConfigError, TrainConfig, build_parser, from_dict, load_con
 from .metrics import ConfusionMatrix, SegMetrics, format_table
 from .utils import allocator
 from .utils import distributed as dist_utils
-from .utils.builders import (autocast, build_bundle, build_segmenter_for_eval, check_data, d_input, segment,
+from .utils.builders import (at_size, autocast, build_bundle, build_segmenter_for_eval, check_data, d_input, segment,
                              to_device)
 from .utils.checkpoint import BEST, LAST, CheckpointError, first_non_finite, read_checkpoint
 
@@ -91,7 +91,8 @@ def confidence_maps(G, D, images: torch.Tensor, size, cfg: TrainConfig):
     G.eval()
     with autocast(cfg, images.device):
         logits = segment(G, images, size)
-        conf = torch.sigmoid(D(d_input(cfg, fas.softmax2d(logits, backend=cfg.loss_backend), images)).float())[:, 0]
+        d = D(d_input(cfg, fas.softmax2d(logits, backend=cfg.loss_backend), images))
+        conf = torch.sigmoid(at_size(d, size).float())[:, 0]  # D may return its own low-resolution map
     G.train(was_training)
     return logits.argmax(1), conf
 

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import (UNLABELLED_MODES, ConfigError, TrainConfig, build_parser, from_dict, load_config,
-                     parse_overrides, read_config_file, require_pipeline_extras, save_config)
+from .config import (UNLABELLED_MODES, ConfigError, TrainConfig, build_parser, load_config,
+                     parse_overrides, read_config_file, require_pipeline_extras, save_config, saved_config)
 from .evaluate import evaluate
 from .utils import allocator
 from .utils import distributed as dist_utils
@@ -306,7 +306,7 @@ def parse_cli(argv: Optional[Sequence[str]] = None):
     if args.resume:
         resume = open_resume(args.resume)
         try:
-            base = from_dict(resume.state["config"], validate=False)  # validated with the overrides applied
+            base = saved_config(resume.state["config"])  # validated with the overrides applied
         except ConfigError as e:  # e.g. written by a version with other settings
             raise CheckpointError(f"checkpoint {resume.path} holds a config this version cannot use: {e}") from None
         cfg = load_config(args.config, overrides, base=base)

@@ -106,6 +106,9 @@ def _paper_step_in_float64(G, D, cfg, num_classes, images, labels, images_u):
     x, y = images.double(), labels
     size = tuple(y.shape[-2:])
     seg = lambda im: F.interpolate(G(im), size=size, mode="bilinear", align_corners=True)
+    net_d = D
+    # the paper's D upsamples its map to its input's size (identity when the net already does)
+    D = lambda maps: F.interpolate(net_d(maps), size=size, mode="bilinear", align_corners=True)
     d_in = lambda maps, im: torch.cat([maps, im], 1) if cfg.d_image else maps
     logits = seg(x)
     total, ce, adv, _, _ = oracle.generator_loss(logits, D(d_in(oracle.softmax2d(logits), x))[:, 0], y,
@@ -138,7 +141,7 @@ def _paper_step_in_float64(G, D, cfg, num_classes, images, labels, images_u):
     d_fake = D(d_in(oracle.softmax2d(fake), fake_images))[:, 0]
     d_real = D(d_in(real, x))[:, 0]
     loss_d = oracle.discriminator_loss(d_fake, d_real, fake_ignore, y == ignore) / 2
-    grads_d = torch.autograd.grad(loss_d, list(D.parameters()))
+    grads_d = torch.autograd.grad(loss_d, list(net_d.parameters()))
     out.update(loss_d=loss_d, grad_norm_d=torch.cat([g.flatten() for g in grads_d]).norm(),
                d_conf_fake=torch.sigmoid(d_fake)[~fake_ignore].mean(),
                d_conf_real=torch.sigmoid(d_real)[y != ignore].mean())
@@ -151,6 +154,8 @@ def _paper_step_in_float64(G, D, cfg, num_classes, images, labels, images_u):
     dict(mode="adv", ignore_index=9),
     dict(mode="selftrain", ignore_index=255, d_strides=3),
     dict(mode="selftrain", ignore_index=7, d_image=True, d_unlabelled=False),
+    dict(mode="semi", ignore_index=255, fused_upsampling=False),
+    dict(mode="selftrain", ignore_index=255, fused_upsampling=False),
 ])
 def test_train_step_is_the_papers_iteration_in_plain_pytorch(tmp_path, case):
     """train_step's losses and the updates it makes equal the paper's iteration written out in float64, with the
@@ -166,7 +171,8 @@ def test_train_step_is_the_papers_iteration_in_plain_pytorch(tmp_path, case):
     gen = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     G = torch.nn.Conv2d(3, C, 3, stride=2, padding=1)  # logits at half the label's size, as a segmenter's are smaller
-    D = FCDiscriminator(C + (3 if cfg.d_image else 0), ndf=4, strides=cfg.d_strides)
+    # as the pipeline builds it: with fused upsampling D returns its own map and the losses upsample G's and D's
+    D = FCDiscriminator(C + (3 if cfg.d_image else 0), ndf=4, strides=cfg.d_strides, upsample=not cfg.fused_upsampling)
     G64, D64 = copy.deepcopy(G).double(), copy.deepcopy(D).double()
     G0, D0 = [p.detach().clone() for p in G.parameters()], [p.detach().clone() for p in D.parameters()]
     images, images_u = torch.randn(N, 3, H, W, generator=gen), torch.randn(N, 3, H, W, generator=gen)
@@ -548,3 +554,18 @@ def test_cli_sigint_saves_and_resume_finishes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed {run} at step {step}" in done.stdout and "| background |" in done.stdout
     assert last_state(str(run))["step"] == step + 2
+
+
+def test_runs_saved_before_fused_upsampling_resume_without_it():
+    """A checkpoint written before the fused_upsampling setting existed ran the losses on upsampled logits: it
+    resumes with fused_upsampling false (bit-identical to its own past), the resume is not refused as a change,
+    and new runs default to the fused path."""
+    from fastadvseg.config import TrainConfig, saved_config
+    from fastadvseg.utils.checkpoint import config_differences
+
+    old = TrainConfig().to_dict()
+    del old["fused_upsampling"]
+    resumed = saved_config(old)
+    assert resumed.fused_upsampling is False and TrainConfig().fused_upsampling is True
+    assert config_differences(old, resumed.to_dict()) == {}
+    assert config_differences(old, TrainConfig().to_dict()) == {"fused_upsampling": (None, True)}

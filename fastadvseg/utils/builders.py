@@ -95,7 +95,9 @@ def build_models(cfg: TrainConfig, bundle, device: torch.device, log=print, pret
         log("WARNING: frozen BatchNorm without --pretrained weights: every BN is the identity, and a deep net trained "
             "from scratch this way blows up (measured: ResNet-101 CE 1e4 at step 1). Pass --pretrained FILE (the "
             "paper uses resnet101COCO-41f33a49.pth) or --batchnorm frozen_affine (batch statistics).")
-    D = FCDiscriminator(num_classes + (3 if cfg.d_image else 0), ndf=cfg.ndf, strides=cfg.d_strides)
+    # With fused upsampling D returns its own low-resolution map, which the losses upsample in their kernels.
+    D = FCDiscriminator(num_classes + (3 if cfg.d_image else 0), ndf=cfg.ndf, strides=cfg.d_strides,
+                        upsample=not cfg.fused_upsampling)
     if cfg.pretrained_d and pretrained:
         from ..models.weights import read_state_dict
 
@@ -169,7 +171,27 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 
 def segment(G, images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """Logits at 1/8 of the input, upsampled bilinearly to ``size`` (the label's)."""
-    return F.interpolate(G(images), size=size, mode="bilinear", align_corners=True)
+    return at_size(G(images), size)
+
+
+def at_size(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``x`` (N, C, h, w) upsampled bilinearly to ``size`` with the authors' align_corners=True; itself if already
+    there."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def predict(cfg: TrainConfig, G, images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """G's logits as the losses take them: at G's own (1/8) resolution when the losses upsample them inside their
+    kernels (``fused_upsampling``), else upsampled to ``size`` first, as the authors' code does."""
+    return G(images) if cfg.fused_upsampling else segment(G, images, size)
+
+
+def upsampling(cfg: TrainConfig, size: Tuple[int, int]) -> dict:
+    """The loss functions' arguments that upsample G's logits and D's map to the labels' ``size`` inside the kernels
+    (bilinear, align_corners=True as in the authors' code); none when the inputs are already at ``size``."""
+    return {"size": tuple(size), "align_corners": True} if cfg.fused_upsampling else {}
 
 
 def d_input(cfg: TrainConfig, maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -143,12 +143,12 @@ def read_training_state(path: str) -> Dict[str, Any]:
 
 def config_differences(config: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
     """{key: (value in config, value in other)} for the keys that differ and are not in RESUMABLE. A key one side
-    lacks (a config written before the setting existed) counts as the setting's default; a key of an earlier version
-    counts as the setting that replaced it."""
-    from ..config import TrainConfig, with_current_keys
+    lacks (a config written before the setting existed) counts as the value that version ran with (the default, or
+    config.ADDED_SINCE); a key of an earlier version counts as the setting that replaced it."""
+    from ..config import ADDED_SINCE, TrainConfig, with_current_keys
 
     config, other = with_current_keys(config), with_current_keys(other)
-    defaults = TrainConfig().to_dict()
+    defaults = {**TrainConfig().to_dict(), **ADDED_SINCE}
     return {k: (config.get(k), other.get(k)) for k in sorted(set(config) | set(other))
             if k not in RESUMABLE and _norm(config.get(k, defaults.get(k))) != _norm(other.get(k, defaults.get(k)))}
 

@@ -14,6 +14,10 @@ mode in one place:
   blended with the same box, kept where the teacher's confidence >= teacher_threshold. After G's step the teacher
   moves towards the student (``builders.update_teacher``).
 
+With ``fused_upsampling`` (the default) G's 1/8-resolution logits and D's own low-resolution map go into the
+losses, which upsample them to the labels' size inside their kernels (bilinear, align_corners=True, as the authors'
+``F.interpolate``): :func:`builders.predict` and :func:`builders.upsampling` say which.
+
 The pseudo-label terms start at ``semi_start``. D takes no gradient from these (requires_grad off, as the authors
 do). D step (``adv``, ``semi``, ``selftrain``): fake = D(softmax of the detached predictions), real = D(one-hot ground
 truth), ignored pixels excluded, the sum halved as in the paper.
@@ -29,7 +33,7 @@ import torch
 import fastadvseg as _fas
 
 from ..config import ADVERSARIAL_MODES, UNLABELLED_MODES, TrainConfig
-from .builders import autocast, d_input, segment, update_teacher
+from .builders import at_size, autocast, d_input, predict, segment, update_teacher, upsampling
 from .sampling import derive_seed
 
 
@@ -61,42 +65,45 @@ def confident_argmax(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return 1.0 / torch.exp(x - top.unsqueeze(1)).sum(1), label
 
 
-def semi_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, backend: str) -> UnlabelledLoss:
-    """The paper's unlabelled loss: lambda_semi_adv L_adv + lambda_semi L_semi (D chooses L_semi's pixels)."""
+def semi_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, backend: str,
+              up: dict) -> UnlabelledLoss:
+    """The paper's unlabelled loss: lambda_semi_adv L_adv + lambda_semi L_semi (D chooses L_semi's pixels).
+    ``up``: the losses' upsampling arguments (:func:`builders.upsampling`)."""
     u = fas.generator_loss(logits_u, d_logits_u, None, lambda_adv=cfg.lambda_semi_adv,
                            lambda_semi=cfg.lambda_semi if semi_on else 0.0, threshold=cfg.semi_threshold,
-                           ignore_index=cfg.ignore_index, backend=backend)
+                           ignore_index=cfg.ignore_index, backend=backend, **up)
     logged = {"loss_semi_adv": u.adv}
     if semi_on:  # before semi_start L_semi is off: nothing is kept
         logged.update(loss_semi=u.semi, semi_ratio=u.semi_ratio)
     return UnlabelledLoss(u.total, logged)
 
 
-def selftrain_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, backend: str) -> UnlabelledLoss:
+def selftrain_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, backend: str,
+                   up: dict) -> UnlabelledLoss:
     """``semi_loss`` with L_semi's pixels chosen by G's confidence instead of D's: lambda_semi_adv L_adv + lambda_semi
     CE(logits_u, argmax where max softmax >= selftrain_threshold), the mean over the kept pixels."""
     ignore = cfg.ignore_index
     u = fas.generator_loss(logits_u, d_logits_u, None, lambda_adv=cfg.lambda_semi_adv, lambda_semi=0.0,
-                           ignore_index=ignore, backend=backend)
+                           ignore_index=ignore, backend=backend, **up)
     logged = {"loss_semi_adv": u.adv}
     if not semi_on:
         return UnlabelledLoss(u.total, logged)
-    confidence, pseudo = confident_argmax(logits_u)
+    confidence, pseudo = confident_argmax(at_size(logits_u.detach(), up["size"]) if up else logits_u)
     keep = confidence >= cfg.selftrain_threshold
     semi = fas.cross_entropy2d(logits_u, torch.where(keep, pseudo, ignore), ignore_index=ignore, reduction="mean",
-                               backend=backend)
+                               backend=backend, **up)
     logged.update(loss_semi=semi, semi_ratio=keep.float().mean())
     return UnlabelledLoss(u.total + cfg.lambda_semi * semi, logged)
 
 
 def cutmix_mean_teacher_loss(fas, cfg: TrainConfig, logits_mixed, teacher_confidence, teacher_label, *,
-                             backend: str) -> UnlabelledLoss:
+                             backend: str, up: dict) -> UnlabelledLoss:
     """lambda_cutmix CE(the student's logits on the blends, the teacher's blended argmax where its blended confidence
     >= teacher_threshold), the mean over the kept pixels."""
     ignore = cfg.ignore_index
     keep = teacher_confidence >= cfg.teacher_threshold
     loss = fas.cross_entropy2d(logits_mixed, torch.where(keep, teacher_label, ignore), ignore_index=ignore,
-                               reduction="mean", backend=backend)
+                               reduction="mean", backend=backend, **up)
     return UnlabelledLoss(cfg.lambda_cutmix * loss, {"loss_cutmix": loss, "semi_ratio": keep.float().mean()})
 
 
@@ -185,6 +192,7 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
     be = cfg.loss_backend
     out: Dict[str, torch.Tensor] = {}
     size = tuple(labels.shape[-2:])
+    up = upsampling(cfg, size)  # G's logits and D's map go into the losses at their own resolution
 
     # ---- G step ----
     nets.opt_g.zero_grad(set_to_none=True)
@@ -193,14 +201,14 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
     no_sync = nets.G.no_sync() if unl_backward and hasattr(nets.G, "no_sync") else contextlib.nullcontext()
     with no_sync:
         with autocast(cfg, device):
-            logits = segment(nets.G, images, size)
+            logits = predict(cfg, nets.G, images, size)
             if adversarial:
-                d_logits = nets.D_raw(d_input(cfg, fas.softmax2d(logits, backend=be), images))
+                d_logits = nets.D_raw(d_input(cfg, fas.softmax2d(logits, backend=be, **up), images))
                 g = fas.generator_loss(logits, d_logits, labels, lambda_adv=cfg.lambda_adv, ignore_index=ignore,
-                                       backend=be)
+                                       backend=be, **up)
                 loss, out["loss_ce"], out["loss_adv"] = g.total, g.ce, g.adv
             else:
-                loss = out["loss_ce"] = fas.cross_entropy2d(logits, labels, ignore_index=ignore, backend=be)
+                loss = out["loss_ce"] = fas.cross_entropy2d(logits, labels, ignore_index=ignore, backend=be, **up)
         _backward(loss, nets.scaler_g)
     if unl_backward:
         with autocast(cfg, device):
@@ -211,14 +219,14 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
                 with torch.no_grad():  # the teacher predicts on the unmixed crops
                     confidence_t, label_t = confident_argmax(segment(nets.teacher, images_u, size))
                 inside = box_masks(cutmix_boxes(len(images_u), size, _cutmix_generator(cfg, step)), size, device)
-                logits_mixed = segment(nets.G, cutmix(images_u, inside), size)
+                logits_mixed = predict(cfg, nets.G, cutmix(images_u, inside), size)
                 u = cutmix_mean_teacher_loss(fas, cfg, logits_mixed, cutmix(confidence_t, inside),
-                                             cutmix(label_t, inside), backend=be)
+                                             cutmix(label_t, inside), backend=be, up=up)
             else:
-                logits_u = segment(nets.G, images_u, size)
-                d_logits_u = nets.D_raw(d_input(cfg, fas.softmax2d(logits_u, backend=be), images_u))
+                logits_u = predict(cfg, nets.G, images_u, size)
+                d_logits_u = nets.D_raw(d_input(cfg, fas.softmax2d(logits_u, backend=be, **up), images_u))
                 unlabelled_loss = semi_loss if cfg.mode == "semi" else selftrain_loss
-                u = unlabelled_loss(fas, cfg, logits_u, d_logits_u, semi_on=semi_on, backend=be)
+                u = unlabelled_loss(fas, cfg, logits_u, d_logits_u, semi_on=semi_on, backend=be, up=up)
         _backward(u.total, nets.scaler_g)
         out.update(u.logged)
     if nets.scaler_g is None:  # (a GradScaler expects inf gradients now and then, and skips those steps itself)
@@ -240,7 +248,7 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         fake_images = torch.cat([images, images_u])
         fake_ignore = torch.cat([fake_ignore, torch.zeros_like(fake_ignore[: len(logits_u)])])
     with autocast(cfg, device):
-        p_fake = fas.softmax2d(fake, backend=be)
+        p_fake = fas.softmax2d(fake, backend=be, **up)
         real = fas.one_hot2d(labels, num_classes, ignore_index=ignore, dtype=p_fake.dtype, backend=be)
         if cfg.d_real_smoothing:  # ignored pixels stay zero vectors (excluded from the loss anyway)
             eps = cfg.d_real_smoothing
@@ -249,12 +257,13 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
         d_out = nets.D(d_in.contiguous(memory_format=_fmt(cfg)))
         d_fake, d_real = d_out[: len(fake)], d_out[len(fake):]
         loss_d = fas.discriminator_loss(d_fake, d_real, ignore_mask_fake=fake_ignore.unsqueeze(1),
-                                        ignore_mask_real=(labels == ignore).unsqueeze(1), backend=be) / 2
+                                        ignore_mask_real=(labels == ignore).unsqueeze(1), backend=be, **up) / 2
     _backward(loss_d, nets.scaler_d)
     out["loss_d"] = loss_d
     with torch.no_grad():  # D's mean confidence sigmoid(D) on the predictions (fake) and on the ground truth (real)
-        out["d_conf_fake"] = _masked_mean(torch.sigmoid(d_fake.float()), ~fake_ignore.unsqueeze(1))
-        out["d_conf_real"] = _masked_mean(torch.sigmoid(d_real.float()), (labels != ignore).unsqueeze(1))
+        d_fake, d_real = at_size(d_fake.float(), size), at_size(d_real.float(), size)
+        out["d_conf_fake"] = _masked_mean(torch.sigmoid(d_fake), ~fake_ignore.unsqueeze(1))
+        out["d_conf_real"] = _masked_mean(torch.sigmoid(d_real), (labels != ignore).unsqueeze(1))
     if nets.scaler_d is None:
         out["grad_norm_d"] = grad_norm(nets.D)
     _step(nets.opt_d, nets.scaler_d)
