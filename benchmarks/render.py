@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Iterable, List, Optional
 
+from .memory import MEMORY_TARGETS
 from .overhead import OP_ALONE
 from .shapes import TARGET_SHAPES
 from .targets import (E2E_OP, OVERLAP_LEGEND, add_ratios, assess, compact_rows, evaluate, quality_header, ratio_cell,
@@ -229,8 +230,8 @@ def render_memory(mem: dict) -> str:
         f"gradients included: {mem['method']}. {mem['malloc']}, so every buffer that large is its own mapping and is "
         f"returned to the OS when freed. Threads: {mem['threads']}. Median of {mem['repeats']} calls with p10-p90. "
         "`mem/eager` < 1: the impl needs less. RSS does not depend on other load on the machine; `too noisy to "
-        "tell` marks a ratio whose p10-p90 spreads straddle the target (0.5x for cross_entropy2d and labelled "
-        "generator_loss, else 1x).",
+        "tell` marks a ratio whose p10-p90 spreads straddle the target ("
+        + ", ".join(f"{t:g}x for {op}" for op, t in MEMORY_TARGETS.items()) + "; else 1x).",
         ("op", "dtype", "impl", "peak MiB", "p10-p90 MiB", "mem/eager", "note"),
         sorted(mem["rows"], key=lambda r: (r["dtype"], r["op"], _impl_rank(r["impl"]))),
         lambda r: [r["op"], r["dtype"], r["impl"]],

@@ -1,8 +1,9 @@
 """Run the benchmark and write ``<out>/<machine>-<date>.{md,json,png}``.
 
-    python -m benchmarks.report --shapes small --device cpu            # CPU, about 5 minutes on 2 idle cores
+    python -m benchmarks.report --shapes small --device cpu            # CPU, about 7 minutes on 2 idle cores
     python -m benchmarks.report --shapes full --device cuda --e2e      # GPU: VOC, Cityscapes, ADE20K-like
     python -m benchmarks.report --device cpu --no-op-timing --memory --e2e-compile  # CPU peak RSS, compiled step
+    python -m benchmarks.report --device cpu --ops upsampled --memory    # the loss path with upsampling, time + RSS
     python -m benchmarks.report --no-op-timing --call-overhead                    # what one loss call costs
     python -m benchmarks.report --no-op-timing --train-step --allocators --authors-loop   # training steps, allocators
 
@@ -34,7 +35,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add("--shapes", default="small", choices=SHAPE_CHOICES,
         help="shape set: small = smoke + VOC at N=2 (CPU); full = VOC, Cityscapes, ADE20K-like (GPU)")
     add("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    add("--ops", nargs="+", default=None, help="op rows or API names (default: all)")
+    add("--ops", nargs="+", default=None, help="op rows, API names (their rows at the labels' resolution) or "
+        "'upsampled' (the loss path with logits at 1/8 and D's map at 1/32 of the labels; default: all)")
     add("--dtypes", nargs="+", default=None, help="default: float32 bfloat16 (+ float16 on cuda)")
     add("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     add("--name", default=None, help="file stem (default: <machine>-<date>)")

@@ -45,11 +45,17 @@ BLOCK_RANGE = (2, 8)
 
 # --- the loss functions the step calls ----------------------------------------------------------------------------
 
+def _at(x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    """The user's composition when the step asks the losses to upsample: ``F.interpolate`` first."""
+    return x if size is None else R.upsample(x, size, align_corners)
+
+
 def _ref_generator_loss(logits, d_logits, target=None, *, lambda_adv, lambda_semi=0.1, threshold=0.2,
-                        ignore_index=IGNORE, backend=None):
+                        ignore_index=IGNORE, size=None, align_corners=False, backend=None):
     """fastadvseg.generator_loss's result from the plain composition of benchmarks/reference_ops.py."""
     from fastadvseg import GeneratorLossOutput as _GenOut
 
+    logits, d_logits = _at(logits, size, align_corners), _at(d_logits, size, align_corners)
     zero = logits.new_zeros((), dtype=torch.float32)
     if target is not None:
         ce = R.cross_entropy2d(logits, target, ignore_index)
@@ -64,13 +70,22 @@ def _ref_generator_loss(logits, d_logits, target=None, *, lambda_adv, lambda_sem
     return _GenOut(lambda_adv * adv + lambda_semi * semi, zero, adv, semi, ratio)
 
 
-def _ref_discriminator_loss(d_fake, d_real, *, ignore_mask_fake=None, ignore_mask_real=None, backend=None):
-    return R.bce_with_logits2d(d_fake, 0.0, ignore_mask_fake) + R.bce_with_logits2d(d_real, 1.0, ignore_mask_real)
+def _ref_cross_entropy(x, y, ignore_index=IGNORE, reduction="mean", size=None, align_corners=False, backend=None):
+    if reduction != "mean":
+        raise ValueError(f"the eager step's cross_entropy2d takes reduction='mean' only, got {reduction!r}")
+    return R.cross_entropy2d(_at(x, size, align_corners), y, ignore_index)
+
+
+def _ref_discriminator_loss(d_fake, d_real, *, ignore_mask_fake=None, ignore_mask_real=None, size=None,
+                            align_corners=False, backend=None):
+    return (R.bce_with_logits2d(_at(d_fake, size, align_corners), 0.0, ignore_mask_fake)
+            + R.bce_with_logits2d(_at(d_real, size, align_corners), 1.0, ignore_mask_real))
 
 
 def loss_set(impl: str) -> Optional[types.SimpleNamespace]:
     """The ``losses=`` argument of ``train_step`` for an impl (None: fastadvseg, the pipeline's default). The eager
-    functions accept ``backend=`` and ignore it."""
+    functions accept ``backend=`` and ignore it; given ``size=``, they upsample their logits and D maps with
+    ``F.interpolate`` first (the pipeline passes its 1/8 logits and D's own map when ``fused_upsampling`` is on)."""
     if impl == "fastadvseg":
         return None
     if impl == "fastadvseg_compiled":
@@ -80,9 +95,9 @@ def loss_set(impl: str) -> Optional[types.SimpleNamespace]:
     if impl not in ("eager", "compile"):
         raise ValueError(f"unknown impl {impl!r}; choose from fastadvseg, fastadvseg_compiled, eager, compile")
     fns = {
-        "softmax2d": lambda x, backend=None: R.softmax2d(x),
+        "softmax2d": lambda x, size=None, align_corners=False, backend=None: R.softmax2d(_at(x, size, align_corners)),
         "generator_loss": _ref_generator_loss,
-        "cross_entropy2d": lambda x, y, ignore_index=IGNORE, backend=None: R.cross_entropy2d(x, y, ignore_index),
+        "cross_entropy2d": _ref_cross_entropy,
         "one_hot2d": lambda y, c, ignore_index=IGNORE, dtype=torch.float32, backend=None: R.one_hot2d(
             y, c, ignore_index, dtype),
         "discriminator_loss": _ref_discriminator_loss,

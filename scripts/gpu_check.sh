@@ -30,8 +30,12 @@
 #   3. core benchmark rows     ~1.5 min (cap 2 each)  VOC, then Cityscapes: generator_loss labelled and unlabelled,
 #                                                cross_entropy2d; fp32 and bf16; eager vs triton vs cuda; with VOC,
 #                                                their per-call host cost at a tiny shape (--call-overhead)
+#  3b. upsampling rows         ~2 min   (cap 2 each)  VOC, then Cityscapes: the loss path as users call it, logits
+#                                                at 1/8 and D's map at 1/32 of the labels upsampled inside the op
+#                                                (softmax2d, cross_entropy2d, labelled generator_loss, and G's loss
+#                                                path through a stand-in D); fp32 and bf16; eager vs triton vs cuda
 #   4. the rest, while time remains:
-#      a. the core rows against torch.compile (VOC, Cityscapes)       ~3 min   (cap 2.5 each)
+#      a. the core rows + upsampling cross_entropy2d vs torch.compile ~3.5 min (cap 3 each)  VOC, Cityscapes
 #      b. the other ops' rows (VOC, Cityscapes)                        ~2 min   (cap 1.5 each)
 #      c. registers and spills with this machine's Triton and nvcc    ~0.5 min (cap 1.5)
 #      d. one training iteration, fused vs reference losses           ~2.5 min (cap 3.5)  and --authors-loop: a
@@ -247,6 +251,8 @@ export -f run_part environment
 export py device out BUILT_CHECK
 
 core=(--ops generator_loss cross_entropy2d --dtypes float32 bfloat16 --no-plot)
+vs_compile=(--ops generator_loss cross_entropy2d "cross_entropy2d[upsampled]" --dtypes float32 bfloat16 --no-plot)
+upsampled=(--ops upsampled --dtypes float32 bfloat16 --no-compile --no-plot)
 others=(--ops softmax2d bce_with_logits2d semi_cross_entropy2d one_hot2d discriminator_loss --dtypes float32 bfloat16
         --no-compile --no-plot)
 
@@ -255,8 +261,10 @@ part 2-contract-tests       180 45  pytest subset tests/test_losses.py tests/tes
 part 2b-gpu-only-tests      150 40  pytest gpu-only tests
 part 3-bench-voc-core       120 40  bench --shapes voc "${core[@]}" --no-compile --call-overhead
 part 3-bench-cityscapes-core 120 40 bench --shapes cityscapes "${core[@]}" --no-compile
-part 4a-bench-voc-core-vs-compile        150 60 bench --shapes voc "${core[@]}" --backends triton cuda
-part 4a-bench-cityscapes-core-vs-compile 150 60 bench --shapes cityscapes "${core[@]}" --backends triton cuda
+part 3b-bench-voc-upsampled  120 40  bench --shapes voc "${upsampled[@]}"
+part 3b-bench-cityscapes-upsampled 120 40 bench --shapes cityscapes "${upsampled[@]}"
+part 4a-bench-voc-core-vs-compile        180 60 bench --shapes voc "${vs_compile[@]}" --backends triton cuda
+part 4a-bench-cityscapes-core-vs-compile 180 60 bench --shapes cityscapes "${vs_compile[@]}" --backends triton cuda
 part 4b-bench-voc-other-ops        90 40 bench --shapes voc "${others[@]}"
 part 4b-bench-cityscapes-other-ops 90 40 bench --shapes cityscapes "${others[@]}"
 part 4c-kernel-resources    90  30  module tools.compile_check --json "$out/4c-kernel-resources.json"

@@ -16,9 +16,9 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="CI's check on CPU tensors; on a GPU machine "
                             "scripts/gpu_check.sh runs for real")
 PARTS = ["1-build", "2-contract-tests", "2b-gpu-only-tests", "3-bench-voc-core", "3-bench-cityscapes-core",
-         "4a-bench-voc-core-vs-compile", "4a-bench-cityscapes-core-vs-compile", "4b-bench-voc-other-ops",
-         "4b-bench-cityscapes-other-ops", "4c-kernel-resources", "4d-bench-e2e", "4e-bench-e2e-compile",
-         "4f-rest-of-tests"]
+         "3b-bench-voc-upsampled", "3b-bench-cityscapes-upsampled", "4a-bench-voc-core-vs-compile",
+         "4a-bench-cityscapes-core-vs-compile", "4b-bench-voc-other-ops", "4b-bench-cityscapes-other-ops",
+         "4c-kernel-resources", "4d-bench-e2e", "4e-bench-e2e-compile", "4f-rest-of-tests"]
 
 
 def _run(*args, env=None, timeout=600):
@@ -34,7 +34,7 @@ def _summary_rows(out: Path):
 def test_header_states_the_order_and_the_time_of_each_part():
     header = SCRIPT.read_text().split("\nset -uo")[0]
     steps = re.findall(r"^#\s+(\d[a-z]?\.|[a-f]\.)\s+(.+?)\s+~([\d.]+) min", header, flags=re.M)
-    assert [s[0] for s in steps] == ["1.", "2.", "2b.", "3.", "a.", "b.", "c.", "d.", "e."], steps
+    assert [s[0] for s in steps] == ["1.", "2.", "2b.", "3.", "3b.", "a.", "b.", "c.", "d.", "e."], steps
     assert "budget" in header and "480" in header and "rest of the test suite" in header
 
 
@@ -54,6 +54,12 @@ def test_dry_run_proves_every_part_well_formed(tmp_path):
     assert "cross_entropy2d, generator_loss[labelled], generator_loss[unlabelled] at voc, float32, bfloat16" \
         in by["3-bench-voc-core"]
     assert "with torch.compile" in by["4a-bench-cityscapes-core-vs-compile"]
+    assert "cross_entropy2d[upsampled]" in by["4a-bench-voc-core-vs-compile"]
+    for shape in ("voc", "cityscapes"):  # the loss path as users call it: every upsampling row, no compile
+        note = by[f"3b-bench-{shape}-upsampled"]
+        assert ("4 rows x 1 shapes x 2 dtypes: softmax2d[upsampled], cross_entropy2d[upsampled], "
+                f"generator_loss[labelled,upsampled], generator_path[labelled,upsampled] at {shape}, float32, "
+                "bfloat16") in note and "torch.compile" not in note, note
     assert "e2e-compile: the training step compiled vs eager" in by["4e-bench-e2e-compile"]
     assert "call-overhead: per-call cost at the smoke shape" in by["3-bench-voc-core"]
     subset = (out / "2-contract-tests.log").read_text()
@@ -114,7 +120,9 @@ def test_a_run_makes_its_parts_in_order_on_cuda_tensors(tmp_path, stand_in):
     assert "--ops generator_loss cross_entropy2d --dtypes float32 bfloat16" in reports[0]
     assert "--shapes voc" in reports[0] and "--shapes cityscapes" in reports[1] and "--no-compile" in reports[1]
     assert "--call-overhead" in reports[0] and "--call-overhead" not in reports[1]
-    assert "--no-compile" not in reports[2] and "--no-compile" not in reports[3]
+    assert "--ops upsampled" in reports[2] and "--shapes voc" in reports[2] and "--shapes cityscapes" in reports[3]
+    assert "--no-compile" not in reports[4] and "--no-compile" not in reports[5]
+    assert "cross_entropy2d[upsampled]" in reports[4] and "cross_entropy2d[upsampled]" in reports[5]
     assert work[-4].startswith("-m tools.compile_check --json")  # then e2e twice, then tests
     assert "--e2e --no-op-timing" in work[-3] and "--e2e-compile --no-op-timing" in work[-2]
     assert re.match(r"-m pytest .*--gpu-check rest --gpu-check-device cuda .* tests$", work[-1])
