@@ -202,16 +202,23 @@ def test_one_hot_reads_each_label_once_and_writes_each_output_once(inputs):
 @pytest.mark.parametrize("case", C.CASES, ids=C.CASE_NAMES)
 def test_byte_model_is_what_the_kernels_move(case, dtype):
     """benchmarks/cases.py's byte model, per op, against the block accesses of every Triton launch the public
-    function makes: the forward without gradients, and the training forward plus backward."""
+    function makes: the forward without gradients, and the training forward plus backward.
+
+    For inputs read upsampled the model counts what must cross DRAM (each low-resolution value once), while the
+    kernels gather every value four times per full-resolution pixel (cache hits on a GPU): their accesses are at
+    least the model, and the tests below count them exactly."""
     fn = C.impl_function(case, "triton")
     inputs = C.make_inputs(case, SMOKE, dtype, torch.device("cpu"), seed=0)
+    exact = not case.low_res
     with torch.no_grad(), counted() as acc:
         fn(inputs)
-    assert acc.tile_bytes() == case.bytes(SMOKE, dtype, "fwd")
+    model = case.bytes(SMOKE, dtype, "fwd")
+    assert acc.tile_bytes() == model if exact else acc.tile_bytes() >= model
     if case.has_backward:
         with counted() as acc:
             C.forward_backward(case, fn)(inputs)
-        assert acc.tile_bytes() == case.bytes(SMOKE, dtype, "fwdbwd")
+        model = case.bytes(SMOKE, dtype, "fwdbwd")
+        assert acc.tile_bytes() == model if exact else acc.tile_bytes() >= model
 
 
 # --------------------------------------------------------------------------------------- inputs read upsampled

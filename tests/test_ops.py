@@ -106,13 +106,15 @@ def test_gpu_path_of_the_shared_backward_gives_the_reference_gradients(case, def
 
 def _autograd_nodes(t):
     """The class names of the nodes of t's graph."""
+    # the nodes are kept alive while walking: their Python objects are made on demand, and the id of one that is
+    # freed may be reused by the next (seen on torch 2.11), which would cut the walk short
     seen, todo = {}, [t.grad_fn]
     while todo:
         node = todo.pop()
         if node is not None and id(node) not in seen:
-            seen[id(node)] = type(node).__name__
+            seen[id(node)] = (node, type(node).__name__)
             todo.extend(n for n, _ in node.next_functions)
-    return set(seen.values())
+    return {name for _, name in seen.values()}
 
 
 
