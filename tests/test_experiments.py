@@ -74,6 +74,9 @@ def test_tiny_sweep_writes_table_skips_done_cells_and_resumes_a_partial_one(tmp_
     assert all(0 <= r["test_miou"] <= 1 for r in res["cells"]) and res["aggregate_test"]["cells"]["semi"]["1/2"]["n"] == 1
     semi = next(r for r in res["cells"] if r["cell"] == "semi_1-8_s0")
     assert all(set(d) == set(table.DIAG_KEYS) for d in semi["diagnostics"].values())
+    # D's loss is recorded in every phase (the balance of D and G is read from it), a finite BCE
+    logged = [d for d in semi["diagnostics"].values() if d["d_conf_fake"] is not None]
+    assert logged and all(d["loss_d"] is not None and 0 <= d["loss_d"] < 10 for d in logged), semi["diagnostics"]
     with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
         md = f.read()
     assert "| baseline (L_ce) |" in md and "66.0" in md and "(n=1)" in md and res["command"] in md

@@ -237,8 +237,9 @@ def read_cell(cells_dir: str, cell: Cell) -> Dict:
 # labelled, and in semi mode unlabelled, softmax maps) and on the one-hot ground truth (real), the fraction of
 # unlabelled pixels the pseudo-label term keeps (from semi_start on), and that term's share of the generator loss:
 # lambda_semi L_semi / (L_ce + lambda_adv L_adv + lambda_semi_adv L_adv,unl + lambda_semi L_semi) (semi, selftrain), or
-# lambda_cutmix L_cutmix / (L_ce + lambda_cutmix L_cutmix) (mean_teacher), per phase of the run.
-DIAG_KEYS = ("d_conf_fake", "d_conf_real", "semi_ratio", "semi_share")
+# lambda_cutmix L_cutmix / (L_ce + lambda_cutmix L_cutmix) (mean_teacher), and D's loss L_D (the halved BCE sum of its
+# step: about 0.2-0.5 when D and G are balanced, near 0 when D wins outright), per phase of the run.
+DIAG_KEYS = ("d_conf_fake", "d_conf_real", "semi_ratio", "semi_share", "loss_d")
 PHASES = ((0.0, 0.05), (0.05, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 
 
@@ -272,7 +273,7 @@ def cell_diagnostics(metrics_path: str, config_path: str) -> Optional[Dict]:
         sel = [r for r in records if lo * steps < r["step"] <= hi * steps]
         vals: Dict[str, List[float]] = {k: [] for k in DIAG_KEYS}
         for r in sel:
-            for k in DIAG_KEYS[:3]:
+            for k in ("d_conf_fake", "d_conf_real", "semi_ratio", "loss_d"):
                 if k in r:
                     vals[k].append(r[k])
             if "loss_cutmix" in r:
@@ -423,7 +424,7 @@ def _score_rows(agg: Dict, modes: Sequence[str], fractions: Sequence[str]) -> Li
 def diagnostics_table(rows: Sequence[Dict], modes: Sequence[str], fractions: Sequence[str]) -> List[str]:
     """Per mode x fraction x phase of training: the diagnostics (DIAG_KEYS), mean over the seeds done."""
     lines = ["| mode | labels | steps | D conf. on predictions | D conf. on ground truth | kept fraction (pseudo-labels) "
-             "| pseudo-label term's share of G's loss |", "|---|---|---|---|---|---|---|"]
+             "| pseudo-label term's share of G's loss | L_D |", "|---|---|---|---|---|---|---|---|"]
     for m in modes:
         if m == "baseline":
             continue  # no discriminator, no pseudo-labels
@@ -468,7 +469,8 @@ def write_table(path: str, aggs: Dict[str, Dict], modes: Sequence[str], fraction
                   "sigmoid(D) over non-ignored pixels; predictions: the softmax maps D sees as fake, in adv+semi mode "
                   "labelled and unlabelled; kept fraction: unlabelled pixels above semi_threshold (selftrain: G's max "
                   "softmax >= selftrain_threshold; mean teacher: the teacher's >= teacher_threshold), from semi_start "
-                  "on; share: lambda_semi L_semi (mean teacher: lambda_cutmix L_cutmix) over G's whole loss):", ""] + diag
+                  "on; share: lambda_semi L_semi (mean teacher: lambda_cutmix L_cutmix) over G's whole loss; L_D: D's loss, "
+                  "the halved sum of its BCE on predictions and ground truth):", ""] + diag
     head = "| | " + " | ".join(f"{f} labels" for f in fractions) + " |"
     lines += ["", "For reference only, a different setting (PASCAL VOC 2012 val, DeepLab-v2 ResNet-101 from COCO-pretrained "
               "weights, 20k steps; Hung et al., BMVC 2018):", "", head, "|---" * (len(fractions) + 1) + "|"]
