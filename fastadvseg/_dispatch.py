@@ -56,13 +56,6 @@ BACKENDS: Tuple[BackendSpec, ...] = (
 )
 _BY_NAME: Dict[str, BackendSpec] = {b.name: b for b in BACKENDS}
 
-# Ops that backend="auto" hands to torch.compile as plain PyTorch (the reference backend) on these device types.
-# A softmax alone is no memory-bound bottleneck for the compiler: traced, Inductor fuses it with its neighbours
-# (the change to channels_last before D's first convolution, its backward into the upsample's backward), which an
-# opaque kernel call prevents. Measured on CPU: a compiled GAN training step (N=2+2, C=21, 129x129) took about 2%
-# less CPU time than with the fused softmax. The losses stay fused kernels. An explicit backend= (or
-# FASTADVSEG_BACKEND) keeps the kernel; CUDA keeps it until a GPU measurement says otherwise.
-TRACED_WHEN_COMPILED: Dict[str, Tuple[str, ...]] = {"softmax2d": ("cpu",)}
 BACKEND_NAMES = tuple(_BY_NAME)
 
 _modules: Dict[str, object] = {}
@@ -158,27 +151,22 @@ def _auto(device: torch.device, dtype: torch.dtype):
 
 
 @torch.compiler.assume_constant_result
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, compiling: bool = False) -> str:
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend name that runs ``op`` on tensors of ``device``/``dtype``.
 
     Under ``torch.compile`` this runs once, at trace time, as a constant of the graph (importing a backend
-    there would otherwise be a graph break); a compiled function keeps the backend it was traced with.
-    ``compiling`` (the caller's ``torch.compiler.is_compiling()``) lets ``auto`` pick the traced reference for the
-    ops of :data:`TRACED_WHEN_COMPILED`.
+    there would otherwise be a graph break); a compiled function keeps the backend it was traced with. A compiled
+    function gets the same kernels as eager code: every op of a kernel backend is one opaque node of the graph.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     requested = backend
     if backend == "auto":
         backend = os.environ.get(ENV_BACKEND, "auto").strip() or "auto"
-    compiling = bool(compiling) and backend == "auto" and device.type in TRACED_WHEN_COMPILED.get(op, ())
-    key = (op, requested, backend, device.type, dtype, compiling)
+    key = (op, requested, backend, device.type, dtype)
     name = _resolved.get(key)
     if name is None:
-        if compiling:
-            name = "reference"
-        else:
-            name = _auto(device, dtype) if backend == "auto" else _explicit(backend, device, dtype)
+        name = _auto(device, dtype) if backend == "auto" else _explicit(backend, device, dtype)
         _resolved[key] = name
     return name
 

@@ -124,16 +124,13 @@ def softmax2d(logits: torch.Tensor, *, size: Size = None, align_corners: bool = 
     """Channel softmax of (N, C, H, W) logits, in the logits' dtype and memory format; fused backward.
 
     With ``size=(H, W)`` the logits are upsampled bilinearly to it first (the output is (N, C, H, W), D's input at
-    the labels' size; the gradient comes back at the logits' own size).
-
-    Under ``torch.compile`` on CPU, ``backend="auto"`` traces it as ``torch.softmax`` so that the compiler can
-    fuse it with its neighbours; name a backend to keep the kernel."""
+    the labels' size; the gradient comes back at     the logits' own size)."""
     V.check_logits(logits)
     size, align_corners = _check_resize(size, align_corners)
     size = _resampling(size, logits=logits)
     if logits.numel() == 0:
         return torch.softmax(reference.upsample(logits, size, align_corners), dim=1).to(logits.dtype)
-    name = resolve("softmax2d", backend, logits.device, logits.dtype, torch.compiler.is_compiling())
+    name = resolve("softmax2d", backend, logits.device, logits.dtype)
     if not _kernel(name):
         return reference.softmax2d(logits, size, align_corners)
     return _ops.softmax2d(logits, name, _size_arg(size), align_corners)
