@@ -249,7 +249,8 @@ PYBIND11_MODULE(_C_cpu, m) {
       [](const Sizes& nchw, py::object x, py::object grad, double grad_scale, py::object labels, int64_t ignore_index,
          py::object weight, py::object z, py::object mask, int keep_mode, double threshold, int adv_mode,
          py::object loss_map, py::object grad_z, double grad_z_scale, bool maps_only, int num_threads,
-         double label_smoothing, py::object size, bool align_corners) {
+         double label_smoothing, py::object size, bool align_corners, py::object teacher,
+         py::object confidence_threshold) {
         if (nchw.size() != 4 || *std::min_element(nchw.begin(), nchw.end()) < 0)
           throw py::value_error("fused_loss: sizes must be (N, C, H, W), got " + str(nchw));
         fas::FusedArgs a;
@@ -277,6 +278,42 @@ PYBIND11_MODULE(_C_cpu, m) {
         a.labels = map3(labels, "target", nhw, torch_objects->int64, "int64", maps_against);
         a.label_mode = labels.is_none() ? 1 : 0;
         a.ignore_index = ignore_index;
+        const Arg ta = read(teacher, "teacher_logits");
+        if (ta.present) {
+          if (maps_only) throw py::value_error("fused_loss: maps_only reads no teacher_logits");
+          if (a.label_mode != 1) throw py::value_error("fused_loss: teacher_logits replace the target");
+          const Arg xa = logits(x, "logits");
+          if (ta.sizes.size() != 4 || ta.sizes[0] != a.N || ta.sizes[1] != a.C)
+            throw py::value_error("teacher_logits " + str(ta.sizes) + " does not match the logits' (N, C): need (" +
+                                  std::to_string(a.N) + ", " + std::to_string(a.C) + ", h, w)");
+          if (!ta.is(xa.dtype))
+            throw py::type_error("teacher_logits must have the dtype of logits (" + xa.dtype_name() + "), got " +
+                                 ta.dtype_name());
+          if (resize) {
+            expect_resizable(ta, ta.sizes[2], ta.sizes[3], a.H, a.W);
+            a.tH = ta.sizes[2];
+            a.tW = ta.sizes[3];
+          } else {
+            expect_shape(ta, nchw, "the logits");
+          }
+          a.teacher = tensor4(ta);
+        }
+        if (!confidence_threshold.is_none()) {
+          double tau = 0.0;
+          try {
+            tau = confidence_threshold.cast<double>();
+          } catch (const py::cast_error&) {
+            throw py::type_error("confidence_threshold must be None or a float, got " +
+                                 std::string(py::str(py::repr(confidence_threshold))));
+          }
+          if (!(tau >= 0.0 && tau <= 1.0))
+            throw py::value_error("fused_loss: confidence_threshold must be in [0, 1], got " + std::to_string(tau));
+          if (maps_only) throw py::value_error("fused_loss: maps_only cannot test the teacher's confidence");
+          if (a.label_mode != 1 || !keep_mode)
+            throw py::value_error("fused_loss: confidence_threshold needs pseudo-labels (no target) and keep_mode");
+          a.confidence_test = true;
+          a.confidence = static_cast<float>(tau);
+        }
         const Arg w = read(weight, "weight");
         if (w.present) {
           expect_dtype(w, torch_objects->float32, "float32");
@@ -303,8 +340,8 @@ PYBIND11_MODULE(_C_cpu, m) {
         a.maps_only = maps_only;
         a.num_threads = num_threads;
         a.label_smoothing = static_cast<float>(label_smoothing);
-        if ((keep_mode || adv_mode) && !a.z.ptr && a.N * a.H * a.W > 0)
-          throw py::value_error("fused_loss: d_logits missing");
+        // (keep_mode without d_logits keeps the pixels that are not masked, less those the confidence test drops)
+        if (adv_mode && !a.z.ptr && a.N * a.H * a.W > 0) throw py::value_error("fused_loss: d_logits missing");
         if (a.grad_z && !adv_mode) throw py::value_error("fused_loss: grad_d_logits needs adv_mode");
         if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0))
           throw py::value_error("fused_loss: label_smoothing must be in [0, 1]");
@@ -317,7 +354,8 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("ignore_index"), py::arg("weight"), py::arg("d_logits"), py::arg("ignore_mask"), py::arg("keep_mode"),
       py::arg("threshold"), py::arg("adv_mode"), py::arg("loss_map"), py::arg("grad_d_logits"),
       py::arg("grad_d_logits_scale"), py::arg("maps_only"), py::arg("num_threads"), py::arg("label_smoothing") = 0.0,
-      py::arg("size") = py::none(), py::arg("align_corners") = false,
+      py::arg("size") = py::none(), py::arg("align_corners") = false, py::arg("teacher_logits") = py::none(),
+      py::arg("confidence_threshold") = py::none(),
       "One pass over the logits (N, C, H, W; float32, float16 or bfloat16, any strides): weighted nll sum, weight "
       "sum, adversarial sum and count, kept and considered pixel counts, count of labels outside [0, C) that are "
       "not ignore_index and the flat index of the first (-1 if none). target: int64 (N, H, W) labels, or None for "
@@ -328,7 +366,11 @@ PYBIND11_MODULE(_C_cpu, m) {
       "cross_entropy label_smoothing; the weight sum stays the sum of the labels' class weights. size (H, W): "
       "the maps (target, ignore_mask, loss_map) are at (H, W), and the logits and d_logits (any (N, h, w)) are "
       "bilinearly resized to it where their size differs (F.interpolate's align_corners); counts are of (H, W) "
-      "pixels, and grad and grad_d_logits have the shapes of the logits and d_logits: the gradient w.r.t. them.");
+      "pixels, and grad and grad_d_logits have the shapes of the logits and d_logits: the gradient w.r.t. them. "
+      "Pseudo-labels (target None): argmax_c of teacher_logits ((N, C, h, w) of the logits' dtype, any strides, "
+      "resized to size like the logits; None: the logits themselves); keep_mode 1 keeps a pixel where it is not "
+      "masked, sigmoid(d_logits) > threshold if d_logits is given, and the teacher's max softmax >= "
+      "confidence_threshold if that is given (not with maps_only).");
 
   m.def(
       "softmax_forward",

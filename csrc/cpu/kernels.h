@@ -40,26 +40,31 @@ struct ResizeAxis {
 // The tables of one axis, computed as PyTorch's CPU kernel does (kernels.cpp). in, out >= 1.
 ResizeAxis resize_axis(int64_t in, int64_t out, bool align_corners);
 
-// The fused one-pass loss over logits (cross-entropy, L_semi, the generator loss).
+// The fused one-pass loss over logits (cross-entropy, L_semi and the pseudo-label loss, the generator loss).
 //
 // Resizing: the per-pixel maps (labels, mask, loss_map) are at (H, W). The logits (and their gradient) may be at
-// (xH, xW) and the discriminator map z (and grad_z) at (zH, zW): each is then bilinearly resized to (H, W) on the fly
-// (ResizeAxis), and its gradient is the adjoint of that resize applied to the full-resolution gradient, i.e. the
-// gradient of the loss sum w.r.t. the low-resolution tensor. 0 means (H, W): no resize.
+// (xH, xW), the teacher's logits at (tH, tW) and the discriminator map z (and grad_z) at (zH, zW): each is then
+// bilinearly resized to (H, W) on the fly (ResizeAxis), and its gradient is the adjoint of that resize applied to
+// the full-resolution gradient, i.e. the gradient of the loss sum w.r.t. the low-resolution tensor. 0 means
+// (H, W): no resize.
 struct FusedArgs {
   int64_t N = 0, C = 0, H = 0, W = 0;
   Tensor4 x;                 // logits (read once)
   Tensor4 grad;              // gradient output (same dtype as x), ptr == nullptr: no gradient wanted
   float grad_scale = 1.f;    // grad = grad_scale * d(weighted sum of nll)/dx
-  int label_mode = 0;        // 0: labels from `labels`; 1: pseudo-label argmax_c x (first max)
+  int label_mode = 0;        // 0: labels from `labels`; 1: pseudo-label argmax_c of the teacher (first max)
+  Tensor4 teacher;           // label_mode 1: the teacher's logits (x's dtype, N and C), ptr == nullptr: x itself
+                             //   (self-training: the logits are read once for both)
   Map3 labels;               // int64; labels outside [0, C) or == ignore_index are not counted
   int64_t ignore_index = 255;
   const float* weight = nullptr;  // optional class weights (C,), float32
   float label_smoothing = 0.f;    // label_mode 0 only: PyTorch's cross_entropy(..., label_smoothing=eps), see below
   Map3 z;                    // float32 discriminator logits (keep mask and adversarial term)
   Map3 mask;                 // bool ignore mask (keep_mode only), ptr == nullptr: none
-  int keep_mode = 0;         // 1: count pixel iff not masked and sigmoid(z) > threshold, decided as
-  float threshold = 0.f;     //    z > logit(threshold) exactly (keep_logit in kernels_impl.h, fastadvseg/_keep.py)
+  int keep_mode = 0;         // 1: count pixel iff not masked, sigmoid(z) > threshold where z is given (decided as
+  float threshold = 0.f;     //    z > logit(threshold) exactly: keep_logit in kernels_impl.h, fastadvseg/_keep.py)
+  bool confidence_test = false;   // and (label_mode 1) the teacher's max softmax 1 / sum_c exp(t_c - max_c t),
+  float confidence = 0.f;         // in float32, >= confidence (a NaN teacher pixel is never kept); not maps_only
   int adv_mode = 0;          // 0: none; 1: BCE(z, 1) over pixels with a valid label; 2: over all pixels
   float* loss_map = nullptr;  // optional (N, H, W) contiguous float32 per-pixel loss (0 where not counted)
   float* grad_z = nullptr;   // optional (N, H, W) contiguous float32 gradient of the adversarial sum
@@ -68,6 +73,7 @@ struct FusedArgs {
   int num_threads = 1;
   int64_t xH = 0, xW = 0;    // the logits' spatial size, 0: (H, W)
   int64_t zH = 0, zW = 0;    // z's spatial size, 0: (H, W)
+  int64_t tH = 0, tW = 0;    // the teacher's spatial size, 0: (H, W)
   bool align_corners = false;
 };
 

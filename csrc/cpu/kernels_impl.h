@@ -8,12 +8,15 @@
 // then exp / sum / label logit) keeping its per-pixel state in registers, then writes the gradient. Rows with
 // unit pixel stride are read and written in place in their own dtype (Rows<Tag>); other layouts are first
 // converted into a per-thread float32 scratch laid out [C][B]. Each logit is read from memory once (the second
-// walk hits L1), and the lines of the blocks two ahead are prefetched while this one is computed.
+// walk hits L1), and the lines of the blocks two ahead are prefetched while this one is computed. Pseudo-labels
+// from a separate teacher add walks over its channels (max and argmax; for the confidence test also the sum of
+// exp); from the logits themselves, their own max, argmax and sum of exp serve for both, with no extra walk.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <type_traits>
 
@@ -1054,10 +1057,12 @@ struct Smoothing {
 };
 
 // kSmooth: the label-smoothing terms (a template parameter, so that eps == 0 runs the plain kernel unchanged).
+// rc: the row of resized logits (and their gradient's accumulators), tc: the row of a resized teacher (nullptr:
+// not resized).
 template <class Tag, bool kSmooth>
 void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scratch, double* sums, bool stream,
                  RunPos pos, const Smoothing& sm, float keep_at, const MapResize& zr, MapRows* zrows,
-                 const RowCtx* rc) {
+                 const RowCtx* rc, const RowCtx* tc) {
   const int64_t C = a.C, BS = g.BS;
   int64_t n, h0, w0, len;
   g.block(blk, n, h0, w0, len);
@@ -1073,6 +1078,7 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   int64_t* lab64 = reinterpret_cast<int64_t*>(ad + BS);   // labels as read (2 * BS floats)
   float* ev = reinterpret_cast<float*>(lab64 + BS);       // [C][kV] exp(x - max) of one pixel vector
   float* sbuf = ev + C * kV;                              // stream_scratch(C), for block_stream
+  float* tbuf = sbuf + stream_scratch(C);                 // [C][BS] a separate teacher's logits (not in place)
 
   double loss = 0, wsum = 0, adv = 0, adv_count = 0, kept = 0, considered = 0;
   int64_t bad = 0, first_bad = -1;
@@ -1136,10 +1142,17 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
   }
   if (a.keep_mode) {
     // keep_at = keep_logit(a.threshold) (a local, not a field of `a`: the float stores below cannot alias it)
-    for (int64_t b = 0; b < len; ++b) {
-      const int32_t k = !ign[b] && zb[b] > keep_at;  // sigmoid(z) > T exactly; NaN z never kept
-      cnt[b] = k;
-      wt[b] = k ? 1.f : 0.f;
+    if (a.z.ptr) {
+      for (int64_t b = 0; b < len; ++b) {
+        const int32_t k = !ign[b] && zb[b] > keep_at;  // sigmoid(z) > T exactly; NaN z never kept
+        cnt[b] = k;
+        wt[b] = k ? 1.f : 0.f;
+      }
+    } else {  // (no discriminator test: the pseudo-label loss without d_logits)
+      for (int64_t b = 0; b < len; ++b) {
+        cnt[b] = !ign[b];
+        wt[b] = ign[b] ? 0.f : 1.f;
+      }
     }
     considered = static_cast<double>(len - count_nonzero(ign, len));
     kept = static_cast<double>(count_nonzero(cnt, len));
@@ -1192,27 +1205,64 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
     const BlockLines pf_out = streamed || resized ? BlockLines{} : block_lines(a.grad, gbase, C);
     const float grad_scale = a.grad_scale;
     const bool argmax = a.label_mode == 1;
+    // A separate teacher (pseudo-labels from other logits): read in place like the logits when its rows allow,
+    // else converted (or, resized, blended from its row's two low rows) into tbuf.
+    const bool separate = argmax && a.teacher.ptr != nullptr;
+    const bool t_resized = separate && tc && tc->xw0;
+    const int64_t tbase = separate && !t_resized ? offset(a.teacher, n, h0, w0) : 0;
+    const bool t_direct = separate && !t_resized && rows_in_place(a.teacher, len);
+    if (t_resized) {
+      blend_rows(*tc, C, w0, nvec * kV, BS, tbuf);
+    } else if (separate && !t_direct) {
+      load_padded<Tag>(a.teacher, tbase, C, len, BS, tbuf);
+    }
+    const BlockLines pf_t = t_direct ? block_lines(a.teacher, tbase, C) : BlockLines{};
+    const bool confidence_test = argmax && a.confidence_test;
 
-    auto vectors = [&](const auto& in, const auto& out) {
+    // tin: the teacher's rows (`in` itself when the pseudo-labels come from the logits)
+    auto vectors = [&](const auto& in, const auto& tin, const auto& out) {
       // (locals of the loop, not captures: the stores below, through memcpy, would make it reload captures)
       [[maybe_unused]] const float* const smooth_w = sm.w;
       [[maybe_unused]] const float* const smooth_ngw = sm.ngw;
       [[maybe_unused]] const float smooth_a1 = sm.a1, smooth_a2 = sm.a2, smooth_wtot = sm.wtot;
+      const vf min_confidence = vsplat(a.confidence);
       for (int64_t v = 0; v < nvec; ++v) {
         const int64_t b = v * kV;
         prefetch_rows<false>(pf_in, b, kAhead * g.B);
+        if (separate) prefetch_rows<false>(pf_t, b, kAhead * g.B);
         if (want_grad) prefetch_rows<true>(pf_out, b, kAhead * g.B);
-        // 3. Max over channels (NaN-ignoring: x > m ? x : m) and, for pseudo-labels, the first argmax.
+        // 3. Max over channels (NaN-ignoring: x > m ? x : m) and, for pseudo-labels, the first argmax (of the
+        //    teacher's logits, or of these).
         vf m = in.load(b);
         vi lv;
-        const vi counted = vload_i(cnt + b) != 0;
+        vi counted = vload_i(cnt + b) != 0;
         if (argmax) {
           vi am = vi{};
-          for (int64_t c = 1; c < C; ++c) {
-            const vf xv = in.load(b + c * in.sc);
-            const vi gt = xv > m;
-            m = vselect(gt, xv, m);
-            am = vselect_i(gt, vsplat_i(static_cast<int32_t>(c)), am);
+          if (separate) {
+            for (int64_t c = 1; c < C; ++c) {
+              const vf xv = in.load(b + c * in.sc);
+              m = vselect(xv > m, xv, m);
+            }
+            vf tm = tin.load(b);
+            for (int64_t c = 1; c < C; ++c) {
+              const vf tv = tin.load(b + c * tin.sc);
+              const vi gt = tv > tm;
+              tm = vselect(gt, tv, tm);
+              am = vselect_i(gt, vsplat_i(static_cast<int32_t>(c)), am);
+            }
+            // the teacher's confidence 1 / sum_c exp(t_c - max): a NaN logit makes it NaN, never kept
+            if (confidence_test) {
+              vf ts = vf{};
+              for (int64_t c = 0; c < C; ++c) ts += vexp_nonpositive(tin.load(b + c * tin.sc) - tm);
+              counted = counted & (vsplat(1.0f) / ts >= min_confidence);
+            }
+          } else {
+            for (int64_t c = 1; c < C; ++c) {
+              const vf xv = in.load(b + c * in.sc);
+              const vi gt = xv > m;
+              m = vselect(gt, xv, m);
+              am = vselect_i(gt, vsplat_i(static_cast<int32_t>(c)), am);
+            }
           }
           lv = vselect_i(counted, am, vsplat_i(-1));
           vstore_i(lab + b, lv);
@@ -1235,6 +1285,9 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
           if constexpr (kSmooth) sx = vfma(vload(smooth_w + c * kV), d, sx);
           vstore(ev + c * kV, e);
         }
+        // the confidence of the logits' own pseudo-labels, from the sum just formed (no second walk)
+        if (confidence_test && !separate) counted = counted & (vsplat(1.0f) / s >= min_confidence);
+        if (confidence_test) vstore_i(cnt + b, counted);  // (the kept count, after the loop)
         // 5. Loss per pixel: nll = log(sum) - (x[y] - max), PyTorch's log_softmax rounding. Not-counted pixels
         //    contribute an exact 0 (a select, so that a NaN there cannot leak in). With label smoothing:
         //    a1 w nll + a2 sum_c w_c (lse - x_c), the latter = a2 (W log(sum) - sx).
@@ -1271,16 +1324,28 @@ void fused_block(const FusedArgs& a, const Geometry& g, int64_t blk, float* scra
         }
       }
     };
+    // (label smoothing comes with labels, never with a teacher: no such instances)
+    auto with_teacher = [&](const auto& in, const auto& out) {
+      if constexpr (!kSmooth) {
+        if (t_direct) return vectors(in, tensor_rows<Tag>(a.teacher, tbase), out);
+        if (separate) return vectors(in, Rows<Float32>{tbuf, BS}, out);
+      }
+      vectors(in, in, out);
+    };
     if (resized && want_grad) {
-      vectors(Rows<Float32>{buf, BS}, AdjointRows{rc->u0 + w0, rc->u1 + w0, rc->xs, rc->l0, rc->l1});
+      with_teacher(Rows<Float32>{buf, BS}, AdjointRows{rc->u0 + w0, rc->u1 + w0, rc->xs, rc->l0, rc->l1});
     } else if (streamed) {
       const StreamRows out = block_stream(a.grad, gbase, C, g, blk, len, pos, sbuf);
-      vectors(tensor_rows<Tag>(a.x, xbase), out);
+      with_teacher(tensor_rows<Tag>(a.x, xbase), out);
       out.finish(C, nvec);
     } else if (direct) {
-      vectors(tensor_rows<Tag>(a.x, xbase), tensor_rows<Tag>(a.grad, gbase));
+      with_teacher(tensor_rows<Tag>(a.x, xbase), tensor_rows<Tag>(a.grad, gbase));
     } else {
-      vectors(Rows<Float32>{buf, BS}, Rows<Float32>{buf, BS});
+      with_teacher(Rows<Float32>{buf, BS}, Rows<Float32>{buf, BS});
+    }
+    if (confidence_test) {
+      kept = static_cast<double>(count_nonzero(cnt, len));
+      wsum = kept;
     }
     loss = sum_fixed(xt, len);
     if (a.loss_map) std::copy(xt, xt + len, a.loss_map + pix0);
@@ -1438,6 +1503,9 @@ std::vector<double> fused_loss(const FusedArgs& a) {
   const int64_t zH = a.zH ? a.zH : a.H, zW = a.zW ? a.zW : a.W;
   const bool resize_x = !a.maps_only && (xH != a.H || xW != a.W) && a.N * a.H * a.W > 0;
   const bool resize_z = a.z.ptr && (zH != a.H || zW != a.W) && a.N * a.H * a.W > 0;
+  const int64_t tH = a.tH ? a.tH : a.H, tW = a.tW ? a.tW : a.W;
+  const bool separate = !a.maps_only && a.label_mode == 1 && a.teacher.ptr;
+  const bool resize_t = separate && (tH != a.H || tW != a.W) && a.N * a.H * a.W > 0;
   ResizeAxis zah, zaw;
   AxisPlan zpw;
   MapResize zr;
@@ -1447,14 +1515,16 @@ std::vector<double> fused_loss(const FusedArgs& a) {
     zpw = AxisPlan(zaw);
     zr = {&zah, &zpw, 0};
   }
-  // A resized gradient (of the logits or of z) is transposed row by row: whole rows on one thread.
-  const bool by_rows = !a.maps_only && (resize_x || (resize_z && a.grad_z));
+  // Resized logits (the teacher's too) are blended row by row, and a resized gradient (of the logits or of z) is
+  // transposed row by row: whole rows on one thread.
+  const bool by_rows = !a.maps_only && (resize_x || resize_t || (resize_z && a.grad_z));
   // The maps-only pre-pass reads no logits: long blocks (fewer per-block overheads), no [C][B] scratch.
   const Geometry g = a.maps_only ? Geometry(a.N, 1, a.H, a.W, {}, kMapsBlock)
                      : by_rows   ? Geometry(a.N, a.C, a.H, a.W, {}, kMaxBlock, true)
-                                 : Geometry(a.N, a.C, a.H, a.W, {&a.x, &a.grad});
-  const int64_t block_scratch =
-      a.maps_only ? kFusedMaps * g.BS : (a.C + kFusedMaps) * g.BS + a.C * kV + stream_scratch(a.C);
+                                 : Geometry(a.N, a.C, a.H, a.W, {&a.x, &a.grad, &a.teacher});
+  const int64_t block_scratch = a.maps_only ? kFusedMaps * g.BS
+                                            : (a.C + kFusedMaps) * g.BS + a.C * kV + stream_scratch(a.C) +
+                                                  (separate ? a.C * g.BS : 0);  // (fused_block's tbuf)
   // then (even offsets: they hold int64 keys) the D map's cached rows, and the row driver's rows
   const int64_t zrows_at = (block_scratch + 1) / 2 * 2;
   const int64_t scratch = zrows_at + (resize_z ? MapRows::floats(a.W, zW) : 0);
@@ -1493,7 +1563,7 @@ std::vector<double> fused_loss(const FusedArgs& a) {
       FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(g.nblocks, nt, scratch, [&](int64_t blk, float* s, RunPos pos) {
         double sums[kNumSums];
         MapRows zrows(s + zrows_at, a.W);
-        fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, pos, sm, keep_at, zr, &zrows, nullptr);
+        fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, pos, sm, keep_at, zr, &zrows, nullptr, nullptr);
         for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
       }));
     };
@@ -1513,6 +1583,14 @@ std::vector<double> fused_loss(const FusedArgs& a) {
       xaw = resize_axis(1, 1, false);
     }
     const RowResize rr(xah, xaw, a.N, resize_x ? a.C : 0);
+    // a resized teacher: its own rows, blended like the logits' (forward only)
+    ResizeAxis tah, taw;
+    std::optional<RowResize> tr;
+    if (resize_t) {
+      tah = resize_axis(tH, a.H, a.align_corners);
+      taw = resize_axis(tW, a.W, a.align_corners);
+      tr.emplace(tah, taw, a.N, a.C);
+    }
     const bool want_grad = resize_x && a.grad.ptr;
     const bool grad_z = resize_z && a.grad_z;
     // (every partial slot and transposed row is written before it is read: no zeroing)
@@ -1520,24 +1598,28 @@ std::vector<double> fused_loss(const FusedArgs& a) {
     const std::unique_ptr<float[]> tz(new float[grad_z ? a.N * a.H * zW : 0]);  // rows transposed along W
     const int64_t rows_at = scratch;  // (even)
     const int64_t gz_at = rows_at + (resize_x ? rr.scratch(want_grad) : 0);
-    const int64_t total = gz_at + (grad_z ? MapRows::padded(a.W) : 0);
+    const int64_t t_rows_at = gz_at + (grad_z ? MapRows::padded(a.W) : 0);  // (even)
+    const int64_t total = t_rows_at + (resize_t ? tr->scratch(false) : 0);
     auto run = [&](auto smooth_tag) {
       constexpr bool kSmooth = decltype(smooth_tag)::value;
       FAS_DISPATCH_DTYPE(a.x.dtype, for_blocks(a.N * rr.chunks, nt, total, [&](int64_t chunk, float* s) {
         const int64_t n = chunk / rr.chunks, k = chunk % rr.chunks;
         const int64_t r0 = k * rr.chunk_rows, r1 = std::min(a.H, r0 + rr.chunk_rows);
         ThreadRows t(s + rows_at, rr, want_grad);
+        std::optional<ThreadRows> tt;
+        if (resize_t) tt.emplace(s + t_rows_at, *tr, false);
         MapRows zrows(s + zrows_at, a.W);
         for (int64_t r = r0; r < r1; ++r) {
-          RowCtx rc;
+          RowCtx rc, tc;
           if (resize_x) enter_x_row<Tag>(a.x, rr, t, n, r, rc);
+          if (resize_t) enter_x_row<Tag>(a.teacher, *tr, *tt, n, r, tc);
           if (want_grad) enter_grad_row(rr, t, P.get(), n, k, r, rc);
           if (grad_z) rc.gz = s + gz_at;
           for (int64_t kb = 0; kb < g.per_row; ++kb) {
             const int64_t blk = (n * a.H + r) * g.per_row + kb;
             double sums[kNumSums];
             fused_block<Tag, kSmooth>(a, g, blk, s, sums, stream, RunPos{kb == 0, kb + 1 == g.per_row}, sm,
-                                      keep_at, zr, &zrows, &rc);
+                                      keep_at, zr, &zrows, &rc, resize_t ? &tc : nullptr);
             for (int q = 0; q < kNumSums; ++q) partial[q * g.nblocks + blk] = sums[q];
           }
           if (grad_z) zpw.transpose(rc.gz, tz.get() + (n * a.H + r) * zW);

@@ -5,7 +5,9 @@ Only launches: the autograd rule, the means and the label error are shared by ev
 and returns the loss sums with the gradient of the loss sum, stored in a separate buffer of the logits' dtype (the
 logits are never written). For ``reduction="mean"`` the gradient is stored already divided by the count (times
 lambda for the generator's weighted terms), known from a cheap pre-pass over the label / mask maps, and ``scales``
-says so: a plain ``loss.backward()`` then hands the buffer over without touching it again. The kernels also count
+says so: a plain ``loss.backward()`` then hands the buffer over without touching it again. (Not for the
+pseudo-label loss with a confidence test: its count depends on the teacher's logits, and its gradient comes back
+as the sum's, scale 1.) The kernels also count
 labels outside [0, C) that are not ``ignore_index`` (the label check, at no extra pass).
 
 The binding receives the tensors themselves, never their addresses: a call's arguments keep every tensor it
@@ -120,13 +122,15 @@ def _fused(logits: Optional[torch.Tensor], *, sizes, grad: Optional[torch.Tensor
            label_smoothing: float = 0.0, z: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
            keep: bool = False, threshold: float = 0.0, adv_mode: int = 0, loss_map: Optional[torch.Tensor] = None,
            grad_z: Optional[torch.Tensor] = None, grad_z_scale: float = 1.0, maps_only: bool = False,
-           size: Size = None, align_corners: bool = False):
+           size: Size = None, align_corners: bool = False, teacher: Optional[torch.Tensor] = None,
+           confidence: Optional[float] = None):
     """One call of the fused kernel: [loss sum, weight sum, adv sum, adv count, kept, considered, bad labels,
     first bad pixel]."""
     return _ext.fused_loss(
         tuple(sizes), logits, grad, float(grad_scale), labels, int(ignore_index), weight, z, mask, int(keep),
         float(threshold), int(adv_mode), loss_map, grad_z, float(grad_z_scale), bool(maps_only),
-        torch.get_num_threads(), float(label_smoothing), size=size, align_corners=bool(align_corners))
+        torch.get_num_threads(), float(label_smoothing), size=size, align_corners=bool(align_corners),
+        teacher_logits=teacher, confidence_threshold=None if confidence is None else float(confidence))
 
 
 def _bad(sums, labels: torch.Tensor) -> Tuple[int, int]:
@@ -179,16 +183,19 @@ def softmax2d_backward(probs: torch.Tensor, grad_probs: torch.Tensor, *, low_siz
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# losses over the logits: cross_entropy2d, semi_cross_entropy2d
+# losses over the logits: cross_entropy2d, semi_cross_entropy2d, pseudo_label_cross_entropy2d
 
-def _logits_loss(logits: torch.Tensor, reduction: str, store_grad: bool, count_index: int, k: float, common: dict):
-    """The kernel's sums, loss map and gradient, pre-scaled by k / count for a mean (count from a maps pre-pass)."""
+def _logits_loss(logits: torch.Tensor, reduction: str, store_grad: bool, count_index: Optional[int], k: float,
+                 common: dict, **main):
+    """The kernel's sums, loss map and gradient, pre-scaled by k / count for a mean (count from a maps pre-pass;
+    ``count_index`` None: a count the maps alone do not give, no pre-scale). ``main``: arguments of the main
+    pass only."""
     pre = 1.0
-    if store_grad and reduction == "mean":
+    if store_grad and reduction == "mean" and count_index is not None:
         pre = _pre(k, _fused(None, maps_only=True, **common)[count_index])
     grad = torch.empty_like(logits) if store_grad else None
     loss_map = _map_buffer(*_full(logits, common["size"])) if reduction == "none" else None
-    sums = _fused(logits, grad=grad, grad_scale=pre, loss_map=loss_map, **common)
+    sums = _fused(logits, grad=grad, grad_scale=pre, loss_map=loss_map, **common, **main)
     return sums, loss_map, grad, pre
 
 
@@ -202,13 +209,36 @@ def cross_entropy2d(logits: torch.Tensor, target: torch.Tensor, weight: Optional
     return LossLaunch(_vector(sums[_LOSS], sums[_WEIGHT]), loss_map, grad, _vector(pre), _bad(sums, target))
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` read the same elements the same way (``logits.detach()`` passed as the teacher)."""
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+
+
+def pseudo_label_cross_entropy2d(logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+                                 d_logits: Optional[torch.Tensor], confidence_threshold: Optional[float],
+                                 d_threshold: float, ignore_mask: Optional[torch.Tensor], reduction: str,
+                                 store_grad: bool, *, size: Size = None, align_corners: bool = False) -> LossLaunch:
+    # The one kernel pass of L_semi, generalised: pseudo-labels from the teacher's logits (None, or a view of the
+    # logits themselves: from the logits, read once), kept where the teacher is confident and where D is.
+    if teacher_logits is not None and _same_view(teacher_logits, logits):
+        teacher_logits = None
+    z = _f32(d_logits)  # (held by `common` until the kernels have run)
+    inputs = [t for t in (logits, teacher_logits, z) if t is not None]
+    common = dict(sizes=logits.shape, z=z, mask=ignore_mask, keep=True, threshold=d_threshold,
+                  size=_resize_to(size, *inputs), align_corners=align_corners)
+    # A mean's count is known before the pass only without the confidence test (which reads the teacher): then
+    # the gradient is pre-scaled from a maps pre-pass, else it comes back as the sum's (scale 1).
+    count_index = _KEPT if confidence_threshold is None else None
+    sums, loss_map, grad, pre = _logits_loss(logits, reduction, store_grad, count_index, 1.0, common,
+                                             teacher=teacher_logits, confidence=confidence_threshold)
+    return LossLaunch(_vector(sums[_LOSS], sums[_KEPT], sums[_CONSIDERED]), loss_map, grad, _vector(pre))
+
+
 def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold: float,
                          ignore_mask: Optional[torch.Tensor], reduction: str, store_grad: bool, *,
                          size: Size = None, align_corners: bool = False) -> LossLaunch:
-    common = dict(sizes=logits.shape, z=_f32(d_logits), mask=ignore_mask, keep=True, threshold=threshold,
-                  size=_resize_to(size, logits, d_logits), align_corners=align_corners)
-    sums, loss_map, grad, pre = _logits_loss(logits, reduction, store_grad, _KEPT, 1.0, common)
-    return LossLaunch(_vector(sums[_LOSS], sums[_KEPT], sums[_CONSIDERED]), loss_map, grad, _vector(pre))
+    return pseudo_label_cross_entropy2d(logits, None, d_logits, None, threshold, ignore_mask, reduction, store_grad,
+                                        size=size, align_corners=align_corners)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -143,6 +143,47 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
     return torch.stack([loss_map.sum(), keep.sum().to(nll.dtype), considered]), loss_map
 
 
+def teacher_confidence(teacher_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, pseudo-label) per pixel of (N, C, H, W) teacher logits, no gradient: the max softmax
+    ``1 / sum_c exp(t_c - max_c t)`` in accumulation precision and the argmax (the first maximum on ties)."""
+    t = _acc(teacher_logits.detach())
+    top, label = t.max(dim=1)
+    return 1.0 / torch.exp(t - top.unsqueeze(1)).sum(dim=1), label
+
+
+def pseudo_labels(teacher_logits: torch.Tensor, d_logits: Optional[torch.Tensor],
+                  confidence_threshold: Optional[float], d_threshold: float,
+                  ignore_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(keep mask, pseudo-label) per pixel of the teacher's logits and D's map, both at the loss's resolution: kept
+    where the confidence (:func:`teacher_confidence`) >= ``confidence_threshold`` (no test when None), where
+    ``sigmoid(d_logits) > d_threshold`` (:func:`_confident`; no test when ``d_logits`` is None), and not ignored."""
+    confidence, pseudo = teacher_confidence(teacher_logits)
+    keep = torch.ones_like(pseudo, dtype=torch.bool) if ignore_mask is None else ~ignore_mask
+    if confidence_threshold is not None:
+        keep = keep & (confidence >= confidence_threshold)
+    if d_logits is not None:
+        keep = keep & _confident(d_logits, d_threshold, None)
+    return keep, pseudo
+
+
+def pseudo_label_cross_entropy2d(logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+                                 d_logits: Optional[torch.Tensor], confidence_threshold: Optional[float],
+                                 d_threshold: float, ignore_mask: Optional[torch.Tensor], size=None,
+                                 align_corners: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """([loss sum, kept pixels, considered pixels], loss map): the student's ``-log softmax(logits)[y]`` with
+    y = argmax of the teacher's logits (the logits themselves when ``teacher_logits`` is None), kept as
+    :func:`pseudo_labels` says. Each of the three inputs is upsampled to ``size`` from its own resolution."""
+    logits = upsample(logits, size, align_corners)
+    teacher = logits if teacher_logits is None else upsample(teacher_logits, size, align_corners)
+    d = None if d_logits is None else upsample(d_logits, size, align_corners)
+    keep, pseudo = pseudo_labels(teacher, d, confidence_threshold, d_threshold, ignore_mask)
+    _, nll = _log_softmax_at(logits, pseudo)
+    loss_map = torch.where(keep, nll, _zero(nll))
+    considered = keep.numel() if ignore_mask is None else (~ignore_mask).sum()
+    considered = torch.as_tensor(considered, device=nll.device).to(nll.dtype)
+    return torch.stack([loss_map.sum(), keep.sum().to(nll.dtype), considered]), loss_map
+
+
 def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor], threshold: float,
                    ignore_index: int, valid: Optional[torch.Tensor] = None, size=None,
                    align_corners: bool = False) -> torch.Tensor:
