@@ -328,6 +328,44 @@ def test_semi_argmax_ties_take_the_first_maximum(dtype, device):
     assert (x.grad.float()[0, :, 0, :].argmin(dim=0).cpu() == torch.tensor([1, 0, 1])).all()
 
 
+def _tau_clear_of(teacher, want):
+    """A tau near `want` at least 1e-4 from the float64 confidence of every pixel of these teacher logits (the
+    kernels decide conf >= tau in float32: no pixel may sit at the boundary)."""
+    t = teacher.detach().double().cpu()
+    conf = 1.0 / torch.exp(t - t.max(dim=1, keepdim=True).values).sum(dim=1)
+    for k in range(5000):
+        for tau in (want + k * 1e-4, want - k * 1e-4):
+            if float((conf - tau).abs().min()) > 1e-4:
+                return tau
+    raise AssertionError("no tau clear of the confidences")
+
+
+@pytest.mark.parametrize("with_d", [False, True])
+@pytest.mark.parametrize("teacher_kind", ["none", "separate", "same"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pseudo_label_cross_entropy2d(dtype, layout, reduction, teacher_kind, with_d, gen, device):
+    shape = (2, 7, 9, 11)
+    x = _logits(shape, dtype, layout, gen, device=device)
+    xr = _twin(x)
+    teacher = {"none": None, "same": x.detach(),
+               "separate": _with_layout(_rand(shape, gen, 2.0).to(dtype), layout, device=device)}[teacher_kind]
+    tau = _tau_clear_of(x if teacher is None else teacher, 0.6)
+    d = _with_layout(_rand((2, 9, 11), gen, 2.0).to(torch.float16), layout, device=device) if with_d else None
+    mask = _mask((2, 9, 11), gen, layout=layout, device=device)
+    kw = dict(confidence_threshold=tau, d_logits=d, ignore_mask=mask, reduction=reduction, return_ratio=True)
+    out, ratio = fas.pseudo_label_cross_entropy2d(x, teacher, backend="cuda", **kw)
+    ref, ratio_r = fas.pseudo_label_cross_entropy2d(xr, teacher, backend="reference", **kw)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    _close(out, ref, **LOSS_TOL)
+    _close(ratio, ratio_r.float(), rtol=1e-6, atol=1e-7)
+    assert 0 < float(ratio) < 1 and not ratio.requires_grad
+    _backward_both(out, ref, gen, 1.3)
+    assert x.grad.dtype == dtype
+    _close(x.grad.float(), xr.grad.float(), **GRAD_TOL[dtype])
+
+
 @pytest.mark.parametrize("labelled", [True, False])
 @pytest.mark.parametrize("d_dtype", [None, torch.float32])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -588,6 +626,70 @@ def test_upsampled_launches_match_the_reference_on_interpolated_inputs(cuda_modu
     _close(launch.sums, sums_ref.detach(), **LOSS_TOL)
     _low_grad_close(launch.grad_fake, _grad_of(sums_ref[0], z32)[0], z)
     _low_grad_close(launch.grad_real, _grad_of(sums_ref[2], r32)[0], real)
+
+
+@pytest.mark.parametrize("tau", [None, 0.55])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "contiguous"), (torch.float16, "channels_last"),
+                                          (torch.bfloat16, "sliced")])
+def test_upsampled_pseudo_label_launch_matches_the_reference(cuda_module, dtype, layout, align, tau, gen):
+    """Student, teacher and D each at its own grid (also one of them at size): the launch's sums, loss map and
+    gradient (of the loss sum, at the logits' grid) equal the reference's on the interpolated inputs."""
+    from fastadvseg.backends import reference as ref
+
+    module, device = cuda_module
+    n, c, size = 2, 5, (13, 11)
+    x = _with_layout(_rand((n, c, 5, 4), gen).to(dtype), layout, device)
+    mask = _mask((n, *size), gen, layout=layout, device=device)
+    teachers = {"none": None, "low": _with_layout(_rand((n, c, 3, 6), gen, 2.0).to(dtype), layout, device),
+                "at size": _with_layout(_rand((n, c, *size), gen, 2.0).to(dtype), layout, device)}
+    for name, teacher in teachers.items():
+        for d in (None, _with_layout(_rand((n, 2, 3), gen, 2.0).to(torch.bfloat16), layout, device)):
+            x32 = _leaf(x.float())
+            t_up = _interp(x32 if teacher is None else teacher, size, align).detach()
+            t_tau = None if tau is None else _tau_clear_of(t_up, tau)
+            launch = module.pseudo_label_cross_entropy2d(x, teacher, d, t_tau, 0.3, mask, "none", True, size=size,
+                                                         align_corners=align)
+            sums_ref, map_ref = ref.pseudo_label_cross_entropy2d(
+                x32, None if teacher is None else teacher.float(), d, t_tau, 0.3, mask, size=size,
+                align_corners=align)
+            _close(launch.sums, sums_ref.detach(), **LOSS_TOL)
+            _close(launch.loss_map, map_ref.detach(), **LOSS_TOL)
+            _low_grad_close(launch.grad, _grad_of(sums_ref[0], x32)[0], x)
+            assert launch.scales.tolist() == [1.0] and launch.bad is None
+            assert 0 < float(launch.sums[1]) < float(launch.sums[2]) or (tau is None and d is None), name
+    # the logits at size, the teacher below it
+    xs = _with_layout(_rand((n, c, *size), gen).to(dtype), layout, device)
+    xs32 = _leaf(xs.float())
+    t_tau = None if tau is None else _tau_clear_of(_interp(teachers["low"], size, align), tau)
+    launch = module.pseudo_label_cross_entropy2d(xs, teachers["low"], None, t_tau, 0.3, None, "none", True,
+                                                 size=size, align_corners=align)
+    sums_ref, map_ref = ref.pseudo_label_cross_entropy2d(xs32, teachers["low"].float(), None, t_tau, 0.3, None,
+                                                         size=size, align_corners=align)
+    _close(launch.sums, sums_ref.detach(), **LOSS_TOL)
+    _close(launch.loss_map, map_ref.detach(), **LOSS_TOL)
+    _low_grad_close(launch.grad, _grad_of(sums_ref[0], xs32)[0], xs)
+
+
+def test_pseudo_label_launch_arguments_are_checked(cuda_module, gen):
+    module, device = cuda_module
+    x = _rand((2, 3, 4, 5), gen).float().to(device)
+    for teacher, words in ((_rand((1, 3, 4, 5), gen).float().to(device), "teacher_logits"),
+                           (_rand((2, 4, 4, 5), gen).float().to(device), "teacher_logits"),
+                           (_rand((2, 3, 4, 5), gen).half().to(device), "teacher_logits"),
+                           (_rand((2, 3, 3, 5), gen).float().to(device), "teacher_logits")):
+        with pytest.raises(ValueError, match=words):
+            module.pseudo_label_cross_entropy2d(x, teacher, None, 0.9, 0.2, None, "mean", False)
+    with pytest.raises(ValueError, match="no pixels"):
+        module.pseudo_label_cross_entropy2d(x, torch.empty((2, 3, 0, 5), device=device), None, 0.9, 0.2, None, "mean",
+                                            False, size=(8, 9))
+    with pytest.raises(ValueError, match="d_logits"):
+        module.pseudo_label_cross_entropy2d(x, None, _rand((1, 2, 3), gen).float().to(device), 0.9, 0.2, None,
+                                            "mean", False, size=(8, 9))
+    with pytest.raises(ValueError, match="ignore_mask"):
+        module.pseudo_label_cross_entropy2d(x, None, None, 0.9, 0.2, torch.zeros((2, 8, 8), dtype=torch.bool,
+                                                                              device=device), "mean", False,
+                                            size=(8, 9))
 
 
 def test_upsampled_launch_arguments_are_checked(cuda_module, gen):

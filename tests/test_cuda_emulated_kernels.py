@@ -730,3 +730,252 @@ def test_upsampled_results_are_deterministic(ext, gen):
     first = ext.generator_loss_forward(x, z, t, 0.2, IGNORE, True, True, list(size), True)
     again = ext.generator_loss_forward(x, z, t, 0.2, IGNORE, True, True, list(size), True)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# ------------------------------------------------------------------------------- pseudo_label_cross_entropy2d
+# The student's -log softmax[y], y = argmax of the teacher (the student itself when None), kept where not masked,
+# where the teacher's max softmax >= tau (when given) and where sigmoid(z) > T (when z is given): the oracle is
+# that definition in float64 on the inputs as the kernels see them (upsampled in float32 by F.interpolate).
+# The confidence test is decided in float32 by the kernels: tau is drawn at least 1e-4 away from every pixel's
+# float64 confidence, so no pixel sits at the boundary.
+
+def _at(t, grid, align):
+    """t as the op sees it at the label grid, in float64: upsampled from its own grid, or as stored."""
+    return t.double() if list(t.shape[-2:]) == list(grid) else _up(t, grid, align)
+
+
+def _confidence(t):
+    """(max softmax, argmax) per pixel of (N, C, H, W) logits, float64; NaN where a channel difference is NaN."""
+    return 1.0 / torch.exp(t - t.max(dim=1, keepdim=True).values).sum(dim=1), t.argmax(dim=1)
+
+
+def _tau_clear_of(confidence, want):
+    """A tau near `want` at least 1e-4 from every finite confidence."""
+    conf = confidence[torch.isfinite(confidence)]
+    for k in range(5000):
+        for tau in (want + k * 1e-4, want - k * 1e-4):
+            if 0.0 < tau < 1.0 and (conf.numel() == 0 or float((conf - tau).abs().min()) > 1e-4):
+                return tau
+    raise AssertionError("no tau clear of the confidences")
+
+
+def _pl_oracle(x, teacher, z, tau, d_threshold, mask, grid, align=False):
+    """(loss map, [sum, kept, considered], (gradient at x's grid, its scale)) of the pseudo-label loss."""
+    xu = _at(x, grid, align)
+    conf, y = _confidence(xu if teacher is None else _at(teacher, grid, align))
+    keep = torch.ones(y.shape, dtype=torch.bool) if mask is None else ~mask
+    if tau is not None:
+        keep &= conf >= tau
+    if z is not None:
+        keep &= _keep_up(z, grid, align, d_threshold)
+    xl = xu.detach().requires_grad_(True)
+    nll = F.cross_entropy(xl, y, reduction="none")
+    nll = torch.where(keep, nll, torch.zeros_like(nll))
+    nll.sum().backward()
+    considered = keep.numel() if mask is None else int((~mask).sum())
+    sums = torch.tensor([nll.sum().item(), keep.sum().item(), considered], dtype=torch.float64)
+    return nll.detach(), sums, _adjoint(xl.grad, x, grid, align)
+
+
+def _check_pseudo_label(ext, x, teacher, z, tau, mask, grid, align, d_threshold=0.3):
+    size = None if list(grid) == list(x.shape[2:]) and (teacher is None or list(teacher.shape[2:]) == list(grid)) \
+        and (z is None or list(z.shape[1:]) == list(grid)) else list(grid)
+    sums, loss_map, grad = ext.pseudo_label_cross_entropy2d_forward(x, teacher, z, tau, d_threshold, mask, True,
+                                                                    True, size, align)
+    ref_map, ref_sums, ref_grad = _pl_oracle(x, teacher, z, tau, d_threshold, mask, grid, align)
+    assert sums.dtype == torch.float32 and sums.shape == (3,)
+    assert loss_map.shape == (x.shape[0], *grid) and loss_map.dtype == torch.float32
+    _close(loss_map, ref_map, **MAP_TOL)
+    _close(sums, ref_sums, **SUM_TOL)
+    _up_grad_close(grad, ref_grad, x)
+    assert torch.count_nonzero(loss_map[ref_map == 0]) == 0
+    sums2, map2, grad2 = ext.pseudo_label_cross_entropy2d_forward(x, teacher, z, tau, d_threshold, mask, False,
+                                                                  False, size, align)
+    assert map2 is None and grad2 is None and torch.equal(sums2, sums)
+    return sums
+
+
+def _tau_for(x, teacher, grid, align, want):
+    return None if want is None else _tau_clear_of(_confidence(_at(x if teacher is None else teacher, grid,
+                                                                       align))[0], want)
+
+
+@pytest.mark.parametrize("want_tau", [None, 0.6])
+@pytest.mark.parametrize("with_d", [False, True])
+@pytest.mark.parametrize("with_teacher", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pseudo_label_cross_entropy2d(ext, dtype, layout, with_teacher, with_d, want_tau, gen):
+    shape = (2, 7, 9, 11)
+    x = _logits(shape, dtype, layout, gen)
+    teacher = _logits(shape, dtype, layout, gen, scale=2.0) if with_teacher else None
+    z = _with_layout(_rand((2, 9, 11), gen, 2.0).to(torch.float16), layout) if with_d else None
+    mask = _mask((2, 9, 11), gen, layout=layout)
+    tau = _tau_for(x, teacher, shape[2:], False, want_tau)
+    sums = _check_pseudo_label(ext, x, teacher, z, tau, mask, shape[2:], False)
+    if tau is not None or with_d:  # some pixels kept, some not: both sides of the tests are exercised
+        assert 0 < sums[1] < sums[2]
+    else:
+        assert sums[1] == sums[2]
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pseudo_label_cross_entropy2d_odd_shapes(ext, shape, with_teacher, gen):
+    n, c, h, w = shape
+    x = _logits(shape, torch.float32, "channels_last", gen)
+    teacher = _logits(shape, torch.float32, "sliced", gen, scale=1.0) if with_teacher else None
+    z = _rand((n, h, w), gen, 2.0).float()
+    tau = _tau_for(x, teacher, (h, w), False, 0.5)
+    _check_pseudo_label(ext, x, teacher, z, tau, None, (h, w), False)
+
+
+# logits (N, C, h, w), teacher (N, C, ht, wt) or None, D map (N, hd, wd) or None, label grid (H, W): each at its
+# own grid, some at the label grid, non-integer factors, downsampling, C = 1
+PSEUDO_CASES = [((2, 5, 4, 5), (2, 5, 3, 3), (2, 2, 3), (9, 11)),     # all three below the grid, all different
+                ((1, 7, 3, 3), (1, 7, 9, 11), (1, 9, 11), (9, 11)),   # only the student upsampled
+                ((2, 4, 9, 11), (2, 4, 2, 5), (2, 3, 2), (9, 11)),    # the student at the grid, the teacher not
+                ((2, 6, 5, 4), None, (2, 1, 1), (13, 7)),              # self-training, D at 1x1
+                ((1, 3, 11, 9), (1, 3, 4, 6), None, (5, 6)),           # downsampling, no D
+                ((2, 1, 2, 3), (2, 1, 3, 2), (2, 2, 2), (5, 7)),       # C = 1: always confident, loss 0
+                ((2, 3, 5, 7), (2, 3, 1, 1), (2, 5, 7), (13, 17)),     # a 1x1 teacher, D at the student's grid
+                ((1, 21, 1, 1), None, None, (4, 3))]                   # 1x1 -> 4x3, C = 21
+
+
+@pytest.mark.parametrize("want_tau", [None, 0.55])
+@pytest.mark.parametrize("align", ALIGN)
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("case", PSEUDO_CASES)
+def test_upsampled_pseudo_label_cross_entropy2d(ext, case, dtype, layout, align, want_tau, gen):
+    shape, tshape, zshape, size = case
+    x = _logits(shape, dtype, layout, gen)
+    teacher = None if tshape is None else _logits(tshape, dtype, layout, gen, scale=2.0)
+    z = None if zshape is None else _with_layout(_rand(zshape, gen, 2.0).to(torch.bfloat16), layout)
+    mask = _mask((shape[0], *size), gen, layout=layout)
+    tau = _tau_for(x, teacher, size, align, want_tau)
+    _check_pseudo_label(ext, x, teacher, z, tau, mask, size, align)
+
+
+@pytest.mark.parametrize("size", [None, [13, 11]])
+def test_pseudo_label_without_teacher_or_tau_is_semi_bit_for_bit(ext, size, gen):
+    """With the D test and no confidence test, the self-training loss is L_semi: the very same bits."""
+    shape = (2, 5, 7, 9) if size is None else (2, 5, 4, 6)
+    x = _logits(shape, torch.float16, "channels_last", gen)
+    z = _rand((2, 7, 9) if size is None else (2, 3, 2), gen, 2.0).float()
+    m = _mask((2, 7, 9) if size is None else (2, *size), gen)
+    for align in ALIGN:
+        pl = ext.pseudo_label_cross_entropy2d_forward(x, None, z, None, 0.2, m, True, True, size, align)
+        semi = ext.semi_cross_entropy2d_forward(x, z, 0.2, m, True, True, size, align)
+        assert all(torch.equal(a, b) for a, b in zip(pl, semi))
+
+
+@pytest.mark.parametrize("size", [None, [11, 13]])
+def test_pseudo_label_teacher_equal_to_the_student_gives_the_same_bits(ext, size, gen):
+    """The teacher read separately (a copy of the logits) or not at all (None): the same results to the bit, which
+    is what lets the backend drop a teacher that is the logits themselves."""
+    shape = (2, 6, 5, 7)
+    x = _logits(shape, torch.bfloat16, "sliced", gen)
+    x[0, :, 1, 2] = float("nan")
+    x[1, 3, 0, 0] = float("inf")
+    copy = x.clone()
+    for tau in (None, 0.45):
+        own = ext.pseudo_label_cross_entropy2d_forward(x, None, None, tau, 0.2, None, True, True, size, True)
+        sep = ext.pseudo_label_cross_entropy2d_forward(x, copy, None, tau, 0.2, None, True, True, size, True)
+        for a, b in zip(own, sep):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_pseudo_label_non_finite_logits_like_the_reference(ext, with_teacher):
+    """NaN/Inf teacher logits: never confident under a tau (their confidence is NaN, all -inf included); without
+    a tau the pseudo-label is their argmax (a NaN counts as the maximum) and the student's loss there as PyTorch
+    gives it. NaN student logits reach the loss only where the pixel is kept."""
+    inf, nan = float("inf"), float("nan")
+    rows = [[inf, 1.0, 2.0, 0.0], [-inf, -inf, 3.0, 1.0], [-inf, -inf, -inf, -inf], [nan, 1.0, 2.0, 3.0],
+            [0.5, -inf, 2.0, -inf], [1.0, 2.0, 3.0, 4.0], [20.0, 0.0, 0.0, 0.0], [-inf, 2.0, 2.0, -inf]]
+    t = torch.tensor(rows, dtype=torch.float64).T.reshape(1, 4, 1, len(rows)).float()
+    student = torch.tensor([[0.3, -1.0, 2.0, 0.5]] * len(rows), dtype=torch.float64).T.reshape(1, 4, 1, len(rows))
+    x = student.float() if with_teacher else t
+    teacher = t if with_teacher else None
+    confidence, _ = _confidence(t.double())
+    for tau in (None, 0.0, 0.3, 0.9):
+        sums, loss_map, grad = ext.pseudo_label_cross_entropy2d_forward(x, teacher, None, tau, 0.2, None, True, True)
+        ref_map, ref_sums, _ = _pl_oracle(x, teacher, None, tau, 0.2, None, (1, len(rows)))
+        _close(loss_map, ref_map, **MAP_TOL)
+        keep = torch.ones_like(confidence, dtype=torch.bool) if tau is None else confidence >= tau
+        assert sums[1].item() == keep.sum().item() == ref_sums[1].item()
+        if tau is not None:
+            assert not keep[0, 0, [0, 2, 3]].any()  # +inf, all -inf, NaN: never confident
+            assert keep[0, 0, 1] == (tau < 0.88)    # -inf next to a finite maximum: 1 / (1 + e**-2)
+        assert torch.all(grad.permute(0, 2, 3, 1)[~keep] == 0)
+        if with_teacher and tau is not None:        # finite student logits at the kept pixels
+            assert torch.isfinite(sums).all() and torch.isfinite(grad).all()
+            _close(sums, ref_sums, **SUM_TOL)
+
+
+def test_pseudo_label_reads_logits_only_where_needed(ext, gen):
+    """NaN student logits where the teacher is not confident, NaN teacher logits where D rejects the pixel, NaN z
+    where the pixel is ignored: none reaches the sums, the map or the gradient."""
+    shape = (1, 5, 4, 6)
+    x = _rand(shape, gen).float()
+    teacher = _rand(shape, gen, 0.1).float()  # nearly uniform: never confident at tau 0.9 ...
+    teacher[0, 2, 0, :] = 40.0                # ... but on row 0
+    z = torch.full((1, 4, 6), 5.0)
+    z[0, 0, 5] = -5.0                         # D rejects (0, 5)
+    teacher[0, :, 0, 5] = float("nan")
+    x[0, :, 1:, :] = float("nan")             # rows 1.. are not confident
+    mask = torch.zeros((1, 4, 6), dtype=torch.bool)
+    mask[0, 0, 4] = True
+    z[0, 0, 4] = float("nan")                 # ignored
+    sums, loss_map, grad = ext.pseudo_label_cross_entropy2d_forward(x, teacher, z, 0.9, 0.2, mask, True, True)
+    assert sums[1:].tolist() == [4.0, 23.0]
+    assert torch.isfinite(sums).all() and torch.isfinite(loss_map).all() and torch.isfinite(grad).all()
+    ref_map, ref_sums, (ref_grad, _) = _pl_oracle(torch.nan_to_num(x), teacher.nan_to_num(), z.nan_to_num(), 0.9,
+                                                  0.2, mask, (4, 6))
+    _close(loss_map, ref_map, **MAP_TOL)
+    _close(sums, ref_sums, **SUM_TOL)
+    _grad_close(grad, ref_grad, torch.float32)
+    assert torch.count_nonzero(grad[0, :, 1:]) == 0
+
+
+@pytest.mark.parametrize("size", [None, [7, 9]])
+def test_pseudo_label_tau_extremes_nothing_kept_and_all_ignored(ext, size, gen):
+    shape = (2, 4, 7, 9) if size is None else (2, 4, 3, 4)
+    x = _rand(shape, gen).float()
+    x[0] = 0.0
+    x[0, 1] = 200.0  # image 0: a confidence of exactly 1 in float32 at every pixel, also interpolated
+    grid = (7, 9)
+    # tau = 1: only the pixels whose float32 confidence is exactly 1; tau = 0: every pixel
+    for tau, kept in ((1.0, 7 * 9), (0.0, 2 * 7 * 9)):
+        sums, loss_map, grad = ext.pseudo_label_cross_entropy2d_forward(x, None, None, tau, 0.2, None, True, True,
+                                                                        size, False)
+        ref_map, ref_sums, ref_grad = _pl_oracle(x, None, None, tau, 0.2, None, grid)
+        assert sums[1].item() == kept
+        _close(sums, ref_sums, **SUM_TOL)
+        _close(loss_map, ref_map, **MAP_TOL)
+        _up_grad_close(grad, ref_grad, x)
+    # a teacher that is never confident at tau 0.9: zero sums but the considered count, an all-zero gradient
+    teacher = torch.zeros(shape)
+    sums, loss_map, grad = ext.pseudo_label_cross_entropy2d_forward(x, teacher, None, 0.9, 0.2, None, True, True,
+                                                                    size, True)
+    assert sums.tolist() == [0.0, 0.0, 126.0]
+    assert torch.count_nonzero(loss_map) == 0 and torch.count_nonzero(grad) == 0
+    # all ignored, NaN logits included: nothing considered
+    x[1, :, 1, 1] = float("nan")
+    m = torch.ones((2, *grid), dtype=torch.bool)
+    sums, loss_map, grad = ext.pseudo_label_cross_entropy2d_forward(x, None, torch.zeros(2, 1, 1), None, 0.2, m,
+                                                                    True, True, [7, 9], False)
+    assert sums.tolist() == [0.0, 0.0, 0.0] and torch.count_nonzero(grad) == 0
+
+
+def test_upsampled_pseudo_label_empty_batch_and_determinism(ext, gen):
+    x = torch.empty((0, 4, 3, 5))
+    sums, loss_map, grad = ext.pseudo_label_cross_entropy2d_forward(x, torch.empty((0, 4, 2, 2)), torch.empty((0, 2, 2)),
+                                                                    0.5, 0.2, None, True, True, [7, 9], False)
+    assert sums.tolist() == [0.0] * 3 and loss_map.shape == (0, 7, 9) and grad.shape == x.shape
+    x = _logits((2, 5, 4, 6), torch.bfloat16, "channels_last", gen)
+    teacher = _logits((2, 5, 3, 3), torch.bfloat16, "contiguous", gen)
+    z = _rand((2, 3, 2), gen).float()
+    first = ext.pseudo_label_cross_entropy2d_forward(x, teacher, z, 0.4, 0.2, None, True, True, [11, 13], True)
+    again = ext.pseudo_label_cross_entropy2d_forward(x, teacher, z, 0.4, 0.2, None, True, True, [11, 13], True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -327,6 +327,57 @@ std::vector<at::Tensor> semi_cross_entropy2d_forward(const at::Tensor& x, const 
   return {sums, loss_map, grad};
 }
 
+// -> [sums (3,) = [loss sum over kept pixels, kept, considered], loss map or None, gradient (like x) or None]
+// teacher: None (x's own argmax and confidence, x read once) or (N, C, ht, wt) of x's dtype; z: None or (N, hd, wd)
+// of any float dtype; confidence_threshold: None (no confidence test) or tau. With size, each of x, the teacher
+// and z is upsampled to it from its own grid where that differs (z to a float32 map first, as in semi).
+std::vector<at::Tensor> pseudo_label_cross_entropy2d_forward(const at::Tensor& x,
+                                                             const std::optional<at::Tensor>& teacher,
+                                                             const std::optional<at::Tensor>& z,
+                                                             std::optional<double> confidence_threshold,
+                                                             double d_threshold,
+                                                             const std::optional<at::Tensor>& mask, bool need_map,
+                                                             bool need_grad, const OptSize& size, bool align_corners) {
+  check_cuda(x, "logits");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const fc::Shape4 x_shape = shape4(x);
+  const Grid g = label_grid(size, x_shape.H, x_shape.W);
+  const fc::Shape4 s{x_shape.N, x_shape.C, g.H, g.W};  // the label grid
+  const at::Tensor t = value_or_undefined(teacher);
+  if (t.defined()) {
+    check_cuda(t, "teacher_logits");
+    TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == s.N && t.size(1) == s.C && t.scalar_type() == x.scalar_type(),
+                      "fastadvseg cuda backend: teacher_logits ", t.sizes(), " ", t.scalar_type(),
+                      " does not match the logits' N = ", s.N, ", C = ", s.C, " and dtype ", x.scalar_type());
+    TORCH_CHECK_VALUE(size.has_value() || (t.size(2) == s.H && t.size(3) == s.W), "fastadvseg cuda backend: "
+                      "teacher_logits ", t.sizes(), " must be at the logits' grid (", s.H, ", ", s.W, ") without size");
+    if (size.has_value()) resampled(t, g, "teacher_logits");  // an upsampled teacher must have pixels
+  }
+  at::Tensor zg;
+  if (z.has_value()) {
+    check_cuda(*z, "d_logits");
+    TORCH_CHECK_VALUE(z->dim() == 3 && z->size(0) == s.N, "fastadvseg cuda backend: d_logits ", z->sizes(),
+                      " does not match the logits' N = ", s.N);
+    zg = nhw_map(map_at(*z, size, g, align_corners, "d_logits"), s.N, s.H, s.W, "d_logits");
+  }
+  const fc::Strided3 m = raw_map(nhw_map(value_or_undefined(mask), s.N, s.H, s.W, "ignore_mask"), at::kBool);
+  at::Tensor loss_map = loss_map_if(need_map, x, s.N, s.H, s.W);
+  at::Tensor grad = need_grad ? at::empty_like(x) : at::Tensor();
+  at::Tensor sums = sums_of(x, 3);
+  at::Tensor ws = workspace(x, 3, s.N * s.H * s.W, false);
+  const bool x_resampled = resampled(x, g, "logits");
+  const at::Tensor state = logit_state(need_grad && x_resampled, x, s.N * s.H * s.W);
+  const fc::Upsample t_up = t.defined() ? upsample_of(t, align_corners, at::Tensor())
+                                        : fc::Upsample{s.H, s.W, align_corners, nullptr};
+  check_launch(fc::pseudo_label_cross_entropy2d_forward(
+                   s, dtype_code(x), strided4(x), upsample_of(x, align_corners, state), strided4(t), t_up,
+                   float_map(zg), static_cast<float>(d_threshold), confidence_threshold.has_value(),
+                   static_cast<float>(confidence_threshold.value_or(0.0)), m, float_ptr(loss_map), strided4(grad),
+                   ws.data_ptr(), sums.data_ptr<float>(), current_stream()),
+               "pseudo_label_cross_entropy2d_forward");
+  return {sums, loss_map, grad};
+}
+
 // -> [sums (6,) = [term sum, term count, adv sum, adv count, kept, considered], grad_x = d(term sum)/dx or None,
 //     grad_z = d(adv sum)/dz (z's dtype, (N, H, W)) or None, bad (2,) int64 ([0, 0] when unlabelled)]
 std::vector<at::Tensor> generator_loss_forward(const at::Tensor& x, const at::Tensor& z,
@@ -431,6 +482,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("semi_cross_entropy2d_forward", &semi_cross_entropy2d_forward,
         "masked self-training loss: [loss sum, kept, considered], map, gradient", py::arg("x"), py::arg("z"),
         py::arg("threshold"), py::arg("mask"), py::arg("need_map"), py::arg("need_grad"), size, align_corners);
+  m.def("pseudo_label_cross_entropy2d_forward", &pseudo_label_cross_entropy2d_forward,
+        "confidence-masked pseudo-label loss: [loss sum, kept, considered], map, gradient", py::arg("x"),
+        py::arg("teacher"), py::arg("z"), py::arg("confidence_threshold"), py::arg("d_threshold"), py::arg("mask"),
+        py::arg("need_map"), py::arg("need_grad"), size, align_corners);
   m.def("generator_loss_forward", &generator_loss_forward,
         "generator loss terms: [term, term count, adv, adv count, kept, considered], gradients, bad labels",
         py::arg("x"), py::arg("z"), py::arg("target"), py::arg("threshold"), py::arg("ignore_index"),

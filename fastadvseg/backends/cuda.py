@@ -147,6 +147,34 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
     return LossLaunch(sums, loss_map, grad, ones(1, logits.device))
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are the very same elements (one a detached alias of the other, say)."""
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.device == b.device)
+
+
+def pseudo_label_cross_entropy2d(logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+                                 d_logits: Optional[torch.Tensor], confidence_threshold: Optional[float],
+                                 d_threshold: float, ignore_mask: Optional[torch.Tensor], reduction: str,
+                                 store_grad: bool, *, size: Size = None, align_corners: bool = False) -> LossLaunch:
+    grid = _grid(size, align_corners)
+    if teacher_logits is not None and _same_view(teacher_logits, logits):
+        teacher_logits = None  # the same values: one pass over the logits gives the same bits
+    if grid is not None:
+        _check_input("logits", logits, grid)
+        _check_input("teacher_logits", teacher_logits, grid)
+        if d_logits is not None:
+            _check_batch("d_logits", d_logits, logits.shape[0], "the logits")
+            _check_input("d_logits", d_logits, grid)
+        _check_at_grid("ignore_mask", ignore_mask, logits.shape[0], grid)
+    sums, loss_map, grad = _ext.pseudo_label_cross_entropy2d_forward(
+        logits, None if teacher_logits is None else teacher_logits.detach(),
+        None if d_logits is None else d_logits.detach(),
+        None if confidence_threshold is None else float(confidence_threshold), float(d_threshold), ignore_mask,
+        reduction == "none", store_grad, grid, align_corners)
+    return LossLaunch(sums, loss_map, grad, ones(1, logits.device))
+
+
 def generator_loss(logits: torch.Tensor, d_logits: torch.Tensor, target: Optional[torch.Tensor], lambda_adv: float,
                    lambda_semi: float, threshold: float, ignore_index: int, store_gx: bool,
                    store_gz: bool, *, size: Size = None, align_corners: bool = False) -> GeneratorLaunch:

@@ -97,6 +97,8 @@ _SIGNATURES = {
                                                    c_void_p, Strided4, c_void_p],
     "emu_generator_loss_upsampled_forward": [Shape4, c_int, Strided4, Upsample, Strided3, Strided3, c_int64, c_float,
                                              Strided4, Strided3, c_void_p, c_void_p],
+    "emu_pseudo_label_cross_entropy2d_forward": [Shape4, c_int, Strided4, Upsample, Strided4, Upsample, Strided3,
+                                                 c_float, c_bool, c_float, Strided3, c_void_p, Strided4, c_void_p],
     "emu_upsample_map": [c_int64, c_int64, c_int64, Strided3, c_int64, c_int64, c_bool, c_void_p],
     "emu_map_grad_gather": [c_int64, c_int64, c_int64, c_void_p, c_int64, c_int64, c_bool, Strided3],
 }
@@ -278,6 +280,40 @@ class EmulatedExt:
                        _s4(grad), _ptr(sums))
             return [sums, loss_map, grad]
         self._call("emu_semi_cross_entropy2d_forward", _shape4(x), DTYPE_CODE[x.dtype], _s4(x), _fmap(zg), threshold,
+                   _raw(mask), _ptr(loss_map), _s4(grad), _ptr(sums))
+        return [sums, loss_map, grad]
+
+    def pseudo_label_cross_entropy2d_forward(self, x, teacher, z, confidence_threshold, d_threshold, mask, need_map,
+                                             need_grad, size=None, align_corners=False):
+        n, c, xh, xw = x.shape
+        h, w = grid = _grid(size, xh, xw)
+        if teacher is not None:
+            if teacher.dim() != 4 or teacher.shape[:2] != x.shape[:2] or teacher.dtype != x.dtype:
+                raise ValueError(f"fastadvseg cuda backend: teacher_logits {list(teacher.shape)} {teacher.dtype} does "
+                                 f"not match the logits' N = {n}, C = {c} and dtype {x.dtype}")
+            if size is None and list(teacher.shape[2:]) != grid:
+                raise ValueError(f"fastadvseg cuda backend: teacher_logits {list(teacher.shape)} must be at the "
+                                 f"logits' grid {tuple(grid)} without size")
+            if size is not None:
+                _resampled(teacher, grid, "teacher_logits")
+        zg = None
+        if z is not None:
+            if z.dim() != 3 or z.shape[0] != n:
+                raise ValueError(f"fastadvseg cuda backend: d_logits {list(z.shape)} does not match the logits' N = {n}")
+            zg = self._map_at(z, size, grid, align_corners, "d_logits")
+        for name, m in (("d_logits", zg), ("ignore_mask", mask)):  # the binding's nhw_map
+            if m is not None and list(m.shape) != [n, h, w]:
+                raise ValueError(f"fastadvseg cuda backend: {name} {list(m.shape)} does not match (N, H, W) = "
+                                 f"{(n, h, w)}")
+        loss_map = _loss_map(need_map, n, h, w)
+        grad = torch.empty_like(x) if need_grad else None
+        sums = _sums(3)
+        state = _state(need_grad and _resampled(x, grid, "logits"), n * h * w)
+        t_up = (Upsample(h, w, align_corners, None) if teacher is None
+                else _upsample(teacher, align_corners, None))
+        self._call("emu_pseudo_label_cross_entropy2d_forward", Shape4(n, c, h, w), DTYPE_CODE[x.dtype], _s4(x),
+                   _upsample(x, align_corners, state), _s4(teacher), t_up, _fmap(zg), d_threshold,
+                   confidence_threshold is not None, 0.0 if confidence_threshold is None else confidence_threshold,
                    _raw(mask), _ptr(loss_map), _s4(grad), _ptr(sums))
         return [sums, loss_map, grad]
 

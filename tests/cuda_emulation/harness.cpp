@@ -217,6 +217,27 @@ int emu_generator_loss_upsampled_forward(Shape4 s, int dtype, Strided4 x, Upsamp
   return logit_grad(make_logit_grad(s, x, place, grad_x, no_smoothing()), dtype, false);
 }
 
+// pseudo_label_cross_entropy2d_forward (pseudo_label.cu): the same choice of placements (dispatch_pseudo_label),
+// the pixel function over every pixel, then the gather of an upsampled student's gradient.
+int emu_pseudo_label_cross_entropy2d_forward(Shape4 s, int dtype, Strided4 x, Upsample x_up, Strided4 teacher,
+                                             Upsample teacher_up, Strided3 z, float d_threshold, bool test_confidence,
+                                             float confidence_threshold, Strided3 mask, float* loss_map,
+                                             Strided4 grad, float* sums) {
+  const bool x_at_grid = x_up.h == s.H && x_up.w == s.W;
+  if (x_at_grid || grad.data == nullptr) x_up.scratch = nullptr;
+  const PseudoLabelArgs a{s, x, teacher, z, mask, d_threshold, Confidence{test_confidence, confidence_threshold},
+                          loss_map, x_at_grid ? grad : Strided4{}};
+  const int err = dispatch_pseudo_label(s, dtype, x_up, teacher.data != nullptr, teacher_up,
+                                        [&](auto tag, const auto& place, const auto& from) {
+    run<3>(s.N * s.H * s.W, make_finalize(3, sums), [&](int64_t p, float* acc, int64_t&) {
+      pseudo_label_pixel<decltype(tag)>(a, p, acc, place, from);
+    });
+    return cudaSuccess;
+  });
+  if (err != 0 || x_at_grid || grad.data == nullptr) return err;
+  return logit_grad(make_logit_grad(s, x, make_upsampled(x_up, s.H, s.W), grad, no_smoothing()), dtype, false);
+}
+
 int emu_upsample_map(int64_t N, int64_t h, int64_t w, Strided3 z, int64_t H, int64_t W, bool align_corners,
                      float* out) {
   const MapResample a{N, H, W, make_axis(h, H, align_corners), make_axis(w, W, align_corners), z, out};

@@ -157,6 +157,21 @@ cudaError_t generator_loss_upsampled_forward(Shape4 s, int dtype, Strided4 x, Up
                                              Strided3 grad_z, void* workspace, float* sums, int64_t* bad,
                                              cudaStream_t stream);
 
+// pseudo_label_cross_entropy2d: the student's -log softmax(x)[y] with y = argmax_c of the teacher's logits (x's
+// own when teacher.data is nullptr: x is then read once for both), kept where not masked, where the teacher's
+// max softmax >= confidence_threshold (when test_confidence) and where sigmoid(float(z)) > d_threshold (when
+// z.data is not nullptr; the keep rule of semi_cross_entropy2d_forward). The teacher has x's dtype, N and C.
+// x and the teacher are each at the label grid s (x_up / teacher_up (h, w) == (H, W): read in place) or
+// upsampled to it from their own grid (h, w) (see above); z and mask are at (H, W). grad has x's shape; when x is
+// upsampled, x_up.scratch holds kLogitStateBytes per label-grid pixel (nullptr without a gradient).
+// sums: 3 floats = [loss sum over kept pixels, kept, considered (not masked)].
+// workspace: workspace_bytes(P, 3, false) bytes.
+cudaError_t pseudo_label_cross_entropy2d_forward(Shape4 s, int dtype, Strided4 x, Upsample x_up, Strided4 teacher,
+                                                 Upsample teacher_up, Strided3 z, float d_threshold,
+                                                 bool test_confidence, float confidence_threshold, Strided3 mask,
+                                                 float* loss_map, Strided4 grad, void* workspace, float* sums,
+                                                 cudaStream_t stream);
+
 // A map z (N, h, w) of any float DType upsampled to out, a contiguous float32 (N, H, W) map.
 cudaError_t upsample_map(int64_t N, int64_t h, int64_t w, Strided3 z, int64_t H, int64_t W, bool align_corners,
                          float* out, cudaStream_t stream);

@@ -186,7 +186,7 @@ FAS_HD void bce_pair_pixel(const BceSegment& first, const BceSegment& second, in
   }
 }
 
-// ----------------------------------------------------------------------------------------- semi_cross_entropy2d
+// ----------------------------------------------------------- semi_cross_entropy2d, pseudo_label_cross_entropy2d
 // The keep rule of L_semi, one formula for every backend (fastadvseg/_keep.py): sigmoid(z) > T is decided as
 // float32(z) > logit(float32(T)), compared as real numbers, i.e. z > keep_logit with the float32 constant
 //   keep_logit = logit(T) in double (log1p((2T - 1) / (1 - T)) for T in [1/4, 3/4], where log(T) - log1p(-T)
@@ -210,41 +210,122 @@ inline float keep_logit_of(float threshold) {
 // python -m fastadvseg.kernels.triton.compile_check).
 FAS_HD bool keep_pixel(float z, float keep_logit) { return !(z <= keep_logit) && !isnan(z); }
 
-struct SemiArgs {
+// The confidence test of the pseudo-label loss: the teacher's max softmax 1 / sum_c exp(t_c - max_c t) (1 / s of
+// its statistics, in float32) >= tau when `test`, else every pixel passes. A teacher pixel whose maximum is
+// infinite is never confident, as in the reference (t_c - max is NaN for some c there: a +inf makes s NaN anyway,
+// all -inf would give s = C); a NaN anywhere makes s NaN, and NaN >= tau is false.
+struct Confidence {
+  bool test;
+  float tau;
+  FAS_HD bool passes(const RowStats& t) const { return !test || (!isinf(t.m) && 1.f / t.s >= tau); }
+};
+
+// The pseudo-label loss, of which L_semi is the case without a teacher or a confidence test: the student's logits
+// x, the teacher's (teacher.data nullptr: x itself, one pass giving both), the D map z at the label grid
+// (z.data nullptr: no D test) and the ignore mask.
+struct PseudoLabelArgs {
   Shape4 s;
-  Strided4 x;
+  Strided4 x, teacher;
   Strided3 z, mask;
-  float keep_logit;  // keep_logit_of(T): a pixel is kept where z > keep_logit (keep_pixel)
+  float keep_logit;  // keep_logit_of(T): the D test passes where z > keep_logit (keep_pixel)
+  Confidence confidence;
   float* loss_map;
   Strided4 grad;
 
-  // from the threshold T, on the host: keep_logit computed here, once per call
-  SemiArgs(Shape4 s_, Strided4 x_, Strided3 z_, Strided3 mask_, float threshold, float* loss_map_, Strided4 grad_)
-      : s(s_), x(x_), z(z_), mask(mask_), keep_logit(keep_logit_of(threshold)), loss_map(loss_map_), grad(grad_) {}
+  // from the thresholds, on the host: keep_logit computed here, once per call
+  PseudoLabelArgs(Shape4 s_, Strided4 x_, Strided4 teacher_, Strided3 z_, Strided3 mask_, float d_threshold,
+                  Confidence confidence_, float* loss_map_, Strided4 grad_)
+      : s(s_), x(x_), teacher(teacher_), z(z_), mask(mask_), keep_logit(keep_logit_of(d_threshold)),
+        confidence(confidence_), loss_map(loss_map_), grad(grad_) {}
 };
 
-// acc: [sum of nll over kept pixels, kept, considered]
-template <typename T, typename Place = AtLabelGrid>
-FAS_HD void semi_pixel(const SemiArgs& a, int64_t p, float* acc, const Place& place = Place{}) {
+// L_semi: the student's own argmax where the D test passes (z always given), no confidence test.
+struct SemiArgs : PseudoLabelArgs {
+  SemiArgs(Shape4 s_, Strided4 x_, Strided3 z_, Strided3 mask_, float threshold, float* loss_map_, Strided4 grad_)
+      : PseudoLabelArgs(s_, x_, Strided4{}, z_, mask_, threshold, Confidence{false, 0.f}, loss_map_, grad_) {}
+};
+
+// Where the teacher's logits of a pixel come from: OwnLogits (no teacher: the student's own, whose one pass gives
+// the pseudo-label and the loss), or a placement of the teacher tensor (AtLabelGrid: read in place; Upsampled:
+// interpolated from its own grid, its state nullptr), of which only the logits reader is used.
+struct OwnLogits {};
+
+// The student's statistics r at a pixel whose teacher is confident, with r.arg the pseudo-label and r.xsel the
+// student's logit there; false (r untouched) where the teacher is not confident.
+template <typename T, typename R>
+FAS_HD bool pseudo_label_stats(const OwnLogits&, const PseudoLabelArgs& a, const T* __restrict__ xp, const R& at,
+                               const Pixel&, RowStats& r) {
+  const RowStats own = row_stats_of<true>(xp, at, a.s.C, -1);  // its xsel: x at the first maximum
+  if (!a.confidence.passes(own)) return false;
+  r = own;
+  return true;
+}
+
+template <typename T, typename R, typename Teacher>
+FAS_HD bool pseudo_label_stats(const Teacher& teacher, const PseudoLabelArgs& a, const T* __restrict__ xp,
+                               const R& at, const Pixel& px, RowStats& r) {
+  const T* __restrict__ tp = static_cast<const T*>(a.teacher.data);
+  const RowStats t = row_stats_of<true>(tp, teacher.template logits<T>(a.teacher, px), a.s.C, -1);
+  if (!a.confidence.passes(t)) return false;
+  r = row_stats_of<false>(xp, at, a.s.C, t.arg);
+  r.arg = t.arg;
+  return true;
+}
+
+// acc: [sum of nll over kept pixels, kept, considered]. z is read at considered pixels only, the teacher's logits
+// only where the D test passes, the student's only at kept pixels (without a teacher: where the D test passes),
+// so NaN/Inf anywhere else never reaches the loss or the gradient.
+template <typename T, typename Place = AtLabelGrid, typename Teacher = OwnLogits>
+FAS_HD void pseudo_label_pixel(const PseudoLabelArgs& a, int64_t p, float* acc, const Place& place = Place{},
+                               const Teacher& teacher = Teacher{}) {
   const T* __restrict__ xp = static_cast<const T*>(a.x.data);
   const Pixel px = split_pixel(p, a.s.H * a.s.W, a.s.W);
   bool keep = false;
   if (!masked(a.mask, px)) {
     acc[2] += 1.f;
-    keep = keep_pixel(load_map(a.z, offset3(a.z, px)), a.keep_logit);
+    keep = a.z.data == nullptr || keep_pixel(load_map(a.z, offset3(a.z, px)), a.keep_logit);
   }
   float loss = 0.f;
   if (keep) {
     const auto at = place.template logits<T>(a.x, px);
-    const RowStats r = row_stats_of<true>(xp, at, a.s.C, -1);
-    loss = r.m + logf(r.s) - r.xsel;
-    acc[0] += loss;
-    acc[1] += 1.f;
-    place.template counted<T, false>(xp, at, a.grad, px, p, a.s.C, r, r.arg, 1.f, no_smoothing());
-  } else {
-    place.template uncounted<T>(a.grad, px, p, a.s.C);
+    RowStats r{};
+    keep = pseudo_label_stats<T>(teacher, a, xp, at, px, r);
+    if (keep) {
+      loss = r.m + logf(r.s) - r.xsel;
+      acc[0] += loss;
+      acc[1] += 1.f;
+      place.template counted<T, false>(xp, at, a.grad, px, p, a.s.C, r, r.arg, 1.f, no_smoothing());
+    }
   }
+  if (!keep) place.template uncounted<T>(a.grad, px, p, a.s.C);
   if (a.loss_map != nullptr) a.loss_map[p] = loss;
+}
+
+template <typename T, typename Place = AtLabelGrid>
+FAS_HD void semi_pixel(const SemiArgs& a, int64_t p, float* acc, const Place& place = Place{}) {
+  pseudo_label_pixel<T>(a, p, acc, place, OwnLogits{});
+}
+
+// Calls launch(T{}, place, teacher) with the logits' element type and the placements of the student (AtLabelGrid
+// where x_up's grid is the label grid, else Upsampled with x_up.scratch as its state) and of the teacher
+// (OwnLogits without one, AtLabelGrid at the label grid, else Upsampled without state): the pseudo-label kernel is
+// instantiated for these 3 x 2 x 3 combinations. The launcher and tests/cuda_emulation choose through it alike.
+template <typename F>
+inline cudaError_t dispatch_pseudo_label(const Shape4& s, int dtype, const Upsample& x_up, bool has_teacher,
+                                         const Upsample& teacher_up, F&& launch) {
+  const bool x_at_grid = x_up.h == s.H && x_up.w == s.W;
+  const bool t_at_grid = teacher_up.h == s.H && teacher_up.w == s.W;
+  const Upsampled x_place = make_upsampled(x_up, s.H, s.W);
+  const Upsampled t_place =
+      make_upsampled(Upsample{teacher_up.h, teacher_up.w, teacher_up.align_corners, nullptr}, s.H, s.W);
+  return dispatch_logits(dtype, [&](auto tag) {
+    const auto with_teacher = [&](const auto& place) {
+      if (!has_teacher) return launch(tag, place, OwnLogits{});
+      if (t_at_grid) return launch(tag, place, AtLabelGrid{});
+      return launch(tag, place, t_place);
+    };
+    return x_at_grid ? with_teacher(AtLabelGrid{}) : with_teacher(x_place);
+  });
 }
 
 // ----------------------------------------------------------------------------------------------- generator_loss
