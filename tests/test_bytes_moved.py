@@ -33,7 +33,7 @@ triton_interpreter = pytest.importorskip("triton.runtime.interpreter")
 
 from benchmarks import cases as C  # noqa: E402
 from benchmarks.shapes import SMOKE  # noqa: E402
-from fastadvseg.kernels.triton import bce_with_logits as bce, cross_entropy, discriminator_loss as discriminator, generator_loss as generator, one_hot, semi_cross_entropy as semi, softmax  # noqa
+from fastadvseg.kernels.triton import bce_with_logits as bce, cross_entropy, discriminator_loss as discriminator, generator_loss as generator, one_hot, pseudo_label, semi_cross_entropy as semi, softmax  # noqa
 
 
 class Accesses:
@@ -173,6 +173,21 @@ def test_semi_cross_entropy_reads_each_logit_once_and_writes_each_gradient_once(
         *_, loss_map, grad = semi.semi_forward(x, d, 0.2, m, store_grad=True, store_map=True)
     assert_each_once(acc, read=[("logits", x), ("d_logits", d), ("mask", m)],
                      written=[("gradient", grad), ("loss map", loss_map)])
+
+
+@pytest.mark.parametrize("teacher", [True, False], ids=["teacher", "self"])
+def test_pseudo_label_reads_each_logit_and_teacher_logit_once_and_writes_each_gradient_once(inputs, teacher):
+    """With every test on (tau, D, mask): each logit and teacher logit read once; the student as its own teacher
+    reads its logits once, for both roles."""
+    x, d, m = inputs["x"], inputs["d"], inputs["m"]
+    t = inputs["g"] if teacher else None  # another logits tensor of the same shape and layout
+    with counted() as acc:
+        *_, loss_map, grad = pseudo_label.pseudo_label_forward(x, t, d, 0.5, 0.2, m, store_grad=True, store_map=True)
+    read = [("logits", x), ("d_logits", d), ("mask", m)] + ([("teacher logits", t)] if teacher else [])
+    assert_each_once(acc, read=read, written=[("gradient", grad), ("loss map", loss_map)])
+    with counted() as acc:  # no D, no tau, no mask, no gradient: only the logits (and the teacher's)
+        pseudo_label.pseudo_label_forward(x, t, None, None, 0.2, None, store_grad=False, store_map=False)
+    assert_each_once(acc, read=[("logits", x)] + ([("teacher logits", t)] if teacher else []))
 
 
 def test_bce_and_discriminator_read_each_map_once_and_write_each_gradient_once(inputs):
@@ -394,3 +409,34 @@ def test_upsampled_maps_and_generator_touch_only_their_tensors(name, shape, size
         counts = acc.counts(g, "store")
         assert counts.min() == 1 and counts.max() == 1 and not acc.counts(g, "load").any(), what
     assert gx.shape == x.shape and gz.shape == d_small.shape
+
+
+@pytest.mark.parametrize("teacher_hw", [(2, 2), None], ids=["teacher", "self"])
+@pytest.mark.parametrize("name,shape,size,align,layout", UPSAMPLED[:3], ids=[u[0] for u in UPSAMPLED[:3]])
+def test_upsampled_pseudo_label_touches_only_its_tensors(name, shape, size, align, layout, teacher_hw, gen):
+    """Student, teacher and D each at its own resolution: the forward gathers student and teacher 4 times per
+    full-resolution pixel and channel, D 4 times per pixel, reads the mask once; pass 1 gathers all three again per
+    visit of the student's pass-1 axis and reads the mask once per visit; the gradient is stored once at the
+    student's resolution, no full-resolution tensor is made. The student as its own teacher is gathered once per
+    pixel and visit, for both roles."""
+    n, c, h, w = shape
+    x = layout_4d(torch.randn(shape, generator=gen) * 3, layout)
+    t = None if teacher_hw is None else layout_4d(torch.randn((n, c, *teacher_hw), generator=gen) * 3, layout)
+    d = layout_3d(torch.randn((n, 3, 2), generator=gen), layout)
+    m = layout_3d(torch.rand((n, *size), generator=gen) < 0.3, layout)
+    with counted() as acc:
+        *_, loss_map, grad = pseudo_label.pseudo_label_forward(x, t, d, 0.5, 0.2, m, store_grad=True, store_map=True,
+                                                               size=size, align_corners=align)
+    pixels = n * size[0] * size[1]
+    per_visit = visits(h, w, size, align)
+    x_visits = n * int(per_visit.sum())
+    assert acc.counts(x, "load").sum() == 4 * c * (pixels + x_visits)
+    if t is not None:
+        assert acc.counts(t, "load").sum() == 4 * c * (pixels + x_visits)
+    assert acc.counts(d, "load").sum() == 4 * (pixels + x_visits)
+    assert (acc.counts(m, "load").reshape(n, *size) == 1 + per_visit[None]).all()
+    inputs = [("logits", x), ("d", d), ("mask", m)] + ([("teacher", t)] if t is not None else [])
+    inter = assert_outputs_and_intermediate(acc, [("gradient", grad), ("loss map", loss_map)], shape, size, inputs)
+    input_loads = sum(int(acc.counts(u, "load").sum()) for _, u in inputs)
+    assert len(acc.addresses("load")) == input_loads + acc_intermediate_reads(acc, inter, grad, loss_map)
+    assert grad.shape == x.shape

@@ -19,13 +19,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "fastadvseg" / "kernels"
-TILE_KERNELS = ("softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel", "semi_kernel",
-                "generator_kernel", "one_hot_kernel", "adjoint_pass_kernel")
+TILE_KERNELS = ("softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel", "generator_kernel",
+                "one_hot_kernel", "adjoint_pass_kernel", "pseudo_label_kernel")
 MAP_KERNELS = ("bce_kernel", "discriminator_kernel")
 # the kernels of inputs read upsampled: the forward tile kernels under these flags, the gradients' first passes
-UPSAMPLED_FLAGS = {"UPSAMPLE", "UP_X"}
-UPSAMPLED_TILE_KERNELS = ("softmax_fwd_kernel", "cross_entropy_kernel", "semi_kernel", "generator_kernel")
-GRAD_TILE_KERNELS = ("cross_entropy_grad_kernel", "semi_grad_kernel", "softmax_bwd_grad_kernel")
+UPSAMPLED_FLAGS = {"UPSAMPLE", "UP_X", "UP_T"}
+UPSAMPLED_TILE_KERNELS = ("softmax_fwd_kernel", "cross_entropy_kernel", "generator_kernel", "pseudo_label_kernel")
+GRAD_TILE_KERNELS = ("cross_entropy_grad_kernel", "softmax_bwd_grad_kernel", "pseudo_label_grad_kernel")
 DTYPES = ("fp32", "fp16", "bf16")
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),

@@ -31,6 +31,9 @@ Numbers are those of this Triton release and its ptxas, which the first and last
 JSON report's ``triton.toolchain``); releases differ, by far more than a few registers (3.6 and 3.9:
 ``common.TILE_ELEMS``), so CI runs the check under every Triton release the project supports.
 
+``--kernels a,b`` compiles only the launches of the named Triton kernels (the sweep still records every launch):
+a quick look at the kernels one is changing.
+
 Exit status: 0 all compiled and nothing spills, 1 a kernel failed to compile or spills, 3 this machine cannot
 compile for the target (e.g. no NVIDIA backend in this triton build), 2 run with TRITON_INTERPRET=1 (the kernels
 are then interpreted).
@@ -185,14 +188,15 @@ class Recorder:
 
 def _kernels():
     from fastadvseg.kernels.triton import (bce_with_logits, bilinear, cross_entropy, discriminator_loss, generator_loss,
-                                           one_hot, semi_cross_entropy, softmax)
+                                           one_hot, pseudo_label, softmax)
 
     return [softmax.softmax_fwd_kernel, softmax.softmax_bwd_kernel, cross_entropy.cross_entropy_kernel,
-            bce_with_logits.bce_kernel, semi_cross_entropy.semi_kernel, generator_loss.generator_kernel,
-            discriminator_loss.discriminator_kernel,
+            bce_with_logits.bce_kernel, generator_loss.generator_kernel,
+            discriminator_loss.discriminator_kernel, pseudo_label.pseudo_label_kernel,
             one_hot.one_hot_kernel,
             # the gradients of inputs read upsampled: pass 1 per op, pass 2 shared
-            cross_entropy.cross_entropy_grad_kernel, semi_cross_entropy.semi_grad_kernel,
+            cross_entropy.cross_entropy_grad_kernel,
+            pseudo_label.pseudo_label_grad_kernel,
             softmax.softmax_bwd_grad_kernel, bce_with_logits.map_grad_kernel, bilinear.adjoint_pass_kernel]
 
 
@@ -243,6 +247,7 @@ def _logits(shape, dtype, layout, g):
 def _training_ops(shape, dtype, layout, g) -> None:
     """Every op as training calls it (gradients stored), plus the variant of each kernel with every flag on."""
     from fastadvseg import functional as F
+    from fastadvseg.backends import triton as B
 
     T = "triton"
     n, c, h, w = shape
@@ -256,6 +261,10 @@ def _training_ops(shape, dtype, layout, g) -> None:
     F.bce_with_logits2d(d, torch.rand((n, h, w), generator=g).to(dtype), ignore_mask=mask, reduction="none",
                         backend=T)
     F.semi_cross_entropy2d(x, d, ignore_mask=mask, backend=T)
+    # mean teacher with every test, and self-training on the confidence alone
+    B.pseudo_label_cross_entropy2d(x.detach(), _logits(shape, dtype, layout, g).detach(), d.detach(), 0.9, 0.2, mask,
+                                   "none", True)
+    B.pseudo_label_cross_entropy2d(x.detach(), None, None, 0.9, 0.2, None, "mean", True)
     F.generator_loss(x, d, y, lambda_adv=0.01, backend=T)
     F.generator_loss(x, d, None, lambda_adv=0.01, backend=T)
     F.discriminator_loss(d, d[:1, ::2], ignore_mask_fake=mask, backend=T)
@@ -278,11 +287,13 @@ def _flags_off(shape, g, size=None) -> None:
             B.cross_entropy2d(x, y, None, 255, 0.0, "mean", False, size=size)
             B.bce_with_logits2d(d, None, 1.0, None, "sum", False, size=size)
             B.generator_loss(x, d, None, 0.01, 0.1, 0.2, 255, False, False, size=size)
+            B.pseudo_label_cross_entropy2d(x, None, None, None, 0.2, None, "sum", False, size=size)
             return
         y = torch.randint(0, c, (n, h, w), generator=g)
         F.cross_entropy2d(x, y, backend=T)
         F.bce_with_logits2d(d, 1.0, reduction="sum", backend=T)
         F.generator_loss(x, d, None, lambda_adv=0.01, backend=T)
+        B.pseudo_label_cross_entropy2d(x, None, None, None, 0.2, None, "sum", False)
         F.one_hot2d(y, c, backend=T)
 
 
@@ -314,6 +325,10 @@ def _upsampled_ops(c, dtype, layout, align_corners, g) -> None:
     B.generator_loss(x, d_small, y, 0.01, 0.1, 0.2, 255, True, True, **kw)
     B.generator_loss(x, d_small, None, 0.01, 0.1, 0.2, 255, True, True, **kw)
     B.discriminator_loss(d, d_small[:1], mask, None, True, True, **kw)
+    # student, teacher and D each at its own resolution; the student its own teacher
+    teacher = _logits((n, c, h - 2, w + 3), dtype, layout, g).detach()
+    B.pseudo_label_cross_entropy2d(x, teacher, d_small, 0.9, 0.2, mask, "none", True, **kw)
+    B.pseudo_label_cross_entropy2d(x, None, d_small, 0.9, 0.2, None, "mean", True, **kw)
     for one_axis in ((size[0], w), (h, size[1])):  # one pass, writing the gradient itself
         x1 = _logits((n, c, *one_axis), dtype, layout, g).detach()
         B.cross_entropy2d(x1, y, None, 255, 0.0, "mean", True, **kw)
@@ -322,10 +337,15 @@ def _upsampled_ops(c, dtype, layout, align_corners, g) -> None:
     x_full = _logits((n, c, *size), dtype, layout, g).detach()
     B.generator_loss(x_full, d_small, None, 0.01, 0.1, 0.2, 255, True, True, **kw)
     B.generator_loss(x, torch.randn((n, *size), generator=g).to(dtype), y, 0.01, 0.1, 0.2, 255, True, True, **kw)
+    # a full-resolution teacher and D with the student upsampled, and an upsampled teacher of a full-resolution student
+    B.pseudo_label_cross_entropy2d(x, x_full, torch.randn((n, *size), generator=g).to(dtype), 0.9, 0.2, mask, "mean",
+                                   True, **kw)
+    B.pseudo_label_cross_entropy2d(x_full, teacher, None, 0.9, 0.2, mask, "mean", True, **kw)
 
 
-def triton_report(arch: int, jobs: int, classes=CLASSES, log=print) -> dict:
-    """Record every launch, compile the distinct ones in ``jobs`` processes, and return the report."""
+def triton_report(arch: int, jobs: int, classes=CLASSES, log=print, kernels=None) -> dict:
+    """Record every launch, compile the distinct ones in ``jobs`` processes, and return the report; ``kernels``, a
+    set of kernel names, restricts the compilation (and the report) to their launches."""
     global _TARGET
     from triton.backends.compiler import GPUTarget
 
@@ -335,16 +355,18 @@ def triton_report(arch: int, jobs: int, classes=CLASSES, log=print) -> dict:
     for kernel in _kernels():
         recorder.patch(kernel)
     record_launches(recorder, classes)
+    selected = [i for i, launch in enumerate(_LAUNCHES) if kernels is None or launch.kernel.__name__ in kernels]
     start = time.perf_counter()
     results = {}
-    if jobs > 1 and len(_LAUNCHES) > 1:
+    if jobs > 1 and len(selected) > 1:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            for index, res, err, seconds in pool.imap_unordered(_compile_job, range(len(_LAUNCHES))):
+            for index, res, err, seconds in pool.imap_unordered(_compile_job, selected):
                 results[index] = (res, err, seconds)
     else:
-        results = {i: _compile_job(i)[1:] for i in range(len(_LAUNCHES))}
+        results = {i: _compile_job(i)[1:] for i in selected}
     rows = []
-    for i, launch in enumerate(_LAUNCHES):
+    for i in selected:
+        launch = _LAUNCHES[i]
         res, err, seconds = results[i]
         contexts = recorder.contexts[i]
         row = {**launch.describe(), "block": launch.block, "classes": sorted({ctx["C"] for ctx in contexts}),
@@ -355,8 +377,8 @@ def triton_report(arch: int, jobs: int, classes=CLASSES, log=print) -> dict:
         rows.append(row)
     log(f"compiled {len(rows)} distinct launches for sm_{arch} in {time.perf_counter() - start:.1f} s "
         f"({jobs} processes)")
-    return {"arch": arch, "rows": rows, "missing": sorted({k.__name__ for k in _kernels()}
-                                                          - {r["kernel"] for r in rows})}
+    wanted = {k.__name__ for k in _kernels()} if kernels is None else set(kernels)
+    return {"arch": arch, "rows": rows, "missing": sorted(wanted - {r["kernel"] for r in rows})}
 
 
 _ACCEPTED = re.compile(r"accepted spill of `([^`]+)`(?: at block (\d+))?: (.+)")
@@ -485,6 +507,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--json", help="also write the report (both tables, failures) to this file")
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of the .cu kernels")
+    parser.add_argument("--kernels", help="comma-separated Triton kernel names: compile only their launches (the "
+                        "sweep still records every launch); a name no launch has fails the check")
     opts = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled; unset it")
@@ -502,7 +526,13 @@ def main(argv=None) -> int:
     print(f"compile_check: Triton {tools['triton']} (ptxas {tools['ptxas']}), torch {tools['torch']}, sm_{opts.arch}, "
           f"tiles of {tools['tile_elems']} elements (fastadvseg.kernels.triton.common.TILE_ELEMS)")
     accepted = accepted_spills()
-    report = triton_report(opts.arch, opts.jobs)
+    kernels = None if not opts.kernels else {k.strip() for k in opts.kernels.split(",") if k.strip()}
+    unknown = kernels - {k.__name__ for k in _kernels()} if kernels else set()
+    if unknown:
+        print(f"--kernels: no Triton kernel named {', '.join(sorted(unknown))} (the check compiles: "
+              f"{', '.join(k.__name__ for k in _kernels())})")
+        return 1
+    report = triton_report(opts.arch, opts.jobs, kernels=kernels)
     report["toolchain"] = tools
     rows = report["rows"]
     print("\n".join(format_triton(rows)))

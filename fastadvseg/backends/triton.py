@@ -37,6 +37,7 @@ from ..kernels.triton import cross_entropy as _ce
 from ..kernels.triton import discriminator_loss as _disc
 from ..kernels.triton import generator_loss as _gen
 from ..kernels.triton import one_hot as _one_hot
+from ..kernels.triton import pseudo_label as _pseudo
 from ..kernels.triton import semi_cross_entropy as _semi
 from ..kernels.triton import softmax as _softmax
 from ._launch import DiscriminatorLaunch, GeneratorLaunch, LossLaunch, ones
@@ -139,6 +140,36 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, threshold
     total, kept, considered, loss_map, grad = _semi.semi_forward(
         logits, d_logits, threshold, ignore_mask, store_grad=store_grad, store_map=reduction == "none", size=size,
         align_corners=align_corners)
+    return LossLaunch(_vector(total, kept, considered), loss_map, grad, ones(1, logits.device))
+
+
+def _check_teacher(logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], d_logits: Optional[torch.Tensor],
+                   size: Size) -> None:
+    """The teacher shares the logits' N and C (and, without a size, all three inputs share the logits' (h, w)):
+    what the kernels address."""
+    if teacher_logits is not None and teacher_logits.shape[:2] != logits.shape[:2]:
+        raise ValueError(f"teacher_logits of shape {tuple(teacher_logits.shape)} must have the (N, C) of logits of "
+                         f"shape {tuple(logits.shape)}")
+    if size is None:
+        for name, t in (("teacher_logits", teacher_logits), ("d_logits", d_logits)):
+            if t is not None and t.shape[-2:] != logits.shape[-2:]:
+                raise ValueError(f"{name} of shape {tuple(t.shape)} does not match logits of shape "
+                                 f"{tuple(logits.shape)}; pass size=(H, W) to upsample them inside the op")
+
+
+@_on_tensor_device
+def pseudo_label_cross_entropy2d(logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+                                 d_logits: Optional[torch.Tensor], confidence_threshold: Optional[float],
+                                 d_threshold: float, ignore_mask: Optional[torch.Tensor], reduction: str,
+                                 store_grad: bool, *, size: Size = None, align_corners: bool = False) -> LossLaunch:
+    low = {"logits": logits, "teacher_logits": teacher_logits, "d_logits": d_logits}
+    size = _full_size(size, logits.shape[0], {k: v for k, v in low.items() if v is not None},
+                      {"ignore_mask": ignore_mask})
+    _check_teacher(logits, teacher_logits, d_logits, size)
+    total, kept, considered, loss_map, grad = _pseudo.pseudo_label_forward(
+        logits, None if teacher_logits is None else teacher_logits.detach(),
+        None if d_logits is None else d_logits.detach(), confidence_threshold, d_threshold, ignore_mask,
+        store_grad=store_grad, store_map=reduction == "none", size=size, align_corners=align_corners)
     return LossLaunch(_vector(total, kept, considered), loss_map, grad, ones(1, logits.device))
 
 

@@ -204,6 +204,13 @@ def ce_grad(p, onehot, counted):
     return tl.where(counted[None, :], p - tl.where(onehot, 1.0, 0.0), 0.0)
 
 
+@triton.jit
+def confident(z, considered, keep_logit):
+    """The discriminator's confidence mask at considered pixels: z > logit(T) (float32 z; keep_logit from
+    :func:`fastadvseg._keep.keep_logit`), i.e. sigmoid(z) > T exactly; a NaN z is never kept."""
+    return considered & (z > keep_logit)
+
+
 # Flat pixel index of "no bad label in this block" in the report (flat indices are < N·H·W < 2**47)
 NO_BAD_LABEL = 2 ** 62
 BAD_REPORT_COLS = 3  # (count, flat index of the first bad label, its value), int64

@@ -32,13 +32,13 @@ import triton
 import triton.language as tl
 
 from ..._keep import keep_logit as _keep_logit
-from .common import all_flat, bad_label_buffer, bad_label_summary, bce_logits, ce_grad, column_sums, first_argmax, \
-    load_logits_tile, nll_tile, no_bad_labels, partials, pix_offsets, pixel_block, report_bad_labels, sigmoid, \
-    store_tile, tile_launch
+from .common import all_flat, bad_label_buffer, bad_label_summary, bce_logits, ce_grad, column_sums, confident, \
+    first_argmax, load_logits_tile, nll_tile, no_bad_labels, partials, pix_offsets, pixel_block, report_bad_labels, \
+    sigmoid, store_tile, tile_launch
 from .bce_with_logits import map_gradient
 from .bilinear import IDENTITY_ARGS, geometry, resampled, upsampled_logits_tile, upsampled_map, upsampled_tile_launch
 from .cross_entropy import cross_entropy_gradient
-from .semi_cross_entropy import confident, semi_gradient
+from .semi_cross_entropy import semi_gradient
 
 
 @triton.jit
