@@ -34,6 +34,7 @@ LAMBDA_ADV = 0.01  # the paper's lambda_adv on a labelled batch
 LAMBDA_SEMI_ADV = 0.001  # unlabelled batch
 LAMBDA_SEMI = 0.1
 THRESHOLD = 0.2
+CONFIDENCE = 0.95  # FixMatch's / UniMatch's confidence threshold tau of the pseudo-label loss
 IGNORE_FRACTION = 0.05  # VOC-like: object boundaries are labelled 255
 LOGIT_SCALE = 8  # DeepLab-v2's output stride: 41x41 logits for 321x321 labels
 D_SCALE = 32  # the paper's D: five stride-2 convolutions
@@ -52,7 +53,7 @@ def _no_bytes(p: int, c: int, e: int, q: int, qd: int) -> int:
 class OpCase:
     name: str  # row name in the report
     api: str  # fastadvseg function it exercises
-    inputs: Tuple[str, ...]  # which of x, y, z, z_real, m_real, gout, d_net (a StandInD) it reads
+    inputs: Tuple[str, ...]  # which of x, x_teacher, y, z, z_real, m_real, gout, d_net (a StandInD) it reads
     grads: Tuple[str, ...]  # differentiable inputs; empty: forward only
     eager: Callable[[Inputs], torch.Tensor]
     fused: Callable[[Inputs, str], torch.Tensor]
@@ -132,6 +133,15 @@ def _gen_unlabelled(i: Inputs, b: str) -> torch.Tensor:
                                  threshold=THRESHOLD, backend=b).total
 
 
+def _eager_pseudo_label(i: Inputs) -> torch.Tensor:
+    """The mean-teacher loss as users write it: the teacher's max softmax and argmax, the pseudo-labels below the
+    confidence threshold ignored, then F.cross_entropy (benchmark inputs always keep some pixels)."""
+    with torch.no_grad():
+        confidence, pseudo = torch.softmax(i["x_teacher"].float(), dim=1).max(dim=1)
+        pseudo = torch.where(confidence >= CONFIDENCE, pseudo, IGNORE)
+    return F.cross_entropy(i["x"], pseudo, ignore_index=IGNORE)
+
+
 def _up(t: torch.Tensor, i: Inputs) -> torch.Tensor:
     return R.upsample(t, i["size"], align_corners=ALIGN_CORNERS)
 
@@ -171,6 +181,12 @@ LABEL_RES_CASES: Tuple[OpCase, ...] = (
            fused=lambda i, b: _fas().semi_cross_entropy2d(i["x"], i["z"], threshold=THRESHOLD, backend=b),
            byte_model="fwd: read x, z (PCe + Pe); +bwd: write dx (+PCe)",
            fwd_bytes=lambda p, c, e, q, qd: p * c * e + p * e, bwd_bytes=lambda p, c, e, q, qd: p * c * e),
+    OpCase("pseudo_label_cross_entropy2d", "pseudo_label_cross_entropy2d", ("x", "x_teacher"), ("x",),
+           eager=_eager_pseudo_label,
+           fused=lambda i, b: _fas().pseudo_label_cross_entropy2d(i["x"], i["x_teacher"],
+                                                                  confidence_threshold=CONFIDENCE, backend=b),
+           byte_model="fwd: read x, teacher (2PCe); +bwd: write dx (+PCe)",
+           fwd_bytes=lambda p, c, e, q, qd: 2 * p * c * e, bwd_bytes=lambda p, c, e, q, qd: p * c * e),
     OpCase("one_hot2d", "one_hot2d", ("y",), (),
            eager=lambda i: R.one_hot2d(i["y"], i["num_classes"], dtype=i["dtype"]),
            fused=lambda i, b: _fas().one_hot2d(i["y"], i["num_classes"], dtype=i["dtype"], backend=b),
@@ -248,7 +264,8 @@ def select_cases(names: Optional[Sequence[str]] = None) -> List[OpCase]:
 
 def make_inputs(case: OpCase, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> Inputs:
     """One input set: random logits (never zeros), VOC-like labels with a few ignored pixels, D-logits around +1
-    (sigmoid(z) > THRESHOLD for most pixels, as with a trained D, but not all), a seeded :class:`StandInD`."""
+    (sigmoid(z) > THRESHOLD for most pixels, as with a trained D, but not all), a teacher confident at CONFIDENCE on
+    part of the pixels, a seeded :class:`StandInD`."""
     g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: fast for GPU-sized inputs
     n, c, h, w = shape.n, shape.c, shape.h, shape.w
     kw = {"generator": g, "device": device}
@@ -256,6 +273,9 @@ def make_inputs(case: OpCase, shape: Shape, dtype: torch.dtype, device: torch.de
     y[torch.rand(n, h, w, **kw) < IGNORE_FRACTION] = IGNORE
     make = {
         "x": lambda hw: torch.randn(n, c, *hw, **kw) * 2,
+        # a teacher sure of about half of the pixels at CONFIDENCE: its top logit 6 above the rest's typical ones
+        "x_teacher": lambda hw: torch.randn(n, c, *hw, **kw).scatter_add_(
+            1, torch.randint(0, c, (n, 1, *hw), **kw), torch.rand(n, 1, *hw, **kw) * 12),
         "y": lambda hw: y,
         "z": lambda hw: torch.randn(n, 1, *hw, **kw) + 1,
         "z_real": lambda hw: torch.randn(n, 1, *hw, **kw) + 1,

@@ -13,6 +13,7 @@ from .functional import (
     discriminator_loss,
     generator_loss,
     one_hot2d,
+    pseudo_label_cross_entropy2d,
     semi_cross_entropy2d,
     softmax2d,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "cross_entropy2d",
     "bce_with_logits2d",
     "semi_cross_entropy2d",
+    "pseudo_label_cross_entropy2d",
     "one_hot2d",
     "generator_loss",
     "discriminator_loss",

@@ -30,6 +30,7 @@ LAUNCHES = (
     "one_hot2d",
     "generator_loss",
     "discriminator_loss",
+    "pseudo_label_cross_entropy2d",
 )
 
 ENV_BACKEND = "FASTADVSEG_BACKEND"

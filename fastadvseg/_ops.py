@@ -392,8 +392,8 @@ def _check_d_map(d: Tensor, n_h_w: tuple, size, device) -> None:
 
 
 def _launch_for(backend: str, first: Tensor, name: str, dims: int = 4):
-    """The backend's launch module, after checking the op's first tensor (its logits, or its (N, H, W) D map):
-    its dimensions, a dtype the backend runs and a device it runs on. Returns (module, (N, H, W))."""
+    """The backend's launch module, after checking the op's first tensor (its logits, or its (N, H, W) D map): its
+    dimensions, a dtype the backend runs and a device it runs on. Returns (module, (N, H, W))."""
     _labels.check_pending()
     module = launcher(backend)
     V.check_tensor(first, name)
@@ -632,6 +632,52 @@ _StoredGradientRule(
     stored=[_StoredGrad(input="logits", buffer="grad", of_sum="loss", asked_by="store_grad")],
     reference=lambda logits, d_logits, threshold, ignore_mask, size=None, align_corners=False, **_:
     reference.semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, size=size, align_corners=align_corners))
+
+
+# ---------------------------------------------------------------------------------- pseudo_label_cross_entropy2d
+
+pseudo_label_cross_entropy2d = _define(
+    "pseudo_label_cross_entropy2d(Tensor logits, Tensor? teacher_logits, Tensor? d_logits, "
+    "float? confidence_threshold, float d_threshold, Tensor? ignore_mask, str reduction, bool store_grad, "
+    "str backend, SymInt[]? size=None, bool align_corners=False) "
+    "-> (Tensor sums, Tensor loss_map, Tensor grad, Tensor scales)")
+
+
+@_device(pseudo_label_cross_entropy2d)
+def _pseudo_label_cross_entropy2d_impl(logits, teacher_logits, d_logits, confidence_threshold, d_threshold,
+                                       ignore_mask, reduction, store_grad, backend, size=None, align_corners=False):
+    """sums = [loss sum, kept pixels, considered pixels]. The teacher's logits (the logits themselves when None),
+    its pseudo-labels and ``d_logits`` are constants: the gradient is the logits' only. With ``size``, the logits,
+    the teacher and d_logits each at their own resolution."""
+    module, n_h_w = _launch_for(backend, logits, "logits")
+    resampled = dict(logits=logits)
+    if teacher_logits is not None:
+        V.op_teacher(teacher_logits, logits, size)
+        resampled["teacher_logits"] = teacher_logits
+    if d_logits is not None:
+        _check_d_map(d_logits, n_h_w, size, logits.device)
+        resampled["d_logits"] = d_logits
+    size, full = _grid(size, n_h_w, **resampled)
+    V.op_mask(ignore_mask, full, logits.device)
+    out = module.pseudo_label_cross_entropy2d(logits, teacher_logits, d_logits, confidence_threshold, d_threshold,
+                                              ignore_mask, reduction, store_grad, **_resize(size, align_corners))
+    return out.sums, _or_empty(out.loss_map, logits, torch.float32), _or_empty(out.grad, logits), out.scales
+
+
+@_fake(pseudo_label_cross_entropy2d)
+def _pseudo_label_cross_entropy2d_fake(logits, teacher_logits, d_logits, confidence_threshold, d_threshold,
+                                       ignore_mask, reduction, store_grad, backend, size=None, align_corners=False):
+    return (_fake_vector(logits, 3), _fake_loss_map(logits, reduction, size), _fake_grad(logits, store_grad),
+            _fake_vector(logits, 1))
+
+
+_StoredGradientRule(
+    pseudo_label_cross_entropy2d, sums=("loss", "kept", "considered"), loss_map="loss_map",
+    stored=[_StoredGrad(input="logits", buffer="grad", of_sum="loss", asked_by="store_grad")],
+    reference=lambda logits, teacher_logits, d_logits, confidence_threshold, d_threshold, ignore_mask, size=None,
+    align_corners=False, **_:
+    reference.pseudo_label_cross_entropy2d(logits, teacher_logits, d_logits, confidence_threshold, d_threshold,
+                                           ignore_mask, size=size, align_corners=align_corners))
 
 
 # ------------------------------------------------------------------------------------------------ generator_loss

@@ -114,6 +114,25 @@ def check_target(target, logits: torch.Tensor, name: str = "target", size: Size 
     return target if target.dtype == torch.int64 else target.long()
 
 
+def check_teacher(teacher, logits: torch.Tensor, name: str = "teacher_logits", size: Size = None
+                  ) -> Optional[torch.Tensor]:
+    """None, or the teacher's (N, C, H, W) logits for the student ``logits``: same N and C, same device, and the
+    same (H, W) unless ``size`` upsamples each from its own; returned in the logits' dtype (a copy only if it
+    differs)."""
+    if teacher is None:
+        return None
+    check_logits(teacher, name)
+    n, c, h, w = logits.shape
+    if teacher.shape[:2] != logits.shape[:2]:
+        raise ValueError(f"{name} {_shape(teacher)} does not match logits {_shape(logits)}: need the same batch "
+                         f"N = {n} and classes C = {c}")
+    if size is None and spatial(teacher) != (h, w):
+        raise ValueError(f"{name} {_shape(teacher)} does not match logits {_shape(logits)}: need (H, W) = "
+                         f"({h}, {w}){_opt_in(f'{name} and the logits to it', '(H, W)')}")
+    check_same_device(logits, "logits", teacher, name)
+    return teacher if teacher.dtype == logits.dtype else teacher.to(logits.dtype)
+
+
 def check_map(d, logits: Optional[torch.Tensor], name: str, n_h_w: Optional[tuple] = None,
               size: Size = None) -> torch.Tensor:
     """Discriminator-sized float map (N, 1, H, W) or (N, H, W); returns an (N, H, W) view (no copy). With
@@ -227,6 +246,18 @@ def check_threshold(threshold) -> float:
     return float(threshold)
 
 
+def check_unit_interval(value, name: str, meaning: str, optional: bool = False) -> Optional[float]:
+    """A number in [0, 1] (None too, where ``optional``), as a float; ``meaning`` says what it decides."""
+    if value is None and optional:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be a number in [0, 1]{none} ({meaning}), got {value!r}")
+    return float(value)
+
+
 def check_number(value, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = float(value)
@@ -318,6 +349,19 @@ def op_same(t, ref: torch.Tensor, name: str, ref_name: str) -> None:
 def op_size(size, name: str = "size") -> Size:
     """A size argument of an op: None or two positive ints (symbolic under torch.compile)."""
     return check_size(None if size is None else list(size), name)
+
+
+def op_teacher(t, logits: torch.Tensor, size: Size) -> None:
+    """The teacher's logits of an op: the logits' dtype, N and C, on their device; their (H, W) without ``size``."""
+    check_tensor(t, "teacher_logits")
+    if t.dtype != logits.dtype:
+        raise TypeError(f"teacher_logits must have the logits' dtype {logits.dtype} (the public function casts "
+                        f"it), got {t.dtype}")
+    if t.dim() != 4 or t.shape[:2] != logits.shape[:2] or (size is None and spatial(t) != spatial(logits)):
+        need = "(N, C, h, w)" if size is not None else "(N, C, H, W)"
+        raise ValueError(f"teacher_logits {_shape(t)} does not match logits {_shape(logits)}: need {need} with "
+                         f"the logits' N and C")
+    check_same_device_as(t, logits.device, "teacher_logits")
 
 
 def op_low_map(t, n: int, device, name: str, ref_name: str = "the logits") -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "cross_entropy2d",
     "bce_with_logits2d",
     "semi_cross_entropy2d",
+    "pseudo_label_cross_entropy2d",
     "one_hot2d",
     "generator_loss",
     "discriminator_loss",
@@ -124,7 +125,7 @@ def softmax2d(logits: torch.Tensor, *, size: Size = None, align_corners: bool = 
     """Channel softmax of (N, C, H, W) logits, in the logits' dtype and memory format; fused backward.
 
     With ``size=(H, W)`` the logits are upsampled bilinearly to it first (the output is (N, C, H, W), D's input at
-    the labels' size; the gradient comes back at     the logits' own size)."""
+    the labels' size; the gradient comes back at the logits' own size)."""
     V.check_logits(logits)
     size, align_corners = _check_resize(size, align_corners)
     size = _resampling(size, logits=logits)
@@ -246,6 +247,60 @@ def semi_cross_entropy2d(logits: torch.Tensor, d_logits: torch.Tensor, *, thresh
         else:
             sums, loss_map = reference.semi_cross_entropy2d(logits, d.detach(), threshold, mask, size=size,
                                                             align_corners=align_corners)
+        loss = _reduce(sums, loss_map, reduction)
+        ratio = (sums[1] / sums[2].clamp_min(1)).detach()
+    return (loss, ratio) if return_ratio else loss
+
+
+def pseudo_label_cross_entropy2d(logits: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, *,
+                                 confidence_threshold: Optional[float] = 0.95,
+                                 d_logits: Optional[torch.Tensor] = None, d_threshold: float = 0.2,
+                                 ignore_mask: Optional[torch.Tensor] = None, reduction: str = "mean",
+                                 return_ratio: bool = False, size: Size = None, align_corners: bool = False,
+                                 backend: str = "auto"):
+    """The confidence-masked pseudo-label loss of self-training and mean-teacher training (FixMatch, UniMatch).
+
+    The student's ``-log softmax(logits)[y]`` with the pseudo-label ``y = argmax_c teacher_logits`` (the first
+    maximum on ties), kept where the teacher is confident, ``max_c softmax(teacher_logits) >=
+    confidence_threshold`` (no such test when None), where ``sigmoid(d_logits) > d_threshold`` (only when D's map
+    ``d_logits``, (N, 1, H, W) or (N, H, W), is given) and not ``ignore_mask``; the mean over kept pixels, 0 with a
+    zero gradient when none is kept. ``teacher_logits=None`` is self-training: the student's own logits, detached,
+    read once. The teacher is cast to the logits' dtype and must match their N and C. The gradient flows to
+    ``logits`` only, never to the teacher or D. With ``return_ratio=True`` also returns the kept fraction of the
+    considered (not ignored) pixels, a 0-dim tensor without gradient.
+
+    With ``size=(H, W)``, the logits, the teacher and D's map, each at its own resolution, are upsampled
+    bilinearly to it inside the op (confidence, pseudo-label and D's test on the upsampled maps); ``ignore_mask``
+    and the ``reduction="none"`` map are at ``size``. Without it all must share the logits' (H, W).
+    ``semi_cross_entropy2d(logits, d, threshold=T)`` is this loss with ``confidence_threshold=None,
+    d_logits=d, d_threshold=T``.
+    """
+    V.check_logits(logits)
+    size, align_corners = _check_resize(size, align_corners)
+    teacher = V.check_teacher(teacher_logits, logits, size=size)
+    d = None if d_logits is None else V.check_map(d_logits, logits, "d_logits", size=size)
+    confidence_threshold = V.check_unit_interval(confidence_threshold, "confidence_threshold",
+                                                 "max softmax(teacher) >= it keeps a pixel", optional=True)
+    d_threshold = V.check_unit_interval(d_threshold, "d_threshold", "sigmoid(d_logits) > it keeps a pixel")
+    mask = V.check_mask(ignore_mask, logits.select(1, 0), "the logits' (N, H, W)", size=size)
+    V.check_reduction(reduction)
+    inputs = dict(logits=logits, teacher_logits=teacher, d_logits=d)
+    size = _resampling(size, **{k: v for k, v in inputs.items() if v is not None})
+    teacher = None if teacher is None else teacher.detach()
+    d = None if d is None else d.detach()
+    if logits.numel() == 0:
+        loss = _empty_map(reference.upsample(logits, size, align_corners)) if reduction == "none" \
+            else _zero_loss(logits)
+        ratio = torch.zeros((), dtype=_acc_dtype(logits), device=logits.device)
+    else:
+        name = resolve("pseudo_label_cross_entropy2d", backend, logits.device, logits.dtype)
+        if _kernel(name):
+            sums, loss_map, _, _ = _ops.pseudo_label_cross_entropy2d(
+                logits, teacher, d, confidence_threshold, d_threshold, mask, reduction,
+                _stores(logits, reduction, size), name, _size_arg(size), align_corners)
+        else:
+            sums, loss_map = reference.pseudo_label_cross_entropy2d(
+                logits, teacher, d, confidence_threshold, d_threshold, mask, size=size, align_corners=align_corners)
         loss = _reduce(sums, loss_map, reduction)
         ratio = (sums[1] / sums[2].clamp_min(1)).detach()
     return (loss, ratio) if return_ratio else loss

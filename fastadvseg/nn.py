@@ -137,6 +137,40 @@ class SemiCrossEntropy2d(_Loss):
                                       reduction=self.reduction, return_ratio=self.return_ratio, **self._common(size))
 
 
+class PseudoLabelCrossEntropy2d(_Loss):
+    """The confidence-masked pseudo-label loss of self-training and mean-teacher training:
+    :func:`fastadvseg.pseudo_label_cross_entropy2d`.
+
+    forward(logits, teacher_logits=None, d_logits=None, ignore_mask=None, *, size=None) -> float32 loss (and the
+    kept fraction if ``return_ratio``). The pseudo-label is the argmax of ``teacher_logits`` (of ``logits``
+    themselves, detached, when None), counted where the teacher's max softmax >= ``confidence_threshold`` and,
+    with ``d_logits``, where ``sigmoid(d_logits) > d_threshold``; the gradient goes to ``logits`` only.
+
+    Args:
+        confidence_threshold: tau, the teacher's confidence a pixel needs (default 0.95; None: no such test).
+        d_threshold: the threshold of D's confidence, used with ``d_logits`` (default 0.2).
+        reduction: "mean", "sum" or "none".
+        return_ratio: also return the fraction of counted pixels the masks kept.
+        size: (H, W) to upsample the logits, the teacher and ``d_logits`` (each at its own resolution) to
+            bilinearly inside the op (None: no upsampling; ``forward``'s wins).
+        align_corners: as in ``F.interpolate`` (default False).
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+    """
+
+    def __init__(self, *, confidence_threshold: Optional[float] = 0.95, d_threshold: float = 0.2,
+                 reduction: str = "mean", return_ratio: bool = False, size: Size = None, align_corners: bool = False,
+                 backend: str = "auto"):
+        super().__init__(size, align_corners, backend)
+        self.confidence_threshold, self.d_threshold = confidence_threshold, d_threshold
+        self.reduction, self.return_ratio = reduction, return_ratio
+
+    def forward(self, logits, teacher_logits=None, d_logits=None, ignore_mask=None, *, size: Size = None):
+        return F.pseudo_label_cross_entropy2d(logits, teacher_logits, confidence_threshold=self.confidence_threshold,
+                                              d_logits=d_logits, d_threshold=self.d_threshold,
+                                              ignore_mask=ignore_mask, reduction=self.reduction,
+                                              return_ratio=self.return_ratio, **self._common(size))
+
+
 class GeneratorLoss(_Loss):
     """The generator's whole loss for one batch in one fused pass: :func:`fastadvseg.generator_loss`.
 

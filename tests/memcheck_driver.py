@@ -209,6 +209,12 @@ def run_public():
                   lambda_semi=_cycle((0.1, 0.0, 0.1), k))
         check(f"semi_cross_entropy2d {dtype} no mask, no grad", fas.semi_cross_entropy2d, x, _randn(N, H, W),
               threshold=0.4)
+        for k, teacher in enumerate((None, _randn(N, C, H, W, dtype=dtype), _map_view(_randn(N, C, H, W)))):
+            # a teacher of its own dtype and layout (the op converts it), D's test and a mask on some calls
+            check(f"pseudo_label_cross_entropy2d {dtype} teacher {k}", fas.pseudo_label_cross_entropy2d,
+                  x.detach().requires_grad_(), teacher, confidence_threshold=_cycle((0.3, None, 0.0), k),
+                  d_logits=_randn(N, 1, H, W) if k != 1 else None, ignore_mask=_mask() if k else None,
+                  reduction=_cycle(reductions, i + k), return_ratio=True)
         bad = _labels()
         bad[0, 1, 2] = -7
         expect_error(f"generator_loss {dtype} bad label", fas.generator_loss, x.detach().requires_grad_(),
@@ -363,6 +369,17 @@ def run_upsampling():
                 return [(out.sums, sums.detach()), (out.loss_map, loss_map),
                         (out.grad, _grad_of(sums[0], xr))]
             upsampled(f"semi_cross_entropy2d upsampled {tag}", semi)
+
+            teacher = _randn(N, C, 4, 3, dtype=dtype)  # at a resolution of its own
+
+            def pseudo(x=x, xr=xr, x_full=x_full, ac=ac, d_view=d_view, z_full=z_full, mask=mask, teacher=teacher):
+                out = cpu.pseudo_label_cross_entropy2d(x, teacher, d_view, 0.3, 0.3, mask, "none", True, size=size,
+                                                       align_corners=ac)
+                sums, loss_map = reference.pseudo_label_cross_entropy2d(x_full, _up(teacher.float(), size, ac),
+                                                                        z_full.detach(), 0.3, 0.3, mask)
+                return [(out.sums, sums.detach()), (out.loss_map, loss_map),
+                        (out.grad / out.scales[0], _grad_of(sums[0], xr))]
+            upsampled(f"pseudo_label_cross_entropy2d upsampled {tag}", pseudo)
 
             for target in (t, None):
                 def gen(x=x, xr=xr, x_full=x_full, ac=ac, d_view=d_view, zr=zr, z_full=z_full, target=target):

@@ -83,3 +83,30 @@ def generator_loss(logits, d, target, lambda_adv, lambda_semi, threshold=0.2, ig
 
 def discriminator_loss(d_fake, d_real, mask_fake=None, mask_real=None):
     return bce(d_fake, 0.0, mask_fake) + bce(d_real, 1.0, mask_real)
+
+
+def teacher_confidence(teacher):
+    """(max softmax, argmax) per pixel of float64 (N, C, H, W) teacher logits, without gradient."""
+    p = torch.softmax(teacher.detach().double(), dim=1)
+    return p.max(dim=1).values, teacher.detach().double().argmax(dim=1)
+
+
+def pseudo_label(logits, teacher=None, d=None, confidence_threshold=0.95, d_threshold=0.2, ignore_mask=None,
+                 reduction="mean"):
+    """(loss, kept ratio): -log softmax(logits)[argmax teacher] over the pixels where max softmax(teacher) >= tau
+    (no test when None), sigmoid(d) > d_threshold (when d is given) and not ignored; the teacher is the logits,
+    detached, when None. Mean over kept pixels (0 when none)."""
+    x = logits.double()
+    confidence, pseudo = teacher_confidence(x if teacher is None else teacher)
+    keep = torch.ones_like(pseudo, dtype=torch.bool)
+    if confidence_threshold is not None:
+        keep = keep & (confidence >= confidence_threshold)
+    if d is not None:
+        keep = keep & (torch.sigmoid(d.detach().double()) > d_threshold)
+    considered = keep.numel()
+    if ignore_mask is not None:
+        keep = keep & ~ignore_mask
+        considered = int((~ignore_mask).sum())
+    loss_map = torch.where(keep, _nll(x, pseudo), 0.0)
+    ratio = keep.sum().double() / max(considered, 1)
+    return _reduce(loss_map, keep.sum(), reduction), ratio

@@ -7,6 +7,8 @@ TRITON_INTERPRET=1 here; cuda, and triton on CUDA, join on a GPU machine):
 
     argument                       dtype                        form
     logits                         float32, float16, bfloat16   (N, C, H, W)
+    teacher_logits                 float32, float16, bfloat16   none, (N, C, H, W) (cast to the logits' dtype;
+                                                                 with size, at a resolution of its own)
     d maps (d_logits, d_fake,      float32, float16, bfloat16   (N, H, W), (N, 1, H, W); d_real may differ in
       d_real)                                                    N, H, W from d_fake
     BCE target                     float32, float16, bfloat16   python float, 0-dim, (N, H, W), (N, 1, H, W)
@@ -21,7 +23,8 @@ TRITON_INTERPRET=1 here; cuda, and triton on CUDA, join on a GPU machine):
 
 plus, per argument: requires_grad (class weight, BCE target, d maps, the generator's logits) and fill (labels:
 some / none / all ignored; masks: some / none / all True); per op: reduction (mean, sum, none), label_smoothing,
-ignore_index (255, -100, 1), threshold, return_ratio, lambdas, one_hot2d's output dtype and num_classes; the fused
+ignore_index (255, -100, 1), threshold, confidence_threshold (None, 0, 1 and between: inputs are drawn again
+while a teacher confidence lies within CONFIDENCE_MARGIN of it), d_threshold, return_ratio, lambdas, one_hot2d's output dtype and num_classes; the fused
 upsampling of every op over logits or D maps (``upsample``: no ``size``, or a larger ``size`` with align_corners
 False / True: logits and D maps are then drawn at their own low resolution, the D map of the generator-side ops at
 a lower one than the logits', and labels, masks and BCE target maps at ``size``; the oracle is ``F.interpolate`` of
@@ -36,7 +39,7 @@ Every case compares the outputs (values, shape, dtype, device) and the gradient 
 the behaviour (``F.cross_entropy`` with weight / ignore_index / label_smoothing, except that our mean over nothing
 is 0 where PyTorch's is NaN, and written out where the weight requires grad, which F.cross_entropy does not
 differentiate; ``F.binary_cross_entropy_with_logits`` with a target tensor; ``torch.softmax``; ``F.one_hot``),
-``tests/oracle.py`` for L_semi. Tolerance: ``helpers.RTOL`` of the lowest-precision float input, relative to the
+``tests/oracle.py`` for L_semi and the pseudo-label loss. Tolerance: ``helpers.RTOL`` of the lowest-precision float input, relative to the
 largest expected magnitude (``helpers.assert_close``); a gradient that is exactly 0 (the softmax's with upstream
 ones, any with C = 1) within RTOL times the upstream weights. Triton's interpreter truncates float32 -> bfloat16
 where a GPU rounds: 1 bfloat16 ulp, at most 2**-7 relative, inside RTOL[bfloat16] = 2e-2.
@@ -128,6 +131,12 @@ OPS = {
         args=dict(logits=_LOGITS, d_logits=dict(_DMAP, grad=[False, True]), ignore_mask=_MASK),
         options=dict(reduction=REDUCTIONS, threshold=[0.0, 0.2, 0.7], return_ratio=[False, True], **_RESIZE,
                      **_DIFF)),
+    "pseudo_label_cross_entropy2d": dict(
+        args=dict(logits=_LOGITS, teacher_logits=dict(kind="teacher", form=["none", "4d"], dtype=FLOATS,
+                                                      grad=[False, True]),
+                  d_logits=dict(_DMAP, form=["none", "3d", "4d"], grad=[False, True]), ignore_mask=_MASK),
+        options=dict(reduction=REDUCTIONS, confidence_threshold=[None, 0.0, 0.6, 0.95, 1.0],
+                     d_threshold=[0.0, 0.2, 0.7], return_ratio=[False, True], **_RESIZE, **_DIFF)),
     "one_hot2d": dict(
         args=dict(target=_LABELS),
         options=dict(out_dtype=["f32", "f16", "bf16", "i64", "u8", "bool"], ignore_index=[255, -100, 1],
@@ -369,7 +378,7 @@ def full_size(case):
 
 
 # the arguments read upsampled, at their own low resolution; the others (labels, masks, BCE targets) are at size
-RESAMPLED = ("logits", "d_logits", "d_fake", "d_real")
+RESAMPLED = ("logits", "teacher_logits", "d_logits", "d_fake", "d_real")
 
 
 def _n_h_w(case, name):
@@ -381,14 +390,49 @@ def _n_h_w(case, name):
         return (n, h, w)
     if name not in RESAMPLED:
         return (n, *size)
-    if name == "d_logits" and case["op"] in ("semi_cross_entropy2d", "generator_loss"):
+    if name == "d_logits" and case["op"] in ("semi_cross_entropy2d", "generator_loss", "pseudo_label_cross_entropy2d"):
         return (n, (h + 1) // 2, (w + 1) // 2)  # D's output at a lower resolution than the logits' (as D's stride)
+    if name == "teacher_logits":
+        return (n, h + 1, w + 1)  # the teacher at a resolution of its own, neither the logits' nor D's nor size
     return (n, h, w)
 
 
+# A pixel whose teacher confidence (float64) lies this close to the confidence threshold is redrawn: the kernels
+# decide conf >= tau in float32, so within ~1e-5 of tau they may legitimately disagree with the oracle.
+CONFIDENCE_MARGIN = 1e-4
+
+
+def _confidence_source(case, inputs):
+    """The float64 teacher logits at the case's full resolution, cast to the logits' dtype first (as the public
+    function does): what the confidence test reads."""
+    t = inputs["teacher_logits"] if inputs["teacher_logits"] is not None else inputs["logits"]
+    t = t.detach().to(inputs["logits"].dtype).cpu()
+    resize = _resize_kwargs(case)
+    if resize:
+        t = F.interpolate(t.float(), resize["size"], mode="bilinear", align_corners=resize["align_corners"])
+    return t.double()
+
+
+def near_confidence_threshold(case, inputs) -> bool:
+    tau = case.get("confidence_threshold")
+    if case["op"] != "pseudo_label_cross_entropy2d" or tau is None or tau in (0.0, 1.0):
+        return False  # every confidence is >= 0, and one of exactly 1 (C = 1) is 1 in every precision
+    confidence, _ = oracle.teacher_confidence(_confidence_source(case, inputs))
+    return bool(((confidence - tau).abs() < CONFIDENCE_MARGIN).any())
+
+
 def make_inputs(case):
-    """The op's tensor arguments (on the case's device, with their layouts; leaves where they require grad)."""
-    g = torch.Generator().manual_seed(case["seed"])
+    """The op's tensor arguments (on the case's device, with their layouts; leaves where they require grad); drawn
+    again, from the next seed, while a teacher confidence lies at the confidence threshold."""
+    for attempt in range(100):
+        inputs = _draw_inputs(case, case["seed"] + 1_000_003 * attempt)
+        if not near_confidence_threshold(case, inputs):
+            return inputs
+    raise AssertionError(f"no draw keeps the teacher confidences off {case['confidence_threshold']}")
+
+
+def _draw_inputs(case, seed):
+    g = torch.Generator().manual_seed(seed)
     n, c, h, w = case["shape"]
     inputs = {}
     for name, axes in OPS[case["op"]]["args"].items():
@@ -402,8 +446,10 @@ def make_inputs(case):
         dtype, kind, n_h_w = DTYPES[spec["dtype"]], axes["kind"], _n_h_w(case, name)
         if kind == "logits":
             values = _logits_values((n, c, h, w), g).to(dtype)
+        elif kind == "teacher":
+            values = _logits_values((n, c, *n_h_w[1:]), g).to(dtype)
         elif kind == "dmap":
-            values = _dmap_values(n_h_w, dtype, case.get("threshold", 0.2), g)
+            values = _dmap_values(n_h_w, dtype, case.get("threshold", case.get("d_threshold", 0.2)), g)
         elif kind == "labels":
             values = _labels_values(n_h_w, c, spec["fill"], case["ignore_index"], g).to(dtype)
         elif kind == "mask":
@@ -412,7 +458,7 @@ def make_inputs(case):
             values = torch.rand(() if spec["form"] == "0d" else n_h_w, generator=g, dtype=torch.float64).to(dtype)
         else:  # class weight
             values = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
-        if spec["form"] == "4d" and kind != "logits":
+        if spec["form"] == "4d" and kind not in ("logits", "teacher"):
             values = values.unsqueeze(1)
         t = with_layout(values.to(case["device"]), spec["layout"]).detach()
         inputs[name] = t.requires_grad_() if spec.get("grad") else t
@@ -514,6 +560,13 @@ def run_op(case, a):
                                        ignore_mask=a["ignore_mask"], reduction=case["reduction"],
                                        return_ratio=case["return_ratio"], backend=b, **resize)
         return list(out) if case["return_ratio"] else [out]
+    if op == "pseudo_label_cross_entropy2d":
+        out = fas.pseudo_label_cross_entropy2d(a["logits"], a["teacher_logits"],
+                                               confidence_threshold=case["confidence_threshold"],
+                                               d_logits=a["d_logits"], d_threshold=case["d_threshold"],
+                                               ignore_mask=a["ignore_mask"], reduction=case["reduction"],
+                                               return_ratio=case["return_ratio"], backend=b, **resize)
+        return list(out) if case["return_ratio"] else [out]
     if op == "one_hot2d":
         c = case["shape"][1] + case["extra_classes"]
         return [fas.one_hot2d(a["target"], c, ignore_index=case["ignore_index"], dtype=DTYPES[case["out_dtype"]],
@@ -549,6 +602,8 @@ def run_oracle(case, a):
     """The float64 ground truth of ``run_op`` on the float64 inputs ``a``."""
     op = case["op"]
     resize = _resize_kwargs(case)
+    if a.get("teacher_logits") is not None:  # the public function casts the teacher to the logits' dtype
+        a = dict(a, teacher_logits=a["teacher_logits"].to(DTYPES[case["logits"]["dtype"]]).double())
     if resize:
         a = {k: upsampled(v, resize["size"], resize["align_corners"]) if k in RESAMPLED and v is not None else v
              for k, v in a.items()}
@@ -564,6 +619,11 @@ def run_oracle(case, a):
     if op == "semi_cross_entropy2d":
         loss, ratio = oracle.semi(a["logits"], _squeeze(a["d_logits"]), case["threshold"], _squeeze(a["ignore_mask"]),
                                   case["reduction"])
+        return [loss, ratio] if case["return_ratio"] else [loss]
+    if op == "pseudo_label_cross_entropy2d":
+        loss, ratio = oracle.pseudo_label(a["logits"], a["teacher_logits"], _squeeze(a["d_logits"]),
+                                          case["confidence_threshold"], case["d_threshold"],
+                                          _squeeze(a["ignore_mask"]), case["reduction"])
         return [loss, ratio] if case["return_ratio"] else [loss]
     if op == "one_hot2d":
         t, c, ignore_index = a["target"], case["shape"][1] + case["extra_classes"], case["ignore_index"]
@@ -759,7 +819,8 @@ def check(case):
 
 # ------------------------------------------------------------------------------------------------ the tests
 
-CORPUS = [case for backend, device in BACKEND_CASES for op in OPS for case in build_corpus(op, backend, device)]
+CORPUS = [case for backend, device in BACKEND_CASES for op in OPS
+          for case in build_corpus(op, backend, device)]
 
 def _corpus_param(case):
     reason = known_issue(case)
@@ -793,7 +854,7 @@ def test_random(backend_case):
     rng = random.Random(f"{seed}/{backend}/{device}")
     start, ran, failures = time.monotonic(), 0, []
     while time.monotonic() - start < budget and len(failures) < 3:
-        case = sample_case(rng.choice(list(OPS)), backend, device, rng)
+        case = sample_case(rng.choice(OPS), backend, device, rng)
         if known_issue(case):
             continue
         try:

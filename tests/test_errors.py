@@ -184,3 +184,61 @@ def test_registered_ops_reject_dtypes_their_backend_does_not_run(x, t, backend):
     with pytest.raises(TypeError, match=rf"logits must be float32, float16, bfloat16 for backend '{backend}', got "
                                         r"torch.float64"):
         torch.ops.fastadvseg.cross_entropy2d(x.double(), t, None, 255, 0.0, "sum", False, False, backend)
+
+
+def test_pseudo_label_bad_input_names_the_argument_and_shapes(x, d):
+    pl = fas.pseudo_label_cross_entropy2d
+    with pytest.raises(ValueError, match=r"teacher_logits \(2, 3, 3, 5\) does not match logits \(2, 4, 3, 5\)"):
+        pl(x, x[:, :3])
+    with pytest.raises(ValueError, match=r"teacher_logits \(1, 4, 3, 5\) does not match logits \(2, 4, 3, 5\)"):
+        pl(x, x[:1], size=(6, 10))
+    with pytest.raises(ValueError, match=r"teacher_logits \(2, 4, 3, 4\).*\(H, W\) = \(3, 5\).*size="):
+        pl(x, x[..., :4])
+    with pytest.raises(TypeError, match=r"teacher_logits must be float"):
+        pl(x, x.long())
+    with pytest.raises(ValueError, match=r"teacher_logits must be 4-D"):
+        pl(x, x[0])
+    for bad in (1.5, -0.1, "high", True):
+        with pytest.raises(ValueError, match=r"confidence_threshold must be a number in \[0, 1\] or None"):
+            pl(x, confidence_threshold=bad)
+    with pytest.raises(ValueError, match=r"d_threshold must be a number in \[0, 1\]"):
+        pl(x, d_logits=d, d_threshold=2.0)
+    with pytest.raises(ValueError, match=r"d_logits \(2, 1, 3, 4\) does not match logits \(2, 4, 3, 5\)"):
+        pl(x, d_logits=d[..., :4])
+    with pytest.raises(ValueError, match=r"channel dim is not 1"):
+        pl(x, d_logits=torch.randn(2, 2, 3, 5))
+    with pytest.raises(ValueError, match=r"ignore_mask \(2, 3, 4\) does not match"):
+        pl(x, ignore_mask=torch.zeros(2, 3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"ignore_mask \(2, 3, 5\) must be at size \(6, 10\)"):
+        pl(x, ignore_mask=torch.zeros(2, 3, 5, dtype=torch.bool), size=(6, 10))
+    with pytest.raises(ValueError, match="reduction"):
+        pl(x, reduction="avg")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_registered_pseudo_label_op_rejects_what_its_kernels_would_misread(x, d, backend):
+    if backend not in fas.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on CPU here")
+    op, z = torch.ops.fastadvseg.pseudo_label_cross_entropy2d, d[:, 0]
+    mask = torch.zeros(2, 3, 5, dtype=torch.bool)
+    calls = [
+        (lambda: op(x, x.double(), None, 0.5, 0.2, None, "sum", False, backend), TypeError,
+         r"teacher_logits must have the logits' dtype torch.float32"),
+        (lambda: op(x, x[:, :3], None, 0.5, 0.2, None, "sum", False, backend), ValueError,
+         r"teacher_logits \(2, 3, 3, 5\) does not match logits \(2, 4, 3, 5\)"),
+        (lambda: op(x, x[..., :4], None, 0.5, 0.2, None, "sum", False, backend), ValueError,
+         r"teacher_logits \(2, 4, 3, 4\) does not match"),
+        (lambda: op(x, None, z[..., :4], 0.5, 0.2, None, "sum", False, backend), ValueError,
+         r"d_logits \(2, 3, 4\) does not match"),
+        (lambda: op(x, None, z.long(), 0.5, 0.2, None, "sum", False, backend), TypeError,
+         r"d_logits must be a floating"),
+        (lambda: op(x, None, None, 0.5, 0.2, mask[..., :4], "sum", False, backend), ValueError,
+         r"ignore_mask \(2, 3, 4\) does not match"),
+        (lambda: op(x, None, None, 0.5, 0.2, mask.int(), "sum", False, backend), TypeError,
+         r"ignore_mask must be a bool"),
+        (lambda: op(x, x[..., :0], None, 0.5, 0.2, None, "sum", False, backend, [6, 10]), ValueError,
+         r"cannot upsample teacher_logits"),
+    ]
+    for call, error, pattern in calls:
+        with pytest.raises(error, match=pattern):
+            call()

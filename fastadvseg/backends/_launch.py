@@ -15,7 +15,12 @@ argument checks, the autograd rule, the label error (``fastadvseg/_ops.py``) and
   - ``softmax2d_backward(probs, grad_probs)`` -> the gradient of the logits, in probs' dtype;
   - ``cross_entropy2d(logits, target, weight, ignore_index, label_smoothing, reduction, store_grad)``,
     ``bce_with_logits2d(d_logits, target_map, target_value, ignore_mask, reduction, store_grad)``,
-    ``semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, reduction, store_grad)`` -> :class:`LossLaunch`;
+    ``semi_cross_entropy2d(logits, d_logits, threshold, ignore_mask, reduction, store_grad)``,
+    ``pseudo_label_cross_entropy2d(logits, teacher_logits, d_logits, confidence_threshold, d_threshold,
+    ignore_mask, reduction, store_grad)`` -> :class:`LossLaunch` (the pseudo-label op's sums: [loss, kept,
+    considered]; ``teacher_logits`` None means the logits themselves, read once; the teacher's dtype, N and C are
+    the logits'; ``d_logits`` and ``confidence_threshold`` may be None, which drops that test; the gradient is the
+    logits' only);
   - ``generator_loss(logits, d_logits, target, lambda_adv, lambda_semi, threshold, ignore_index,
     store_grad_logits, store_grad_d)`` -> :class:`GeneratorLaunch`;
   - ``discriminator_loss(d_fake, d_real, ignore_mask_fake, ignore_mask_real, store_grad_fake, store_grad_real)``
@@ -28,7 +33,8 @@ argument checks, the autograd rule, the label error (``fastadvseg/_ops.py``) and
   return gradient buffers at the inputs' own resolution.
 
 What a launch receives (checked by the registered op): logits (N, C, H, W) of any strides in one of ``DTYPES``, on
-a device it supports; discriminator maps ``d_*`` (N, H, W) of any floating dtype; labels int64 (N, H, W); masks bool
+a device it supports; a teacher's logits of the same dtype, N and C, any strides; discriminator maps ``d_*``
+(N, H, W) of any floating dtype; labels int64 (N, H, W); masks bool
 (N, H, W), True = ignored; ``target_map`` a float (N, H, W) map or None for the constant ``target_value``;
 ``weight`` (C,) float or None. It never writes its inputs. ``store_grad*`` asks for a gradient buffer; ``reduction``
 "none" asks for the per-pixel loss map (float32, zeros where not counted).
