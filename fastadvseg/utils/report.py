@@ -54,13 +54,13 @@ def describe_run(cfg, bundle, G, info, run_dir) -> str:
 
 def own_confidence(G, images: torch.Tensor, size, cfg) -> torch.Tensor:
     """(N, H, W) max softmax of the segmenter ``G`` (in eval mode) on ``images``, at ``size``."""
+    from ..backends.reference import teacher_confidence
     from .builders import autocast, segment
-    from .step import confident_argmax
 
     was_training = G.training
     G.eval()
     with torch.no_grad(), autocast(cfg, images.device):
-        confidence, _ = confident_argmax(segment(G, images, size))
+        confidence, _ = teacher_confidence(segment(G, images, size))
     G.train(was_training)
     return confidence
 

@@ -10,8 +10,8 @@ mode in one place:
 - ``selftrain`` (:func:`selftrain_loss`): the same, but L_semi keeps the pixels where G's own max softmax >=
   selftrain_threshold. L_adv stays as in ``semi``, so that the two differ in the mask alone;
 - ``mean_teacher`` (:func:`cutmix_mean_teacher_loss`): lambda_cutmix CE of the student on CutMix blends of two
-  unlabelled crops (:func:`cutmix_boxes`, :func:`cutmix`) against the EMA teacher's argmax on the unmixed crops,
-  blended with the same box, kept where the teacher's confidence >= teacher_threshold. After G's step the teacher
+  unlabelled crops (:func:`cutmix_boxes`, :func:`cutmix`) against the argmax of the EMA teacher's logits on the
+  unmixed crops, blended with the same box, kept where the teacher's confidence >= teacher_threshold. After G's step the teacher
   moves towards the student (``builders.update_teacher``).
 
 With ``fused_upsampling`` (the default) G's 1/8-resolution logits and D's own low-resolution map go into the
@@ -56,15 +56,6 @@ class UnlabelledLoss:
     logged: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def confident_argmax(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(max softmax over the classes, argmax) per pixel of NCHW ``logits``, in float32, no gradient: a pseudo-label
-    and how sure the network is of it."""
-    with torch.no_grad():
-        x = logits.detach().float()
-        top, label = x.max(1)
-        return 1.0 / torch.exp(x - top.unsqueeze(1)).sum(1), label
-
-
 def semi_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, backend: str,
               up: dict) -> UnlabelledLoss:
     """The paper's unlabelled loss: lambda_semi_adv L_adv + lambda_semi L_semi (D chooses L_semi's pixels).
@@ -81,30 +72,27 @@ def semi_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, bac
 def selftrain_loss(fas, cfg: TrainConfig, logits_u, d_logits_u, *, semi_on: bool, backend: str,
                    up: dict) -> UnlabelledLoss:
     """``semi_loss`` with L_semi's pixels chosen by G's confidence instead of D's: lambda_semi_adv L_adv + lambda_semi
-    CE(logits_u, argmax where max softmax >= selftrain_threshold), the mean over the kept pixels."""
-    ignore = cfg.ignore_index
+    CE(logits_u, argmax where max softmax >= selftrain_threshold), the mean over the kept pixels (one fused
+    ``pseudo_label_cross_entropy2d``, the student its own teacher)."""
     u = fas.generator_loss(logits_u, d_logits_u, None, lambda_adv=cfg.lambda_semi_adv, lambda_semi=0.0,
-                           ignore_index=ignore, backend=backend, **up)
+                           ignore_index=cfg.ignore_index, backend=backend, **up)
     logged = {"loss_semi_adv": u.adv}
     if not semi_on:
         return UnlabelledLoss(u.total, logged)
-    confidence, pseudo = confident_argmax(at_size(logits_u.detach(), up["size"]) if up else logits_u)
-    keep = confidence >= cfg.selftrain_threshold
-    semi = fas.cross_entropy2d(logits_u, torch.where(keep, pseudo, ignore), ignore_index=ignore, reduction="mean",
-                               backend=backend, **up)
-    logged.update(loss_semi=semi, semi_ratio=keep.float().mean())
+    semi, ratio = fas.pseudo_label_cross_entropy2d(logits_u, None, confidence_threshold=cfg.selftrain_threshold,
+                                                   return_ratio=True, backend=backend, **up)
+    logged.update(loss_semi=semi, semi_ratio=ratio)
     return UnlabelledLoss(u.total + cfg.lambda_semi * semi, logged)
 
 
-def cutmix_mean_teacher_loss(fas, cfg: TrainConfig, logits_mixed, teacher_confidence, teacher_label, *,
-                             backend: str, up: dict) -> UnlabelledLoss:
-    """lambda_cutmix CE(the student's logits on the blends, the teacher's blended argmax where its blended confidence
-    >= teacher_threshold), the mean over the kept pixels."""
-    ignore = cfg.ignore_index
-    keep = teacher_confidence >= cfg.teacher_threshold
-    loss = fas.cross_entropy2d(logits_mixed, torch.where(keep, teacher_label, ignore), ignore_index=ignore,
-                               reduction="mean", backend=backend, **up)
-    return UnlabelledLoss(cfg.lambda_cutmix * loss, {"loss_cutmix": loss, "semi_ratio": keep.float().mean()})
+def cutmix_mean_teacher_loss(fas, cfg: TrainConfig, logits_mixed, teacher_logits_mixed, *, backend: str,
+                             up: dict) -> UnlabelledLoss:
+    """lambda_cutmix CE(the student's logits on the blends, the argmax of the teacher's blended logits where its
+    confidence >= teacher_threshold), the mean over the kept pixels (one fused ``pseudo_label_cross_entropy2d``)."""
+    loss, ratio = fas.pseudo_label_cross_entropy2d(logits_mixed, teacher_logits_mixed,
+                                                   confidence_threshold=cfg.teacher_threshold, return_ratio=True,
+                                                   backend=backend, **up)
+    return UnlabelledLoss(cfg.lambda_cutmix * loss, {"loss_cutmix": loss, "semi_ratio": ratio})
 
 
 CUTMIX_AREA = 0.5  # French et al.'s box: half of the crop, a random aspect ratio, inside the crop
@@ -177,7 +165,8 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
     ``num_classes``: the dataset's class count (the width of D's one-hot real input); pixels labelled
     ``cfg.ignore_index`` count in no loss. ``losses``: where the loss functions come from (default: the
     ``fastadvseg`` module); any object with fastadvseg's ``softmax2d``, ``generator_loss``, ``cross_entropy2d``,
-    ``one_hot2d`` and ``discriminator_loss`` signatures. The benchmarks pass other implementations
+    ``one_hot2d`` and ``discriminator_loss`` signatures (and ``pseudo_label_cross_entropy2d`` for the
+    ``selftrain`` and ``mean_teacher`` modes). The benchmarks pass other implementations
     (benchmarks/train_step.py) to time this very step."""
     fas = _fas if losses is None else losses
     device = images.device
@@ -216,12 +205,12 @@ def train_step(cfg: TrainConfig, nets: Nets, step: int, images, labels, images_u
                 if tuple(images_u.shape[-2:]) != size:
                     raise ValueError(f"train_step: unlabelled crops {tuple(images_u.shape[-2:])} differ from the "
                                      f"labelled crops {size}; CutMix blends label maps of the crop size")
-                with torch.no_grad():  # the teacher predicts on the unmixed crops
-                    confidence_t, label_t = confident_argmax(segment(nets.teacher, images_u, size))
+                with torch.no_grad():  # the teacher predicts on the unmixed crops, at the labels' size
+                    teacher_logits = segment(nets.teacher, images_u, size)
                 inside = box_masks(cutmix_boxes(len(images_u), size, _cutmix_generator(cfg, step)), size, device)
                 logits_mixed = predict(cfg, nets.G, cutmix(images_u, inside), size)
-                u = cutmix_mean_teacher_loss(fas, cfg, logits_mixed, cutmix(confidence_t, inside),
-                                             cutmix(label_t, inside), backend=be, up=up)
+                u = cutmix_mean_teacher_loss(fas, cfg, logits_mixed, cutmix(teacher_logits, inside), backend=be,
+                                             up=up)
             else:
                 logits_u = predict(cfg, nets.G, images_u, size)
                 d_logits_u = nets.D_raw(d_input(cfg, fas.softmax2d(logits_u, backend=be, **up), images_u))
