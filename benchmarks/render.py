@@ -135,16 +135,31 @@ def render_copy_rows(rows: List[dict]) -> str:
         c, size = r["copy"], f"{r['bytes'] / 1e6:.1f} MB" if r["bytes"] >= 1e5 else f"{r['bytes'] / 1e3:.1f} kB"
         for impl, o in sorted(r["ops"].items(), key=lambda kv: _impl_rank(kv[0])):
             lines.append([r["shape"], r["dtype"], size, *(f"{c[k]['median_ms']:.3f} ({c[k]['GBps']:.1f} GB/s)"
-                                                          for k in ("reused", "fresh")), impl, f"{o['median_ms']:.3f}",
-                          *(f"{o['pct_of_copy'][k]:.0f}%" for k in ("reused", "fresh"))])
+                                                          for k in ("reused", "fresh")),
+                          f"{c['exp']['median_ms']:.3f}" if "exp" in c else "-", impl, f"{o['median_ms']:.3f}",
+                          *(f"{o['pct_of_copy'][k]:.0f}%" for k in ("reused", "fresh")),
+                          _in_cache_cell(o)])
     return ("\n## A plain copy of the same bytes\n\nWhat `dst.copy_(src)` achieves on the bytes the labelled "
             "`generator_loss` forward+backward must move (its byte model: half read, half written), timed in this run "
             "at the same threads: into a destination allocated once (`reused`) and into one allocated for every call "
             "(`fresh`, as an op writing a new gradient does; what that costs depends on the allocator, see the "
             "header). `% of copy`: the copy's median time over the op's, i.e. the op's speed as a fraction of a copy "
-            "of its bytes.\n\n" + table(("shape", "dtype", "bytes", "copy, reused dst: ms", "copy, fresh dst: ms",
-                                         f"{rows[0]['op']} fwdbwd", "op ms", "% of copy (reused)",
-                                         "% of copy (fresh)"), lines))
+            "of its bytes. `exp of the same bytes`: `torch.exp` reading and writing those bytes, the same traffic with one "
+            "exponential per float, the least arithmetic a softmax-based loss does per logit. `op in cache, scaled`: "
+            "the kernel's time per pixel when its data stay in the last-level cache (the slope between two in-cache "
+            "sizes, N=1, 96x96 and 192x192, so the per-call cost cancels), times this shape's pixels: what the op "
+            "would take if memory were free. An op whose time is close to that is bound by its arithmetic, not by "
+            "memory, and a copy's bandwidth is not its ceiling.\n\n"
+            + table(("shape", "dtype", "bytes", "copy, reused dst: ms", "copy, fresh dst: ms",
+                     "exp of the same bytes: ms", f"{rows[0]['op']} fwdbwd", "op ms", "% of copy (reused)",
+                     "% of copy (fresh)", "op in cache, scaled: ms"), lines))
+
+
+def _in_cache_cell(o: dict) -> str:
+    ic = o.get("in_cache")
+    if not ic:
+        return "-"
+    return f"{ic['scaled_ms']:.3f} ({100 * ic['scaled_ms'] / o['median_ms']:.0f}% of the op's time)"
 
 
 def render_overhead(o: dict) -> str:

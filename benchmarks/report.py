@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+import torch
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 SHAPE_CHOICES = ("smoke", "small", "voc", "cityscapes", "ade", "full")
@@ -195,18 +197,52 @@ def same_bytes_copies(args, rows: List[dict], device, log) -> List[dict]:
         if (r["op"], r["direction"], r["status"]) == (COPY_OP, "fwdbwd", "ok"):
             groups.setdefault((r["shape"], r["dtype"]), {})[r["impl"]] = r
     for (shape, dtype), ops in groups.items():
-        nbytes = next(iter(ops.values()))["bytes"]
+        first = next(iter(ops.values()))
+        nbytes = first["bytes"]
         copies = copy_same_bytes(nbytes, device, repeats=args.repeats or (100 if device.type == "cuda" else 30),
-                                 budget_s=args.budget or (0.5 if device.type == "cuda" else 1.5))
-        out.append({"shape": shape, "dtype": dtype, "op": COPY_OP, "direction": "fwdbwd", "bytes": nbytes,
-                    "copy": copies, "ops": {impl: {
-                        "median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],
-                        "pct_of_copy": {k: 100 * c["median_ms"] / r["median_ms"] for k, c in copies.items()}}
-                        for impl, r in ops.items()}})
+                                 budget_s=args.budget or (0.5 if device.type == "cuda" else 1.5), exp=True)
+        row = {"shape": shape, "dtype": dtype, "op": COPY_OP, "direction": "fwdbwd", "bytes": nbytes,
+               "copy": copies, "ops": {impl: {
+                   "median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],
+                   "pct_of_copy": {k: 100 * c["median_ms"] / r["median_ms"] for k, c in copies.items()}}
+                   for impl, r in ops.items()}}
+        for impl, o in row["ops"].items():
+            if impl not in ("eager", "compile", "reference"):
+                o["in_cache"] = in_cache_rate(impl, first["N"] * first["H"] * first["W"], first["C"], dtype, device,
+                                              args)
+        out.append(row)
         log(f"# copy of {nbytes / 1e6:.2f} MB ({COPY_OP} fwdbwd at {shape}, {dtype}): reused dst "
             f"{copies['reused']['median_ms']:.3f} ms ({copies['reused']['GBps']:.1f} GB/s), fresh dst "
-            f"{copies['fresh']['median_ms']:.3f} ms ({copies['fresh']['GBps']:.1f} GB/s)")
+            f"{copies['fresh']['median_ms']:.3f} ms ({copies['fresh']['GBps']:.1f} GB/s), exp of the same bytes "
+            f"{copies['exp']['median_ms']:.3f} ms")
     return out
+
+
+IN_CACHE_SIDES = (96, 192)  # N=1: at 192x192 and 21 classes, logits and gradient are 6 MiB, inside an L3
+
+
+def in_cache_rate(impl: str, pixels: int, classes: int, dtype: str, device, args) -> Dict[str, float]:
+    """What ``COPY_OP`` fwdbwd costs when memory is not the limit: timed on one input set that stays in the
+    last-level cache, at two sizes (N=1, C as the row, :data:`IN_CACHE_SIDES` squared), in turns; the slope of
+    time over pixels (the per-call cost cancels) is its arithmetic cost per pixel, scaled to the row's
+    ``pixels`` as ``scaled_ms``: the row's time if it were bound by its arithmetic alone."""
+    from .cases import forward_backward, impl_function, make_inputs, select_cases
+    from .shapes import Shape
+    from .timing import time_interleaved
+
+    case = select_cases([COPY_OP])[0]
+    fns, sizes = {}, {}
+    for side in IN_CACHE_SIDES:
+        shape = Shape(f"in-cache-{side}", 1, classes, side, side)
+        inputs = make_inputs(case, shape, getattr(torch, dtype), device, 0)
+        run = forward_backward(case, impl_function(case, impl))
+        fns[shape.name] = (lambda run, inputs: lambda k: run(inputs))(run, inputs)
+        sizes[shape.name] = shape.pixels
+    samples = time_interleaved(fns, device, repeats=args.repeats or 30, budget_s=args.budget or 1.5)
+    med = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in samples.items()}
+    (a, pa), (b, pb) = ((med[n], sizes[n]) for n in fns)
+    per_pixel_ms = (b - a) / (pb - pa)
+    return {"ms": med, "pixels": sizes, "per_mpixel_ms": per_pixel_ms * 1e6, "scaled_ms": per_pixel_ms * pixels}
 
 
 def main(argv: Optional[List[str]] = None, *, own_process: bool = False) -> int:

@@ -136,10 +136,12 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
 
 
 def copy_same_bytes(nbytes: int, device: torch.device, *, repeats: int = 30, budget_s: Optional[float] = None,
-                    fresh: bool = True) -> Dict[str, Dict[str, float]]:
+                    fresh: bool = True, exp: bool = False) -> Dict[str, Dict[str, float]]:
     """A plain copy moving ``nbytes`` (half read, half written, as an op's byte model), timed in turns: into a
     destination allocated once (``reused``) and, with ``fresh``, into one allocated per call, as an op writing a new
-    gradient does; the sources rotate as the per-op inputs do. Order statistics of each, with ``GBps``."""
+    gradient does; with ``exp``, ``torch.exp`` of the same bytes into the reused destination (``exp``: the same
+    memory traffic plus one exponential per float32, the least arithmetic a softmax-based loss does per logit). The
+    sources rotate as the per-op inputs do. Order statistics of each, with ``GBps``."""
     numel = max(1, nbytes // 2 // 4)
     copies = num_copies(numel * 4, device)
     srcs = [torch.randn(numel, device=device) for _ in range(copies)]
@@ -147,6 +149,8 @@ def copy_same_bytes(nbytes: int, device: torch.device, *, repeats: int = 30, bud
     fns = {"reused": lambda k: dst.copy_(srcs[k % copies])}
     if fresh:
         fns["fresh"] = lambda k: torch.empty_like(srcs[k % copies]).copy_(srcs[k % copies])
+    if exp:
+        fns["exp"] = lambda k: torch.exp(srcs[k % copies], out=dst)
     samples = time_interleaved(fns, device, repeats=repeats, budget_s=budget_s, min_repeats=min(10, repeats))
     return {name: dict(summarize(times), bytes=2 * numel * 4,
                        GBps=2 * numel * 4 / (statistics.median(times)) / 1e9) for name, times in samples.items()}
