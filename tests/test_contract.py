@@ -854,7 +854,7 @@ def test_random(backend_case):
     rng = random.Random(f"{seed}/{backend}/{device}")
     start, ran, failures = time.monotonic(), 0, []
     while time.monotonic() - start < budget and len(failures) < 3:
-        case = sample_case(rng.choice(OPS), backend, device, rng)
+        case = sample_case(rng.choice(list(OPS)), backend, device, rng)
         if known_issue(case):
             continue
         try:

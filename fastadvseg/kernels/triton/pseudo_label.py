@@ -211,6 +211,13 @@ def _strides3(t: Optional[torch.Tensor]) -> tuple:
     return tuple(t.stride()) if t is not None else (0, 0, 0)
 
 
+# Registers (python -m tools.compile_check, sm_90): no spill under Triton 3.9. Under Triton 3.6 the variants with a
+# separate teacher, D, tau and a mask all given spill a little at the other kernels' tiles; accepted, not yet tuned
+# (no GPU has timed either choice; a smaller tile for just those variants is the alternative):
+# accepted spill of `pseudo_label_kernel` at block 32: Triton 3.6 only, 8 bytes in two bfloat16 variants at C 19/21 (teacher + D + tau + mask; 168 and 80 registers)
+# accepted spill of `pseudo_label_grad_kernel` at block 32: Triton 3.6 only, 24 bytes at 255 registers in the bfloat16 variant at C 19/21 with teacher and D both upsampled, tau and a mask
+# accepted spill of `pseudo_label_grad_kernel` at block 256: Triton 3.6 only, 8 bytes at 96 registers at C 150/256 (teacher + D + tau + mask, every dtype)
+
 def pseudo_label_gradient(x, teacher, d, ignore_mask, keep_logit: float, tau: Optional[float], grad, geo, tgeo=None,
                           zgeo=None) -> None:
     """The gradient of the loss sum w.r.t. logits x (N, C, h, w) read upsampled by ``geo``, into ``grad`` (passes 1
