@@ -1538,6 +1538,17 @@ std::vector<double> fused_loss(const FusedArgs& a) {
   // Label smoothing (label_mode 0 with logits): one branch per call; its constants for every block.
   const bool smooth = a.label_smoothing != 0.f && a.label_mode == 0 && !a.maps_only;
   const bool pseudo = !a.maps_only && a.label_mode == 1 && (a.teacher.ptr || a.confidence_test);
+  // The loop's compile-time variant, for both drivers below: label smoothing (it comes with labels, never with
+  // pseudo-labels), pseudo-labels from a teacher or under a confidence test, or neither.
+  auto run_variant = [&](auto&& run) {
+    if (smooth) {
+      run(std::true_type{}, std::false_type{});
+    } else if (pseudo) {
+      run(std::false_type{}, std::true_type{});
+    } else {
+      run(std::false_type{}, std::false_type{});
+    }
+  };
   Smoothing sm;
   std::vector<float> smooth_w, smooth_ngw;
   if (smooth) {
@@ -1570,13 +1581,7 @@ std::vector<double> fused_loss(const FusedArgs& a) {
         for (int k = 0; k < kNumSums; ++k) partial[k * g.nblocks + blk] = sums[k];
       }));
     };
-    if (smooth) {  // (label smoothing comes with labels, never with pseudo-labels)
-      run(std::true_type{}, std::false_type{});
-    } else if (pseudo) {
-      run(std::false_type{}, std::true_type{});
-    } else {
-      run(std::false_type{}, std::false_type{});
-    }
+    run_variant(run);
   } else {
     // Chunks of whole rows, each on one thread, its rows and their blocks in order (see RowResize).
     ResizeAxis xah, xaw;
@@ -1632,13 +1637,7 @@ std::vector<double> fused_loss(const FusedArgs& a) {
         if (want_grad) leave_chunk(rr, t, P.get(), n, k);
       }));
     };
-    if (smooth) {  // (label smoothing comes with labels, never with pseudo-labels)
-      run(std::true_type{}, std::false_type{});
-    } else if (pseudo) {
-      run(std::false_type{}, std::true_type{});
-    } else {
-      run(std::false_type{}, std::false_type{});
-    }
+    run_variant(run);
     if (want_grad) FAS_DISPATCH_DTYPE(a.grad.dtype, gather_low_rows<Tag>(rr, P.get(), a.grad, nt));
     if (grad_z) gather_map_grad(zah, a.N, zW, tz.get(), a.grad_z);
   }
